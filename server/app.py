@@ -1,0 +1,364 @@
+"""The server's plain logic: sessions, the edge bundle, split steps, rounds and evaluation.
+
+The gRPC servicer (`server/service.py`) only decodes messages and calls this object, so everything here is
+testable without a network. Errors are raised as `ServiceError(code, message)` with a gRPC status name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.shard import build_token_dataset, partition
+from server.aggregation.registry import make_strategy
+from server.models import build_model, minilm_path
+from server.rounds import Assignment, RoundError, RoundManager, RoundRecord
+from server.split import LoraSpec, split_model
+from server.trainer import TopTrainer
+from splitwave.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+
+
+class ServiceError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    client_id: str
+    token: str
+    shard_index: int
+    num_samples: int
+    joined_at: float
+    last_step: dict[int, int] = field(default_factory=dict)  # round -> last step trained
+    last_reply: tuple | None = None  # (round, step, digest of the inputs, result): replayed to honest retries
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def model_source(cfg: ExperimentConfig) -> str:
+    return minilm_path() if cfg.model.family == "minilm" else cfg.model.family
+
+
+def build_split(cfg: ExperimentConfig):
+    """The split model every party derives from the config (same seed: same weights, same LoRA init)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_source(cfg), cfg.model.task, cfg.model.num_labels, seed=cfg.seed)
+    lora = LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, dropout=cfg.lora.dropout,
+                    rslora=cfg.lora.rslora)
+    return split_model(model, cfg.model.cut, lora, cfg.model.task)
+
+
+def bundle_key(cfg: ExperimentConfig) -> str:
+    """What determines the bundle's bytes: model, cut, LoRA and seed (not training settings)."""
+    ident = {"model": cfg.model.model_dump(), "lora": cfg.lora.model_dump(), "seed": cfg.seed, "v": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
+    """Export the edge bundle once per (model, cut, LoRA, seed); later runs reuse it from the cache."""
+    from server.export import export_bundle
+
+    target = cache_dir / bundle_key(cfg)
+    if (target / "manifest.json").exists():
+        return target
+    tmp = cache_dir / f".tmp-{uuid.uuid4().hex[:8]}"
+    tok = minilm_path() if cfg.model.family == "minilm" else None
+    flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
+    try:
+        export_bundle(split, tmp, model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2",
+                      tokenizer_dir=tok)
+    finally:
+        for p in split.peft_model.parameters():
+            p.requires_grad_(flags[id(p)])
+    try:
+        tmp.rename(target)
+    except OSError:  # another process exported it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def data_spec(cfg: ExperimentConfig, split: str, vocab_size: int) -> dict:
+    limit = cfg.data.num_train if split == "train" else cfg.data.num_eval
+    return {"dataset": cfg.data.dataset, "split": split if cfg.data.dataset != "sst2" or split == "train" else "dev",
+            "limit": limit, "seed": cfg.seed, "max_seq_len": cfg.data.max_seq_len, "vocab_size": vocab_size,
+            "num_labels": cfg.model.num_labels}
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        h.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SplitServer:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, cache_dir: Path = Path(".cache/bundles")):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = uuid.uuid4().hex[:12]
+        t0 = time.perf_counter()
+        self.split = build_split(cfg)
+        self.bundle_dir = ensure_bundle(cfg, self.split, Path(cache_dir))
+        self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+        self.bundle_files = self._index_bundle()
+        self.bundle_hash = hashlib.sha256(
+            json.dumps(sorted((n, s) for n, (_, s, _) in self.bundle_files.items())).encode()).hexdigest()[:32]
+        log.info("model and bundle ready in %.1f s (%s)", time.perf_counter() - t0, self.bundle_dir)
+
+        tr = cfg.training
+        self.trainer = TopTrainer(self.split, cfg.model.task, lr=tr.optim.lr, weight_decay=tr.optim.weight_decay,
+                                  betas=tr.optim.betas, eps=tr.optim.eps, personal=tr.mode == "sfl-v1")
+        self.strategy = self._make_strategy("edge")
+        self.strategy.initialize(self.split.edge_factors())
+        self.top_strategy = None
+        if tr.mode == "sfl-v1":
+            self.top_strategy = self._make_strategy("top")
+            self.top_strategy.initialize(self.trainer.factors())
+
+        vocab = int(self.split.peft_model.config.vocab_size)
+        tok_dir = self.bundle_dir / "tokenizer" if (self.bundle_dir / "tokenizer").exists() else None
+        self.train_spec = data_spec(cfg, "train", vocab)
+        self.eval_spec = data_spec(cfg, "eval", vocab)
+        train = build_token_dataset(self.train_spec, tok_dir)
+        self.shards = partition(train.labels, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha,
+                                cfg.seed, min_size=cfg.training.batch_size)
+        self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
+
+        self.sessions: dict[str, Session] = {}
+        self.by_client: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.metrics_path = self.run_dir / "server_metrics.jsonl"
+        self.meter = None  # set by the transport (protos.metering.ByteMeter)
+        self.rounds = RoundManager(
+            self.strategy, num_rounds=cfg.rounds.num_rounds,
+            expected_clients=cfg.num_clients, fraction=cfg.rounds.fraction, min_clients=cfg.rounds.min_clients,
+            deadline_s=cfg.rounds.deadline_s, sequential=tr.mode == "sl", seed=cfg.seed, on_close=self._on_close)
+
+    def _make_strategy(self, scope: str):
+        agg = self.cfg.aggregation
+        return make_strategy(agg.strategy, lora_alpha=self.cfg.lora.alpha, use_rslora=self.cfg.lora.rslora,
+                             fan_in_fan_out=self.split.family == "gpt2", robust=agg.robust, dp=agg.dp,
+                             server_opt=agg.server_opt, scope=scope, **agg.params)
+
+    def _index_bundle(self) -> dict[str, tuple[Path, str, int]]:
+        files = {}
+        for p in sorted(self.bundle_dir.rglob("*")):
+            if p.is_file():
+                files[str(p.relative_to(self.bundle_dir))] = (p, _file_sha256(p), p.stat().st_size)
+        return files
+
+    # -- sessions ------------------------------------------------------------------------------------------
+    def join(self, client_name: str, enrollment_secret: str, backend: str, codecs: list[str],
+             training_modes: list[str], protocol_version: int) -> tuple[Session, int]:
+        sec = self.cfg.server.security
+        if protocol_version not in (0, PROTOCOL_VERSION):
+            raise ServiceError("FAILED_PRECONDITION", f"protocol version {protocol_version} unsupported "
+                                                      f"(server speaks {PROTOCOL_VERSION})")
+        if sec.enrollment_secret and not secrets.compare_digest(enrollment_secret, sec.enrollment_secret):
+            raise ServiceError("UNAUTHENTICATED", "wrong enrollment secret")
+        if sec.allow_list is not None and client_name not in sec.allow_list:
+            raise ServiceError("PERMISSION_DENIED", f"client {client_name!r} is not on the allow list")
+        tr = self.cfg.training
+        need = {c for c in (tr.codec_up, tr.codec_down) if c != "raw"}
+        if codecs and not need <= set(codecs):
+            raise ServiceError("FAILED_PRECONDITION", f"client lacks codecs {sorted(need - set(codecs))}")
+        if training_modes and tr.edge_mode not in training_modes:
+            raise ServiceError("FAILED_PRECONDITION", f"client cannot train in mode {tr.edge_mode!r}")
+        with self._lock:
+            name = client_name or f"edge-{len(self.by_client)}"
+            old = self.by_client.get(name)
+            if old is not None:  # a rejoin after a crash: new token, same shard
+                self.sessions.pop(old.token, None)
+                shard = old.shard_index
+            else:
+                used = {s.shard_index for s in self.by_client.values()}
+                free = [i for i in range(len(self.shards)) if i not in used]
+                if not free:
+                    raise ServiceError("RESOURCE_EXHAUSTED", f"all {len(self.shards)} client slots are taken")
+                shard = free[0]
+            s = Session(name, secrets.token_urlsafe(32), shard, len(self.shards[shard]), time.time())
+            self.sessions[s.token] = s
+            self.by_client[name] = s
+        self.rounds.register(name)
+        log.info("client %s joined (shard %d, %d samples)", name, shard, s.num_samples)
+        return s, self.rounds.round_idx
+
+    def session(self, token: str, run_id: str) -> Session:
+        s = self.sessions.get(token)
+        if s is None:
+            raise ServiceError("UNAUTHENTICATED", "unknown or expired session token")
+        if run_id != self.run_id:
+            raise ServiceError("FAILED_PRECONDITION", f"run id {run_id!r} is not this run ({self.run_id})")
+        return s
+
+    def leave(self, s: Session) -> None:
+        with self._lock:
+            self.sessions.pop(s.token, None)
+            self.by_client.pop(s.client_id, None)
+        self.rounds.unregister(s.client_id)
+
+    def shard_indices(self, s: Session) -> np.ndarray:
+        return self.shards[s.shard_index]
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def _check_step(self, s: Session, round_idx: int, step: int) -> None:
+        try:
+            self.rounds.check_training(s.client_id, round_idx)
+        except RoundError as e:
+            raise ServiceError(e.code, str(e)) from None
+        last = s.last_step.get(round_idx, -1)
+        if step <= last:
+            raise ServiceError("ALREADY_EXISTS" if step == last else "FAILED_PRECONDITION",
+                               f"step {step} of round {round_idx} is {'a duplicate' if step == last else 'out of order'}"
+                               f" (last step done: {last})")
+
+    def _check_batch(self, tensors: dict, want_grad_shape: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        missing = {"h", "attention_mask", "labels"} - set(tensors)
+        if missing:
+            raise ServiceError("INVALID_ARGUMENT", f"step lacks tensors {sorted(missing)}")
+        unknown = set(tensors) - {"h", "attention_mask", "labels"}
+        if unknown:
+            raise ServiceError("INVALID_ARGUMENT", f"unexpected tensors {sorted(unknown)}")
+        h, mask, labels = tensors["h"], tensors["attention_mask"], tensors["labels"]
+        hidden = int(self.manifest.get("hidden_size") or self.split.peft_model.config.hidden_size)
+        if h.ndim != 3 or h.shape[-1] != hidden or not np.issubdtype(h.dtype, np.floating):
+            raise ServiceError("INVALID_ARGUMENT", f"h must be float [batch, seq, {hidden}], got {h.dtype} {list(h.shape)}")
+        b, sq = h.shape[:2]
+        if b == 0 or sq == 0:
+            raise ServiceError("INVALID_ARGUMENT", "empty batch")
+        if sq > self.cfg.data.max_seq_len:
+            raise ServiceError("INVALID_ARGUMENT", f"sequence length {sq} > max_seq_len {self.cfg.data.max_seq_len}")
+        if mask.shape != (b, sq) or not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
+            raise ServiceError("INVALID_ARGUMENT", f"attention_mask must be 0/1 integers of shape [{b}, {sq}], "
+                                                   f"got {mask.dtype} {list(mask.shape)}")
+        if not (mask.sum(axis=1) > 0).all():
+            raise ServiceError("INVALID_ARGUMENT", "attention_mask has a row with no tokens")
+        if self.cfg.model.task == "seq-cls":
+            if labels.shape != (b,) or not np.issubdtype(labels.dtype, np.integer):
+                raise ServiceError("INVALID_ARGUMENT", f"labels must be integers of shape [{b}], got {labels.dtype} "
+                                                       f"{list(labels.shape)}")
+            if labels.min() < 0 or labels.max() >= self.cfg.model.num_labels:
+                raise ServiceError("INVALID_ARGUMENT", f"labels must be in [0, {self.cfg.model.num_labels})")
+        elif labels.shape != (b, sq):
+            raise ServiceError("INVALID_ARGUMENT", f"labels must have shape [{b}, {sq}]")
+        return h.astype(np.float32, copy=False), mask.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
+
+    def train_step(self, s: Session, round_idx: int, step: int, tensors: dict):
+        """One split step. A retry of the last step with identical inputs (a link that dropped the reply) gets
+        the same reply again without training twice; any other repeat is refused."""
+        with s.lock:
+            digest = _digest(tensors)
+            if s.last_reply is not None and s.last_reply[:3] == (round_idx, step, digest):
+                return s.last_reply[3]
+            self._check_step(s, round_idx, step)
+            h, mask, labels = self._check_batch(tensors)
+            result = self.trainer.train_step(s.client_id, h, mask, labels)
+            s.last_step[round_idx] = step
+            s.last_reply = (round_idx, step, digest, result)
+            return result
+
+    def eval_step(self, s: Session, tensors: dict):
+        h, mask, labels = self._check_batch(tensors)
+        return self.trainer.eval_step(s.client_id, h, mask, labels)
+
+    # -- rounds --------------------------------------------------------------------------------------------
+    def push_adapter(self, s: Session, round_idx: int, factors: dict, num_samples: float, metrics: dict):
+        try:
+            return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+        except RoundError as e:
+            raise ServiceError(e.code, str(e)) from None
+
+    def await_round(self, s: Session, min_round: int, timeout: float | None) -> Assignment | None:
+        try:
+            return self.rounds.wait_assignment(s.client_id, min_round, timeout)
+        except RoundError as e:
+            raise ServiceError(e.code, str(e)) from None
+
+    def _on_close(self, rec: RoundRecord) -> dict[str, float]:
+        """After aggregation: update top adapters (sfl-v1), evaluate the global model, log the round."""
+        t0 = time.perf_counter()
+        if self.top_strategy is not None and rec.reported:
+            from server.aggregation.base import ClientUpdate
+
+            ups = [ClientUpdate(c, self.trainer.factors(c), self.shard_indices(self.by_client[c]).size
+                                if c in self.by_client else 1) for c in rec.reported]
+            res = self.top_strategy.aggregate(rec.round_idx, ups)
+            for c in self.trainer.client_ids():
+                view = (res.client_factors or {}).get(c) or res.global_factors
+                if view:
+                    self.trainer.set_factors(view, c)
+        out = {"aggregate_s": time.perf_counter() - t0}
+        if (rec.round_idx + 1) % self.cfg.rounds.eval_every == 0 or rec.round_idx + 1 == self.cfg.rounds.num_rounds:
+            out.update(self.evaluate_global())
+        line = {"round": rec.round_idx, "time": time.time(), "selected": rec.selected, "reported": rec.reported,
+                "late": rec.late, "round_wall_s": rec.closed_at - rec.opened_at, **out,
+                "aggregation": rec.result.metrics if rec.result is not None else {}, "clients": rec.client_metrics}
+        if self.meter is not None:
+            line["bytes"] = {f"{c}|{d}|{m}": n for (c, d, m), n in self.meter.snapshot().items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        log.info("round %d closed: %s", rec.round_idx,
+                 ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float)))
+        return out
+
+    def global_edge_factors(self) -> dict[str, np.ndarray]:
+        g = self.strategy.global_output()
+        if g is None:  # heterogeneous ranks: evaluate the server's full-rank view
+            g = self.strategy.client_view("__eval__", max(r for *_, r in self.strategy.shapes.values()))
+        return g
+
+    @torch.no_grad()
+    def evaluate_global(self, batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and loss of the global model (edge adapter after aggregation + top) on the eval set."""
+        edge_now = self.split.edge_factors()
+        try:
+            self.split.set_edge_factors(self.global_edge_factors())
+            top = None
+            if self.top_strategy is not None:
+                top = self.top_strategy.global_output()
+            with self.trainer.lock:
+                saved_top = {k: p.detach().clone() for k, p in self.trainer.params.items()}
+                if top:
+                    self.trainer._load({k: torch.from_numpy(np.asarray(v)) for k, v in top.items()})
+                self.split.peft_model.eval()
+                loss_sum, correct, count = 0.0, 0, 0
+                n = len(self.eval_data)
+                for i in range(0, n, batch_size):
+                    ids, mask, labels = self.eval_data.batch(np.arange(i, min(n, i + batch_size)))
+                    logits = self.split(torch.from_numpy(ids), torch.from_numpy(mask))
+                    lab = torch.from_numpy(labels)
+                    loss_sum += float(self.split.loss(logits, lab)) * len(labels)
+                    correct += int((logits.argmax(-1) == lab).sum())
+                    count += len(labels)
+                self.trainer._load(saved_top)
+        finally:
+            self.split.set_edge_factors(edge_now)
+        return {"eval_accuracy": correct / max(count, 1), "eval_loss": loss_sum / max(count, 1), "eval_count": count}
+
+    def shutdown(self) -> None:
+        self.rounds.stop("shutdown")

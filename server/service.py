@@ -1,0 +1,285 @@
+"""The gRPC face of the server: decode frames, call `SplitServer`, encode replies. Nothing else.
+
+Every failure becomes a gRPC status with a message that names the problem; the servicer never lets an
+exception from one client's request touch another client's state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import splitwave_pb2 as pb
+from protos import splitwave_pb2_grpc as pb_grpc
+from protos.codec import Assembler, CodecError, encode
+from protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
+from server.app import ServiceError, Session, SplitServer
+
+log = logging.getLogger(__name__)
+
+BUNDLE_CHUNK = (1 << 20) - 4096  # file bytes per chunk, so each message stays under 1 MiB
+AWAIT_TIMEOUT_S = 3600.0
+
+
+def _abort(context, code: str, message: str):
+    context.abort(getattr(grpc.StatusCode, code), message)
+
+
+def _codec_spec(name: str, fraction: float) -> pb.CodecSpec:
+    return pb.CodecSpec(codec=name, topk_fraction=fraction if name == "topk" else 0.0)
+
+
+class SplitWaveServicer(pb_grpc.SplitWaveServicer):
+    def __init__(self, app: SplitServer):
+        self.app = app
+        cfg = app.cfg
+        self.codec_down = _codec_spec(cfg.training.codec_down, cfg.training.topk_fraction)
+        self.max_tensor_bytes = cfg.server.max_tensor_bytes
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _session(self, header, context) -> Session:
+        try:
+            return self.app.session(header.session_token, header.run_id)
+        except ServiceError as e:
+            _abort(context, e.code, str(e))
+
+    def _assembler(self) -> Assembler:
+        return Assembler(max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=2 * self.max_tensor_bytes)
+
+    def _guard(self, context, fn, *args):
+        """Run app logic, mapping its errors to statuses."""
+        try:
+            return fn(*args)
+        except ServiceError as e:
+            _abort(context, e.code, str(e))
+        except CodecError as e:
+            _abort(context, "RESOURCE_EXHAUSTED" if e.code == "too_large" else "INVALID_ARGUMENT", str(e))
+
+    def _add_frame(self, asm: Assembler, frame, context):
+        try:
+            asm.add(frame)
+        except CodecError as e:
+            _abort(context, "RESOURCE_EXHAUSTED" if e.code == "too_large" else "INVALID_ARGUMENT", str(e))
+
+    def _finish(self, asm: Assembler, context) -> dict[str, np.ndarray]:
+        try:
+            return asm.finish()
+        except CodecError as e:
+            _abort(context, "INVALID_ARGUMENT", str(e))
+
+    # -- RPCs ----------------------------------------------------------------------------------------------
+    def Join(self, request, context):
+        caps = request.capabilities
+        s, current = self._guard(context, self.app.join, request.client_name, request.enrollment_secret,
+                                 caps.backend, list(caps.codecs), list(caps.training_modes), caps.protocol_version)
+        cfg, tr = self.app.cfg, self.app.cfg.training
+        idx = self.app.shard_indices(s)
+        shard = pb.DataShard(dataset=cfg.data.dataset, split=self.app.train_spec["split"], shard_index=s.shard_index,
+                             num_shards=len(self.app.shards), partition=cfg.data.partition,
+                             dirichlet_alpha=cfg.data.dirichlet_alpha, seed=cfg.seed, indices=idx.tolist(),
+                             num_samples=len(idx), spec_json=json.dumps(self.app.train_spec))
+        run = pb.RunConfig(
+            learning_mode=tr.mode, codec_up=_codec_spec(tr.codec_up, tr.topk_fraction), codec_down=self.codec_down,
+            batch_size=tr.batch_size, local_steps=tr.local_steps,
+            optimizer=pb.OptimizerConfig(lr=tr.optim.lr, beta1=tr.optim.betas[0], beta2=tr.optim.betas[1],
+                                         eps=tr.optim.eps, weight_decay=tr.optim.weight_decay),
+            seed=cfg.seed, max_seq_len=cfg.data.max_seq_len, shard=shard, training_mode=tr.edge_mode,
+            lora_rank=cfg.lora.r, num_rounds=cfg.rounds.num_rounds)
+        return pb.JoinReply(client_id=s.client_id, session_token=s.token, run_id=self.app.run_id, config=run,
+                            manifest_json=json.dumps(self.app.manifest), bundle_hash=self.app.bundle_hash,
+                            current_round=current)
+
+    def GetBundle(self, request, context):
+        self._session(request.header, context)
+        if request.bundle_hash and request.bundle_hash != self.app.bundle_hash:
+            _abort(context, "NOT_FOUND", f"unknown bundle {request.bundle_hash!r} (current: {self.app.bundle_hash})")
+        files = self.app.bundle_files
+        wanted = list(request.files) or sorted(files)
+        unknown = [f for f in wanted if f not in files]
+        if unknown:
+            _abort(context, "NOT_FOUND", f"bundle has no files {unknown[:3]}")
+        have = set(request.have_sha256)
+        send = [f for f in wanted if files[f][1] not in have]
+        for i, name in enumerate(send):
+            path, sha, size = files[name]
+            with open(path, "rb") as fh:
+                offset = 0
+                while True:
+                    data = fh.read(BUNDLE_CHUNK)
+                    yield pb.BundleChunk(file_name=name, offset=offset, total_size=size, sha256=sha, data=data,
+                                         file_index=i, file_count=len(send))
+                    offset += len(data)
+                    if offset >= size:
+                        break
+
+    def _step_stream(self, request_iterator, context, train: bool):
+        """Shared loop of Train and Evaluate: frames, then end_step -> result frames + end_step."""
+        asm = self._assembler()
+        s = None
+        current = None  # (round, step) of the frames being received
+        reply_cls = pb.TrainReply if train else pb.EvalReply
+        for req in request_iterator:
+            if s is None:
+                s = self._session(req.header, context)
+            elif req.header.session_token != s.token:
+                _abort(context, "PERMISSION_DENIED", "a stream may not change its session token")
+            key = (req.header.round, req.header.step)
+            if current is None:
+                current = key
+            elif key != current:
+                _abort(context, "INVALID_ARGUMENT", f"frames of step {key[1]} (round {key[0]}) arrived before "
+                                                    f"step {current[1]} ended")
+            which = req.WhichOneof("body")
+            if which == "frame":
+                self._add_frame(asm, req.frame, context)
+                continue
+            if which != "end_step":
+                _abort(context, "INVALID_ARGUMENT", "message has neither a frame nor end_step")
+            tensors = self._finish(asm, context)
+            if train:
+                res = self._guard(context, self.app.train_step, s, req.header.round, req.header.step, tensors)
+            else:
+                res = self._guard(context, self.app.eval_step, s, tensors)
+            header = pb.Header(run_id=self.app.run_id, round=req.header.round, step=req.header.step)
+            if train:
+                for frame in encode("grad_h", res.grad_h, self.codec_down):
+                    yield reply_cls(header=header, frame=frame)
+            yield reply_cls(header=header, end_step=pb.StepResult(
+                loss=res.loss, correct=res.correct, count=res.count, metrics={"server_s": res.compute_s}))
+            current = None
+        if asm.in_progress:
+            log.warning("client %s: stream ended mid-tensor %r; step discarded", s.client_id if s else "?",
+                        asm.in_progress)
+
+    def Train(self, request_iterator, context):
+        yield from self._step_stream(request_iterator, context, train=True)
+
+    def Evaluate(self, request_iterator, context):
+        yield from self._step_stream(request_iterator, context, train=False)
+
+    def PushAdapter(self, request_iterator, context):
+        asm = self._assembler()
+        s, header = None, None
+        for req in request_iterator:
+            if s is None:
+                s, header = self._session(req.header, context), req.header
+            elif req.header.session_token != s.token or req.header.round != header.round:
+                _abort(context, "INVALID_ARGUMENT", "session token and round must not change within PushAdapter")
+            which = req.WhichOneof("body")
+            if which == "frame":
+                self._add_frame(asm, req.frame, context)
+            elif which == "end":
+                factors = self._finish(asm, context)
+                bad = [k for k, v in factors.items() if v.dtype != np.float32]
+                if bad:
+                    _abort(context, "INVALID_ARGUMENT", f"factors must be float32: {bad[:3]}")
+                reported, expected = self._guard(context, self.app.push_adapter, s, header.round, factors,
+                                                 float(req.end.num_samples), dict(req.end.metrics))
+                return pb.AdapterReply(header=pb.Header(run_id=self.app.run_id, round=header.round), accepted=True,
+                                       clients_reported=reported, clients_expected=expected)
+            else:
+                _abort(context, "INVALID_ARGUMENT", "message has neither a frame nor end")
+        _abort(context, "INVALID_ARGUMENT", "PushAdapter stream ended without `end`")
+
+    def AwaitRound(self, request, context):
+        s = self._session(request.header, context)
+        min_round = request.header.round if request.no_wait else request.header.round + 1
+        a = self._guard(context, self.app.await_round, s, min_round, AWAIT_TIMEOUT_S)
+        if a is None:
+            _abort(context, "DEADLINE_EXCEEDED", "no round selected this client in time")
+        header = pb.Header(run_id=self.app.run_id, round=a.round_idx)
+        d = a.directive
+        if d is not None and d.load_factors:
+            for name, value in d.load_factors.items():
+                for frame in encode(name, np.ascontiguousarray(value, dtype=np.float32), "raw"):
+                    yield pb.RoundReply(header=header, factor=frame)
+        trainable = []
+        if d is not None:
+            kinds = {"A": ".lora_A.weight", "B": ".lora_B.weight"}
+            trainable = [k for k in (d.load_factors or {}) if any(k.endswith(kinds[t]) for t in d.trainable)]
+        yield pb.RoundReply(header=header, directives=pb.RoundDirectives(
+            closed_round=max(a.closed_round, 0), next_round=a.round_idx, trainable_factors=trainable,
+            reinit=bool(d.reinit_lora) if d else False, rank=d.rank if d else 0, stop=a.stop,
+            stop_reason=a.stop_reason, metrics={k: float(v) for k, v in a.metrics.items()
+                                                if isinstance(v, (int, float))}))
+
+    def Leave(self, request, context):
+        s = self._session(request.header, context)
+        self.app.leave(s)
+        log.info("client %s left: %s", s.client_id, request.reason or "-")
+        return pb.LeaveReply(ok=True)
+
+
+class RunningServer:
+    """A started gRPC server with its app; `stop()` is graceful (in-flight calls get a grace period)."""
+
+    def __init__(self, app: SplitServer, server: grpc.Server, port: int, health_servicer):
+        self.app, self.server, self.port, self.health = app, server, port, health_servicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.app.shutdown()
+        self.server.stop(grace).wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop(0.5)
+
+
+def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int = 64,
+                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+                         options=[("grpc.so_reuseport", 0)])
+    meter = ByteMeter()
+    app.meter = meter
+    servicer = SplitWaveServicer(app)
+
+    def key(request, context) -> str:
+        header = getattr(request, "header", None)
+        if header is not None and header.session_token in app.sessions:
+            return app.sessions[header.session_token].client_id
+        return getattr(request, "client_name", "") or "unknown"
+
+    add_metered_servicer_to_server(servicer, server, meter, key)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("splitwave.v1.SplitWave", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(reflection_service_names(reflection.SERVICE_NAME), server)
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
+    if bound == 0:
+        raise RuntimeError(f"could not bind {addr}")
+    server.start()
+    log.info("serving on %s:%d (run %s)", host, bound, app.run_id)
+    return RunningServer(app, server, bound, health_servicer)
+
+
+def serve_forever(running: RunningServer, ready_file: Path | None = None) -> None:
+    """Block until SIGTERM/SIGINT (graceful stop) or until training is over and clients have left."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready_file is not None:
+        tmp = Path(str(ready_file) + ".tmp")
+        tmp.write_text(json.dumps({"port": running.port, "run_id": running.app.run_id}))
+        tmp.rename(ready_file)
+    while not stop.wait(0.2):
+        if running.app.rounds.stopped and not running.app.sessions:
+            log.info("all rounds done and every client left: stopping")
+            break
+    running.stop(grace=2.0)

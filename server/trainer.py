@@ -1,0 +1,182 @@
+"""The server half of a split step: top blocks + head forward from cut activations, loss, backward, AdamW.
+
+One `TopTrainer` serves every client. In `sl`/`sfl-v2` all clients share one top adapter (and one optimizer);
+in `sfl-v1` each client has its own top adapter and optimizer state, swapped into the shared module for its
+step. Compute is serialized by a lock: the server is one shared resource, served in arrival order.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import get_peft_model_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def trainable_parameters(peft_model, names: list[str] | None = None) -> dict[str, torch.nn.Parameter]:
+    """Map peft saved-adapter keys (the names adapters round-trip under) to the live parameters.
+
+    The mapping is found by storage identity, so it holds for LoRA factors and for `modules_to_save` copies
+    alike, whatever renaming peft applies when it saves.
+    """
+    by_ptr = {p.data_ptr(): p for p in peft_model.parameters() if p.requires_grad}
+    saved = get_peft_model_state_dict(peft_model, state_dict={n: p for n, p in peft_model.named_parameters()})
+    out = {}
+    for key, tensor in saved.items():
+        p = by_ptr.get(tensor.data_ptr())
+        if p is not None and (names is None or key in names):
+            out[key] = p
+    if names is not None:
+        missing = set(names) - set(out)
+        if missing:
+            raise KeyError(f"no trainable parameter for adapter keys: {sorted(missing)[:5]}")
+    return out
+
+
+@dataclass
+class StepResult:
+    grad_h: np.ndarray
+    loss: float
+    correct: int
+    count: int
+    compute_s: float
+
+
+class _Slot:
+    """A top adapter (factor values) with its own AdamW state."""
+
+    def __init__(self, values: dict[str, torch.Tensor], optimizer_state: dict | None):
+        self.values = values
+        self.optimizer_state = optimizer_state
+
+
+class TopTrainer:
+    def __init__(self, split, task: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 eps: float = 1e-8, personal: bool = False):
+        self.split = split
+        self.task = task
+        self.module = split.server
+        self.module.train()
+        edge = set(split.edge_factor_names())
+        # the top LoRA factors and whatever else peft trains above the cut (e.g. a new classifier head)
+        self.params = {k: p for k, p in trainable_parameters(split.peft_model).items() if k not in edge}
+        self._opt_args = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), **self._opt_args)
+        self.personal = personal
+        self._slots: dict[str, _Slot] = {}
+        self._active: str | None = None  # which client's slot is loaded into the module (sfl-v1)
+        self._initial = self._snapshot()
+        self.lock = threading.Lock()
+
+    # -- adapter state -------------------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def _load(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(values[k])
+
+    def _activate(self, client_id: str | None) -> None:
+        """sfl-v1: park the active client's adapter and optimizer state, load `client_id`'s."""
+        if not self.personal or client_id == self._active:
+            return
+        if self._active is not None:
+            self._slots[self._active] = _Slot(self._snapshot(), copy.deepcopy(self.optimizer.state_dict()))
+        slot = self._slots.get(client_id)
+        if slot is None:
+            slot = _Slot({k: v.clone() for k, v in self._initial.items()}, None)
+        self._load(slot.values)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), **self._opt_args)
+        if slot.optimizer_state is not None:
+            self.optimizer.load_state_dict(slot.optimizer_state)
+        self._active = client_id
+
+    def factors(self, client_id: str | None = None) -> dict[str, np.ndarray]:
+        with self.lock:
+            if self.personal and client_id is not None and client_id != self._active:
+                slot = self._slots.get(client_id)
+                src = slot.values if slot else self._initial
+                return {k: v.numpy().copy() for k, v in src.items()}
+            return {k: p.detach().numpy().copy() for k, p in self.params.items()}
+
+    def set_factors(self, values: dict[str, np.ndarray], client_id: str | None = None) -> None:
+        """Install aggregated top factors (for one client in sfl-v1, else the shared adapter)."""
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(values[k], dtype=np.float32)) for k in self.params}
+        with self.lock:
+            if self.personal and client_id is not None and client_id != self._active:
+                old = self._slots.get(client_id)
+                self._slots[client_id] = _Slot(tensors, old.optimizer_state if old else None)
+            else:
+                self._load(tensors)
+
+    def client_ids(self) -> list[str]:
+        ids = set(self._slots)
+        if self._active is not None:
+            ids.add(self._active)
+        return sorted(ids)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: adapters and optimizer moments of every slot."""
+        with self.lock:
+            active = {"values": self._snapshot(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+            return {"active": self._active, "current": active,
+                    "slots": {c: {"values": s.values, "optimizer": s.optimizer_state} for c, s in self._slots.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self.lock:
+            self._slots = {c: _Slot(s["values"], s["optimizer"]) for c, s in state["slots"].items()}
+            self._active = state["active"]
+            self._load(state["current"]["values"])
+            self.optimizer = torch.optim.AdamW(list(self.params.values()), **self._opt_args)
+            self.optimizer.load_state_dict(state["current"]["optimizer"])
+
+    # -- compute -------------------------------------------------------------------------------------------
+    def _outputs(self, h: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray):
+        h_t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32)).requires_grad_(True)
+        mask_t = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
+        labels_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        logits = self.module(h_t, mask_t)
+        loss = self.split.loss(logits, labels_t)
+        correct, count = _accuracy(logits, labels_t, self.task)
+        return h_t, loss, correct, count
+
+    def train_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
+                   labels: np.ndarray) -> StepResult:
+        with self.lock:
+            t0 = time.perf_counter()
+            self._activate(client_id)
+            self.optimizer.zero_grad(set_to_none=True)
+            h_t, loss, correct, count = self._outputs(h, attention_mask, labels)
+            loss.backward()
+            self.optimizer.step()
+            grad_h = h_t.grad.numpy()
+            return StepResult(grad_h, float(loss.detach()), correct, count, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def eval_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
+                  labels: np.ndarray) -> StepResult:
+        with self.lock:
+            t0 = time.perf_counter()
+            self._activate(client_id)
+            self.module.eval()
+            try:
+                _, loss, correct, count = self._outputs(h, attention_mask, labels)
+            finally:
+                self.module.train()
+            return StepResult(np.zeros(0, np.float32), float(loss), correct, count, time.perf_counter() - t0)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[int, int]:
+    if task == "causal-lm":  # next-token accuracy over the positions that have a label
+        pred = logits[:, :-1].argmax(-1)
+        tgt = labels[:, 1:]
+        valid = tgt != -100
+        return int(((pred == tgt) & valid).sum()), int(valid.sum())
+    return int((logits.argmax(-1) == labels).sum()), int(labels.numel())

@@ -1,0 +1,203 @@
+"""The one config schema of SplitWave experiments, servers and edges.
+
+YAML files under configs/ are validated here (pydantic) so that a typo fails at load time with the name of
+the bad field, not half an hour into a run. `--set a.b=value` overrides are applied before validation.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which transformer to split and where."""
+
+    family: Literal["gpt2", "bert", "llama", "minilm"] = "gpt2"
+    tiny: bool = True  # a tiny randomly initialised config built in code (tests, quick runs)
+    task: Literal["seq-cls", "causal-lm"] = "seq-cls"
+    num_labels: int = Field(2, ge=2)
+    cut: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _minilm_is_real(self) -> "ModelConfig":
+        if self.family == "minilm" and self.tiny:
+            raise ValueError("model.tiny must be false for family 'minilm' (the real all-MiniLM-L6-v2)")
+        return self
+
+
+class LoraConfig(_Strict):
+    r: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    targets: list[str] | None = None  # None: the family's default attention projections
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rslora: bool = False
+
+
+class DataConfig(_Strict):
+    dataset: Literal["synthetic", "sst2", "ag_news", "e2e"] = "synthetic"
+    num_train: int | None = Field(2000, ge=1)  # None: the whole split
+    num_eval: int | None = Field(256, ge=1)
+    max_seq_len: int = Field(32, ge=2)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.3, gt=0)
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class TrainingConfig(_Strict):
+    mode: Literal["sl", "sfl-v1", "sfl-v2"] = "sfl-v2"
+    batch_size: int = Field(16, ge=1)
+    local_steps: int = Field(10, ge=1)
+    edge_backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    edge_mode: Literal["recompute", "saved"] = "recompute"
+    codec_up: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
+    codec_down: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
+    topk_fraction: float = Field(0.1, gt=0, le=1)
+    server_batching: bool = False  # sfl-v2: batch activations of several clients into one server step
+    optim: OptimConfig = OptimConfig()
+
+
+class RoundsConfig(_Strict):
+    num_rounds: int = Field(3, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(1, ge=1)
+    deadline_s: float = Field(600.0, gt=0)
+    eval_every: int = Field(1, ge=1)
+
+
+class AggregationConfig(_Strict):
+    strategy: str = "fedit"
+    params: dict[str, Any] = Field(default_factory=dict)
+    robust: dict[str, Any] | None = None
+    dp: dict[str, Any] | None = None
+    server_opt: dict[str, Any] | None = None
+
+
+class ChannelConfig(_Strict):
+    """How bytes travel: `none` (plain loopback), `realtime` (shaping proxy per client), `virtual` (simulated clock)."""
+
+    mode: Literal["none", "realtime", "virtual"] = "none"
+    uplink: dict[str, Any] = Field(default_factory=lambda: {"kind": "static", "rate_mbps": 20.0, "latency_ms": 10.0})
+    downlink: dict[str, Any] = Field(default_factory=lambda: {"kind": "static", "rate_mbps": 50.0, "latency_ms": 10.0})
+    per_client: list[dict[str, Any]] = Field(default_factory=list)  # optional {"uplink": ..., "downlink": ...} per client
+    cell: dict[str, Any] | None = None  # analytical wireless: clients placed in one cell
+
+
+class SecurityConfig(_Strict):
+    insecure: bool = True  # plain TCP; TLS needs cert/key below
+    server_cert: str | None = None
+    server_key: str | None = None
+    client_ca: str | None = None  # mTLS: CA that signs client certificates
+    enrollment_secret: str | None = None
+    allow_list: list[str] | None = None
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    max_workers: int = Field(32, ge=1)
+    max_tensor_bytes: int = Field(256 << 20, ge=1)
+    checkpoint_dir: str | None = None
+    security: SecurityConfig = SecurityConfig()
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    num_clients: int = Field(2, ge=1)
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    rounds: RoundsConfig = RoundsConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    channel: ChannelConfig = ChannelConfig()
+    server: ServerConfig = ServerConfig()
+    output_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ ") or v.startswith("."):
+            raise ValueError("name must be a non-empty file-name-safe string (no slashes or spaces)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if self.rounds.min_clients > self.num_clients:
+            raise ValueError(f"rounds.min_clients ({self.rounds.min_clients}) > num_clients ({self.num_clients})")
+        if self.model.task == "causal-lm" and self.data.dataset in ("sst2", "ag_news"):
+            raise ValueError(f"data.dataset {self.data.dataset!r} is a classification set; model.task is causal-lm")
+        if self.model.task == "seq-cls" and self.data.dataset == "e2e":
+            raise ValueError("data.dataset 'e2e' needs model.task: causal-lm")
+        return self
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(raw: dict | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = apply_overrides(raw or {}, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw.setdefault("name", path.stem)
+    return parse_config(raw, overrides)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
