@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from edge.data import Batcher
-from edge.shard import build_token_dataset
+from edge.shard import build_token_dataset, round_batch
 from protos import splitwave_pb2 as pb
 from protos.codec import CODECS, Assembler, encode
 from protos.metering import ByteMeter, MeteredStub
@@ -213,10 +213,7 @@ class EdgeClient:
         return d
 
     def _batch(self, round_idx: int, step: int):
-        """Batch `step` of round `round_idx`: a pure function of (seed, shard, round, step): restart-safe."""
-        g = round_idx * self.joined.config.local_steps + step
-        n = len(self.batcher)
-        return self.data.batch(self.batcher.epoch(g // n)[g % n])
+        return round_batch(self.data, self.batcher, self.joined.config.local_steps, round_idx, step)
 
     def _step_messages(self, cls, round_idx: int, step: int, ids, mask, labels, h, metrics) -> list:
         codec = self.joined.config.codec_up

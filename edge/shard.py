@@ -48,3 +48,11 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, s
     if scheme == "dirichlet":
         return partition_dirichlet(labels, num_clients, alpha, seed, min_size=min_size)
     raise ValueError(f"unknown partition {scheme!r}; use 'iid' or 'dirichlet'")
+
+
+def round_batch(data: TokenDataset, batcher, local_steps: int, round_idx: int, step: int):
+    """Batch `step` of round `round_idx`: a pure function of (seed, shard, round, step), so a restarted edge,
+    a centralized reference and the edge itself all train on exactly the same rows."""
+    g = round_idx * local_steps + step
+    n = len(batcher)
+    return data.batch(batcher.epoch(g // n)[g % n])

@@ -149,6 +149,7 @@ class SplitServer:
                                 cfg.seed, min_size=cfg.training.batch_size)
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
 
+        self.base_deltas_total: dict[str, np.ndarray] = {}
         self.sessions: dict[str, Session] = {}
         self.by_client: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -315,6 +316,10 @@ class SplitServer:
         out = {"aggregate_s": time.perf_counter() - t0}
         if (rec.round_idx + 1) % self.cfg.rounds.eval_every == 0 or rec.round_idx + 1 == self.cfg.rounds.num_rounds:
             out.update(self.evaluate_global())
+        if rec.result is not None and rec.result.base_deltas:
+            self._fold_base_deltas(rec.result.base_deltas)
+        if rec.round_idx + 1 >= self.cfg.rounds.num_rounds:
+            self.write_final()
         line = {"round": rec.round_idx, "time": time.time(), "selected": rec.selected, "reported": rec.reported,
                 "late": rec.late, "round_wall_s": rec.closed_at - rec.opened_at, **out,
                 "aggregation": rec.result.metrics if rec.result is not None else {}, "clients": rec.client_metrics}
@@ -325,6 +330,26 @@ class SplitServer:
         log.info("round %d closed: %s", rec.round_idx,
                  ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float)))
         return out
+
+    def _fold_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
+        """FedEx-LoRA / FLoRA residuals: keep the running sum and fold it into the server's copy of the edge."""
+        from server.adapter_export import apply_to_split
+
+        for m, d in deltas.items():
+            self.base_deltas_total[m] = self.base_deltas_total.get(m, 0) + np.asarray(d, np.float32)
+        apply_to_split(self.split, self.global_edge_factors(), {}, deltas)
+
+    def final_top_factors(self) -> dict[str, np.ndarray]:
+        if self.top_strategy is not None:
+            return self.top_strategy.global_output() or self.trainer.factors()
+        return self.trainer.factors()
+
+    def write_final(self) -> Path:
+        """Final global adapters of the run (edge + top), readable by `splitwave export-adapter`."""
+        from server.adapter_export import write_final
+
+        return write_final(self.run_dir, self.cfg, self.global_edge_factors(), self.final_top_factors(),
+                           self.base_deltas_total)
 
     def global_edge_factors(self) -> dict[str, np.ndarray]:
         g = self.strategy.global_output()
@@ -338,9 +363,7 @@ class SplitServer:
         edge_now = self.split.edge_factors()
         try:
             self.split.set_edge_factors(self.global_edge_factors())
-            top = None
-            if self.top_strategy is not None:
-                top = self.top_strategy.global_output()
+            top = self.top_strategy.global_output() if self.top_strategy is not None else None
             with self.trainer.lock:
                 saved_top = {k: p.detach().clone() for k, p in self.trainer.params.items()}
                 if top:

@@ -62,7 +62,7 @@ class TopTrainer:
         self.split = split
         self.task = task
         self.module = split.server
-        self.module.train()
+        self.module.eval()  # dropout off, as on the exported edge: split training == centralized training
         edge = set(split.edge_factor_names())
         # the top LoRA factors and whatever else peft trains above the cut (e.g. a new classifier head)
         self.params = {k: p for k, p in trainable_parameters(split.peft_model).items() if k not in edge}
@@ -165,11 +165,7 @@ class TopTrainer:
         with self.lock:
             t0 = time.perf_counter()
             self._activate(client_id)
-            self.module.eval()
-            try:
-                _, loss, correct, count = self._outputs(h, attention_mask, labels)
-            finally:
-                self.module.train()
+            _, loss, correct, count = self._outputs(h, attention_mask, labels)
             return StepResult(np.zeros(0, np.float32), float(loss), correct, count, time.perf_counter() - t0)
 
 

@@ -1,0 +1,89 @@
+"""In-process references for split training: the numbers split learning over gRPC must reproduce.
+
+`centralized_train`: the unsplit peft model trained by one torch AdamW on the batches client 0 sees (what
+`sfl-v2`/`sl` with one client and the raw codec must equal). `federated_train`: the same rounds as `sfl-v1`
+(each client a full copy of the LoRA model and its own AdamW, FedAvg of edge and top adapters weighted by
+sample counts) computed in one process with torch only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge.data import Batcher
+from edge.shard import build_token_dataset, partition, round_batch
+from server.app import build_split, data_spec
+from server.trainer import trainable_parameters
+
+
+def _data(cfg, split):
+    spec = data_spec(cfg, "train", int(split.peft_model.config.vocab_size))
+    tok = None
+    if cfg.model.family == "minilm":
+        from server.models import minilm_path
+
+        tok = minilm_path()
+    data = build_token_dataset(spec, tok)
+    shards = partition(data.labels, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed,
+                       min_size=cfg.training.batch_size)
+    return data, shards
+
+
+def _optimizer(cfg, params):
+    o = cfg.training.optim
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+
+
+def _step(split, opt, batch) -> float:
+    ids, mask, labels = (torch.from_numpy(x) for x in batch)
+    opt.zero_grad(set_to_none=True)
+    logits = split.peft_model(input_ids=ids, attention_mask=mask).logits
+    loss = split.loss(logits, labels)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def centralized_train(cfg, client: int = 0, split=None):
+    """Returns (split model after training, losses)."""
+    split = split or build_split(cfg)
+    split.peft_model.eval()
+    data, shards = _data(cfg, split)
+    params = trainable_parameters(split.peft_model)
+    opt = _optimizer(cfg, list(params.values()))
+    batcher = Batcher(shards[client], cfg.training.batch_size, cfg.seed, client_id=client)
+    losses = []
+    for r in range(cfg.rounds.num_rounds):
+        for s in range(cfg.training.local_steps):
+            losses.append(_step(split, opt, round_batch(data, batcher, cfg.training.local_steps, r, s)))
+    return split, losses
+
+
+def federated_train(cfg) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """sfl-v1 with FedAvg (fedit) of edge and top adapters; returns (edge factors, top factors)."""
+    split = build_split(cfg)
+    split.peft_model.eval()
+    data, shards = _data(cfg, split)
+    params = trainable_parameters(split.peft_model)
+    edge_keys = set(split.edge_factor_names())
+    glob = {k: p.detach().clone() for k, p in params.items()}
+    states = {}
+    for r in range(cfg.rounds.num_rounds):
+        results = []
+        for c in range(cfg.num_clients):
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(glob[k])
+            opt = _optimizer(cfg, list(params.values()))
+            if c in states:
+                opt.load_state_dict(states[c])
+            batcher = Batcher(shards[c], cfg.training.batch_size, cfg.seed, client_id=c)
+            for s in range(cfg.training.local_steps):
+                _step(split, opt, round_batch(data, batcher, cfg.training.local_steps, r, s))
+            states[c] = opt.state_dict()
+            results.append(({k: p.detach().clone().double() for k, p in params.items()}, len(shards[c])))
+        total = sum(n for _, n in results)
+        glob = {k: sum(f[k] * (n / total) for f, n in results).float() for k in params}
+    edge = {k: v.numpy() for k, v in glob.items() if k in edge_keys}
+    top = {k: v.numpy() for k, v in glob.items() if k not in edge_keys}
+    return edge, top

@@ -1,0 +1,65 @@
+"""Split training across real processes over loopback gRPC equals the same training in one process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, load_npz
+from server.reference import centralized_train, federated_train
+from server.trainer import trainable_parameters
+from splitwave.config import parse_config
+from tests.procs import server_process, start_edge, wait_all, write_config
+
+BASE = {
+    "seed": 3,
+    "model": {"family": "bert", "tiny": True, "cut": 2},
+    "lora": {"r": 4, "alpha": 8},
+    "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32, "max_seq_len": 16},
+    "training": {"batch_size": 8, "local_steps": 3, "codec_up": "raw", "codec_down": "raw",
+                 "optim": {"lr": 0.01, "weight_decay": 0.01}},
+    "rounds": {"num_rounds": 2, "deadline_s": 120},
+    "aggregation": {"strategy": "fedit"},
+}
+
+
+def _run(tmp_path, raw: dict, n_edges: int):
+    cfg_path = write_config(raw, tmp_path / "cfg.yaml")
+    run = tmp_path / "server"
+    with server_process(cfg_path, run) as (_, port):
+        edges = [start_edge(port, f"e{i}", tmp_path / "cache", tmp_path) for i in range(n_edges)]
+        wait_all(edges, timeout=240)
+    final = run / FINAL_DIR
+    return load_npz(final / EDGE_FILE), load_npz(final / TOP_FILE)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:4]
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a)
+
+
+def test_one_edge_process_equals_centralized_lora(tmp_path):
+    raw = {**BASE, "num_clients": 1, "training": {**BASE["training"], "mode": "sfl-v2"}}
+    edge, top = _run(tmp_path, raw, 1)
+    split, losses = centralized_train(parse_config(raw))
+    ref = {k: p.detach().numpy() for k, p in trainable_parameters(split.peft_model).items()}
+    ref_edge = {k: v for k, v in ref.items() if k in edge}
+    ref_top = {k: v for k, v in ref.items() if k not in edge}
+    moved = max(float(np.abs(ref_edge[k] - split_init).max()) for k, split_init in
+                _initial_edge(raw).items())
+    assert moved > 1e-3  # training really changed the edge factors: the comparison below is not vacuous
+    assert _max_diff(edge, ref_edge) < 1e-5
+    assert _max_diff(top, ref_top) < 1e-5
+
+
+def _initial_edge(raw):
+    from server.app import build_split
+
+    return build_split(parse_config(raw)).edge_factors()
+
+
+def test_three_edge_processes_sfl_v1_equal_in_process_federation(tmp_path):
+    raw = {**BASE, "num_clients": 3, "training": {**BASE["training"], "mode": "sfl-v1"}}
+    edge, top = _run(tmp_path, raw, 3)
+    ref_edge, ref_top = federated_train(parse_config(raw))
+    assert _max_diff(edge, ref_edge) < 1e-5
+    assert _max_diff(top, ref_top) < 1e-5
