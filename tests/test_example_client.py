@@ -8,7 +8,7 @@ import sys
 from server.app import SplitServer
 from server.service import start_server
 from splitwave.config import parse_config
-from tests.procs import ROOT, _env
+from splitwave.launch import ROOT, child_env
 
 CFG = {"num_clients": 1, "seed": 3, "model": {"family": "bert", "tiny": True, "cut": 2}, "lora": {"r": 4, "alpha": 8},
        "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32, "max_seq_len": 16},
@@ -20,7 +20,7 @@ def test_example_client_runs_training_steps(tmp_path):
     with start_server(app) as srv:
         before = app.trainer.factors()
         out = subprocess.run([sys.executable, str(ROOT / "examples/minimal_client.py"), srv.address, "3"],
-                             env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                             env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         steps = re.findall(r"step (\d+): loss ([0-9.]+), \|grad_h\| ([0-9.e+-]+)", out.stdout)
         assert [s for s, _, _ in steps] == ["0", "1", "2"]

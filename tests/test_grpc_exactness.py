@@ -8,7 +8,7 @@ from server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, load_npz
 from server.reference import centralized_train, federated_train
 from server.trainer import trainable_parameters
 from splitwave.config import parse_config
-from tests.procs import server_process, start_edge, wait_all, write_config
+from splitwave.launch import server_process, start_edge, wait_all, write_config
 
 BASE = {
     "seed": 3,

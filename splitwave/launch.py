@@ -1,4 +1,4 @@
-"""Launch real `splitwave server` / `splitwave edge` processes for tests, and always clean them up."""
+"""Launch real `splitwave server` / `splitwave edge` processes (tests, benchmarks) and always clean them up."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 CLI = [sys.executable, "-m", "splitwave.cli"]
 
 
@@ -21,7 +21,7 @@ def write_config(raw: dict, path: Path) -> Path:
     return path
 
 
-def _env() -> dict:
+def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -36,7 +36,7 @@ def server_process(config: Path, run_dir: Path, timeout: float = 300.0, extra: l
     log = open(run_dir / "server.log", "w")
     proc = subprocess.Popen([*CLI, "server", "--config", str(config), "--run-dir", str(run_dir), "--ready-file",
                              str(ready), "--cache-dir", str(ROOT / ".cache/bundles"), *(extra or [])],
-                            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         end = time.monotonic() + timeout
         while not ready.exists():
@@ -61,7 +61,7 @@ def start_edge(port: int, name: str, cache: Path, log_dir: Path, extra: list[str
     log = open(log_dir / f"{name}.log", "w")
     return subprocess.Popen([*CLI, "edge", "--server", f"127.0.0.1:{port}", "--name", name, "--cache-dir", str(cache),
                              "--metrics", str(log_dir / f"{name}.jsonl"), *(extra or [])],
-                            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 300.0) -> None:

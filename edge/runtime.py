@@ -1,0 +1,194 @@
+"""Torch-free edge training runtime: ONNX Runtime graphs of the edge bundle + numpy AdamW on LoRA factors.
+
+Two modes (see shared/specs/edge_training.md):
+* "recompute": forward.onnx gives h; backward runs vjp.onnx, which recomputes the forward inside
+  (nothing kept between the two calls but the inputs: lowest memory);
+* "saved": forward_saved.onnx also returns the activations the backward needs; backward_saved.onnx
+  consumes them (no recompute: fastest full step).
+Only numpy and onnxruntime are imported here (a test enforces it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from edge.optim import AdamW
+
+log = logging.getLogger(__name__)
+
+MODES = ("recompute", "saved")
+
+
+class BundleError(RuntimeError):
+    """The bundle on disk is incomplete or does not match its manifest."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def load_factors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Factors from .npz or .safetensors (safetensors.numpy, which does not need torch)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load_file(path).items()}
+    with np.load(path) as z:
+        return {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
+
+
+def save_factors(factors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in factors.items()}, path)
+    else:
+        with open(path, "wb") as f:  # np.savez would append .npz to other suffixes
+            np.savez(f, **factors)
+
+
+def session_options(threads: int | None = None, opt_level: str = "all") -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+class EdgeRuntime:
+    """Forward/backward of the edge bottom with ORT; AdamW step on the LoRA factors in numpy.
+
+    `trainable` (a set of factor names, default all) restricts which factors the optimizer updates, e.g.
+    FFA-LoRA freezes every lora_A; backward still returns every gradient.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, mode: str = "recompute", threads: int | None = None,
+                 lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, trainable: set[str] | None = None, verify: bool = True,
+                 opt_level: str = "all"):
+        self.bundle_dir = Path(bundle_dir)
+        mpath = self.bundle_dir / "manifest.json"
+        if not mpath.is_file():
+            raise BundleError(f"no manifest.json in {self.bundle_dir}")
+        self.manifest: dict = json.loads(mpath.read_text())
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in self.manifest["modes"]:
+            raise BundleError(f"bundle has modes {self.manifest['modes']}, not {mode!r}")
+        self.mode = mode
+        wpath = self.bundle_dir / self.manifest["weights_file"]
+        if verify:
+            if not wpath.is_file():
+                raise BundleError(f"missing weights file {wpath}")
+            got = sha256_file(wpath)
+            if got != self.manifest["weights_sha256"]:
+                raise BundleError(f"weights sha256 mismatch for {wpath}: manifest {self.manifest['weights_sha256']}, file {got}")
+        self.factor_names = [f["name"] for f in self.manifest["factors"]]
+        self._shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
+        self.factors: dict[str, np.ndarray] = {}
+        self.set_factors(load_factors(self.bundle_dir / self.manifest["factors_file"]))
+        self.trainable = set(self.factor_names) if trainable is None else set(trainable)
+        unknown = self.trainable - set(self.factor_names)
+        if unknown:
+            raise KeyError(f"unknown trainable factor names: {sorted(unknown)[:3]}")
+        self.optimizer = AdamW(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        so = session_options(threads, opt_level)
+        fwd_file, bwd_file = self.manifest["graphs"][mode]
+        providers = ["CPUExecutionProvider"]
+        self._fwd = ort.InferenceSession(str(self.bundle_dir / fwd_file), so, providers=providers)
+        self._bwd = ort.InferenceSession(str(self.bundle_dir / bwd_file), so, providers=providers)
+        self._grad_outputs = [self.manifest["grad_outputs"][k] for k in self.factor_names]
+        self._saved_names = list(self.manifest.get("saved_names", []))
+        self._last: dict | None = None
+
+    # ---- factors -------------------------------------------------------------------------------------
+    def set_factors(self, values: dict[str, np.ndarray]) -> None:
+        """Replace some or all factors (copies; shapes checked against the manifest)."""
+        for k, v in values.items():
+            if k not in self._shapes:
+                raise KeyError(f"unknown factor {k!r}")
+            a = np.array(v, dtype=np.float32, copy=True, order="C")
+            if a.shape != self._shapes[k]:
+                raise ValueError(f"{k}: shape {a.shape} != manifest {self._shapes[k]}")
+            self.factors[k] = a
+        missing = set(self._shapes) - set(self.factors)
+        if missing:
+            raise KeyError(f"factors missing: {sorted(missing)[:3]}")
+
+    def save_factors(self, path: str | os.PathLike) -> None:
+        save_factors(self.factors, path)
+
+    def load_factors(self, path: str | os.PathLike) -> None:
+        self.set_factors(load_factors(path))
+
+    # ---- compute -------------------------------------------------------------------------------------
+    def _feeds(self, input_ids, attention_mask) -> dict:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
+        return {"input_ids": ids, "attention_mask": mask, **self.factors}
+
+    def forward(self, input_ids, attention_mask) -> np.ndarray:
+        """h for this batch; keeps what backward needs (the inputs, or the saved activations)."""
+        feeds = self._feeds(input_ids, attention_mask)
+        if self.mode == "recompute":
+            (h,) = self._fwd.run(["h"], feeds)
+            self._last = {"feeds": feeds}
+        else:
+            outs = self._fwd.run(["h", *self._saved_names], feeds)
+            h = outs[0]
+            self._last = {"saved": dict(zip(self._saved_names, outs[1:])), "shape": h.shape}
+        return h
+
+    def backward(self, grad_h) -> dict[str, np.ndarray]:
+        """dL/d(factor) for every factor, for the inputs of the last forward."""
+        if self._last is None:
+            raise RuntimeError("backward() called before forward()")
+        gh = np.ascontiguousarray(grad_h, dtype=np.float32)
+        if self.mode == "recompute":
+            feeds = dict(self._last["feeds"])
+            feeds["grad_h"] = gh
+        else:
+            if gh.shape != tuple(self._last["shape"]):
+                raise ValueError(f"grad_h shape {gh.shape} != h shape {self._last['shape']}")
+            feeds = dict(self._last["saved"])
+            feeds["grad_h"] = gh
+        outs = self._bwd.run(self._grad_outputs, feeds)
+        self._last = None  # release saved activations
+        return dict(zip(self.factor_names, outs))
+
+    def step(self, grads: dict[str, np.ndarray]) -> None:
+        """AdamW on the trainable factors (others get no step and no optimizer state)."""
+        self.optimizer.step(self.factors, {k: g for k, g in grads.items() if k in self.trainable})
+
+    def train_step(self, input_ids, attention_mask, grad_fn: Callable[[np.ndarray], np.ndarray]) -> dict:
+        """forward -> grad_fn(h) (e.g. the server round trip) -> backward -> step; returns the grads."""
+        h = self.forward(input_ids, attention_mask)
+        grads = self.backward(grad_fn(h))
+        self.step(grads)
+        return grads

@@ -1,0 +1,91 @@
+"""Reference edge backend running the torch edge module (same interface as edge.runtime.EdgeRuntime).
+
+Imports torch: only imported explicitly (tests, benchmarks, a server-side simulated edge), never by `edge`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edge.runtime import load_factors, save_factors
+
+
+class TorchEdge:
+    """forward/backward/step of the edge part in torch eager with torch.optim.AdamW.
+
+    Built from a SplitModel (shares its modules: stepping here changes the split's edge factors), or from
+    model args (family_or_path, task, cut, lora) via server.split.
+    """
+
+    def __init__(self, split=None, *, family_or_path: str | None = None, task: str = "seq-cls", cut: int | None = None,
+                 lora=None, seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, trainable: set[str] | None = None,
+                 threads: int | None = None):
+        if split is None:
+            from server.models import build_model
+            from server.split import LoraSpec, split_model
+
+            split = split_model(build_model(family_or_path, task, seed=seed), cut, lora or LoraSpec(), task)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.split = split
+        self.module = split.edge
+        self.factor_names = split.edge_factor_names()
+        self._params = split.edge_factor_params()
+        for p in split.peft_model.parameters():
+            p.requires_grad_(False)
+        for p in self._params.values():
+            p.requires_grad_(True)
+        self.trainable = set(self.factor_names) if trainable is None else set(trainable)
+        self.optimizer = torch.optim.AdamW([self._params[k] for k in self.factor_names if k in self.trainable],
+                                           lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.manifest = {"family": split.family, "task": split.task, "cut": split.cut,
+                         "factors": [{"name": k, "shape": list(self._params[k].shape), "dtype": "float32"}
+                                     for k in self.factor_names]}
+        self._last = None
+
+    @property
+    def factors(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().numpy().copy() for k, p in self._params.items()}
+
+    def set_factors(self, values: dict[str, np.ndarray]) -> None:
+        self.split.set_edge_factors(values)
+
+    def save_factors(self, path: str | os.PathLike) -> None:
+        save_factors(self.factors, path)
+
+    def load_factors(self, path: str | os.PathLike) -> None:
+        self.set_factors(load_factors(path))
+
+    def forward(self, input_ids, attention_mask) -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
+        mask = torch.as_tensor(np.asarray(attention_mask, dtype=np.int64))
+        with torch.enable_grad():
+            h = self.module(ids, mask)
+        self._last = h
+        return h.detach().numpy()
+
+    def backward(self, grad_h) -> dict[str, np.ndarray]:
+        if self._last is None:
+            raise RuntimeError("backward() called before forward()")
+        params = [self._params[k] for k in self.factor_names]
+        grads = torch.autograd.grad(self._last, params, torch.as_tensor(np.asarray(grad_h, dtype=np.float32)))
+        self._last = None
+        return {k: g.numpy() for k, g in zip(self.factor_names, grads)}
+
+    def step(self, grads: dict[str, np.ndarray]) -> None:
+        for k in self.factor_names:
+            p = self._params[k]
+            p.grad = torch.as_tensor(grads[k]).clone() if (k in grads and k in self.trainable) else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, input_ids, attention_mask, grad_fn: Callable[[np.ndarray], np.ndarray]) -> dict:
+        h = self.forward(input_ids, attention_mask)
+        grads = self.backward(grad_fn(h))
+        self.step(grads)
+        return grads

