@@ -7,6 +7,7 @@ unreachable is retried with exponential backoff.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED}
+MAX_BACKOFF_S = 10.0
+
+
+def _retryable(e: grpc.RpcError) -> bool:
+    """Transport trouble, or a server whose call slots are full (not: a tensor over its size limit)."""
+    if e.code() in RETRYABLE:
+        return True
+    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent rpc limit" in (e.details() or "").lower()
 
 
 class EdgeError(RuntimeError):
@@ -46,7 +55,7 @@ class ClientOptions:
     threads: int | None = None
     enrollment_secret: str = ""
     metrics_path: Path | None = None
-    max_retries: int = 8
+    max_retries: int = 10  # with backoff doubling up to MAX_BACKOFF_S: rides out a server restart of ~1 min
     backoff_s: float = 0.2
     credentials: grpc.ChannelCredentials | None = None
     channel_options: list = field(default_factory=list)
@@ -58,11 +67,11 @@ def _retry(fn, opts: ClientOptions, what: str):
         try:
             return fn()
         except grpc.RpcError as e:
-            if e.code() not in RETRYABLE or attempt == opts.max_retries:
+            if not _retryable(e) or attempt == opts.max_retries:
                 raise
             log.warning("%s failed (%s: %s); retry %d in %.2f s", what, e.code().name, e.details(), attempt + 1, delay)
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, MAX_BACKOFF_S)
 
 
 class _StepStream:
@@ -103,6 +112,7 @@ class EdgeClient:
         self.stub = MeteredStub(self._channel, self.meter, self.opts.name or "edge")
         self.runtime = None
         self.history: list[dict] = []
+        self._round_start: tuple | None = None  # (round, factors, optimizer state, trainable) at the round's start
 
     # -- setup ---------------------------------------------------------------------------------------------
     def join(self) -> pb.JoinReply:
@@ -177,7 +187,7 @@ class EdgeClient:
         self.runtime = self._make_runtime(bundle)
         cfg = self.joined.config
         spec = json.loads(cfg.shard.spec_json)
-        tok = bundle / "tokenizer" if (bundle / "tokenizer").exists() else None
+        tok = bundle if self.runtime.manifest.get("tokenizer_files") else None
         self.data = build_token_dataset(spec, tok)
         indices = np.asarray(cfg.shard.indices, dtype=np.int64)
         if len(indices) and (indices.max() >= len(self.data) or indices.min() < 0):
@@ -244,10 +254,11 @@ class EdgeClient:
                         tensors, res = stream.step(msgs)
                         break
                     except grpc.RpcError as e:
-                        if e.code() not in RETRYABLE or attempt == self.opts.max_retries:
+                        if not _retryable(e) or attempt == self.opts.max_retries:
                             raise
                         log.warning("Train stream broke at step %d (%s); reopening", step, e.code().name)
-                        time.sleep(self.opts.backoff_s * (2 ** attempt))
+                        stream.close()
+                        time.sleep(min(self.opts.backoff_s * (2 ** attempt), MAX_BACKOFF_S) * (0.5 + random.random()))
                         stream = _StepStream(self.stub.Train)
                 t_net = time.perf_counter() - t1
                 if res.stop_local_work:
@@ -270,6 +281,9 @@ class EdgeClient:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             log.warning("round %d ended for us early: %s", round_idx, e.details())
+            return {"steps": steps_done, "closed": True}
+        except EdgeError as e:  # the server ended the stream without answering (e.g. it is shutting down)
+            log.warning("round %d: %s", round_idx, e)
             return {"steps": steps_done, "closed": True}
         finally:
             stream.close()
@@ -317,6 +331,7 @@ class EdgeClient:
         rounds = 0
         while not d.stop:
             r = d.next_round
+            self._begin_round(r)
             t0 = time.perf_counter()
             stats = self.train_round(r)
             if not stats.pop("closed"):
@@ -329,6 +344,23 @@ class EdgeClient:
         return {"client": self.joined.client_id, "rounds": rounds, "stop_reason": d.stop_reason,
                 "bytes_up": self.meter.total(direction="up"), "bytes_down": self.meter.total(direction="down"),
                 "final_metrics": dict(d.metrics)}
+
+    def _begin_round(self, round_idx: int) -> None:
+        """Snapshot the state a round starts from; if the server hands out the same round again (it restarted
+        from a checkpoint taken before that round ended), go back to that state so the redo is exact."""
+        opt = getattr(self.runtime, "optimizer", None)
+        if self._round_start is not None and self._round_start[0] == round_idx:
+            _, factors, opt_state, trainable = self._round_start
+            log.warning("round %d handed out again (server restarted): rolling back to its start", round_idx)
+            self.runtime.set_factors(factors)
+            if opt_state is not None:
+                opt.load_state_dict(copy.deepcopy(opt_state))
+            if trainable is not None:
+                self.runtime.trainable = set(trainable)
+            return
+        self._round_start = (round_idx, {k: np.array(v, copy=True) for k, v in self.runtime.factors.items()},
+                             copy.deepcopy(opt.state_dict()) if opt is not None and hasattr(opt, "state_dict") else None,
+                             set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None)
 
     def leave(self, reason: str) -> None:
         try:

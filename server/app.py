@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -21,6 +22,7 @@ import torch
 
 from edge.shard import build_token_dataset, partition
 from server.aggregation.registry import make_strategy
+from server.checkpoint import Checkpointer, token_digest
 from server.models import build_model, minilm_path
 from server.rounds import Assignment, RoundError, RoundManager, RoundRecord
 from server.split import LoraSpec, split_model
@@ -30,6 +32,7 @@ from splitwave.config import ExperimentConfig
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ServiceError(Exception):
@@ -47,6 +50,8 @@ class Session:
     joined_at: float
     last_step: dict[int, int] = field(default_factory=dict)  # round -> last step trained
     last_reply: tuple | None = None  # (round, step, digest of the inputs, result): replayed to honest retries
+    identity: str = ""  # mTLS certificate identity the session is bound to ("" without client certificates)
+    resumed: bool = False  # restored from a checkpoint: rounds restart at step 0 and need training before a push
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -141,7 +146,7 @@ class SplitServer:
             self.top_strategy.initialize(self.trainer.factors())
 
         vocab = int(self.split.peft_model.config.vocab_size)
-        tok_dir = self.bundle_dir / "tokenizer" if (self.bundle_dir / "tokenizer").exists() else None
+        tok_dir = self.bundle_dir if self.manifest.get("tokenizer_files") else None
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
         train = build_token_dataset(self.train_spec, tok_dir)
@@ -155,10 +160,58 @@ class SplitServer:
         self._lock = threading.Lock()
         self.metrics_path = self.run_dir / "server_metrics.jsonl"
         self.meter = None  # set by the transport (protos.metering.ByteMeter)
+        self._restored: dict[str, Session] = {}  # token digest -> session of a client not yet back after a restart
+        self.checkpointer = Checkpointer(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else None
+        start_round, last_metrics = self._resume() if self.checkpointer else (0, {})
         self.rounds = RoundManager(
             self.strategy, num_rounds=cfg.rounds.num_rounds,
             expected_clients=cfg.num_clients, fraction=cfg.rounds.fraction, min_clients=cfg.rounds.min_clients,
-            deadline_s=cfg.rounds.deadline_s, sequential=tr.mode == "sl", seed=cfg.seed, on_close=self._on_close)
+            deadline_s=cfg.rounds.deadline_s, sequential=tr.mode == "sl", seed=cfg.seed, on_close=self._on_close,
+            start_round=start_round, registered=sorted(self.by_client) or None, last_metrics=last_metrics,
+            on_checkpoint=self._checkpoint if self.checkpointer else None)
+        if self.checkpointer:
+            self._save_registry()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _resume(self) -> tuple[int, dict]:
+        """Take over run id, clients and the state after the last completed round from the checkpoint."""
+        got = self.checkpointer.load()
+        if got is None:
+            return 0, {}
+        self.run_id = got.run_id
+        for cid, c in got.clients.items():
+            s = Session(cid, "", int(c["shard"]), len(self.shards[int(c["shard"])]), time.time(),
+                        identity=c.get("identity", ""), resumed=True)
+            self._restored[c["token_sha256"]] = s
+            self.by_client[cid] = s
+        if got.round_dir is not None:
+            blob = Checkpointer.load_round(got.round_dir, strategy=self.strategy, top_strategy=self.top_strategy)
+            self.trainer.load_state_dict(blob["trainer"])
+            if blob["base_deltas"]:
+                self._fold_base_deltas(blob["base_deltas"])
+            saved_metrics = got.round_dir / "server_metrics.jsonl"
+            if saved_metrics.exists():  # drop lines of rounds that ran after the checkpoint
+                shutil.copyfile(saved_metrics, self.metrics_path)
+        log.info("resumed run %s from %s: next round %d, %d clients", self.run_id, self.checkpointer.dir,
+                 got.next_round, len(got.clients))
+        return got.next_round, got.last_metrics
+
+    def _save_registry(self) -> None:
+        clients = {}
+        for s in self.by_client.values():
+            digest = token_digest(s.token) if s.token else next(d for d, r in self._restored.items() if r is s)
+            clients[s.client_id] = {"token_sha256": digest, "shard": s.shard_index, "identity": s.identity}
+        self.checkpointer.save_registry(self.run_id, clients)
+
+    def _checkpoint(self, next_round: int, last_metrics: dict) -> None:
+        """Called by the round manager after a round closed and before the next opens."""
+        t0 = time.perf_counter()
+        path = self.checkpointer.save_round(
+            next_round, strategy=self.strategy, top_strategy=self.top_strategy, trainer_state=self.trainer.state_dict(),
+            base_deltas=self.base_deltas_total, last_metrics={k: v for k, v in last_metrics.items()
+                                                             if isinstance(v, (int, float))},
+            metrics_file=self.metrics_path)
+        log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
 
     def _make_strategy(self, scope: str):
         agg = self.cfg.aggregation
@@ -175,8 +228,13 @@ class SplitServer:
 
     # -- sessions ------------------------------------------------------------------------------------------
     def join(self, client_name: str, enrollment_secret: str, backend: str, codecs: list[str],
-             training_modes: list[str], protocol_version: int) -> tuple[Session, int]:
+             training_modes: list[str], protocol_version: int, identity: str = "") -> tuple[Session, int]:
+        """`identity` is the peer's client-certificate identity under mTLS; the client id is bound to it."""
         sec = self.cfg.server.security
+        if not client_name and identity:
+            client_name = identity
+        if client_name and not CLIENT_NAME.fullmatch(client_name):
+            raise ServiceError("INVALID_ARGUMENT", "client_name must be 1-64 characters of [A-Za-z0-9._-]")
         if protocol_version not in (0, PROTOCOL_VERSION):
             raise ServiceError("FAILED_PRECONDITION", f"protocol version {protocol_version} unsupported "
                                                       f"(server speaks {PROTOCOL_VERSION})")
@@ -193,8 +251,11 @@ class SplitServer:
         with self._lock:
             name = client_name or f"edge-{len(self.by_client)}"
             old = self.by_client.get(name)
+            if old is not None and old.identity and old.identity != identity:
+                raise ServiceError("PERMISSION_DENIED", f"client id {name!r} is bound to another client certificate")
             if old is not None:  # a rejoin after a crash: new token, same shard
                 self.sessions.pop(old.token, None)
+                self._restored = {d: r for d, r in self._restored.items() if r is not old}
                 shard = old.shard_index
             else:
                 used = {s.shard_index for s in self.by_client.values()}
@@ -202,17 +263,31 @@ class SplitServer:
                 if not free:
                     raise ServiceError("RESOURCE_EXHAUSTED", f"all {len(self.shards)} client slots are taken")
                 shard = free[0]
-            s = Session(name, secrets.token_urlsafe(32), shard, len(self.shards[shard]), time.time())
+            s = Session(name, secrets.token_urlsafe(32), shard, len(self.shards[shard]), time.time(), identity=identity,
+                        resumed=old is not None and old.resumed)
             self.sessions[s.token] = s
             self.by_client[name] = s
+            if self.checkpointer:
+                self._save_registry()
         self.rounds.register(name)
         log.info("client %s joined (shard %d, %d samples)", name, shard, s.num_samples)
         return s, self.rounds.round_idx
 
-    def session(self, token: str, run_id: str) -> Session:
-        s = self.sessions.get(token)
+    def session(self, token: str, run_id: str, identity: str = "") -> Session:
+        """The session of `token`; checks the run id and, under mTLS, that the same certificate presents it."""
+        s = self.sessions.get(token) if token else None
+        if s is None and token and self._restored:  # first call of a client after a server restart
+            with self._lock:
+                s = self._restored.pop(token_digest(token), None)
+                if s is not None:
+                    s.token = token
+                    self.sessions[token] = s
+                s = self.sessions.get(token)
         if s is None:
             raise ServiceError("UNAUTHENTICATED", "unknown or expired session token")
+        if s.identity != identity:
+            raise ServiceError("PERMISSION_DENIED", f"session of client {s.client_id!r} used with another client "
+                                                    f"certificate")
         if run_id != self.run_id:
             raise ServiceError("FAILED_PRECONDITION", f"run id {run_id!r} is not this run ({self.run_id})")
         return s
@@ -220,8 +295,18 @@ class SplitServer:
     def leave(self, s: Session) -> None:
         with self._lock:
             self.sessions.pop(s.token, None)
-            self.by_client.pop(s.client_id, None)
-        self.rounds.unregister(s.client_id)
+            current = self.by_client.get(s.client_id) is s
+            if current:
+                self.by_client.pop(s.client_id, None)
+                if self.checkpointer:
+                    self._save_registry()
+        if current:  # a stale session (its client rejoined since) must not take the new one out of the run
+            self.rounds.unregister(s.client_id)
+
+    @property
+    def has_clients(self) -> bool:
+        """Clients still in the run (joined, or expected back after a server restart)."""
+        return bool(self.by_client)
 
     def shard_indices(self, s: Session) -> np.ndarray:
         return self.shards[s.shard_index]
@@ -233,6 +318,9 @@ class SplitServer:
         except RoundError as e:
             raise ServiceError(e.code, str(e)) from None
         last = s.last_step.get(round_idx, -1)
+        if s.resumed and last < 0 and step != 0:
+            raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
+                                                      f"checkpoint): redo it from step 0 after AwaitRound")
         if step <= last:
             raise ServiceError("ALREADY_EXISTS" if step == last else "FAILED_PRECONDITION",
                                f"step {step} of round {round_idx} is {'a duplicate' if step == last else 'out of order'}"
@@ -288,15 +376,40 @@ class SplitServer:
         return self.trainer.eval_step(s.client_id, h, mask, labels)
 
     # -- rounds --------------------------------------------------------------------------------------------
+    def _check_factors(self, s: Session, factors: dict) -> None:
+        """Shapes of uploaded factors, checked before they reach (and could break) a round's aggregation."""
+        d = self.rounds.directive(s.client_id)
+        rank = max(d.rank if d is not None else 0, self.cfg.lora.r)
+        shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
+        for k, v in factors.items():
+            want = shapes.get(k)
+            if want is None:
+                raise ServiceError("INVALID_ARGUMENT", f"unknown factor {k!r}")
+            if k.endswith(".lora_A.weight"):
+                ok = v.ndim == 2 and v.shape[1] == want[1] and 1 <= v.shape[0] <= rank
+            elif k.endswith(".lora_B.weight"):
+                ok = v.ndim == 2 and v.shape[0] == want[0] and 1 <= v.shape[1] <= rank
+            else:
+                ok = v.shape == want
+            if not ok:
+                raise ServiceError("INVALID_ARGUMENT", f"factor {k!r} has shape {list(v.shape)}, expected "
+                                                       f"{list(want)} (rank <= {rank})")
+            if not np.isfinite(v).all():
+                raise ServiceError("INVALID_ARGUMENT", f"factor {k!r} has NaN/Inf values")
+
     def push_adapter(self, s: Session, round_idx: int, factors: dict, num_samples: float, metrics: dict):
+        self._check_factors(s, factors)
+        if s.resumed and round_idx not in s.last_step:
+            raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
+                                                      f"checkpoint): train it again before pushing")
         try:
             return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
         except RoundError as e:
             raise ServiceError(e.code, str(e)) from None
 
-    def await_round(self, s: Session, min_round: int, timeout: float | None) -> Assignment | None:
+    def await_round(self, s: Session, min_round: int, timeout: float | None, alive=None) -> Assignment | None:
         try:
-            return self.rounds.wait_assignment(s.client_id, min_round, timeout)
+            return self.rounds.wait_assignment(s.client_id, min_round, timeout, alive)
         except RoundError as e:
             raise ServiceError(e.code, str(e)) from None
 

@@ -1,0 +1,133 @@
+"""Split training over loopback gRPC vs centralized peft LoRA, side by side in one run.
+
+MiniLM (all-MiniLM-L6-v2) cut at block 2, batch 16, real SST-2 batches: one `splitwave server` process and
+one torch-free `splitwave edge` process, against the unsplit peft model trained in this process on the same
+batches. Prints samples/s of each and their ratio, wire bytes / raw tensor bytes per step, and the bytes of
+each codec on real activations. Writes benchmarks/results/split_throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.data import Batcher
+from edge.shard import round_batch
+from protos.codec import encode, wire_size
+from server.reference import _data, _optimizer, _step
+from server.trainer import trainable_parameters
+from splitwave.config import parse_config
+from splitwave.launch import ROOT, server_process, start_edge, wait_all, write_config
+
+OUT = ROOT / "benchmarks/results/split_throughput.json"
+
+
+def config(steps: int, edge_mode: str) -> dict:
+    return {"name": "throughput", "num_clients": 1, "seed": 0,
+            "model": {"family": "minilm", "tiny": False, "cut": 2}, "lora": {"r": 8, "alpha": 16},
+            "data": {"dataset": "sst2", "num_train": 16 * steps, "num_eval": 64, "max_seq_len": 64},
+            "training": {"mode": "sfl-v2", "batch_size": 16, "local_steps": steps, "edge_mode": edge_mode,
+                         "optim": {"lr": 1e-4}},
+            "rounds": {"num_rounds": 1, "deadline_s": 900}, "aggregation": {"strategy": "fedit"}}
+
+
+def split_run(raw: dict, tmp: Path) -> list[dict]:
+    cfg_path = write_config(raw, tmp / "cfg.yaml")
+    with server_process(cfg_path, tmp / "server", timeout=600) as (_, port):
+        wait_all([start_edge(port, "edge0", tmp / "cache", tmp, extra=["--threads", "2"])], timeout=900)
+    return [json.loads(line) for line in (tmp / "edge0.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "step"]
+
+
+def centralized_times(raw: dict) -> list[float]:
+    from server.app import build_split
+
+    cfg = parse_config(raw)
+    split = build_split(cfg)
+    split.peft_model.eval()
+    data, shards = _data(cfg, split)
+    opt = _optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
+    batcher = Batcher(shards[0], cfg.training.batch_size, cfg.seed, client_id=0)
+    times = []
+    for s in range(cfg.training.local_steps):
+        batch = round_batch(data, batcher, cfg.training.local_steps, 0, s)
+        t0 = time.perf_counter()
+        _step(split, opt, batch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def codec_table(raw: dict, cache: Path) -> dict:
+    """Serialized bytes of each codec for real MiniLM cut-2 activations of one SST-2 batch."""
+    from edge.runtime import EdgeRuntime
+
+    bundle = next(p for p in cache.iterdir() if (p / "manifest.json").exists())
+    rt = EdgeRuntime(bundle, mode="recompute")
+    from server.app import build_split
+
+    cfg = parse_config(raw)
+    data, shards = _data(cfg, build_split(cfg))
+    ids, mask, _ = data.batch(shards[0][:16])
+    h = rt.forward(ids, mask)
+    raw_bytes = h.nbytes
+    out = {"shape": list(h.shape), "raw_tensor_bytes": raw_bytes}
+    for codec in ("raw", "fp16", "bf16", "int8", "topk"):
+        w = wire_size(encode("h", h, codec, topk_fraction=0.1))
+        out[codec] = {"wire_bytes": w, "wire_over_raw": w / raw_bytes, "reduction": raw_bytes / w}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--edge-mode", default="saved", choices=["saved", "recompute"])
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    raw = config(args.steps, args.edge_mode)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        steps = split_run(raw, tmp)[args.warmup:]
+        codecs = codec_table(raw, tmp / "cache")
+    central = centralized_times(raw)[args.warmup:]
+    samples = sum(s["batch"] for s in steps)
+    split_s = sum(s["edge_fwd_s"] + s["roundtrip_s"] + s["edge_bwd_s"] for s in steps)
+    central_s = sum(central)
+    sps_split, sps_central = samples / split_s, samples / central_s
+    # raw tensor bytes of a step: h (fp32) + attention_mask (int64) + labels (int64)
+    raw_step = [s["batch"] * s["seq"] * (384 * 4 + 8) + s["batch"] * 8 for s in steps]
+    wire_up = [s["bytes_up"] for s in steps]
+    result = {
+        "config": raw, "measured_steps": len(steps),
+        "split_samples_per_s": sps_split, "centralized_samples_per_s": sps_central,
+        "ratio_split_over_centralized": sps_split / sps_central,
+        "split_step_ms_median": 1e3 * statistics.median(s["edge_fwd_s"] + s["roundtrip_s"] + s["edge_bwd_s"] for s in steps),
+        "split_breakdown_ms_median": {k: 1e3 * statistics.median(s[k] for s in steps)
+                                      for k in ("edge_fwd_s", "roundtrip_s", "server_s", "edge_bwd_s")},
+        "centralized_step_ms_median": 1e3 * statistics.median(central),
+        "uplink_wire_over_raw_fp32": sum(wire_up) / sum(raw_step),
+        "codecs_on_real_activations": codecs,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2))
+    print(f"split over gRPC : {sps_split:8.1f} samples/s  (median step {result['split_step_ms_median']:.1f} ms: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["split_breakdown_ms_median"].items()) + ")")
+    print(f"centralized LoRA: {sps_central:8.1f} samples/s  (median step {result['centralized_step_ms_median']:.1f} ms)")
+    print(f"ratio split / centralized: {result['ratio_split_over_centralized']:.2f}x   (target >= 0.9)")
+    print(f"uplink wire bytes / raw tensor bytes (fp32, h + mask + labels): {result['uplink_wire_over_raw_fp32']:.4f}"
+          "   (target <= 1.02)")
+    for c in ("raw", "fp16", "bf16", "int8", "topk"):
+        print(f"  codec {c:5s}: {codecs[c]['wire_bytes']:9d} B on the wire, {codecs[c]['reduction']:.2f}x smaller than raw fp32")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
