@@ -48,6 +48,30 @@ class TorchEdge:
                                      for k in self.factor_names]}
         self._last = None
 
+    @classmethod
+    def from_bundle(cls, bundle_dir, **kw) -> "TorchEdge":
+        """The reference backend for a bundle: rebuild the same model from the bundle's `source` record."""
+        import json
+        from pathlib import Path
+
+        from server.models import minilm_path
+        from server.split import LoraSpec
+
+        m = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+        src = m.get("source")
+        if src is None:
+            raise ValueError("bundle manifest has no 'source' record: cannot rebuild the torch reference edge")
+        lora = {k: v for k, v in m["lora"].items() if k in ("r", "alpha", "targets", "dropout", "rslora")}
+        family = minilm_path() if src["family"] == "minilm" else src["family"]
+        from server.models import build_model
+        from server.split import split_model
+
+        split = split_model(build_model(family, m["task"], src["num_labels"], seed=src["seed"]), m["cut"],
+                            LoraSpec(**lora), m["task"])
+        edge = cls(split, **kw)
+        edge.set_factors(load_factors(Path(bundle_dir) / m["factors_file"]))
+        return edge
+
     @property
     def factors(self) -> dict[str, np.ndarray]:
         return {k: p.detach().numpy().copy() for k, p in self._params.items()}

@@ -69,8 +69,9 @@ def build_split(cfg: ExperimentConfig):
 
 
 def bundle_key(cfg: ExperimentConfig) -> str:
-    """What determines the bundle's bytes: model, cut, LoRA and seed (not training settings)."""
-    ident = {"model": cfg.model.model_dump(), "lora": cfg.lora.model_dump(), "seed": cfg.seed, "v": 1}
+    """What determines the bundle's bytes: model, cut, LoRA, seed and the exporter's code (not training settings)."""
+    exporter = hashlib.sha256(Path(__file__).with_name("export.py").read_bytes()).hexdigest()[:12]
+    ident = {"model": cfg.model.model_dump(), "lora": cfg.lora.model_dump(), "seed": cfg.seed, "exporter": exporter}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,6 +91,10 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     finally:
         for p in split.peft_model.parameters():
             p.requires_grad_(flags[id(p)])
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["source"] = {"family": cfg.model.family, "tiny": cfg.model.tiny, "num_labels": cfg.model.num_labels,
+                          "seed": cfg.seed}  # what the torch reference backend rebuilds the model from
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         tmp.rename(target)
     except OSError:  # another process exported it meanwhile
