@@ -1,0 +1,329 @@
+"""`splitwave simulate`: one server process and N edge processes on loopback, each edge behind its own link.
+
+Channel modes: `none` (plain loopback), `realtime` (one `ShapingProxy` per client in this process, the edge
+talks to its proxy), `virtual` (no shaping; afterwards the edges' measured records are replayed through
+the same link models on a simulated clock, see `splitwave.timeline`). Child processes run in their own
+process groups and are always terminated on the way out (Ctrl-C, errors, timeouts), and they die with
+this process (PR_SET_PDEATHSIG) even if it is killed outright.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from channel_sim import Cell, LinkPair, ShapingProxy, make_link_pair, place_clients
+from splitwave.config import ConfigError, ExperimentConfig, dump_config
+
+log = logging.getLogger(__name__)
+
+CELL_KEYS = {"r_cell_m", "d_min_m", "bandwidth_mhz", "allocation", "n_active", "distances_m", "seed",
+             "uplink", "downlink"}
+
+
+class SimulationError(RuntimeError):
+    """A run that could not finish: names the process or the timeout and points at its log."""
+
+
+# ----------------------------------------------------------------------------- links per client
+def _merge(default: dict, override: dict | None) -> dict:
+    if not override:
+        return dict(default)
+    if "kind" in override and override["kind"] != default.get("kind"):
+        return dict(override)  # another kind of link: the defaults do not apply
+    return {**default, **override}
+
+
+def link_specs(cfg: ExperimentConfig) -> list[dict]:
+    """One {"uplink": spec, "downlink": spec} per client (the `make_link_pair` format), seeded per client.
+
+    `channel.cell` set: wireless links, distances drawn in the cell (or `cell.distances_m`), cell keys other
+    than CELL_KEYS apply to both directions, `cell.uplink`/`cell.downlink` to one. Otherwise
+    `channel.uplink`/`downlink` are the defaults and `channel.per_client[k % len]` overrides client k.
+    """
+    ch, n = cfg.channel, cfg.num_clients
+    specs = []
+    if ch.cell is not None:
+        cell = ch.cell
+        seed = int(cell.get("seed", cfg.seed))
+        r_cell, d_min = float(cell.get("r_cell_m", 500.0)), float(cell.get("d_min_m", 35.0))
+        dists = cell.get("distances_m")
+        if dists is None:
+            dists = place_clients(n, r_cell, d_min, [seed, 7]).tolist()
+        elif len(dists) < n:
+            raise ConfigError(f"channel.cell.distances_m: {len(dists)} distances for {n} clients")
+        shared = {k: v for k, v in cell.items() if k not in CELL_KEYS}
+        for k in range(n):
+            base = {**shared, "kind": "wireless", "distance_m": float(dists[k])}
+            up = {**base, **(cell.get("uplink") or {}), "direction": "up", "seed": seed * 1000 + 2 * k}
+            down = {**base, **(cell.get("downlink") or {}), "direction": "down", "seed": seed * 1000 + 2 * k + 1}
+            pc = ch.per_client[k % len(ch.per_client)] if ch.per_client else {}
+            specs.append({"uplink": _merge(up, pc.get("uplink")), "downlink": _merge(down, pc.get("downlink"))})
+        return specs
+    for k in range(n):
+        pc = ch.per_client[k % len(ch.per_client)] if ch.per_client else {}
+        unknown = set(pc) - {"uplink", "downlink"}
+        if unknown:
+            raise ConfigError(f"channel.per_client[{k % len(ch.per_client)}]: unknown keys {sorted(unknown)} "
+                              "(expected uplink, downlink)")
+        up, down = _merge(ch.uplink, pc.get("uplink")), _merge(ch.downlink, pc.get("downlink"))
+        up.setdefault("seed", cfg.seed * 1000 + 2 * k)
+        down.setdefault("seed", cfg.seed * 1000 + 2 * k + 1)
+        specs.append({"uplink": up, "downlink": down})
+    return specs
+
+
+def build_links(cfg: ExperimentConfig, specs: list[dict] | None = None) -> list[LinkPair]:
+    """Fresh link objects (empty queues) for every client; wireless clients share one cell per direction."""
+    specs = specs or link_specs(cfg)
+    up_cell = down_cell = None
+    if cfg.channel.cell is not None:
+        c = cfg.channel.cell
+        up_cell = Cell(float(c.get("bandwidth_mhz", 20.0)) * 1e6, c.get("allocation", "equal"), c.get("n_active"))
+        down_cell = Cell(float(c.get("bandwidth_mhz", 20.0)) * 1e6, c.get("allocation", "equal"), c.get("n_active"))
+    pairs = []
+    for k, spec in enumerate(specs):
+        try:
+            pairs.append(make_link_pair(copy.deepcopy(spec), up_cell, down_cell))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            where = "channel.cell" if cfg.channel.cell is not None else "channel.uplink/downlink/per_client"
+            raise ConfigError(f"{where} (client {k}): {e}") from None
+    return pairs
+
+
+# ----------------------------------------------------------------------------- child processes
+def _pdeathsig() -> None:
+    """In the child: die with the parent, even if the parent is SIGKILLed."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+class ProcessGroup:
+    """The children of one run. Each gets its own process group; `stop()` ends them all (TERM, then KILL)."""
+
+    def __init__(self):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def start(self, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log_path, "wb")
+        try:
+            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, preexec_fn=_pdeathsig, env=env)
+        finally:
+            fh.close()
+        self.procs[name], self.logs[name] = p, log_path
+        return p
+
+    def tail(self, name: str, n: int = 2000) -> str:
+        try:
+            return self.logs[name].read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        alive = [p for p in self.procs.values() if p.poll() is None]
+        for p in alive:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # the group is the child's own (start_new_session)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace_s
+        for p in alive:
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitwave.cli", "-q", *args]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written right now
+                break
+    return out
+
+
+class _Progress:
+    """A rich progress bar over rounds on a terminal; one log line per round otherwise."""
+
+    def __init__(self, total: int, name: str, enabled: bool):
+        self.total, self.bar, self.task = total, None, None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self.bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+                self.task = self.bar.add_task("rounds", total=total, info="starting")
+                self.bar.start()
+
+    def update(self, line: dict) -> None:
+        acc = line.get("eval_accuracy")
+        info = f"round {line['round']}" + (f" acc {acc:.3f}" if acc is not None else "")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=line["round"] + 1, info=info)
+        else:
+            log.info("%s/%d rounds: %s", line["round"] + 1, self.total, info)
+
+    def note(self, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ----------------------------------------------------------------------------- the run
+def _cache_root() -> Path:
+    return Path(os.environ.get("SPLITWAVE_CACHE", ".cache"))
+
+
+def make_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / cfg.name
+    d = base / stamp
+    i = 1
+    while d.exists():
+        d = base / f"{stamp}-{i}"
+        i += 1
+    d.mkdir(parents=True)
+    return d
+
+
+def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | None = None,
+             startup_timeout_s: float = 900.0, round_timeout_s: float | None = None,
+             progress: bool = True, edge_threads: int | None = 1) -> Path:
+    """Run the experiment of `cfg`; returns the run directory (config.yaml, metrics.jsonl, summary.json, plots)."""
+    from splitwave import report
+
+    mode = cfg.channel.mode
+    if virtual_only and mode == "realtime":
+        mode = "virtual"
+    specs = link_specs(cfg)
+    build_links(cfg, specs)  # fail on a bad link spec before starting anything
+    run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "links.json").write_text(json.dumps(specs, indent=1))
+    round_timeout_s = round_timeout_s or cfg.rounds.deadline_s * 1.5 + 120.0
+    clients = [f"client-{k}" for k in range(cfg.num_clients)]
+    procs = ProcessGroup()
+    proxies: list[ShapingProxy] = []
+    live_links: list[LinkPair] = []
+    bar = _Progress(cfg.rounds.num_rounds, cfg.name, progress)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_term(*_):
+            raise KeyboardInterrupt("SIGTERM")
+        old_term = signal.signal(signal.SIGTERM, _on_term)
+    t_wall0 = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        ready = run_dir / "server.ready.json"
+        cache = _cache_root()
+        server = procs.start("server", _cli("server", "--config", str(run_dir / "config.yaml"), "--run-dir",
+                                            str(run_dir / "server"), "--ready-file", str(ready),
+                                            "--cache-dir", str(cache / "bundles")), run_dir / "logs" / "server.log", env)
+        bar.note("starting server (first run of a model exports its edge bundle)")
+        end = time.monotonic() + startup_timeout_s
+        while not ready.exists():
+            if server.poll() is not None:
+                raise SimulationError(f"server exited with code {server.returncode} before serving; log "
+                                      f"{procs.logs['server']}:\n{procs.tail('server')}")
+            if time.monotonic() > end:
+                raise SimulationError(f"server not ready after {startup_timeout_s:.0f} s; log {procs.logs['server']}")
+            time.sleep(0.1)
+        port = json.loads(ready.read_text())["port"]
+        targets = [f"127.0.0.1:{port}"] * len(clients)
+        if mode == "realtime":
+            live_links = build_links(cfg, specs)
+            for pair in live_links:
+                px = ShapingProxy("127.0.0.1", 0, ("127.0.0.1", port), pair.uplink, pair.downlink).start()
+                proxies.append(px)
+            targets = [f"127.0.0.1:{px.port}" for px in proxies]
+        edge_dir = run_dir / "edges"
+        for name, target in zip(clients, targets):
+            argv = _cli("edge", "--server", target, "--name", name, "--cache-dir", str(cache / "edge"),
+                        "--metrics", str(edge_dir / f"{name}.jsonl"))
+            if edge_threads:
+                argv += ["--threads", str(edge_threads)]
+            procs.start(name, argv, run_dir / "logs" / f"{name}.log", env)
+        bar.note("edges joining")
+        metrics_path = run_dir / "server" / "server_metrics.jsonl"
+        seen, last_progress = 0, time.monotonic()
+        while True:
+            lines = _read_jsonl(metrics_path)
+            for line in lines[seen:]:
+                bar.update(line)
+                for pair in live_links:
+                    pair.set_round(line["round"] + 1)  # per-round shadowing follows the real rounds
+                last_progress = time.monotonic()
+            seen = max(seen, len(lines))
+            for name in clients:
+                rc = procs.procs[name].poll()
+                if rc not in (None, 0):
+                    raise SimulationError(f"{name} exited with code {rc}; log {procs.logs[name]}:\n{procs.tail(name)}")
+            rc = server.poll()
+            if rc is not None:
+                if rc != 0:
+                    raise SimulationError(f"server exited with code {rc}; log {procs.logs['server']}:\n"
+                                          f"{procs.tail('server')}")
+                if all(procs.procs[n].poll() is not None for n in clients):
+                    break
+            if time.monotonic() - last_progress > round_timeout_s:
+                raise SimulationError(f"no round finished for {round_timeout_s:.0f} s (round {seen} of "
+                                      f"{cfg.rounds.num_rounds}); logs in {run_dir / 'logs'}")
+            time.sleep(0.2)
+        wall = time.time() - t_wall0
+        if proxies:
+            (run_dir / "proxy_stats.json").write_text(json.dumps([px.stats() for px in proxies], indent=1))
+    finally:
+        bar.close()
+        procs.stop()
+        for px in proxies:
+            px.stop()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    lines = _read_jsonl(run_dir / "server" / "server_metrics.jsonl")
+    if len(lines) < cfg.rounds.num_rounds:
+        raise SimulationError(f"server finished after {len(lines)} of {cfg.rounds.num_rounds} rounds; logs in "
+                              f"{run_dir / 'logs'}")
+    edge_records = {n: _read_jsonl(edge_dir / f"{n}.jsonl") for n in clients}
+    summary = report.write_report(run_dir, cfg, mode, clients, edge_records, lines,
+                                  lambda: build_links(cfg, specs), wall)
+    log.info("run %s: final accuracy %s, simulated %.1f s, wall %.1f s", run_dir, summary.get("final_accuracy"),
+             summary.get("total_sim_time_s") or 0.0, wall)
+    return run_dir
