@@ -358,9 +358,9 @@ class EdgeClient:
             if trainable is not None:
                 self.runtime.trainable = set(trainable)
             return
+        opt_state = copy.deepcopy(opt.state_dict()) if hasattr(opt, "state_dict") else None
         self._round_start = (round_idx, {k: np.array(v, copy=True) for k, v in self.runtime.factors.items()},
-                             copy.deepcopy(opt.state_dict()) if opt is not None and hasattr(opt, "state_dict") else None,
-                             set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None)
+                             opt_state, set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None)
 
     def leave(self, reason: str) -> None:
         try:

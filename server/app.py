@@ -22,7 +22,7 @@ import torch
 
 from edge.shard import build_token_dataset, partition
 from server.aggregation.registry import make_strategy
-from server.checkpoint import Checkpointer, token_digest
+from server.checkpoint import Checkpointer, config_digest, token_digest
 from server.models import build_model, minilm_path
 from server.rounds import Assignment, RoundError, RoundManager, RoundRecord
 from server.split import LoraSpec, split_model
@@ -131,6 +131,8 @@ class SplitServer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = uuid.uuid4().hex[:12]
+        if cfg.server.checkpoint_dir:  # fail fast on a checkpoint of another config, before building anything
+            Checkpointer(cfg.server.checkpoint_dir).load(config_digest(cfg))
         t0 = time.perf_counter()
         self.split = build_split(cfg)
         self.bundle_dir = ensure_bundle(cfg, self.split, Path(cache_dir))
@@ -180,7 +182,7 @@ class SplitServer:
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _resume(self) -> tuple[int, dict]:
         """Take over run id, clients and the state after the last completed round from the checkpoint."""
-        got = self.checkpointer.load()
+        got = self.checkpointer.load(config_digest(self.cfg))
         if got is None:
             return 0, {}
         self.run_id = got.run_id
@@ -206,7 +208,7 @@ class SplitServer:
         for s in self.by_client.values():
             digest = token_digest(s.token) if s.token else next(d for d, r in self._restored.items() if r is s)
             clients[s.client_id] = {"token_sha256": digest, "shard": s.shard_index, "identity": s.identity}
-        self.checkpointer.save_registry(self.run_id, clients)
+        self.checkpointer.save_registry(self.run_id, clients, config_digest(self.cfg))
 
     def _checkpoint(self, next_round: int, last_metrics: dict) -> None:
         """Called by the round manager after a round closed and before the next opens."""
@@ -243,7 +245,8 @@ class SplitServer:
         if protocol_version not in (0, PROTOCOL_VERSION):
             raise ServiceError("FAILED_PRECONDITION", f"protocol version {protocol_version} unsupported "
                                                       f"(server speaks {PROTOCOL_VERSION})")
-        if sec.enrollment_secret and not secrets.compare_digest(enrollment_secret, sec.enrollment_secret):
+        if sec.enrollment_secret and not secrets.compare_digest(enrollment_secret.encode(),
+                                                                sec.enrollment_secret.encode()):
             raise ServiceError("UNAUTHENTICATED", "wrong enrollment secret")
         if sec.allow_list is not None and client_name not in sec.allow_list:
             raise ServiceError("PERMISSION_DENIED", f"client {client_name!r} is not on the allow list")
@@ -254,7 +257,9 @@ class SplitServer:
         if training_modes and tr.edge_mode not in training_modes:
             raise ServiceError("FAILED_PRECONDITION", f"client cannot train in mode {tr.edge_mode!r}")
         with self._lock:
-            name = client_name or f"edge-{len(self.by_client)}"
+            # an anonymous client gets a fresh name: never one that would take over another client's session
+            name = client_name or next(f"edge-{i}" for i in range(len(self.by_client) + 1)
+                                       if f"edge-{i}" not in self.by_client)
             old = self.by_client.get(name)
             if old is not None and old.identity and old.identity != identity:
                 raise ServiceError("PERMISSION_DENIED", f"client id {name!r} is bound to another client certificate")
@@ -362,9 +367,15 @@ class SplitServer:
             raise ServiceError("INVALID_ARGUMENT", f"labels must have shape [{b}, {sq}]")
         return h.astype(np.float32, copy=False), mask.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
 
+    def _live(self, s: Session) -> None:
+        """A stream opened before its client left or rejoined must not act for it any more."""
+        if self.sessions.get(s.token) is not s:
+            raise ServiceError("UNAUTHENTICATED", f"session of client {s.client_id!r} has ended (left or rejoined)")
+
     def train_step(self, s: Session, round_idx: int, step: int, tensors: dict):
         """One split step. A retry of the last step with identical inputs (a link that dropped the reply) gets
         the same reply again without training twice; any other repeat is refused."""
+        self._live(s)
         with s.lock:
             digest = _digest(tensors)
             if s.last_reply is not None and s.last_reply[:3] == (round_idx, step, digest):
@@ -403,6 +414,7 @@ class SplitServer:
                 raise ServiceError("INVALID_ARGUMENT", f"factor {k!r} has NaN/Inf values")
 
     def push_adapter(self, s: Session, round_idx: int, factors: dict, num_samples: float, metrics: dict):
+        self._live(s)
         self._check_factors(s, factors)
         if s.resumed and round_idx not in s.last_step:
             raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "

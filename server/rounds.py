@@ -66,7 +66,9 @@ class RoundManager:
                  min_clients: int = 1, deadline_s: float = 600.0, join_timeout_s: float | None = None,
                  sequential: bool = False, seed: int = 0,
                  on_close: Callable[[RoundRecord], dict[str, float] | None] | None = None,
-                 start_round: int = 0, registered: list[str] | None = None):
+                 start_round: int = 0, registered: list[str] | None = None,
+                 on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
+                 last_metrics: dict[str, float] | None = None):
         self.strategy = strategy
         self.num_rounds = num_rounds
         self.expected_clients = expected_clients
@@ -77,6 +79,10 @@ class RoundManager:
         self.sequential = sequential
         self.seed = seed
         self.on_close = on_close
+        self.on_checkpoint = on_checkpoint
+        # after a restart from a checkpoint, the round that was open when the server died is run again; a
+        # client that had already finished it (waits for the round after) is handed it once more
+        self.redo_round = start_round if start_round > 0 or registered else None
         self._cv = threading.Condition()
         self.registered: list[str] = list(registered or [])
         self.round_idx = start_round  # the round open now, or the next one to open
@@ -88,7 +94,7 @@ class RoundManager:
         self.deadline = math.inf
         self.stopped = start_round >= num_rounds
         self.stop_reason = "max_rounds" if self.stopped else ""
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = dict(last_metrics or {})
         self.history: list[RoundRecord] = []
         self._first_join = None
         self._closing = False
@@ -114,14 +120,17 @@ class RoundManager:
             self._cv.notify_all()
 
     # -- what clients ask ----------------------------------------------------------------------------------
-    def wait_assignment(self, client_id: str, min_round: int, timeout: float | None = None) -> Assignment | None:
-        """Block until an open round >= min_round selects `client_id` (or the run stops); None on timeout."""
+    def wait_assignment(self, client_id: str, min_round: int, timeout: float | None = None,
+                        alive: Callable[[], bool] | None = None) -> Assignment | None:
+        """Block until an open round >= min_round selects `client_id` (or the run stops); None on timeout or
+        when `alive()` turns false (the caller went away: its thread must not stay parked here)."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
                 if client_id not in self.registered:
                     raise RoundError("FAILED_PRECONDITION", f"client {client_id!r} is not registered")
-                if (self.is_open and self.round_idx >= min_round and client_id in self.selected
+                redo = self.redo_round is not None and self.round_idx == self.redo_round == min_round - 1
+                if (self.is_open and (self.round_idx >= min_round or redo) and client_id in self.selected
                         and client_id not in self.reports):
                     return Assignment(self.round_idx, self.directives[client_id], metrics=dict(self.last_metrics),
                                       closed_round=self.round_idx - 1)
@@ -129,9 +138,9 @@ class RoundManager:
                     return Assignment(self.round_idx, None, stop=True, stop_reason=self.stop_reason,
                                       metrics=dict(self.last_metrics), closed_round=self.round_idx - 1)
                 left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
+                if (left is not None and left <= 0) or (alive is not None and not alive()):
                     return None
-                self._cv.wait(timeout=1.0 if left is None else min(left, 1.0))
+                self._cv.wait(timeout=0.5 if left is None else min(left, 0.5))
 
     def check_training(self, client_id: str, round_idx: int) -> None:
         """Raise RoundError unless `client_id` may train in `round_idx` now."""
@@ -193,7 +202,7 @@ class RoundManager:
         log.info("round %d open: %s", self.round_idx, ", ".join(self.selected))
 
     def _maybe_close(self) -> None:
-        if not self.is_open:
+        if not self.is_open or not self._alive:  # stopped (shutdown): an interrupted round is not a result
             return
         active = [c for c in self.selected if c in self.registered]
         if all(c in self.reports for c in active) or time.monotonic() >= self.deadline:
@@ -227,7 +236,12 @@ class RoundManager:
         self._closing = False
         if self.round_idx >= self.num_rounds:
             self.stopped, self.stop_reason = True, "max_rounds"
-        else:
+        if self.on_checkpoint is not None:  # before the next round opens: nobody has seen it yet
+            try:
+                self.on_checkpoint(self.round_idx, self.last_metrics)
+            except Exception:
+                log.exception("round %d: checkpoint failed", record.round_idx)
+        if not self.stopped:
             self._maybe_open()
         self._cv.notify_all()
 
@@ -237,6 +251,10 @@ class RoundManager:
                 self._maybe_close()
                 self._maybe_open()
                 self._cv.wait(timeout=0.05)
+
+    def directive(self, client_id: str) -> ClientDirective | None:
+        with self._cv:
+            return self.directives.get(client_id) if self.is_open else None
 
     def stop(self, reason: str = "shutdown") -> None:
         with self._cv:

@@ -5,10 +5,12 @@ exception from one client's request touch another client's state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
+from collections import Counter
 from concurrent import futures
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
-from protos.codec import Assembler, CodecError, encode
+from protos.codec import MAX_FRAME_BYTES, Assembler, CodecError, encode
 from protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
 from server.app import ServiceError, Session, SplitServer
 
@@ -27,6 +29,20 @@ log = logging.getLogger(__name__)
 
 BUNDLE_CHUNK = (1 << 20) - 4096  # file bytes per chunk, so each message stays under 1 MiB
 AWAIT_TIMEOUT_S = 3600.0
+MAX_MESSAGE_BYTES = MAX_FRAME_BYTES + (64 << 10)  # one frame plus its header: anything bigger is refused by gRPC
+STEP_TENSORS = frozenset({"h", "attention_mask", "labels"})
+RPC_THREADS_PER_CLIENT = 3  # Train (or Evaluate/PushAdapter) + AwaitRound + a retry that overlaps a dying stream
+SPARE_RPC_THREADS = 8  # Join, GetBundle, health checks, and strangers
+
+
+def peer_identity(context) -> str:
+    """The client certificate's common name under mTLS (else ""): sessions are bound to it."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - no auth context on insecure channels in some grpc builds
+        return ""
+    names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name") or []
+    return names[0].decode(errors="replace") if names else ""
 
 
 def _abort(context, code: str, message: str):
@@ -43,16 +59,35 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         cfg = app.cfg
         self.codec_down = _codec_spec(cfg.training.codec_down, cfg.training.topk_fraction)
         self.max_tensor_bytes = cfg.server.max_tensor_bytes
+        # what one step or one adapter upload can legitimately need (x4 slack on batch and rank): an
+        # authenticated peer cannot make the server reserve more than this per call
+        hidden = int(app.manifest.get("hidden_size") or 1024)
+        b, sq = cfg.training.batch_size, cfg.data.max_seq_len
+        self.step_bytes = min(self.max_tensor_bytes, 4 * b * sq * (hidden + 2) * 8 + (64 << 10))
+        sizes = [int(np.prod(f["shape"])) * 4 for f in app.manifest["factors"]]
+        self.adapter_bytes = min(self.max_tensor_bytes, 4 * sum(sizes) + (64 << 10))
+        self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
+        self._active_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _track(self, method: str):
+        with self._active_lock:
+            self.active[method] += 1
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self.active[method] -= 1
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _session(self, header, context) -> Session:
         try:
-            return self.app.session(header.session_token, header.run_id)
+            return self.app.session(header.session_token, header.run_id, peer_identity(context))
         except ServiceError as e:
             _abort(context, e.code, str(e))
 
-    def _assembler(self) -> Assembler:
-        return Assembler(max_tensor_bytes=self.max_tensor_bytes, max_total_bytes=2 * self.max_tensor_bytes)
+    def _assembler(self, limit: int) -> Assembler:
+        return Assembler(max_tensor_bytes=limit, max_total_bytes=limit)
 
     def _guard(self, context, fn, *args):
         """Run app logic, mapping its errors to statuses."""
@@ -79,7 +114,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     def Join(self, request, context):
         caps = request.capabilities
         s, current = self._guard(context, self.app.join, request.client_name, request.enrollment_secret,
-                                 caps.backend, list(caps.codecs), list(caps.training_modes), caps.protocol_version)
+                                 caps.backend, list(caps.codecs), list(caps.training_modes), caps.protocol_version,
+                                 peer_identity(context))
         cfg, tr = self.app.cfg, self.app.cfg.training
         idx = self.app.shard_indices(s)
         shard = pb.DataShard(dataset=cfg.data.dataset, split=self.app.train_spec["split"], shard_index=s.shard_index,
@@ -122,15 +158,15 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
 
     def _step_stream(self, request_iterator, context, train: bool):
         """Shared loop of Train and Evaluate: frames, then end_step -> result frames + end_step."""
-        asm = self._assembler()
+        asm = self._assembler(self.step_bytes)
         s = None
         current = None  # (round, step) of the frames being received
         reply_cls = pb.TrainReply if train else pb.EvalReply
         for req in request_iterator:
             if s is None:
                 s = self._session(req.header, context)
-            elif req.header.session_token != s.token:
-                _abort(context, "PERMISSION_DENIED", "a stream may not change its session token")
+            elif req.header.session_token != s.token or req.header.run_id != self.app.run_id:
+                _abort(context, "PERMISSION_DENIED", "a stream may not change its session token or run id")
             key = (req.header.round, req.header.step)
             if current is None:
                 current = key
@@ -139,6 +175,9 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                                                     f"step {current[1]} ended")
             which = req.WhichOneof("body")
             if which == "frame":
+                if req.frame.name not in STEP_TENSORS:
+                    _abort(context, "INVALID_ARGUMENT", f"unexpected tensor {req.frame.name[:64]!r} in a step "
+                                                        f"(expected {sorted(STEP_TENSORS)})")
                 self._add_frame(asm, req.frame, context)
                 continue
             if which != "end_step":
@@ -155,26 +194,41 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             yield reply_cls(header=header, end_step=pb.StepResult(
                 loss=res.loss, correct=res.correct, count=res.count, metrics={"server_s": res.compute_s}))
             current = None
-        if asm.in_progress:
-            log.warning("client %s: stream ended mid-tensor %r; step discarded", s.client_id if s else "?",
-                        asm.in_progress)
+        if s is None:
+            _abort(context, "INVALID_ARGUMENT", "empty stream: no message carried a session")
+        if asm.in_progress or current is not None:
+            log.warning("client %s: stream ended inside step %s; step discarded", s.client_id,
+                        current[1] if current else "?")
+            _abort(context, "INVALID_ARGUMENT", f"stream ended inside step {current[1] if current else '?'} "
+                                                f"(no end_step); the step was discarded")
 
     def Train(self, request_iterator, context):
-        yield from self._step_stream(request_iterator, context, train=True)
+        with self._track("Train"):
+            yield from self._step_stream(request_iterator, context, train=True)
 
     def Evaluate(self, request_iterator, context):
-        yield from self._step_stream(request_iterator, context, train=False)
+        with self._track("Evaluate"):
+            yield from self._step_stream(request_iterator, context, train=False)
 
     def PushAdapter(self, request_iterator, context):
-        asm = self._assembler()
+        with self._track("PushAdapter"):
+            return self._push_adapter(request_iterator, context)
+
+    def _push_adapter(self, request_iterator, context):
+        asm = self._assembler(self.adapter_bytes)
         s, header = None, None
+        names = {f["name"] for f in self.app.manifest["factors"]}
         for req in request_iterator:
             if s is None:
                 s, header = self._session(req.header, context), req.header
-            elif req.header.session_token != s.token or req.header.round != header.round:
-                _abort(context, "INVALID_ARGUMENT", "session token and round must not change within PushAdapter")
+            elif req.header.session_token != s.token or req.header.run_id != header.run_id:
+                _abort(context, "PERMISSION_DENIED", "a stream may not change its session token or run id")
+            elif req.header.round != header.round:
+                _abort(context, "INVALID_ARGUMENT", "the round must not change within PushAdapter")
             which = req.WhichOneof("body")
             if which == "frame":
+                if req.frame.name not in names:
+                    _abort(context, "INVALID_ARGUMENT", f"unknown factor {req.frame.name[:200]!r}")
                 self._add_frame(asm, req.frame, context)
             elif which == "end":
                 factors = self._finish(asm, context)
@@ -190,10 +244,16 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         _abort(context, "INVALID_ARGUMENT", "PushAdapter stream ended without `end`")
 
     def AwaitRound(self, request, context):
+        with self._track("AwaitRound"):
+            yield from self._await_round(request, context)
+
+    def _await_round(self, request, context):
         s = self._session(request.header, context)
         min_round = request.header.round if request.no_wait else request.header.round + 1
-        a = self._guard(context, self.app.await_round, s, min_round, AWAIT_TIMEOUT_S)
+        a = self._guard(context, self.app.await_round, s, min_round, AWAIT_TIMEOUT_S, context.is_active)
         if a is None:
+            if not context.is_active():
+                return  # the client went away; its thread is free again
             _abort(context, "DEADLINE_EXCEEDED", "no round selected this client in time")
         header = pb.Header(run_id=self.app.run_id, round=a.round_idx)
         d = a.directive
@@ -221,8 +281,9 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
 class RunningServer:
     """A started gRPC server with its app; `stop()` is graceful (in-flight calls get a grace period)."""
 
-    def __init__(self, app: SplitServer, server: grpc.Server, port: int, health_servicer):
+    def __init__(self, app: SplitServer, server: grpc.Server, port: int, health_servicer, servicer=None):
         self.app, self.server, self.port, self.health = app, server, port, health_servicer
+        self.servicer = servicer
 
     @property
     def address(self) -> str:
@@ -240,10 +301,25 @@ class RunningServer:
         self.stop(0.5)
 
 
-def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int = 64,
+def rpc_threads_needed(num_clients: int) -> int:
+    return RPC_THREADS_PER_CLIENT * num_clients + SPARE_RPC_THREADS
+
+
+def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
                  credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+    """Serve `app`. The synchronous gRPC server parks one thread per open call (AwaitRound waits for a round
+    that needs other clients' calls to close), so the pool is sized for every client's calls at once; calls
+    beyond the pool are refused at once with RESOURCE_EXHAUSTED instead of queueing behind parked ones."""
+    need = rpc_threads_needed(app.cfg.num_clients)
+    if max_workers is None:
+        max_workers = max(app.cfg.server.max_workers, need)
+    elif max_workers < need:
+        log.warning("max_workers=%d is below the %d threads %d clients can hold; raising it", max_workers, need,
+                    app.cfg.num_clients)
+        max_workers = need
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                         maximum_concurrent_rpcs=max_workers)
     meter = ByteMeter()
     app.meter = meter
     servicer = SplitWaveServicer(app)
@@ -266,7 +342,7 @@ def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_w
         raise RuntimeError(f"could not bind {addr}")
     server.start()
     log.info("serving on %s:%d (run %s)", host, bound, app.run_id)
-    return RunningServer(app, server, bound, health_servicer)
+    return RunningServer(app, server, bound, health_servicer, servicer)
 
 
 def serve_forever(running: RunningServer, ready_file: Path | None = None) -> None:
@@ -279,7 +355,7 @@ def serve_forever(running: RunningServer, ready_file: Path | None = None) -> Non
         tmp.write_text(json.dumps({"port": running.port, "run_id": running.app.run_id}))
         tmp.rename(ready_file)
     while not stop.wait(0.2):
-        if running.app.rounds.stopped and not running.app.sessions:
+        if running.app.rounds.stopped and not running.app.has_clients:
             log.info("all rounds done and every client left: stopping")
             break
     running.stop(grace=2.0)

@@ -1,0 +1,112 @@
+"""Helpers shared by the network/security/fault tests: one tiny config, in-process servers and edges.
+
+Every test uses the same model, LoRA and seed (so the exported bundle is built once and cached under
+.cache/bundles) and sfl-v1 (a top adapter per client), which makes a client's result independent of how
+its steps interleave with other clients' steps: runs can then be compared bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_CACHE = ROOT / ".cache" / "bundles"
+
+BASE = {
+    "seed": 0,
+    "num_clients": 1,
+    "model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2},
+    "lora": {"r": 4, "alpha": 8},
+    "data": {"dataset": "synthetic", "num_train": 128, "num_eval": 32, "max_seq_len": 16},
+    "training": {"mode": "sfl-v1", "batch_size": 8, "local_steps": 3, "optim": {"lr": 0.003}},
+    "rounds": {"num_rounds": 2, "deadline_s": 30},
+}
+
+
+def tiny_cfg(overrides: list[str] | None = None, **sections):
+    """The shared tiny config; `sections` replace/extend top-level entries, `overrides` are a.b=value."""
+    import copy
+
+    from splitwave.config import parse_config
+
+    raw = copy.deepcopy(BASE)
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = {**raw[k], **v}
+        else:
+            raw[k] = v
+    return parse_config(raw, overrides or [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(cfg, run_dir: Path, credentials=None):
+    """An in-process server (app + gRPC) that is always stopped."""
+    from server.app import SplitServer
+    from server.service import start_server
+
+    app = SplitServer(cfg, Path(run_dir), cache_dir=BUNDLE_CACHE)
+    running = start_server(app, credentials=credentials)
+    try:
+        yield running
+    finally:
+        running.stop(0.5)
+
+
+def make_client(address: str, name: str, cache_dir: Path, cls=None, **opts):
+    from edge.client import ClientOptions, EdgeClient
+
+    cls = cls or EdgeClient
+    return cls(address, ClientOptions(name=name, cache_dir=Path(cache_dir), threads=1, **opts))
+
+
+def run_clients(address: str, names: list[str], cache_dir: Path, timeout: float = 120.0, **opts) -> dict:
+    """Run edge clients in threads until the server stops them; returns {name: summary or exception}."""
+    out: dict = {}
+
+    def go(n):
+        c = make_client(address, n, cache_dir, **opts)
+        try:
+            out[n] = c.run()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[n] = e
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=go, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "edge clients did not finish"
+    return out
+
+
+def final_factors(app) -> dict[str, np.ndarray]:
+    """The run's result: the global edge adapter and the (aggregated) top adapter."""
+    return {**{f"edge/{k}": np.array(v) for k, v in app.global_edge_factors().items()},
+            **{f"top/{k}": np.array(v) for k, v in app.final_top_factors().items()}}
+
+
+def assert_same_factors(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

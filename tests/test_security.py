@@ -1,0 +1,235 @@
+"""Transport security (TLS, mTLS) and authentication (session tokens, enrollment secret, allow list).
+
+Certificates are generated here with `cryptography`: a CA, a server certificate for 127.0.0.1/localhost and
+client certificates (one from a foreign CA).
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from edge.security import channel_credentials
+from net_helpers import ROOT, make_client, run_clients, serving, tiny_cfg
+from protos import splitwave_pb2 as pb
+from protos import splitwave_pb2_grpc as pb_grpc
+from protos.codec import encode
+from server.security import server_credentials
+
+EDGE_CACHE = ROOT / ".cache" / "edge-tests"
+C = grpc.StatusCode
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject_cn, key, issuer_cert=None, issuer_key=None, ca=False, san=None):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(name)
+         .issuer_name(issuer_cert.subject if issuer_cert else name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return b.sign(issuer_key or key, hashes.SHA256())
+
+
+def _write(path, cert=None, key=None):
+    from cryptography.hazmat.primitives import serialization
+
+    if cert is not None:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Files: ca, server_cert/key (SAN 127.0.0.1, localhost), client certs e0/e1 and one from another CA."""
+    from cryptography import x509
+
+    d = tmp_path_factory.mktemp("pki")
+    out = {}
+    ca_key = _key()
+    ca = _cert("SplitWave test CA", ca_key, ca=True)
+    out["ca"] = _write(d / "ca.pem", ca)
+    sk = _key()
+    sc = _cert("splitwave-server", sk, ca, ca_key,
+               san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    out["server_cert"], out["server_key"] = _write(d / "server.pem", sc), _write(d / "server.key", key=sk)
+    for cn in ("e0", "e1"):
+        k = _key()
+        out[f"{cn}_cert"] = _write(d / f"{cn}.pem", _cert(cn, k, ca, ca_key))
+        out[f"{cn}_key"] = _write(d / f"{cn}.key", key=k)
+    rogue_key = _key()
+    rogue_ca = _cert("Rogue CA", rogue_key, ca=True)
+    k = _key()
+    out["rogue_cert"] = _write(d / "rogue.pem", _cert("e0", k, rogue_ca, rogue_key))
+    out["rogue_key"] = _write(d / "rogue.key", key=k)
+    return out
+
+
+def _sec_cfg(pki, mtls=False, num_clients=1):
+    sec = {"insecure": False, "server_cert": pki["server_cert"], "server_key": pki["server_key"]}
+    if mtls:
+        sec["client_ca"] = pki["ca"]
+    return tiny_cfg(num_clients=num_clients, server={"security": sec})
+
+
+def _join(address, creds, name="probe", secret=""):
+    ch = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+    with ch:
+        return pb_grpc.SplitWaveStub(ch).Join(pb.JoinRequest(client_name=name, enrollment_secret=secret), timeout=5)
+
+
+def _code(fn, *a, **k):
+    try:
+        fn(*a, **k)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return C.OK, ""
+
+
+# -- TLS / mTLS --------------------------------------------------------------------------------------------
+
+def test_tls_end_to_end_and_plaintext_refused(tmp_path, pki):
+    cfg = _sec_cfg(pki)
+    with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
+        # a plaintext client cannot talk to a TLS server
+        assert _code(_join, srv.address, None)[0] == C.UNAVAILABLE
+        res = run_clients(srv.address, ["e0"], EDGE_CACHE, credentials=channel_credentials(pki["ca"]))
+        assert not isinstance(res["e0"], Exception), res
+        assert res["e0"]["rounds"] == 2
+
+
+def test_tls_client_rejects_server_from_unknown_ca(tmp_path, pki):
+    cfg = _sec_cfg(pki)
+    with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
+        # trusting another CA: the server certificate does not verify
+        code, _ = _code(_join, srv.address, grpc.ssl_channel_credentials(open(pki["rogue_cert"], "rb").read()))
+        assert code == C.UNAVAILABLE
+
+
+def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path, pki):
+    cfg = _sec_cfg(pki, mtls=True)
+    with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
+        no_cert = channel_credentials(pki["ca"])
+        assert _code(_join, srv.address, no_cert)[0] == C.UNAVAILABLE
+        foreign = channel_credentials(pki["ca"], pki["rogue_cert"], pki["rogue_key"])
+        assert _code(_join, srv.address, foreign)[0] == C.UNAVAILABLE
+        assert not srv.app.by_client  # nobody got in
+        ok = channel_credentials(pki["ca"], pki["e0_cert"], pki["e0_key"])
+        res = run_clients(srv.address, ["e0"], EDGE_CACHE, credentials=ok)
+        assert not isinstance(res["e0"], Exception), res
+        assert res["e0"]["rounds"] == 2
+
+
+def test_mtls_binds_client_id_and_token_to_the_certificate(tmp_path, pki):
+    cfg = _sec_cfg(pki, mtls=True, num_clients=2)
+    with serving(cfg, tmp_path / "run",
+                 credentials=server_credentials(cfg.server.security)) as srv:
+        e0 = channel_credentials(pki["ca"], pki["e0_cert"], pki["e0_key"])
+        e1 = channel_credentials(pki["ca"], pki["e1_cert"], pki["e1_key"])
+        j0 = _join(srv.address, e0, name="e0")
+        assert srv.app.by_client["e0"].identity == "e0"
+        # e1's certificate cannot take over e0's client id ...
+        code, details = _code(_join, srv.address, e1, name="e0")
+        assert code == C.PERMISSION_DENIED and "certificate" in details
+        # ... nor use e0's (stolen) token
+        with grpc.secure_channel(srv.address, e1) as ch:
+            req = pb.RoundRequest(header=pb.Header(session_token=j0.session_token, run_id=j0.run_id), no_wait=True)
+            code, details = _code(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))
+        assert code == C.PERMISSION_DENIED, details
+        # an empty client name defaults to the certificate's name
+        assert _join(srv.address, e1, name="").client_id == "e1"
+
+
+# -- authentication ----------------------------------------------------------------------------------------
+
+def test_enrollment_secret(tmp_path):
+    cfg = tiny_cfg(server={"security": {"enrollment_secret": "s3cret"}})
+    with serving(cfg, tmp_path / "run") as srv:
+        code, details = _code(_join, srv.address, None, secret="guess")
+        assert code == C.UNAUTHENTICATED and "enrollment secret" in details
+        assert _code(_join, srv.address, None, secret="")[0] == C.UNAUTHENTICATED
+        res = run_clients(srv.address, ["e0"], EDGE_CACHE, enrollment_secret="s3cret")
+        assert res["e0"]["rounds"] == 2
+
+
+def test_allow_list(tmp_path):
+    cfg = tiny_cfg(server={"security": {"allow_list": ["e0"]}})
+    with serving(cfg, tmp_path / "run") as srv:
+        code, details = _code(_join, srv.address, None, name="mallory")
+        assert code == C.PERMISSION_DENIED and "allow list" in details
+        assert _join(srv.address, None, name="e0").client_id == "e0"
+
+
+def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
+    cfg = tiny_cfg(num_clients=2)
+    with serving(cfg, tmp_path / "run") as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.SplitWaveStub(ch)
+        a = stub.Join(pb.JoinRequest(client_name="alice"), timeout=5)
+        b = stub.Join(pb.JoinRequest(client_name="bob"), timeout=5)
+        assert a.session_token != b.session_token and min(len(a.session_token), len(b.session_token)) >= 40
+        bad = pb.Header(session_token="A" * 43, run_id=a.run_id)
+        calls = {
+            "GetBundle": lambda: list(stub.GetBundle(pb.BundleRequest(header=bad), timeout=5)),
+            "Train": lambda: list(stub.Train(iter([pb.TrainRequest(header=bad, end_step=pb.StepEnd())]), timeout=5)),
+            "Evaluate": lambda: list(stub.Evaluate(iter([pb.EvalRequest(header=bad, end_step=pb.StepEnd())]),
+                                                   timeout=5)),
+            "PushAdapter": lambda: stub.PushAdapter(iter([pb.AdapterRequest(header=bad, end=pb.AdapterEnd())]),
+                                                    timeout=5),
+            "AwaitRound": lambda: list(stub.AwaitRound(pb.RoundRequest(header=bad), timeout=5)),
+            "Leave": lambda: stub.Leave(pb.LeaveRequest(header=bad), timeout=5),
+        }
+        for name, call in calls.items():
+            assert _code(call)[0] == C.UNAUTHENTICATED, name
+
+        # round 0 is open for both; bob cannot slip frames under alice's token into his stream
+        def hdr(j, step=0):
+            return pb.Header(session_token=j.session_token, run_id=j.run_id, round=0, step=step)
+
+        h = np.zeros((8, 16, 32), np.float32)
+        msgs = [pb.TrainRequest(header=hdr(b), frame=encode("h", h)[0]),
+                pb.TrainRequest(header=hdr(a), frame=encode("attention_mask", np.ones((8, 16), np.int64))[0])]
+        code, details = _code(lambda: list(stub.Train(iter(msgs), timeout=5)))
+        assert code == C.PERMISSION_DENIED, details
+        # the same for an adapter upload
+        f = json.loads(a.manifest_json)["factors"][0]
+        push = [pb.AdapterRequest(header=hdr(b), frame=encode(f["name"], np.zeros(f["shape"], np.float32))[0]),
+                pb.AdapterRequest(header=hdr(a), end=pb.AdapterEnd(num_samples=1))]
+        code, details = _code(lambda: stub.PushAdapter(iter(push), timeout=5))
+        assert code == C.PERMISSION_DENIED, details
+        # what a token can do is bound to its own client id: there is no field naming another client, so an
+        # upload under bob's token lands on bob, and AwaitRound under bob's token sends bob's view only
+        assert srv.app.session(b.session_token, b.run_id).client_id == "bob"
+        # after Leave the token is dead
+        stub.Leave(pb.LeaveRequest(header=hdr(a)), timeout=5)
+        code, _ = _code(lambda: list(stub.AwaitRound(pb.RoundRequest(header=hdr(a)), timeout=5)))
+        assert code == C.UNAUTHENTICATED
+
+
+def test_insecure_config_with_certificates_is_refused():
+    from splitwave.config import SecurityConfig
+
+    with pytest.raises(ValueError, match="pick one"):
+        server_credentials(SecurityConfig(insecure=True, server_cert="x", server_key="y"))
+    with pytest.raises(ValueError, match="needs server_cert"):
+        server_credentials(SecurityConfig(insecure=False))
+    with pytest.raises(ValueError, match="go together"):
+        channel_credentials("ca.pem", cert="c.pem")
