@@ -35,7 +35,9 @@ from server.split import SplitModel
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
+#: opset 20 has a Gelu operator: the exporter emits one node that ORT runs as one kernel, where opset 18 gets
+#: the Div/Erf/Add/Mul/Mul formula (which ORT's Gelu fusion did not match: 5 elementwise passes per GELU)
+OPSET = 20
 WEIGHTS_FILE = "weights.bin"
 FACTORS_FILE = "factors.npz"
 MODES = ("recompute", "saved")
@@ -222,9 +224,16 @@ def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
     return fw_call, bw_call, saved_tensor_names, saved_dyn
 
 
-def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int, str]:
-    """Write all large initializers once (dedup by content) to weights.bin; save the graphs referencing it."""
+def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int, str, dict, dict]:
+    """Write all large initializers once (dedup by content) to weights.bin; save the graphs referencing it.
+
+    Also returns the table {name: offset/length/dtype/shape} and {graph file: [names]} (manifest keys
+    "initializers" / "graph_initializers"): the runtime maps weights.bin once and hands the same buffers to
+    every session, instead of each session mapping (and paging in) its own copy.
+    """
     offsets: dict[str, tuple[int, int, str]] = {}
+    table: dict[str, dict] = {}
+    per_graph: dict[str, list[str]] = {}
     wpath = out_dir / WEIGHTS_FILE
     h = hashlib.sha256()
     pos = 0
@@ -250,6 +259,10 @@ def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int
                     pos += len(raw)
                 off, length, canon = offsets[digest]
                 renames[t.name] = canon
+                table[canon] = {"offset": off, "length": length, "shape": [int(d) for d in t.dims],
+                                "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).name}
+                if canon not in per_graph.setdefault(fname, []):
+                    per_graph[fname].append(canon)
                 t.ClearField("raw_data")
                 for f in ("float_data", "int32_data", "int64_data", "double_data"):
                     t.ClearField(f)
@@ -260,7 +273,7 @@ def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int
                     e.key, e.value = k, v
             _rename_initializers(model, renames)
             onnx.save_model(model, str(out_dir / fname))
-    return pos, h.hexdigest()
+    return pos, h.hexdigest(), table, per_graph
 
 
 def _rename_initializers(model: onnx.ModelProto, renames: dict[str, str]) -> None:
@@ -406,7 +419,7 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
         models["backward_saved.onnx"] = timed("backward_saved.onnx", bwd_saved)
 
     t0 = time.perf_counter()
-    wbytes, wsha = _externalize(models, out)
+    wbytes, wsha, init_table, graph_inits = _externalize(models, out)
     times["write"] = round(time.perf_counter() - t0, 2)
     factors = split.edge_factors()
     np.savez(out / FACTORS_FILE, **factors)
@@ -433,6 +446,8 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
         "weights_file": WEIGHTS_FILE,
         "weights_bytes": wbytes,
         "weights_sha256": wsha,
+        "initializers": init_table,
+        "graph_initializers": graph_inits,
         "opset": OPSET,
         "modes": list(modes),
         "graphs": graphs,

@@ -178,3 +178,32 @@ def test_minilm_cut2_forward_matches_torch(tmp_path):
     for k in g_ref:
         assert np.abs(grads[k] - g_ref[k]).max() <= 1e-4 * max(1.0, np.abs(g_ref[k]).max()) * 10
     assert "tokenizer.json" in rt.manifest["tokenizer_files"]
+
+
+def test_runtime_options_and_shared_weights(edge_bundle, tmp_path):
+    """Spinning/arena options and the shared weight mapping change no numbers; old bundles still load."""
+    b = edge_bundle("bert")
+    m = b.manifest
+    assert m["initializers"] and set(m["graph_initializers"]) == {g for mode in m["modes"] for g in m["graphs"][mode]}
+    for e in m["initializers"].values():
+        assert e["offset"] % 64 == 0 and e["offset"] + e["length"] <= m["weights_bytes"]
+    # a bundle written before the "initializers" table: ORT loads the external data itself
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in b.path.iterdir():
+        if p.name != "manifest.json":
+            os.symlink(p, old / p.name)
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in m.items()
+                                                   if k not in ("initializers", "graph_initializers")}))
+    ids, mask, gh = _batch(2, 9, m["hidden_size"])
+    for mode in MODES:
+        ref = EdgeRuntime(b.path, mode=mode, threads=1)
+        assert ref._weights.values
+        h_ref, g_ref = ref.forward(ids, mask), ref.backward(gh)
+        for rt in (EdgeRuntime(b.path, mode=mode, threads=1, spinning=True, low_memory=False),
+                   EdgeRuntime(old, mode=mode, threads=1)):
+            np.testing.assert_allclose(rt.forward(ids, mask), h_ref, atol=1e-6, rtol=0)
+            grads = rt.backward(gh)
+            for k in g_ref:
+                np.testing.assert_allclose(grads[k], g_ref[k], atol=1e-6, rtol=0)
+        assert not EdgeRuntime(old, mode=mode, threads=1)._weights.values
