@@ -74,6 +74,19 @@ def _retry(fn, opts: ClientOptions, what: str):
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 
+def fresh_lora(factors: dict[str, np.ndarray], seed) -> dict[str, np.ndarray]:
+    """peft's LoRA init in numpy: A ~ kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(d_in)), B = 0."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in factors.items():
+        if k.endswith(".lora_A.weight"):
+            bound = 1.0 / np.sqrt(v.shape[1])
+            out[k] = rng.uniform(-bound, bound, size=v.shape).astype(np.float32)
+        else:
+            out[k] = np.zeros_like(v)
+    return out
+
+
 class _StepStream:
     """One Train (or Evaluate) call driven in lock-step: put a step's messages, read until its end_step."""
 
@@ -198,26 +211,30 @@ class EdgeClient:
     # -- rounds --------------------------------------------------------------------------------------------
     def await_round(self, round_idx: int, no_wait: bool) -> pb.RoundDirectives:
         def call():
-            asm = Assembler()
+            asm, deltas = Assembler(), Assembler()
             directives = None
             for reply in self.stub.AwaitRound(pb.RoundRequest(header=self._header(round_idx), no_wait=no_wait)):
                 which = reply.WhichOneof("body")
                 if which == "factor":
                     asm.add(reply.factor)
                 elif which == "base_delta":
-                    raise EdgeError("this run folds base-weight deltas into edge weights; the ONNX edge "
-                                    "runtime cannot apply them (use a strategy without base deltas)")
+                    deltas.add(reply.base_delta)
                 else:
                     directives = reply.directives
-            return asm.finish(), directives
+            return asm.finish(), deltas.finish(), directives
 
-        factors, d = _retry(call, self.opts, "AwaitRound")
+        factors, deltas, d = _retry(call, self.opts, "AwaitRound")
         if d is None:
             raise EdgeError("AwaitRound ended without directives")
+        if deltas:  # FedEx-LoRA / FLoRA: the running sum of residuals folded into the frozen weights
+            self.runtime.set_base_deltas(deltas)
+        if d.reinit:  # FLoRA: a fresh adapter after the merge
+            fresh = fresh_lora(self.runtime.factors, seed=[self.joined.config.seed, self.batcher.client_id,
+                                                           d.next_round])
+            self.runtime.set_factors({k: v for k, v in fresh.items() if k not in factors})
+            self.runtime.reset_optimizer()
         if factors:
             self.runtime.set_factors(factors)
-        if d.reinit and hasattr(self.runtime, "optimizer"):
-            self.runtime.optimizer.state = {}
         if hasattr(self.runtime, "trainable"):
             self.runtime.trainable = set(d.trainable_factors) or set(self.runtime.factor_names)
         return d

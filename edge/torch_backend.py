@@ -72,6 +72,26 @@ class TorchEdge:
         edge.set_factors(load_factors(Path(bundle_dir) / m["factors_file"]))
         return edge
 
+    def reset_optimizer(self) -> None:
+        """Forget the AdamW moments (a re-initialized adapter starts a new optimization)."""
+        self.optimizer.state.clear()
+
+    def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
+        """Frozen weight of each LoRA module := original + delta (the running sum sent by the server)."""
+        modules = dict(self.split.peft_model.named_modules())
+        if not hasattr(self, "_base_original"):
+            self._base_original = {}
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                layer = modules.get(name)
+                if layer is None or not hasattr(layer, "base_layer"):
+                    raise KeyError(f"base delta for unknown LoRA module {name!r}")
+                w = layer.base_layer.weight
+                orig = self._base_original.setdefault(name, w.detach().clone())
+                if tuple(delta.shape) != tuple(w.shape):
+                    raise ValueError(f"base delta {name}: shape {tuple(delta.shape)} != {tuple(w.shape)}")
+                w.copy_(orig + torch.from_numpy(np.asarray(delta, dtype=np.float32)))
+
     @property
     def factors(self) -> dict[str, np.ndarray]:
         return {k: p.detach().numpy().copy() for k, p in self._params.items()}

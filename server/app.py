@@ -49,6 +49,7 @@ class Session:
     num_samples: int
     joined_at: float
     last_step: dict[int, int] = field(default_factory=dict)  # round -> last step trained
+    base_version: int = 0  # version of the folded base-weight deltas this client has been sent
     last_reply: tuple | None = None  # (round, step, digest of the inputs, result): replayed to honest retries
     identity: str = ""  # mTLS certificate identity the session is bound to ("" without client certificates)
     resumed: bool = False  # restored from a checkpoint: rounds restart at step 0 and need training before a push
@@ -161,7 +162,8 @@ class SplitServer:
                                 cfg.seed, min_size=cfg.training.batch_size)
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
 
-        self.base_deltas_total: dict[str, np.ndarray] = {}
+        self.base_deltas_total: dict[str, np.ndarray] = {}  # module -> running sum, torch weight layout
+        self.base_version = 0
         self.sessions: dict[str, Session] = {}
         self.by_client: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -467,6 +469,7 @@ class SplitServer:
 
         for m, d in deltas.items():
             self.base_deltas_total[m] = self.base_deltas_total.get(m, 0) + np.asarray(d, np.float32)
+        self.base_version += 1
         apply_to_split(self.split, self.global_edge_factors(), {}, deltas)
 
     def final_top_factors(self) -> dict[str, np.ndarray]:
@@ -485,6 +488,9 @@ class SplitServer:
         g = self.strategy.global_output()
         if g is None:  # heterogeneous ranks: evaluate the server's full-rank view
             g = self.strategy.client_view("__eval__", max(r for *_, r in self.strategy.shapes.values()))
+        if not g:  # FLoRA: everything was merged into the base weights; the fresh adapters add nothing (B = 0)
+            g = {k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v)
+                 for k, v in self.split.edge_factors().items()}
         return g
 
     @torch.no_grad()

@@ -261,12 +261,23 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             for name, value in d.load_factors.items():
                 for frame in encode(name, np.ascontiguousarray(value, dtype=np.float32), "raw"):
                     yield pb.RoundReply(header=header, factor=frame)
-        trainable = []
+        # strategies that fold residuals into frozen weights (FedEx-LoRA, FLoRA): the running sum of the deltas,
+        # sent whenever this client has not seen the current version (idempotent, so missed rounds catch up)
+        version = self.app.base_version
+        if a.stop is False and version != s.base_version:
+            for module, delta in self.app.base_deltas_total.items():
+                for frame in encode(module, np.ascontiguousarray(delta, dtype=np.float32), "raw"):
+                    yield pb.RoundReply(header=header, base_delta=frame)
+        trainable, upload = [], []
         if d is not None:
             kinds = {"A": ".lora_A.weight", "B": ".lora_B.weight"}
-            trainable = [k for k in (d.load_factors or {}) if any(k.endswith(kinds[t]) for t in d.trainable)]
+            names = self.app.split.edge_factor_names()
+            trainable = [k for k in names if any(k.endswith(kinds[t]) for t in d.trainable)]
+            upload = list(d.upload_keys)
+        s.base_version = version
         yield pb.RoundReply(header=header, directives=pb.RoundDirectives(
             closed_round=max(a.closed_round, 0), next_round=a.round_idx, trainable_factors=trainable,
+            upload_factors=upload,
             reinit=bool(d.reinit_lora) if d else False, rank=d.rank if d else 0, stop=a.stop,
             stop_reason=a.stop_reason, metrics={k: float(v) for k, v in a.metrics.items()
                                                 if isinstance(v, (int, float))}))

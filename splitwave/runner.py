@@ -277,7 +277,7 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
         edge_dir = run_dir / "edges"
         for name, target in zip(clients, targets):
             argv = _cli("edge", "--server", target, "--name", name, "--cache-dir", str(cache / "edge"),
-                        "--metrics", str(edge_dir / f"{name}.jsonl"))
+                        "--metrics", str(edge_dir / f"{name}.jsonl"), "--backend", cfg.training.edge_backend)
             if edge_threads:
                 argv += ["--threads", str(edge_threads)]
             procs.start(name, argv, run_dir / "logs" / f"{name}.log", env)
