@@ -124,7 +124,7 @@ class _SharedWeights:
         self.table: dict = manifest.get("initializers") or {}
         self.per_graph: dict = manifest.get("graph_initializers") or {}
         self.values: dict[str, ort.OrtValue] = {}
-        self._arrays: list[np.ndarray] = []  # the OrtValues borrow these buffers: keep them alive
+        self._arrays: dict[str, np.ndarray] = {}  # the OrtValues borrow these buffers: keep them alive
         if not self.table:
             return
         mm = np.memmap(wpath, dtype=np.uint8, mode="r")
@@ -133,12 +133,17 @@ class _SharedWeights:
             if off + n > mm.shape[0]:
                 raise BundleError(f"initializer {name} lies past the end of {wpath.name}")
             a = mm[off:off + n].view(np.dtype(e["dtype"])).reshape(e["shape"])
-            self._arrays.append(a)
+            self._arrays[name] = a
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(a)
 
-    def add_to(self, so: ort.SessionOptions, graph_file: str) -> None:
+    def add_to(self, so: ort.SessionOptions, graph_file: str, overrides: dict | None = None) -> None:
         for name in self.per_graph.get(graph_file, []):
-            so.add_initializer(name, self.values[name])
+            so.add_initializer(name, (overrides or {}).get(name, self.values[name]))
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            raise BundleError(f"bundle has no initializer {name!r}")
+        return self._arrays[name]
 
 
 class EdgeRuntime:
@@ -180,20 +185,59 @@ class EdgeRuntime:
             raise KeyError(f"unknown trainable factor names: {sorted(unknown)[:3]}")
         self.optimizer = AdamW(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         low = bool(low_memory)
-        fwd_file, bwd_file = self.manifest["graphs"][mode]
         self._weights = _SharedWeights(wpath, self.manifest)
-        providers = ["CPUExecutionProvider"]
-
-        def session(fname):
-            so = session_options(threads, opt_level, spinning=spinning, low_memory=low)
-            self._weights.add_to(so, fname)
-            return ort.InferenceSession(str(self.bundle_dir / fname), so, providers=providers)
-
-        self._fwd = session(fwd_file)
-        self._bwd = session(bwd_file)
+        self._session_args = (threads, opt_level, spinning, low)
+        self._overrides: dict[str, ort.OrtValue] = {}  # folded base weights (FedEx-LoRA, FLoRA)
+        self._override_arrays: list[np.ndarray] = []
+        self._build_sessions()
         self._grad_outputs = [self.manifest["grad_outputs"][k] for k in self.factor_names]
         self._saved_names = list(self.manifest.get("saved_names", []))
         self._last: dict | None = None
+
+    def _build_sessions(self) -> None:
+        threads, opt_level, spinning, low = self._session_args
+        fwd_file, bwd_file = self.manifest["graphs"][self.mode]
+
+        def session(fname):
+            so = session_options(threads, opt_level, spinning=spinning, low_memory=low)
+            self._weights.add_to(so, fname, self._overrides)
+            # ORT folds constants from the model's own copy of an initializer, not from the one given with
+            # add_initializer (measured: stale transposed weights in the VJP graph); with folded base weights
+            # the folding pass must go
+            extra = {"disabled_optimizers": ["ConstantFolding"]} if self._overrides else {}
+            return ort.InferenceSession(str(self.bundle_dir / fname), so, providers=["CPUExecutionProvider"],
+                                        **extra)
+
+        self._fwd = session(fwd_file)
+        self._bwd = session(bwd_file)
+
+    def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
+        """Frozen weight of each LoRA module := bundle weight + delta (torch layout; the running sum the server
+        sends for FedEx-LoRA/FLoRA). Rebuilds the two sessions with the changed initializers."""
+        table = self.manifest.get("base_weights") or {}
+        if not self._weights.table:
+            raise BundleError("this bundle predates shared initializers: re-export it to fold base deltas")
+        overrides, arrays = {}, []
+        for module, delta in deltas.items():
+            places = table.get(module)
+            if not places:
+                raise BundleError(f"bundle does not locate the frozen weight of {module!r}; cannot fold its delta")
+            d = np.asarray(delta, dtype=np.float32)
+            for e in places:
+                base = self._weights.array(e["initializer"])
+                add = d.T if e["transposed"] else d
+                if add.shape != base.shape:
+                    raise ValueError(f"base delta {module}: shape {d.shape} does not fit weight {base.shape}")
+                new = np.ascontiguousarray(base + add, dtype=base.dtype)
+                arrays.append(new)
+                overrides[e["initializer"]] = ort.OrtValue.ortvalue_from_numpy(new)
+        self._overrides, self._override_arrays = overrides, arrays
+        self._last = None
+        self._build_sessions()
+
+    def reset_optimizer(self) -> None:
+        """Forget the AdamW moments (a re-initialized adapter starts a new optimization)."""
+        self.optimizer.state = {}
 
     # ---- factors -------------------------------------------------------------------------------------
     def set_factors(self, values: dict[str, np.ndarray]) -> None:

@@ -486,8 +486,8 @@ class SplitServer:
 
     def global_edge_factors(self) -> dict[str, np.ndarray]:
         g = self.strategy.global_output()
-        if g is None:  # heterogeneous ranks: evaluate the server's full-rank view
-            g = self.strategy.client_view("__eval__", max(r for *_, r in self.strategy.shapes.values()))
+        if g is None:  # per-client views (FlexLoRA, HetLoRA, ...): evaluate the view at the model's own rank
+            g = self.strategy.client_view("__eval__", self.cfg.lora.r)
         if not g:  # FLoRA: everything was merged into the base weights; the fresh adapters add nothing (B = 0)
             g = {k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v)
                  for k, v in self.split.edge_factors().items()}

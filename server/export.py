@@ -420,6 +420,7 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
 
     t0 = time.perf_counter()
     wbytes, wsha, init_table, graph_inits = _externalize(models, out)
+    base_weights = _base_weights(split, init_table)
     times["write"] = round(time.perf_counter() - t0, 2)
     factors = split.edge_factors()
     np.savez(out / FACTORS_FILE, **factors)
@@ -448,6 +449,7 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
         "weights_sha256": wsha,
         "initializers": init_table,
         "graph_initializers": graph_inits,
+        "base_weights": base_weights,
         "opset": OPSET,
         "modes": list(modes),
         "graphs": graphs,
@@ -458,6 +460,30 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
         "tokenizer_files": tok_files,
         "export_seconds": times,
     }
+
+
+def _base_weights(split: SplitModel, table: dict) -> dict[str, list[dict]]:
+    """module -> where its frozen weight lives in weights.bin ([{"initializer", "transposed"}], torch layout).
+
+    Found by content (initializer names are content digests), so an edge can fold base-weight deltas
+    (FedEx-LoRA, FLoRA) into exactly these initializers without a new export.
+    """
+    modules = dict(split.peft_model.named_modules())
+    out = {}
+    for key in split.edge_factor_names():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        m = key[: -len(".lora_A.weight")]
+        w = modules[m].base_layer.weight.detach().to(torch.float32).numpy()
+        hits = []
+        for arr, transposed in ((np.ascontiguousarray(w), False), (np.ascontiguousarray(w.T), True)):
+            digest = hashlib.sha256(arr.tobytes() + str(onnx.TensorProto.FLOAT).encode()
+                                    + str(list(arr.shape)).encode()).hexdigest()
+            name = f"w_{digest[:16]}"
+            if name in table:
+                hits.append({"initializer": name, "transposed": transposed})
+        out[m] = hits
+    return out
 
 
 def _default_targets(family):
