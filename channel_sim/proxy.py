@@ -226,10 +226,54 @@ def _tune(transport: asyncio.Transport, sndbuf: int | None) -> None:
         pass
 
 
-class _ClientSide(asyncio.Protocol):
+class _Side(asyncio.Protocol):
+    """One socket of a proxied connection: what it receives feeds pump `src`; pump `dst` writes to it."""
+
+    src_name = dst_name = ""
+
+    def __init__(self, conn: "_Connection"):
+        self.conn = conn
+
+    @property
+    def src(self) -> "_Pump":
+        return getattr(self.conn, self.src_name)
+
+    @property
+    def dst(self) -> "_Pump":
+        return getattr(self.conn, self.dst_name)
+
+    def data_received(self, data):
+        self.src.feed(data, self.conn.proxy.now())
+
+    def eof_received(self):
+        self.src.feed_eof()
+        return True
+
+    def connection_lost(self, exc):
+        c = self.conn
+        if exc is not None:
+            c.close(abort=True)
+            return
+        self.src.feed_lost()
+        self.dst.abort()
+        c.check_done()
+
+    def pause_writing(self):
+        self.dst.dst_paused = True
+
+    def resume_writing(self):
+        self.dst.dst_paused = False
+        self.dst._flow()
+
+
+class _ClientSide(_Side):
+    """The edge's socket: its bytes go up, the downlink pump writes to it."""
+
+    src_name, dst_name = "up", "down"
+
     def __init__(self, proxy: "ShapingProxy"):
+        super().__init__(_Connection(proxy))
         self.proxy = proxy
-        self.conn = _Connection(proxy)
 
     def connection_made(self, transport):
         c = self.conn
@@ -260,59 +304,14 @@ class _ClientSide(asyncio.Protocol):
         _tune(server, self.proxy.sndbuf)
         c.up.set_dst(server)
 
-    def data_received(self, data):
-        self.conn.up.feed(data, self.proxy.now())
 
-    def eof_received(self):
-        self.conn.up.feed_eof()
-        return True
+class _ServerSide(_Side):
+    """The server's socket: its bytes go down, the uplink pump writes to it."""
 
-    def connection_lost(self, exc):
-        c = self.conn
-        if exc is not None:
-            c.close(abort=True)
-            return
-        c.up.feed_lost()
-        c.down.abort()
-        c.check_done()
-
-    def pause_writing(self):
-        self.conn.down.dst_paused = True
-
-    def resume_writing(self):
-        self.conn.down.dst_paused = False
-        self.conn.down._flow()
-
-
-class _ServerSide(asyncio.Protocol):
-    def __init__(self, conn: _Connection):
-        self.conn = conn
+    src_name, dst_name = "down", "up"
 
     def connection_made(self, transport):
         self.conn.down.src = transport
-
-    def data_received(self, data):
-        self.conn.down.feed(data, self.conn.proxy.now())
-
-    def eof_received(self):
-        self.conn.down.feed_eof()
-        return True
-
-    def connection_lost(self, exc):
-        c = self.conn
-        if exc is not None:
-            c.close(abort=True)
-            return
-        c.down.feed_lost()
-        c.up.abort()
-        c.check_done()
-
-    def pause_writing(self):
-        self.conn.up.dst_paused = True
-
-    def resume_writing(self):
-        self.conn.up.dst_paused = False
-        self.conn.up._flow()
 
 
 class ShapingProxy:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from channel_sim.paths import shared_dir  # one resolver of ../shared for every package
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,6 @@ AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 
 # --------------------------------------------------------------------------------------------- paths
-
-def shared_dir() -> Path:
-    """The read-only shared folder: env SPLITWAVE_SHARED, else `<repo>/../shared`."""
-    env = os.environ.get("SPLITWAVE_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def data_dir() -> Path:

@@ -24,7 +24,8 @@ from edge.shard import build_token_dataset, partition
 from server.aggregation.registry import make_strategy
 from server.checkpoint import Checkpointer, config_digest, token_digest
 from server.models import build_model, minilm_path
-from server.rounds import Assignment, RoundError, RoundManager, RoundRecord
+from server.errors import ServiceError
+from server.rounds import Assignment, RoundManager, RoundRecord
 from server.split import LoraSpec, split_model
 from server.trainer import TopTrainer
 from splitwave.config import ExperimentConfig
@@ -33,12 +34,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class ServiceError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -325,10 +320,7 @@ class SplitServer:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _check_step(self, s: Session, round_idx: int, step: int) -> None:
-        try:
-            self.rounds.check_training(s.client_id, round_idx)
-        except RoundError as e:
-            raise ServiceError(e.code, str(e)) from None
+        self.rounds.check_training(s.client_id, round_idx)
         last = s.last_step.get(round_idx, -1)
         if s.resumed and last < 0 and step != 0:
             raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
@@ -421,16 +413,10 @@ class SplitServer:
         if s.resumed and round_idx not in s.last_step:
             raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
                                                       f"checkpoint): train it again before pushing")
-        try:
-            return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
-        except RoundError as e:
-            raise ServiceError(e.code, str(e)) from None
+        return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
 
     def await_round(self, s: Session, min_round: int, timeout: float | None, alive=None) -> Assignment | None:
-        try:
-            return self.rounds.wait_assignment(s.client_id, min_round, timeout, alive)
-        except RoundError as e:
-            raise ServiceError(e.code, str(e)) from None
+        return self.rounds.wait_assignment(s.client_id, min_round, timeout, alive)
 
     def _on_close(self, rec: RoundRecord) -> dict[str, float]:
         """After aggregation: update top adapters (sfl-v1), evaluate the global model, log the round."""

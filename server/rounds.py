@@ -18,16 +18,9 @@ from typing import Callable
 import numpy as np
 
 from server.aggregation.base import AggregateResult, ClientDirective, ClientUpdate, Strategy
+from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
-
-
-class RoundError(Exception):
-    """A request that does not fit the round state; `code` names the gRPC status to answer."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -128,7 +121,7 @@ class RoundManager:
         with self._cv:
             while True:
                 if client_id not in self.registered:
-                    raise RoundError("FAILED_PRECONDITION", f"client {client_id!r} is not registered")
+                    raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} is not registered")
                 redo = self.redo_round is not None and self.round_idx == self.redo_round == min_round - 1
                 if (self.is_open and (self.round_idx >= min_round or redo) and client_id in self.selected
                         and client_id not in self.reports):
@@ -143,18 +136,18 @@ class RoundManager:
                 self._cv.wait(timeout=0.5 if left is None else min(left, 0.5))
 
     def check_training(self, client_id: str, round_idx: int) -> None:
-        """Raise RoundError unless `client_id` may train in `round_idx` now."""
+        """Raise ServiceError unless `client_id` may train in `round_idx` now."""
         with self._cv:
             if self.stopped:
-                raise RoundError("FAILED_PRECONDITION", "training is over")
+                raise ServiceError("FAILED_PRECONDITION", "training is over")
             if not self.is_open or round_idx != self.round_idx:
-                raise RoundError("FAILED_PRECONDITION",
+                raise ServiceError("FAILED_PRECONDITION",
                                  f"round {round_idx} is not open (open round: "
                                  f"{self.round_idx if self.is_open else 'none'})")
             if client_id not in self.selected:
-                raise RoundError("FAILED_PRECONDITION", f"client {client_id!r} is not selected for round {round_idx}")
+                raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} is not selected for round {round_idx}")
             if client_id in self.reports:
-                raise RoundError("FAILED_PRECONDITION", f"client {client_id!r} already pushed round {round_idx}")
+                raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} already pushed round {round_idx}")
 
     def submit(self, client_id: str, round_idx: int, factors: dict[str, np.ndarray], num_samples: float,
                metrics: dict[str, float] | None = None) -> tuple[int, int]:
@@ -162,11 +155,11 @@ class RoundManager:
         with self._cv:
             self.check_training(client_id, round_idx)
             if not num_samples > 0:
-                raise RoundError("INVALID_ARGUMENT", f"num_samples must be > 0, got {num_samples}")
+                raise ServiceError("INVALID_ARGUMENT", f"num_samples must be > 0, got {num_samples}")
             expected = set(self.directives[client_id].upload_keys)
             if set(factors) != expected:
                 missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
-                raise RoundError("INVALID_ARGUMENT",
+                raise ServiceError("INVALID_ARGUMENT",
                                  f"adapter keys do not match the round's upload list: missing {missing[:3]}, "
                                  f"unexpected {extra[:3]}")
             self.reports[client_id] = _Report(factors, float(num_samples), dict(metrics or {}))

@@ -23,7 +23,8 @@ from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import MAX_FRAME_BYTES, Assembler, CodecError, encode
 from protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
-from server.app import ServiceError, Session, SplitServer
+from server.app import Session, SplitServer
+from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
