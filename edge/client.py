@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from edge.data import Batcher
+from edge.ranks import RankAdapter
 from edge.shard import build_token_dataset, round_batch
 from protos import splitwave_pb2 as pb
 from protos.codec import CODECS, Assembler, encode
@@ -207,6 +208,10 @@ class EdgeClient:
             raise EdgeError(f"shard indices out of range for a dataset of {len(self.data)} rows")
         self.batcher = Batcher(indices, cfg.batch_size, cfg.seed, client_id=cfg.shard.shard_index)
         self.num_samples = len(indices)
+        manifest = json.loads(self.joined.manifest_json)
+        self.shapes = {f["name"]: tuple(f["shape"]) for f in manifest["factors"]}
+        lora = manifest["lora"]
+        self.ranks = RankAdapter(lora["r"], lora["alpha"], lora.get("rslora", False))
 
     # -- rounds --------------------------------------------------------------------------------------------
     def await_round(self, round_idx: int, no_wait: bool) -> pb.RoundDirectives:
@@ -228,10 +233,12 @@ class EdgeClient:
             raise EdgeError("AwaitRound ended without directives")
         if deltas:  # FedEx-LoRA / FLoRA: the running sum of residuals folded into the frozen weights
             self.runtime.set_base_deltas(deltas)
-        if d.reinit:  # FLoRA: a fresh adapter after the merge
+        factors = self.ranks.to_graph(factors, self.shapes)  # a smaller rank than the bundle's: zero-padded
+        if d.reinit:  # FLoRA: a fresh adapter (at this client's rank) after the merge
             fresh = fresh_lora(self.runtime.factors, seed=[self.joined.config.seed, self.batcher.client_id,
                                                            d.next_round])
-            self.runtime.set_factors({k: v for k, v in fresh.items() if k not in factors})
+            self.ranks.set_rank([k for k in fresh if k not in factors], d.rank)
+            self.runtime.set_factors(self.ranks.mask({k: v for k, v in fresh.items() if k not in factors}))
             self.runtime.reset_optimizer()
         if factors:
             self.runtime.set_factors(factors)
@@ -282,7 +289,7 @@ class EdgeClient:
                     break
                 t2 = time.perf_counter()
                 grads = self.runtime.backward(tensors["grad_h"])
-                self.runtime.step(grads)
+                self.runtime.step(self.ranks.mask(grads) if self.ranks.ranks else grads)
                 t_bwd = time.perf_counter() - t2
                 steps_done += 1
                 losses.append(res.loss)
@@ -311,10 +318,12 @@ class EdgeClient:
         keys = upload or list(self.runtime.factors)
         header = self._header(round_idx, stats.get("steps", 0))
 
+        up = self.joined.config.codec_up.codec
+        codec = up if up in ("raw", "fp16", "bf16") else "raw"  # int8/top-k are for activations, not adapters
+
         def messages():
             for k in keys:
-                for f in encode(k, self.runtime.factors[k], self.joined.config.codec_up.codec
-                                if self.joined.config.codec_up.codec in ("raw", "fp16", "bf16") else "raw"):
+                for f in encode(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec):
                     yield pb.AdapterRequest(header=header, frame=f)
             yield pb.AdapterRequest(header=header, end=pb.AdapterEnd(
                 num_samples=self.num_samples, local_steps=stats.get("steps", 0),

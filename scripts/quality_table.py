@@ -112,7 +112,9 @@ def table(results: dict, args) -> str:
         iid, dir_ = results.get(f"iid/{s}"), results.get(f"dirichlet/{s}")
 
         def fmt(r):
-            return "failed" if r is None or "error" in r else f"{r['final_accuracy']:.4f}"
+            if r is None:
+                return "—"
+            return "failed" if "error" in r else f"{r['final_accuracy']:.4f}"
 
         ok = iid if iid and "error" not in iid else dir_ if dir_ and "error" not in dir_ else None
         up = f"{ok['bytes_up_per_round'] / 1e6:.2f}" if ok else "—"
