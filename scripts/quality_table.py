@@ -4,9 +4,9 @@ For each partition (IID, Dirichlet(alpha)) and each strategy, runs `splitwave si
 8 ONNX Runtime edge processes, real gRPC on loopback) and records the SST-2 dev accuracy after every round
 and the training bytes per round. The reference row is centralized peft LoRA on the union of the clients'
 data with the same step budget (rounds x clients x local steps batches of the same size). Writes
-results/quality/quality.json and a Markdown table (results/quality/quality.md) that goes into the README.
+results/quality/TAG.json and a Markdown table (results/quality/TAG.md) that goes into the README.
 
-    python scripts/quality_table.py [--rounds 8] [--local-steps 5] [--strategies fedit ffa-lora ...]
+    python scripts/quality_table.py [--rounds 8] [--local-steps 5] [--strategies fedit ffa-lora ...] [--tag quality]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ LR = {"ffa-lora": 3e-3}  # FFA trains B only: the literature uses a larger step 
 
 def base_config(args, strategy: str, partition: str) -> dict:
     return {
-        "name": f"quality-{partition}-{strategy}", "seed": args.seed, "num_clients": args.clients,
+        "name": f"{args.tag}-{partition}-{strategy}", "seed": args.seed, "num_clients": args.clients,
         "model": {"family": "minilm", "tiny": False, "cut": 2, "num_labels": 2},
         "lora": {"r": 8, "alpha": 16},
         "data": {"dataset": "sst2", "num_train": args.num_train, "num_eval": None, "max_seq_len": 64,
@@ -136,11 +136,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-centralized", action="store_true")
+    ap.add_argument("--tag", default="quality", help="name of the result files under results/quality/")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "quality.json"
+    path = OUT / f"{args.tag}.json"
     results = json.loads(path.read_text())["results"] if path.exists() else {}
     if not args.skip_centralized:
         results["centralized"] = centralized(args)
@@ -155,7 +156,7 @@ def main() -> None:
                                             if k in ("final_accuracy", "error")})
             path.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     md = table(results, args)
-    (OUT / "quality.md").write_text(md)
+    (OUT / f"{args.tag}.md").write_text(md)
     print(md)
 
 
