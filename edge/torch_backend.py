@@ -9,7 +9,6 @@ import os
 from typing import Callable
 
 import numpy as np
-import torch
 
 from edge.runtime import load_factors, save_factors
 
@@ -25,6 +24,7 @@ class TorchEdge:
                  lora=None, seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-2,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, trainable: set[str] | None = None,
                  threads: int | None = None):
+        import torch  # the reference backend only: `edge` itself never imports torch
         if split is None:
             from server.models import build_model
             from server.split import LoraSpec, split_model
@@ -78,6 +78,7 @@ class TorchEdge:
 
     def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
         """Frozen weight of each LoRA module := original + delta (the running sum sent by the server)."""
+        import torch
         modules = dict(self.split.peft_model.named_modules())
         if not hasattr(self, "_base_original"):
             self._base_original = {}
@@ -106,6 +107,7 @@ class TorchEdge:
         self.set_factors(load_factors(path))
 
     def forward(self, input_ids, attention_mask) -> np.ndarray:
+        import torch
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
         mask = torch.as_tensor(np.asarray(attention_mask, dtype=np.int64))
         with torch.enable_grad():
@@ -114,6 +116,7 @@ class TorchEdge:
         return h.detach().numpy()
 
     def backward(self, grad_h) -> dict[str, np.ndarray]:
+        import torch
         if self._last is None:
             raise RuntimeError("backward() called before forward()")
         params = [self._params[k] for k in self.factor_names]
@@ -122,6 +125,7 @@ class TorchEdge:
         return {k: g.numpy() for k, g in zip(self.factor_names, grads)}
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
+        import torch
         for k in self.factor_names:
             p = self._params[k]
             p.grad = torch.as_tensor(grads[k]).clone() if (k in grads and k in self.trainable) else None
