@@ -70,7 +70,6 @@ class TrainingConfig(_Strict):
     codec_up: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
     codec_down: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
     topk_fraction: float = Field(0.1, gt=0, le=1)
-    server_batching: bool = False  # sfl-v2: batch activations of several clients into one server step
     optim: OptimConfig = OptimConfig()
 
 
