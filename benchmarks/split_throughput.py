@@ -40,7 +40,8 @@ def config(steps: int, edge_mode: str) -> dict:
 
 def split_run(raw: dict, tmp: Path) -> list[dict]:
     cfg_path = write_config(raw, tmp / "cfg.yaml")
-    with server_process(cfg_path, tmp / "server", timeout=600) as (_, port):
+    # both sides get the 2 cores: with one client, edge and server compute in turn, never at once
+    with server_process(cfg_path, tmp / "server", timeout=600, extra=["--threads", "2"]) as (_, port):
         wait_all([start_edge(port, "edge0", tmp / "cache", tmp, extra=["--threads", "2"])], timeout=900)
     return [json.loads(line) for line in (tmp / "edge0.jsonl").read_text().splitlines()
             if json.loads(line)["kind"] == "step"]

@@ -50,6 +50,10 @@ def cmd_server(args) -> int:
     from server.security import server_credentials
 
     cfg = _load_cfg(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / cfg.name / "server")
     app = SplitServer(cfg, run_dir, cache_dir=Path(args.cache_dir))
     running = start_server(app, host=args.host or cfg.server.host,
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir")
     sp.add_argument("--cache-dir", default=".cache/bundles")
     sp.add_argument("--ready-file", help="write {port, run_id} here once serving")
+    sp.add_argument("--threads", type=int, help="torch intra-op threads for the top model (default: torch's)")
     sp.set_defaults(fn=cmd_server)
 
     sp = sub.add_parser("edge", help="run a torch-free edge client")
