@@ -85,6 +85,15 @@ def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, lis
     return recs, timeline, real
 
 
+
+def _save(fig, run_dir: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(run_dir / name, dpi=100)
+    plt.close(fig)
+    return name
+
 def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     import matplotlib
 
@@ -103,10 +112,7 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     for a in ax:
         a.grid(alpha=0.3)
     fig.suptitle(f"{title}: accuracy")
-    fig.tight_layout()
-    fig.savefig(run_dir / "accuracy.png", dpi=100)
-    plt.close(fig)
-    files.append("accuracy.png")
+    files.append(_save(fig, run_dir, "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     w = 0.4
@@ -116,10 +122,7 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     ax.set_ylabel("MB (training traffic, all clients)")
     ax.legend()
     ax.set_title(f"{title}: bytes per round")
-    fig.tight_layout()
-    fig.savefig(run_dir / "bytes.png", dpi=100)
-    plt.close(fig)
-    files.append("bytes.png")
+    files.append(_save(fig, run_dir, "bytes.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(recs)
@@ -135,10 +138,7 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     ax.set_ylabel("seconds")
     ax.legend(fontsize=8)
     ax.set_title(f"{title}: round latency (critical client)")
-    fig.tight_layout()
-    fig.savefig(run_dir / "latency.png", dpi=100)
-    plt.close(fig)
-    files.append("latency.png")
+    files.append(_save(fig, run_dir, "latency.png"))
     return files
 
 
