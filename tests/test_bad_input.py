@@ -185,20 +185,20 @@ def empty_stream(stub, j):
     return _train(stub, [])
 
 
-def join_when_full(stub, j):
+def _join(stub, name: str):
     try:
-        stub.Join(pb.JoinRequest(client_name="intruder"), timeout=10)
+        stub.Join(pb.JoinRequest(client_name=name), timeout=10)
     except grpc.RpcError as e:
         return e.code(), e.details()
     return grpc.StatusCode.OK, ""
+
+
+def join_when_full(stub, j):
+    return _join(stub, "intruder")
 
 
 def join_bad_name(stub, j):
-    try:
-        stub.Join(pb.JoinRequest(client_name="../../etc/passwd"), timeout=10)
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return grpc.StatusCode.OK, ""
+    return _join(stub, "../../etc/passwd")
 
 
 def _push(stub, j, factors: dict, round_idx=0):
