@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edge.shard import build_token_dataset, partition
+from server import compute
 from server.aggregation.registry import make_strategy
 from server.checkpoint import Checkpointer, config_digest, token_digest
 from server.models import build_model, minilm_path
@@ -126,8 +127,8 @@ class SplitServer:
         if cfg.server.checkpoint_dir:  # fail fast on a checkpoint of another config, before building anything
             Checkpointer(cfg.server.checkpoint_dir).load(config_digest(cfg))
         t0 = time.perf_counter()
-        self.split = build_split(cfg)
-        self.bundle_dir = ensure_bundle(cfg, self.split, Path(cache_dir))
+        self.split = compute.run(build_split, cfg)
+        self.bundle_dir = compute.run(ensure_bundle, cfg, self.split, Path(cache_dir))
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
         self.bundle_files = self._index_bundle()
         self.bundle_hash = hashlib.sha256(
@@ -452,7 +453,7 @@ class SplitServer:
         for m, d in deltas.items():
             self.base_deltas_total[m] = self.base_deltas_total.get(m, 0) + np.asarray(d, np.float32)
         self.base_version += 1
-        apply_to_split(self.split, self.global_edge_factors(), {}, deltas)
+        compute.run(apply_to_split, self.split, self.global_edge_factors(), {}, deltas)
 
     def final_top_factors(self) -> dict[str, np.ndarray]:
         if self.top_strategy is not None:
@@ -475,9 +476,12 @@ class SplitServer:
                  for k, v in self.split.edge_factors().items()}
         return g
 
-    @torch.no_grad()
     def evaluate_global(self, batch_size: int = 64) -> dict[str, float]:
         """Accuracy and loss of the global model (edge adapter after aggregation + top) on the eval set."""
+        return compute.run(self._evaluate_global, batch_size)
+
+    @torch.no_grad()
+    def _evaluate_global(self, batch_size: int) -> dict[str, float]:
         edge_now = self.split.edge_factors()
         try:
             self.split.set_edge_factors(self.global_edge_factors())

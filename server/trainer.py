@@ -2,7 +2,8 @@
 
 One `TopTrainer` serves every client. In `sl`/`sfl-v2` all clients share one top adapter (and one optimizer);
 in `sfl-v1` each client has its own top adapter and optimizer state, swapped into the shared module for its
-step. Compute is serialized by a lock: the server is one shared resource, served in arrival order.
+step. Compute runs on the one compute thread (server/compute.py): the server is one shared resource, served
+in arrival order.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
+
+from server import compute
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,13 @@ class TopTrainer:
 
     def train_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
                    labels: np.ndarray) -> StepResult:
+        return compute.run(self._train_step, client_id, h, attention_mask, labels)
+
+    def eval_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
+                  labels: np.ndarray) -> StepResult:
+        return compute.run(self._eval_step, client_id, h, attention_mask, labels)
+
+    def _train_step(self, client_id, h, attention_mask, labels) -> StepResult:
         with self.lock:
             t0 = time.perf_counter()
             self._activate(client_id)
@@ -160,8 +170,7 @@ class TopTrainer:
             return StepResult(grad_h, float(loss.detach()), correct, count, time.perf_counter() - t0)
 
     @torch.no_grad()
-    def eval_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
-                  labels: np.ndarray) -> StepResult:
+    def _eval_step(self, client_id, h, attention_mask, labels) -> StepResult:
         with self.lock:
             t0 = time.perf_counter()
             self._activate(client_id)
