@@ -75,7 +75,7 @@ def _worker(args) -> None:
         from edge.runtime import EdgeRuntime
 
         backend = EdgeRuntime(args.bundle, mode=args.worker, threads=args.threads, opt_level=args.opt_level,
-                              spinning=args.spin, low_memory=not args.arena)
+                              spinning=not args.no_spin, low_memory=not args.arena)
     backend.set_factors(factors)
     rss_setup = _rss_now_kb()
     first = None
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--runs", type=int, default=15, help="measured steps per worker (per round)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of all backends")
-    ap.add_argument("--spin", action="store_true", help="let ORT intra-op threads spin (default: off)")
+    ap.add_argument("--no-spin", action="store_true", help="ORT workers sleep between kernels (default: spin while a run is in progress)")
     ap.add_argument("--arena", action="store_true", help="ORT defaults: one arena per session + memory patterns (low_memory=False)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -179,7 +179,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", backend, "--bundle", str(bundle), "--data", str(data),
                    "--out", str(out), "--cut", str(args.cut), "--r", str(args.r), "--runs", str(args.runs),
                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--opt-level", args.opt_level,
-                   *(["--spin"] if args.spin else []), *(["--arena"] if args.arena else [])]
+                   *(["--no-spin"] if args.no_spin else []), *(["--arena"] if args.arena else [])]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if p.returncode != 0:
                 raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
@@ -221,7 +221,7 @@ def main() -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     result = {"model": "all-MiniLM-L6-v2", "cut": args.cut, "lora_r": args.r, "batch": args.batch, "seq": args.seq,
               "runs": args.runs, "rounds": args.rounds, "threads": args.threads, "opt_level": args.opt_level,
-              "ort_spinning": args.spin, "ort_arena": args.arena, "load_avg_1min": os.getloadavg()[0], "nice": os.nice(0), "backends": res,
+              "ort_spinning": not args.no_spin, "ort_arena": args.arena, "load_avg_1min": os.getloadavg()[0], "nice": os.nice(0), "backends": res,
               "export_seconds": export_s if export_s is not None else manifest.get("export_seconds", {}).get("total"),
               "export_breakdown_s": manifest.get("export_seconds"),
               "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())}}
