@@ -70,7 +70,17 @@ class TrainingConfig(_Strict):
     codec_up: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
     codec_down: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
     topk_fraction: float = Field(0.1, gt=0, le=1)
+    # sfl-v2: most client steps (of different clients, waiting at the same time) fused into one server step
+    server_batch: int = Field(1, ge=1)
+    server_batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # how long a pending step waits for company
     optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="after")
+    def _batching_needs_shared_top(self) -> "TrainingConfig":
+        if self.server_batch > 1 and self.mode != "sfl-v2":
+            raise ValueError(f"training.server_batch > 1 needs training.mode 'sfl-v2' (one shared top adapter), "
+                             f"got mode {self.mode!r}")
+        return self
 
 
 class RoundsConfig(_Strict):
