@@ -137,7 +137,8 @@ class SplitServer:
 
         tr = cfg.training
         self.trainer = TopTrainer(self.split, cfg.model.task, lr=tr.optim.lr, weight_decay=tr.optim.weight_decay,
-                                  betas=tr.optim.betas, eps=tr.optim.eps, personal=tr.mode == "sfl-v1")
+                                  betas=tr.optim.betas, eps=tr.optim.eps, personal=tr.mode == "sfl-v1",
+                                  server_batch=tr.server_batch, server_batch_wait_s=tr.server_batch_wait_ms / 1e3)
         self.strategy = self._make_strategy("edge")
         self.strategy.initialize(self.split.edge_factors())
         self.top_strategy = None
@@ -365,7 +366,9 @@ class SplitServer:
 
     def train_step(self, s: Session, round_idx: int, step: int, tensors: dict):
         """One split step. A retry of the last step with identical inputs (a link that dropped the reply) gets
-        the same reply again without training twice; any other repeat is refused."""
+        the same reply again without training twice; any other repeat is refused. The step is checked here,
+        before the trainer may fuse it with other clients' steps (`training.server_batch`), so a bad step
+        never joins a fused one."""
         self._live(s)
         with s.lock:
             last = s.last_reply

@@ -193,7 +193,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 for frame in encode("grad_h", res.grad_h, self.codec_down):
                     yield reply_cls(header=header, frame=frame)
             yield reply_cls(header=header, end_step=pb.StepResult(
-                loss=res.loss, correct=res.correct, count=res.count, metrics={"server_s": res.compute_s}))
+                loss=res.loss, correct=res.correct, count=res.count,
+                metrics={"server_s": res.compute_s, "server_batch": float(res.server_batch)}))
             current = None
         if s is None:
             _abort(context, "INVALID_ARGUMENT", "empty stream: no message carried a session")

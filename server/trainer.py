@@ -4,6 +4,18 @@ One `TopTrainer` serves every client. In `sl`/`sfl-v2` all clients share one top
 in `sfl-v1` each client has its own top adapter and optimizer state, swapped into the shared module for its
 step. Compute runs on the one compute thread (server/compute.py): the server is one shared resource, served
 in arrival order.
+
+In `sfl-v2` with `server_batch` K > 1, steps of up to K different clients that wait at the same time are
+fused into one server step (server/batching.py decides which; `_train_fused` computes them):
+- their activations are concatenated along the batch dimension, the sequence dimension padded to the
+  longest with h = 0 and attention_mask = 0 (padded keys are masked out, so no real position sees them);
+- each client's loss is its own mean loss on its own rows and positions, exactly as in an unfused step; the
+  fused loss is the mean of the K client losses, so every client weighs the same as in an unfused step,
+  and one AdamW step of the shared top adapter is taken on it;
+- each client gets back dL_c/dh_c of ITS OWN loss (padding cut off), its loss and correct/count.
+The backward runs on the sum of the client losses and the adapter gradients are then divided by K: the
+same gradient as backward of the mean, while each client's dL_c/dh_c comes out unscaled. One client's
+fused step is the unfused step, operation for operation.
 """
 from __future__ import annotations
 
@@ -12,12 +24,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
 
 from server import compute
+from server.batching import StepBatcher
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +57,23 @@ def trainable_parameters(peft_model, names: list[str] | None = None) -> dict[str
 
 
 @dataclass
+class StepInput:
+    """One client's validated step: cut activations [b, s, hidden], 0/1 mask [b, s], labels."""
+
+    client_id: str | None
+    h: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
 class StepResult:
     grad_h: np.ndarray
     loss: float
     correct: int
     count: int
-    compute_s: float
+    compute_s: float  # of the whole server step (shared by every client fused into it)
+    server_batch: int = 1  # client steps fused into the server step that computed this one
 
 
 class _Slot:
@@ -61,7 +86,7 @@ class _Slot:
 
 class TopTrainer:
     def __init__(self, split, task: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 eps: float = 1e-8, personal: bool = False):
+                 eps: float = 1e-8, personal: bool = False, server_batch: int = 1, server_batch_wait_s: float = 0.002):
         self.split = split
         self.task = task
         self.module = split.server
@@ -76,6 +101,10 @@ class TopTrainer:
         self._active: str | None = None  # which client's slot is loaded into the module (sfl-v1)
         self._initial = self._snapshot()
         self.lock = threading.Lock()
+        if server_batch > 1 and personal:
+            raise ValueError("server_batch > 1 needs one shared top adapter (sfl-v2), not per-client ones (sfl-v1)")
+        # server_batch 1: no batcher at all, every step goes straight to the compute thread as before
+        self.batcher = StepBatcher(self._run_fused, server_batch, server_batch_wait_s) if server_batch > 1 else None
 
     # -- adapter state -------------------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, torch.Tensor]:
@@ -152,22 +181,49 @@ class TopTrainer:
 
     def train_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
                    labels: np.ndarray) -> StepResult:
-        return compute.run(self._train_step, client_id, h, attention_mask, labels)
+        step = StepInput(client_id, h, attention_mask, labels)
+        if self.batcher is not None:
+            return self.batcher.submit(client_id, step)
+        return compute.run(self._train_fused, [step])[0]
 
     def eval_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
                   labels: np.ndarray) -> StepResult:
         return compute.run(self._eval_step, client_id, h, attention_mask, labels)
 
-    def _train_step(self, client_id, h, attention_mask, labels) -> StepResult:
+    def _run_fused(self, steps: list[StepInput]) -> list[StepResult]:
+        return compute.run(self._train_fused, steps)
+
+    def _train_fused(self, steps: Sequence[StepInput]) -> list[StepResult]:
+        """One server step for the steps of len(steps) clients (see the module docstring)."""
+        k = len(steps)
+        if k > 1 and (self.personal or len({s.client_id for s in steps}) < k):
+            raise ValueError("only steps of different clients sharing one top adapter can be fused")
         with self.lock:
             t0 = time.perf_counter()
-            self._activate(client_id)
+            self._activate(steps[0].client_id)
             self.optimizer.zero_grad(set_to_none=True)
-            h_t, loss, correct, count = self._outputs(h, attention_mask, labels)
-            loss.backward()
+            h, mask, rows = _pad_concat(steps)
+            h_t = torch.from_numpy(h).requires_grad_(True)
+            logits = self.module(h_t, torch.from_numpy(mask))
+            losses, stats = [], []
+            for s, (r0, r1) in zip(steps, rows):
+                seq = s.h.shape[1]
+                # a lone step is the whole batch: no slicing, the unfused step's exact operations
+                lg = logits if k == 1 else (logits[r0:r1] if self.task == "seq-cls" else logits[r0:r1, :seq])
+                labels_t = torch.from_numpy(np.ascontiguousarray(s.labels, dtype=np.int64))
+                losses.append(self.split.loss(lg, labels_t))
+                stats.append(_accuracy(lg, labels_t, self.task))
+            (losses[0] if k == 1 else torch.stack(losses).sum()).backward()
+            if k > 1:  # d(mean of the K losses)/d(adapter)
+                for p in self.params.values():
+                    if p.grad is not None:
+                        p.grad.div_(k)
             self.optimizer.step()
-            grad_h = h_t.grad.numpy()
-            return StepResult(grad_h, float(loss.detach()), correct, count, time.perf_counter() - t0)
+            grad = h_t.grad.numpy()
+            dt = time.perf_counter() - t0
+            return [StepResult(grad if k == 1 else np.ascontiguousarray(grad[r0:r1, :s.h.shape[1]]),
+                               float(loss.detach()), correct, count, dt, k)
+                    for s, (r0, r1), loss, (correct, count) in zip(steps, rows, losses, stats)]
 
     @torch.no_grad()
     def _eval_step(self, client_id, h, attention_mask, labels) -> StepResult:
@@ -176,6 +232,26 @@ class TopTrainer:
             self._activate(client_id)
             _, loss, correct, count = self._outputs(h, attention_mask, labels)
             return StepResult(np.zeros(0, np.float32), float(loss), correct, count, time.perf_counter() - t0)
+
+
+def _pad_concat(steps: Sequence[StepInput]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Steps stacked along the batch, right-padded (h = 0, mask = 0) to the longest; each step's row range."""
+    if len(steps) == 1:
+        s = steps[0]
+        return (np.ascontiguousarray(s.h, dtype=np.float32), np.ascontiguousarray(s.attention_mask, dtype=np.int64),
+                [(0, s.h.shape[0])])
+    seq = max(s.h.shape[1] for s in steps)
+    total = sum(s.h.shape[0] for s in steps)
+    h = np.zeros((total, seq, steps[0].h.shape[2]), np.float32)
+    mask = np.zeros((total, seq), np.int64)
+    rows, r = [], 0
+    for s in steps:
+        b, sq = s.h.shape[:2]
+        h[r:r + b, :sq] = s.h
+        mask[r:r + b, :sq] = s.attention_mask
+        rows.append((r, r + b))
+        r += b
+    return h, mask, rows
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[int, int]:
