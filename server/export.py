@@ -160,10 +160,41 @@ def _trace_saved(fn: _EdgeFn, fs, ids, mask, gh):
     return fw, bw
 
 
+#: ops that only re-view (or copy unchanged) one tensor: a saved tensor made by a chain of them is saved as the
+#: chain's base and the chain is replayed inside the backward graph
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "clone", "alias",
+             "unsqueeze", "squeeze"}
+
+
+def _op_name(node) -> str:
+    return getattr(getattr(node.target, "_overloadpacket", None), "__name__", "") if node.op == "call_function" else ""
+
+
+def _view_chain(node):
+    """(base, [view nodes from base up to node]); the base is never a graph input."""
+    chain = []
+    while _op_name(node) in _VIEW_OPS and isinstance(node.args[0], torch.fx.Node) \
+            and node.args[0].op != "placeholder" and isinstance(node.args[0].meta.get("val"), torch.Tensor):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def _shape_expr(val, concrete) -> list:
+    return [sympy.sympify(d.node.expr if isinstance(d, torch.SymInt) else int(d)).xreplace(concrete) for d in val.shape]
+
+
 def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
-    """Wrap the partitioned graphs: fw returns (h, *saved tensors); bw recomputes its SymInts from grad_h."""
+    """Wrap the partitioned graphs: fw returns (h, *saved tensors); bw recomputes its SymInts from grad_h.
+
+    What crosses from forward to backward is the set of distinct *bases* of the partitioner's saved tensors:
+    a saved tensor that is a view chain (view/permute/expand/clone...) of another activation is rebuilt in
+    the backward from that activation. Saving the chain's end made ORT materialize it (a transposed copy of
+    K, a cloned copy of the softmax already saved, reshape copies), since a graph output cannot alias.
+    """
     fw_ph = [n for n in fw.graph.nodes if n.op == "placeholder"]
-    fw_out = list(next(n for n in fw.graph.nodes if n.op == "output").args[0])
+    fw_out_node = next(n for n in fw.graph.nodes if n.op == "output")
+    fw_out = list(fw_out_node.args[0])
     bw_ph = [n for n in bw.graph.nodes if n.op == "placeholder"]
     ids_val = fw_ph[n_factors].meta["val"]
     sym_b, sym_s = ids_val.shape[0].node.expr, ids_val.shape[1].node.expr
@@ -182,46 +213,148 @@ def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
     sym_eval = _SymEval(sym_b, sym_s, concrete)
 
     is_sym = [not isinstance(a.meta.get("val"), torch.Tensor) for a in fw_out[1:]]
-    n_saved_sym = sum(is_sym)
     bw_sym = [n for n in bw_ph if not isinstance(n.meta.get("val"), torch.Tensor)]
     bw_tensor_ph = [n for n in bw_ph if isinstance(n.meta.get("val"), torch.Tensor)]
-    assert len(bw_sym) == n_saved_sym, (len(bw_sym), n_saved_sym)
-    saved_tensor_names = [n.name for n in bw_tensor_ph if not n.name.startswith("tangents")]
-    # Saved tensors travel in a canonical shape [B]*a + [S]*c + [k] (numel = k * B^a * S^c), so the backward
-    # export can declare every dim as batch/seq (torch.export cannot express dims like B*S).
-    saved_shapes, canon = [], []
-    for a, sym in zip(fw_out[1:], is_sym):
-        if sym:
-            continue
-        shape = [sympy.sympify(d.node.expr if isinstance(d, torch.SymInt) else int(d)).xreplace(concrete)
-                 for d in a.meta["val"].shape]
+    assert len(bw_sym) == sum(is_sym), (len(bw_sym), sum(is_sym))
+    saved_nodes = [a for a, sym in zip(fw_out[1:], is_sym) if not sym]
+    bases, rebuild = [], []  # rebuild[i] = (index of base, view chain) for the i-th saved tensor
+    for node in saved_nodes:
+        base, chain = _view_chain(node)
+        if base not in bases:
+            bases.append(base)
+        rebuild.append((bases.index(base), chain))
+    fw.graph.erase_node(fw_out_node)
+    with fw.graph.inserting_after(list(fw.graph.nodes)[-1]):
+        fw.graph.output((fw_out[0], *bases))
+    fw.graph.eliminate_dead_code()
+    fw.recompile()
+
+    # Bases travel in a canonical shape [B]*a + [S]*c + [k] (numel = k * B^a * S^c), so the backward export
+    # can declare every dim as batch/seq (torch.export cannot express dims like B*S).
+    base_shapes, canon = [], []
+    for base in bases:
+        shape = _shape_expr(base.meta["val"], concrete)
         numel = sympy.expand(sympy.Mul(*shape)) if shape else sympy.Integer(1)
         poly = sympy.Poly(numel, sym_b, sym_s)
         if len(poly.terms()) != 1:
             raise NotImplementedError(f"saved tensor of shape {shape} is not a monomial in batch/seq")
         (pa, pc), k = poly.terms()[0]
-        saved_shapes.append(shape)
+        base_shapes.append(shape)
         canon.append((int(pa), int(pc), int(k)))
+
+    def runtime_arg(a, b, s):
+        if isinstance(a, torch.fx.Node):
+            v = a.meta["val"]
+            return sym_eval(v.node.expr, b, s) if isinstance(v, torch.SymInt) else v
+        if isinstance(a, (list, tuple)):
+            return type(a)(runtime_arg(x, b, s) for x in a)
+        if isinstance(a, torch.SymInt):
+            return sym_eval(a.node.expr, b, s)
+        return a
+
+    def replay(t, chain, b, s):
+        for node in chain:
+            if _op_name(node) in ("clone", "alias") or (
+                    _op_name(node) == "expand" and _shape_expr(node.meta["val"], concrete)
+                    == _shape_expr(node.args[0].meta["val"], concrete)):
+                continue  # value-identical: no op in the backward graph
+            # with the clones skipped a view may meet a strided tensor: reshape (the same ONNX Reshape)
+            target = torch.ops.aten.reshape.default if _op_name(node) in ("view", "_unsafe_view") else node.target
+            t = target(t, *runtime_arg(node.args[1:], b, s), **runtime_arg(dict(node.kwargs), b, s))
+        return t
+
+    def is_canonical(shape, pa, pc, k):
+        want = [sym_b] * pa + [sym_s] * pc + [sympy.Integer(k)]
+        return [sympy.expand(d) for d in shape] == want or (k == 1 and shape == want[:-1])
 
     def fw_call(*args):
         outs = fw(*args)
         b, s = args[n_factors].shape[0], args[n_factors].shape[1]
-        saved = [o for o, sym in zip(outs[1:], is_sym) if not sym]
-        return tuple([outs[0]] + [t.reshape([b] * pa + [s] * pc + [k]) for t, (pa, pc, k) in zip(saved, canon)])
+        return tuple([outs[0]] + [t if is_canonical(shp, pa, pc, k) else t.reshape([b] * pa + [s] * pc + [k])
+                                  for t, shp, (pa, pc, k) in zip(outs[1:], base_shapes, canon)])
 
-    def bw_call(*args):  # args: saved tensors (canonical shapes)..., grad_h
+    def bw_call(*args):  # args: bases (canonical shapes)..., grad_h
         grad_h = args[-1]
         b, s = grad_h.shape[0], grad_h.shape[1]
         syms = [sym_eval(n.meta["val"].node.expr, b, s) if isinstance(n.meta["val"], torch.SymInt) else n.meta["val"]
                 for n in bw_sym]
-        tensors = [t.reshape([sym_eval(d, b, s) for d in shp]) for t, shp in zip(args[:-1], saved_shapes)]
+        based = [t.reshape([sym_eval(d, b, s) for d in shp]) for t, shp in zip(args[:-1], base_shapes)]
+        tensors = [replay(based[i], chain, b, s) for i, chain in rebuild]
         it_t = iter([*tensors, grad_h])
         it_s = iter(syms)
         full = [next(it_s) if not isinstance(n.meta.get("val"), torch.Tensor) else next(it_t) for n in bw_ph]
         return tuple(bw(*full))
 
-    saved_dyn = canon
-    return fw_call, bw_call, saved_tensor_names, saved_dyn
+    base_canon = [(pa, pc, k) for (pa, pc, k) in canon]
+    return fw_call, bw_call, [b.name for b in bases], base_canon
+
+
+def _peel_output_reshapes(fwd: onnx.ModelProto, bwd: onnx.ModelProto) -> int:
+    """Hand saved activations to the backward in the layout the forward computed them in.
+
+    A saved output made by a Reshape (e.g. a Gemm's [B*S, N] result shown as [B, S, N]) is a copy in ORT: a
+    graph output never aliases another tensor. The forward now outputs the Reshape's input under the same
+    name and the backward reshapes it back, taking batch and seq from grad_h (a reshape of an input aliases
+    it). Returns how many outputs were peeled.
+    """
+    from onnx import helper
+
+    producer = {o: n for n in fwd.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in fwd.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in fwd.graph.output}
+    bw_inputs = {i.name: i for i in bwd.graph.input}
+    peeled, renamed = [], set()
+    for out in fwd.graph.output:
+        node = producer.get(out.name)
+        if not out.name.startswith("saved.") or node is None or node.op_type != "Reshape" or out.name not in bw_inputs:
+            continue
+        src = node.input[0]
+        dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+        if src not in producer or src in graph_outputs or len(consumers.get(out.name, [])) \
+                or any(isinstance(d, str) and d not in ("batch", "seq") for d in dims) or not dims:
+            continue
+        for n in fwd.graph.node:  # the source tensor takes the output's name
+            n.output[:] = [out.name if o == src else o for o in n.output]
+            n.input[:] = [out.name if i == src else i for i in n.input]
+        fwd.graph.node.remove(node)
+        out.type.tensor_type.ClearField("shape")
+        peeled.append((out.name, dims))
+        renamed.add(src)
+    if not peeled:
+        return 0
+    vi = [v for v in fwd.graph.value_info if v.name not in renamed | {name for name, _ in peeled}]
+    del fwd.graph.value_info[:]
+    fwd.graph.value_info.extend(vi)
+
+    new_nodes = [
+        helper.make_node("Shape", ["grad_h"], ["peel.B"], start=0, end=1),
+        helper.make_node("Shape", ["grad_h"], ["peel.S"], start=1, end=2),
+    ]
+    for name, dims in peeled:
+        canon = name + ".canonical"
+        for n in bwd.graph.node:
+            n.input[:] = [canon if i == name else i for i in n.input]
+        parts = []
+        for j, d in enumerate(dims):
+            if d == "batch":
+                parts.append("peel.B")
+            elif d == "seq":
+                parts.append("peel.S")
+            else:
+                const = f"{name}.dim{j}"
+                new_nodes.append(helper.make_node("Constant", [], [const],
+                                                  value=helper.make_tensor(const, onnx.TensorProto.INT64, [1], [int(d)])))
+                parts.append(const)
+        new_nodes.append(helper.make_node("Concat", parts, [name + ".shape"], axis=0))
+        new_nodes.append(helper.make_node("Reshape", [name, name + ".shape"], [canon]))
+        bw_inputs[name].type.tensor_type.ClearField("shape")
+    nodes = new_nodes + list(bwd.graph.node)
+    del bwd.graph.node[:]
+    bwd.graph.node.extend(nodes)
+    return len(peeled)
 
 
 def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int, str, dict, dict]:
@@ -417,6 +550,8 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
 
         models["forward_saved.onnx"] = timed("forward_saved.onnx", fwd_saved)
         models["backward_saved.onnx"] = timed("backward_saved.onnx", bwd_saved)
+        n_peeled = _peel_output_reshapes(models["forward_saved.onnx"], models["backward_saved.onnx"])
+        log.info("saved activations handed over unreshaped: %d of %d", n_peeled, len(saved_names))
 
     t0 = time.perf_counter()
     wbytes, wsha, init_table, graph_inits = _externalize(models, out)
