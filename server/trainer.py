@@ -105,6 +105,9 @@ class TopTrainer:
             raise ValueError("server_batch > 1 needs one shared top adapter (sfl-v2), not per-client ones (sfl-v1)")
         # server_batch 1: no batcher at all, every step goes straight to the compute thread as before
         self.batcher = StepBatcher(self._run_fused, server_batch, server_batch_wait_s) if server_batch > 1 else None
+        if self.batcher is not None:
+            log.info("server batching: up to %d clients' steps fused into one server step (waiting up to %.1f ms)",
+                     server_batch, server_batch_wait_s * 1e3)
 
     # -- adapter state -------------------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, torch.Tensor]:
