@@ -32,16 +32,13 @@ def _rss() -> int:
     return 0
 
 
-def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v2", local_steps: int = 5,
-             max_rounds: int = 100000, run_dir: Path | None = None, max_workers: int | None = None) -> dict:
-    import tempfile
-
-    from edge.client import ClientOptions, EdgeClient
-    from server.app import SplitServer
-    from server.service import start_server
+def load_config(num_clients: int, mode: str = "sfl-v2", local_steps: int = 5, max_rounds: int = 100000,
+                max_workers: int | None = None, overrides: list[str] | None = None):
+    """The load's tiny config; `overrides` (`a.b=value`, as `--set`) change it, e.g. the model or
+    `training.server_batch`."""
     from splitwave.config import parse_config
 
-    cfg = parse_config({
+    return parse_config({
         "seed": 0, "num_clients": num_clients,
         "model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2},
         "lora": {"r": 4, "alpha": 8},
@@ -49,7 +46,19 @@ def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v
         "training": {"mode": mode, "batch_size": 8, "local_steps": local_steps, "optim": {"lr": 0.003}},
         "rounds": {"num_rounds": max_rounds, "deadline_s": 120, "eval_every": 1000000},
         "server": {"max_workers": max_workers or 32},
-    })
+    }, overrides)
+
+
+def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v2", local_steps: int = 5,
+             max_rounds: int = 100000, run_dir: Path | None = None, max_workers: int | None = None,
+             overrides: list[str] | None = None) -> dict:
+    import tempfile
+
+    from edge.client import ClientOptions, EdgeClient
+    from server.app import SplitServer
+    from server.service import start_server
+
+    cfg = load_config(num_clients, mode, local_steps, max_rounds, max_workers, overrides)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="splitwave-load-"))
     app = SplitServer(cfg, run_dir, cache_dir=ROOT / ".cache" / "bundles")
     srv = start_server(app, max_workers=max_workers)
@@ -96,7 +105,8 @@ def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v
     steps = [r for c in clients.values() for r in c.history if r["kind"] == "step"]
     lat = np.array([r["roundtrip_s"] for r in steps]) if steps else np.zeros(1)
     pushed = {(r["client"], r["round"]) for c in clients.values() for r in c.history if r["kind"] == "push"}
-    lines = [json.loads(x) for x in (run_dir / "server_metrics.jsonl").read_text().splitlines()]
+    metrics = run_dir / "server_metrics.jsonl"  # absent when no round closed (a short run of a big model)
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     counted = {(c, ln["round"]) for ln in lines for c in ln["reported"]}
     # a push into the round that the stop interrupted is not aggregated: that round never closes
     closed = {ln["round"] for ln in lines}
@@ -113,6 +123,7 @@ def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v
         "rss_after_10s_mb": round(next((r for r, t in zip(rss, rss_t) if t >= t_train + 10), rss[-1])
                                   / 2**20), "errors": {k: repr(v)[:200] for k, v in errors.items()},
         "deadlocked": deadlocked, "open_calls_after": {k: v for k, v in peak_active.items() if v},
+        **({"server_batching": app.trainer.batcher.stats()} if app.trainer.batcher is not None else {}),
     }
 
 
