@@ -290,7 +290,8 @@ class EdgeClient:
                 t2 = time.perf_counter()
                 grads = self.runtime.backward(tensors["grad_h"])
                 self.runtime.step(self.ranks.mask(grads) if self.ranks.ranks else grads)
-                t_bwd = time.perf_counter() - t2
+                t_end = time.perf_counter()
+                t_bwd = t_end - t2
                 steps_done += 1
                 losses.append(res.loss)
                 correct += res.correct
@@ -298,7 +299,7 @@ class EdgeClient:
                 rec = {"kind": "step", "client": self.joined.client_id, "round": round_idx, "step": step,
                        "loss": res.loss, "batch": int(len(labels)), "seq": int(ids.shape[1]),
                        "edge_fwd_s": t_fwd, "edge_bwd_s": t_bwd, "server_s": res.metrics.get("server_s", 0.0),
-                       "roundtrip_s": t_net, "bytes_up": self.meter.total(direction="up") - up0,
+                       "roundtrip_s": t_net, "step_s": t_end - t0, "bytes_up": self.meter.total(direction="up") - up0,
                        "bytes_down": self.meter.total(direction="down") - down0, "time": time.time()}
                 self._record(rec)
         except grpc.RpcError as e:
