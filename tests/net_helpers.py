@@ -70,12 +70,14 @@ def make_client(address: str, name: str, cache_dir: Path, cls=None, **opts):
     return cls(address, ClientOptions(name=name, cache_dir=Path(cache_dir), threads=1, **opts))
 
 
-def run_clients(address: str, names: list[str], cache_dir: Path, timeout: float = 120.0, **opts) -> dict:
-    """Run edge clients in threads until the server stops them; returns {name: summary or exception}."""
+def run_clients(address: str, names: list[str], cache_dir: Path, timeout: float = 120.0, classes: dict | None = None,
+                **opts) -> dict:
+    """Run edge clients in threads until the server stops them; returns {name: summary or exception}.
+    `classes` maps a name to an EdgeClient subclass to run under that name (default EdgeClient)."""
     out: dict = {}
 
     def go(n):
-        c = make_client(address, n, cache_dir, **opts)
+        c = make_client(address, n, cache_dir, cls=(classes or {}).get(n), **opts)
         try:
             out[n] = c.run()
         except Exception as e:  # noqa: BLE001 - reported to the test

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from net_helpers import ROOT, make_client, serving, tiny_cfg
+from net_helpers import ROOT, run_clients, serving, tiny_cfg
 from server import compute
 from server.batching import StepBatcher
 from server.errors import ServiceError
@@ -264,25 +264,9 @@ def test_concurrent_edges_over_grpc_train_with_fused_steps(tmp_path, monkeypatch
     n = 4
     cfg = tiny_cfg(num_clients=n, training={"mode": "sfl-v2", "server_batch": n, "server_batch_wait_ms": 50})
     caplog.set_level(logging.DEBUG, logger="server.batching")
-    edges, out = ROOT / ".cache" / "edge-tests", {}
     with serving(cfg, tmp_path / "run") as srv:
-
-        def go(name, cls=None):
-            c = make_client(srv.address, name, edges, cls=cls)
-            try:
-                out[name] = c.run()
-            except Exception as e:  # noqa: BLE001 - reported to the test
-                out[name] = e
-            finally:
-                c.close()
-
-        threads = [threading.Thread(target=go, args=(f"e{i}",)) for i in range(n - 1)]
-        threads.append(threading.Thread(target=go, args=("hostile", Hostile)))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not any(t.is_alive() for t in threads), "edge clients did not finish"
+        out = run_clients(srv.address, [f"e{i}" for i in range(n - 1)] + ["hostile"], ROOT / ".cache" / "edge-tests",
+                          classes={"hostile": Hostile})
         stats = srv.app.trainer.batcher.stats()
         final = srv.app.final_top_factors()
 
