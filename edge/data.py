@@ -312,26 +312,37 @@ def batches(indices: Sequence[int] | np.ndarray, batch_size: int, seed: int, epo
 
 @dataclass(frozen=True)
 class TokenDataset:
-    """Pre-tokenized, right-padded classification data: what an edge feeds its ONNX bottom."""
+    """Pre-tokenized, right-padded data: what an edge feeds its ONNX bottom.
+
+    Classification: one label per row. Causal LM: one label per token (IGNORE_INDEX where no loss is taken:
+    padding, prompts), not shifted, so labels travel and are trimmed together with the ids.
+    """
 
     name: str
     input_ids: np.ndarray  # int64 [n, s]
     attention_mask: np.ndarray  # int64 [n, s]
-    labels: np.ndarray  # int64 [n]
-    num_labels: int
+    labels: np.ndarray  # int64 [n] (classification) or [n, s] (causal LM)
+    num_labels: int  # classes, or the vocabulary size for causal LM
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def per_token(self) -> bool:
+        """Causal-LM data: labels per token, so no class label to partition by."""
+        return self.labels.ndim == 2
+
     def batch(self, indices: Sequence[int] | np.ndarray, trim: bool = True):
-        """(input_ids, attention_mask, labels) for `indices`; `trim` drops all-padding columns, which
-        gives exactly the ids a tokenizer with padding="longest" would give for these rows."""
+        """(input_ids, attention_mask, labels) for `indices`; `trim` drops all-padding columns (of per-token
+        labels too), which gives exactly the ids a tokenizer with padding="longest" would give for these rows."""
         idx = np.asarray(indices, dtype=np.int64)
-        ids, mask = self.input_ids[idx], self.attention_mask[idx]
+        ids, mask, labels = self.input_ids[idx], self.attention_mask[idx], self.labels[idx]
         if trim and len(idx):
             width = max(int(mask.sum(axis=1).max()), 1)
             ids, mask = ids[:, :width], mask[:, :width]
-        return ids, mask, self.labels[idx]
+            if self.per_token:
+                labels = labels[:, :width]
+        return ids, mask, labels
 
 
 def tokenize_dataset(ds: TextDataset, tokenizer, max_len: int) -> TokenDataset:
@@ -399,18 +410,19 @@ def causal_lm_labels(input_ids: np.ndarray, attention_mask: np.ndarray,
 
 def encode_prompt_target(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_len: int,
                          pad_to: int | str | None = "longest", sep_id: int | None = None,
-                         add_eos: bool = True, train_on_prompt: bool = False):
+                         add_eos: bool = True, train_on_prompt: bool = False, eos_id: int | None = None):
     """Causal-LM rows `prompt [sep] " "+target [eos]` -> (input_ids, attention_mask, labels).
 
     Follows the LoRA paper's E2E encoding (context, bos/eos as separator, completion with a leading
     space, eos). Loss is on the target only unless train_on_prompt. Rows longer than max_len are cut
-    at the right. pad_to: None -> max_len, "longest", or an int >= max_len.
+    at the right. pad_to: None -> max_len, "longest", or an int >= max_len. eos_id: None -> the
+    tokenizer's eos.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    eos = tokenizer.eos_id
+    eos = tokenizer.eos_id if eos_id is None else eos_id
     if add_eos and eos is None:
-        raise ValueError("tokenizer has no eos token; pass add_eos=False")
+        raise ValueError("tokenizer has no eos token; pass add_eos=False or eos_id")
     p_ids = tokenizer.encode_lists(prompts, add_special_tokens=False)
     t_ids = tokenizer.encode_lists([" " + t for t in targets], add_special_tokens=False)
     rows, plens = [], []
@@ -431,3 +443,55 @@ def encode_prompt_target(tokenizer, prompts: Sequence[str], targets: Sequence[st
         mask[i, :len(r)] = 1
     labels = causal_lm_labels(ids, mask, None if train_on_prompt else plens)
     return ids, mask, labels
+
+
+def tokenize_prompts(ds: PromptDataset, tokenizer, max_len: int) -> TokenDataset:
+    """Causal-LM rows `prompt <end> target <end>` with the loss on the target only, padded to max_len.
+
+    <end> is the tokenizer's eos, or its [SEP] for BERT-style vocabularies without one (the MiniLM WordPiece
+    tokenizer). Every row must keep at least one target token within max_len: a batch of rows without any
+    would have no loss at all (NaN), so that is refused here, on the server, before training starts.
+    """
+    end = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    if end is None:
+        raise ValueError("tokenizer has neither an eos nor a sep token to end causal-LM rows with")
+    ids, mask, labels = encode_prompt_target(tokenizer, ds.prompts, ds.targets, max_len, pad_to=None, sep_id=end,
+                                             eos_id=end)
+    empty = int(((labels != IGNORE_INDEX).sum(axis=1) == 0).sum())
+    if empty:
+        raise ValueError(f"max_seq_len {max_len} leaves {empty} of {len(ds)} {ds.name} rows without a target "
+                         f"token (their prompts fill the row): raise data.max_seq_len")
+    return TokenDataset(ds.name, ids, mask, labels, tokenizer.vocab_size)
+
+
+def synthetic_causal_lm(num_samples: int, seq_len: int, vocab_size: int, seed: int, rule_seed: int = 0,
+                        min_len: int = 4, alphabet: int = 16, first_id: int = 2, pad_id: int = 0) -> TokenDataset:
+    """Prompt/target token rows with a learnable next-token rule, for tests and tiny-model runs.
+
+    A fixed successor map (one random cycle over `alphabet` token ids from `first_id`, drawn from `rule_seed`
+    only, so train and eval sets share it) makes every target token a function of the token before it. A
+    row is 1-3 random prompt tokens (no loss, like a prompt) followed by the chain the map continues from
+    the last prompt token, right-padded with pad_id to seq_len; lengths are uniform in [min_len, seq_len].
+    Loss starts near ln(vocab_size); learning the alphabet alone brings it to ln(alphabet), the map to 0.
+    """
+    if not 2 <= alphabet <= vocab_size - first_id:
+        raise ValueError(f"need 2 <= alphabet <= vocab_size - first_id = {vocab_size - first_id}, got {alphabet}")
+    if not 4 <= min_len <= seq_len:
+        raise ValueError(f"need 4 <= min_len <= seq_len, got {min_len}, {seq_len}")
+    cycle = np.random.default_rng([rule_seed, 17]).permutation(alphabet)
+    succ = np.empty(alphabet, np.int64)
+    succ[cycle] = np.roll(cycle, -1)
+    rng = np.random.default_rng(seed)
+    ids = np.full((num_samples, seq_len), pad_id, dtype=np.int64)
+    mask = np.zeros((num_samples, seq_len), dtype=np.int64)
+    prompt_lengths = rng.integers(1, 4, size=num_samples)
+    for i, n in enumerate(rng.integers(min_len, seq_len + 1, size=num_samples)):
+        row = np.empty(int(n), np.int64)
+        p = int(prompt_lengths[i])
+        row[:p] = rng.integers(0, alphabet, size=p)
+        for j in range(p, int(n)):
+            row[j] = succ[row[j - 1]]
+        ids[i, :n] = row + first_id
+        mask[i, :n] = 1
+    labels = causal_lm_labels(ids, mask, prompt_lengths)
+    return TokenDataset(f"synthetic-lm/{alphabet}x{seq_len}", ids, mask, labels, vocab_size)

@@ -11,42 +11,55 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.data import TokenDataset, load_dataset, synthetic_classification, tokenize_dataset
+from edge.data import (PromptDataset, TokenDataset, load_dataset, synthetic_causal_lm, synthetic_classification,
+                       tokenize_dataset, tokenize_prompts)
 
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003
 
 
 def build_token_dataset(spec: dict, tokenizer_dir: str | Path | None = None) -> TokenDataset:
-    """Token arrays for `spec`: {dataset, split, limit, seed, max_seq_len, vocab_size?, num_labels?}."""
+    """Token arrays for `spec`: {dataset, split, limit, seed, max_seq_len, task?, vocab_size?, num_labels?}.
+
+    task "causal-lm" gives per-token labels: text data (e2e) as prompt/target rows with the loss on the
+    target, `synthetic` as a learnable next-token task; otherwise one class label per row.
+    """
     name = spec["dataset"]
     split = spec.get("split", "train")
     limit = spec.get("limit")
     seed = int(spec.get("seed", 0))
     max_len = int(spec["max_seq_len"])
+    causal = spec.get("task", "seq-cls") == "causal-lm"
     if name == "synthetic":
         n = int(limit or 2000)
         data_seed = seed if split == "train" else seed + SYNTHETIC_EVAL_SEED_OFFSET
+        if causal:  # the successor rule is seeded by the run's seed alone: train and eval share it
+            return synthetic_causal_lm(n, max_len, int(spec["vocab_size"]), seed=data_seed, rule_seed=seed)
         return synthetic_classification(n, max_len, int(spec["vocab_size"]), int(spec.get("num_labels", 2)),
                                         seed=data_seed)
-    if name == "e2e":
-        raise ValueError("dataset 'e2e' (causal LM) is not supported by the split runner yet; use sst2/ag_news")
     if tokenizer_dir is None:
         raise ValueError(f"dataset {name!r} needs a tokenizer; the bundle has none (export with tokenizer files)")
     from edge.tokenizer import Tokenizer
 
-    texts = load_dataset(name, split, limit=limit, seed=seed)
-    return tokenize_dataset(texts, Tokenizer.from_dir(tokenizer_dir), max_len)
+    rows = load_dataset(name, split, limit=limit, seed=seed)
+    is_prompts = isinstance(rows, PromptDataset)
+    if is_prompts != causal:
+        raise ValueError(f"dataset {name!r} is {'causal-LM' if is_prompts else 'classification'} data, but the "
+                         f"task is {spec.get('task', 'seq-cls')!r}")
+    tokenize = tokenize_prompts if causal else tokenize_dataset
+    return tokenize(rows, Tokenizer.from_dir(tokenizer_dir), max_len)
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int,
+def partition(data: TokenDataset, num_clients: int, scheme: str, alpha: float, seed: int,
               min_size: int = 1) -> list[np.ndarray]:
-    """Client shards as index arrays (IID, or Dirichlet(alpha) over labels)."""
+    """Client shards as index arrays: IID, or Dirichlet(alpha) over the class labels (classification only)."""
     from edge.data import partition_dirichlet, partition_iid
 
     if scheme == "iid":
-        return partition_iid(labels, num_clients, seed)
+        return partition_iid(len(data), num_clients, seed)
     if scheme == "dirichlet":
-        return partition_dirichlet(labels, num_clients, alpha, seed, min_size=min_size)
+        if data.per_token:
+            raise ValueError("data.partition 'dirichlet' skews class labels; causal-LM data has none: use 'iid'")
+        return partition_dirichlet(data.labels, num_clients, alpha, seed, min_size=min_size)
     raise ValueError(f"unknown partition {scheme!r}; use 'iid' or 'dirichlet'")
 
 

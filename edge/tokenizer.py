@@ -41,16 +41,19 @@ def _token_content(tok) -> str | None:
 
 
 class Tokenizer:
-    """A `tokenizer.json` plus the bits of tokenizer_config that matter for batching (pad, eos, max len)."""
+    """A `tokenizer.json` plus the bits of tokenizer_config that matter for batching (pad, eos, sep, max len)."""
 
     def __init__(self, hf_tokenizer: _HFTokenizer, pad_token: str | None = None,
-                 eos_token: str | None = None, model_max_length: int | None = None):
+                 eos_token: str | None = None, model_max_length: int | None = None,
+                 sep_token: str | None = None):
         self._tok = hf_tokenizer
         # Padding/truncation are applied per call; never trust what the file baked in.
         self._tok.no_padding()
         self._tok.no_truncation()
         self.eos_token = eos_token
         self.eos_id = self._tok.token_to_id(eos_token) if eos_token else None
+        # BERT-style vocabularies have no eos; their [SEP] is what ends a sequence (causal-LM rows use it)
+        self.sep_id = self._tok.token_to_id(sep_token) if sep_token else None
         if pad_token is None and eos_token is not None:
             # GPT-2 style models ship without a pad token; HF practice is pad = eos (masked anyway).
             pad_token = eos_token
@@ -71,11 +74,12 @@ class Tokenizer:
         stm = _read_json(path / "special_tokens_map.json")
         pad = _token_content(stm.get("pad_token", cfg.get("pad_token")))
         eos = _token_content(stm.get("eos_token", cfg.get("eos_token")))
+        sep = _token_content(stm.get("sep_token", cfg.get("sep_token")))
         mml = cfg.get("model_max_length")
         if mml is not None and int(mml) >= _HUGE_MAX_LEN:
             mml = None
         return cls(_HFTokenizer.from_file(str(tj)), pad_token=pad, eos_token=eos,
-                   model_max_length=int(mml) if mml is not None else None)
+                   model_max_length=int(mml) if mml is not None else None, sep_token=sep)
 
     @property
     def vocab_size(self) -> int:

@@ -66,7 +66,8 @@ class TorchEdge:
         from server.models import build_model
         from server.split import split_model
 
-        split = split_model(build_model(family, m["task"], src["num_labels"], seed=src["seed"]), m["cut"],
+        split = split_model(build_model(family, m["task"], src["num_labels"], seed=src["seed"],
+                                        vocab_size=src.get("vocab_size"), init_std=src.get("init_std")), m["cut"],
                             LoraSpec(**lora), m["task"])
         edge = cls(split, **kw)
         edge.set_factors(load_factors(Path(bundle_dir) / m["factors_file"]))

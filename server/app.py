@@ -29,7 +29,7 @@ from server.errors import ServiceError
 from server.rounds import Assignment, RoundManager, RoundRecord
 from server.split import LoraSpec, split_model
 from server.trainer import TopTrainer
-from splitwave.config import ExperimentConfig
+from splitwave.config import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,30 @@ def model_source(cfg: ExperimentConfig) -> str:
     return minilm_path() if cfg.model.family == "minilm" else cfg.model.family
 
 
+def tokenizer_source(cfg: ExperimentConfig) -> str | None:
+    """Folder of the tokenizer that encodes the run's text data (it goes into the bundle), or None."""
+    return minilm_path() if cfg.model.family == "minilm" or cfg.model.tokenizer == "minilm" else None
+
+
+def model_vocab_size(cfg: ExperimentConfig) -> int | None:
+    """A tiny model's vocabulary: model.vocab_size, else the tokenizer's; None: the model's own / tiny default."""
+    tok = tokenizer_source(cfg) if cfg.model.tiny else None
+    if tok is None:
+        return cfg.model.vocab_size
+    from edge.tokenizer import Tokenizer
+
+    need = Tokenizer.from_dir(tok).vocab_size
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < need:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {need} ids of tokenizer "
+                          f"{cfg.model.tokenizer!r}")
+    return cfg.model.vocab_size or need
+
+
 def build_split(cfg: ExperimentConfig):
     """The split model every party derives from the config (same seed: same weights, same LoRA init)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(model_source(cfg), cfg.model.task, cfg.model.num_labels, seed=cfg.seed)
+    model = build_model(model_source(cfg), cfg.model.task, cfg.model.num_labels, seed=cfg.seed,
+                        vocab_size=model_vocab_size(cfg), init_std=cfg.model.init_std)
     lora = LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, dropout=cfg.lora.dropout,
                     rslora=cfg.lora.rslora)
     return split_model(model, cfg.model.cut, lora, cfg.model.task)
@@ -80,7 +100,7 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     if (target / "manifest.json").exists():
         return target
     tmp = cache_dir / f".tmp-{uuid.uuid4().hex[:8]}"
-    tok = minilm_path() if cfg.model.family == "minilm" else None
+    tok = tokenizer_source(cfg)
     flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
     try:
         export_bundle(split, tmp, model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2",
@@ -90,7 +110,8 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
             p.requires_grad_(flags[id(p)])
     manifest = json.loads((tmp / "manifest.json").read_text())
     manifest["source"] = {"family": cfg.model.family, "tiny": cfg.model.tiny, "num_labels": cfg.model.num_labels,
-                          "seed": cfg.seed}  # what the torch reference backend rebuilds the model from
+                          "seed": cfg.seed, "vocab_size": model_vocab_size(cfg),
+                          "init_std": cfg.model.init_std}  # what the torch reference backend rebuilds
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         tmp.rename(target)
@@ -99,11 +120,15 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     return target
 
 
+EVAL_SPLITS = {"sst2": "dev", "ag_news": "test", "e2e": "valid", "synthetic": "eval"}  # split "eval" of each
+
+
 def data_spec(cfg: ExperimentConfig, split: str, vocab_size: int) -> dict:
+    """What an edge rebuilds its data from (sent as JSON at Join); split: "train" or "eval"."""
     limit = cfg.data.num_train if split == "train" else cfg.data.num_eval
-    return {"dataset": cfg.data.dataset, "split": split if cfg.data.dataset != "sst2" or split == "train" else "dev",
+    return {"dataset": cfg.data.dataset, "split": split if split == "train" else EVAL_SPLITS[cfg.data.dataset],
             "limit": limit, "seed": cfg.seed, "max_seq_len": cfg.data.max_seq_len, "vocab_size": vocab_size,
-            "num_labels": cfg.model.num_labels}
+            "num_labels": cfg.model.num_labels, "task": cfg.model.task}
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -151,7 +176,7 @@ class SplitServer:
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
         train = build_token_dataset(self.train_spec, tok_dir)
-        self.shards = partition(train.labels, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha,
+        self.shards = partition(train, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha,
                                 cfg.seed, min_size=cfg.training.batch_size)
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
 

@@ -28,6 +28,8 @@ FAMILIES = ("gpt2", "bert", "llama")
 TASKS = ("seq-cls", "causal-lm")
 #: pad id of the tiny configs; tests keep real tokens >= 1 so "last non-pad" is unambiguous.
 TINY_PAD_ID = 0
+#: vocabulary of the tiny configs unless a tokenizer's vocabulary is asked for (`vocab_size=`)
+TINY_VOCAB = 100
 
 
 def family_of(config: PretrainedConfig) -> str:
@@ -42,28 +44,39 @@ def family_of(config: PretrainedConfig) -> str:
     raise ValueError(f"unsupported model_type {mt!r}; supported families: {FAMILIES}")
 
 
-def tiny_config(family: str, task: str = "seq-cls", num_labels: int = 2) -> PretrainedConfig:
-    """A small random config (hidden 32, 4 layers): fast to build, split and export in tests."""
+def tiny_config(family: str, task: str = "seq-cls", num_labels: int = 2, vocab_size: int = TINY_VOCAB,
+                init_std: float | None = None) -> PretrainedConfig:
+    """A small random config (hidden 32, 4 layers): fast to build, split and export in tests.
+
+    vocab_size: a real tokenizer's vocabulary (e.g. MiniLM's 30,522 WordPiece ids) lets a tiny random
+    model train on text; the blocks stay tiny, only the embeddings (and head) grow.
+    init_std: std of the random weights (None: HF's 0.02, sized for 768-wide models). A frozen random
+    LM head keeps every logit within |normed h| x |embedding| ~ sqrt(32) x 0.02 sqrt(32) = 0.64 at 0.02,
+    so no adapter can make the next-token distribution much sharper than uniform; at ~1/sqrt(32) = 0.18
+    LoRA visibly moves a 30k-token distribution (tested on E2E and on the synthetic task).
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     common = dict(num_labels=num_labels, attn_implementation="eager")
+    if init_std is not None:
+        common["initializer_range"] = init_std
     if family == "bert":
         if task != "seq-cls":
             raise ValueError("bert supports task 'seq-cls' only")
         cfg = BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=128, pad_token_id=TINY_PAD_ID,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
         )
     elif family == "gpt2":
         cfg = GPT2Config(
-            vocab_size=100, n_embd=32, n_layer=4, n_head=2, n_positions=128, n_inner=64,
+            vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=2, n_positions=128, n_inner=64,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=TINY_PAD_ID,
             bos_token_id=1, eos_token_id=1, **common,
         )
     elif family == "llama":
         cfg = LlamaConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
             pad_token_id=TINY_PAD_ID, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False,
             **common,
@@ -82,7 +95,8 @@ def minilm_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def build_model(family_or_path: str, task: str = "seq-cls", num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+def build_model(family_or_path: str, task: str = "seq-cls", num_labels: int = 2, seed: int = 0,
+                vocab_size: int | None = None, init_std: float | None = None) -> torch.nn.Module:
     """A HF model for `task`: a tiny random one for a family name, or pretrained weights from a folder.
 
     The seed fixes both the random base weights (tiny) and a freshly initialised head (real models), so two
@@ -94,9 +108,11 @@ def build_model(family_or_path: str, task: str = "seq-cls", num_labels: int = 2,
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
     if family_or_path in FAMILIES:
-        cfg = tiny_config(family_or_path, task, num_labels)
+        cfg = tiny_config(family_or_path, task, num_labels, vocab_size or TINY_VOCAB, init_std)
         model = auto.from_config(cfg)
     else:
+        if vocab_size is not None or init_std is not None:
+            raise ValueError("vocab_size and init_std are for tiny models; a pretrained model keeps its own")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         cfg = AutoConfig.from_pretrained(family_or_path)
         kwargs = {"attn_implementation": "eager"}

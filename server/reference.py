@@ -12,19 +12,14 @@ import torch
 
 from edge.data import Batcher
 from edge.shard import build_token_dataset, partition, round_batch
-from server.app import build_split, data_spec
+from server.app import build_split, data_spec, tokenizer_source
 from server.trainer import trainable_parameters
 
 
 def _data(cfg, split):
     spec = data_spec(cfg, "train", int(split.peft_model.config.vocab_size))
-    tok = None
-    if cfg.model.family == "minilm":
-        from server.models import minilm_path
-
-        tok = minilm_path()
-    data = build_token_dataset(spec, tok)
-    shards = partition(data.labels, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed,
+    data = build_token_dataset(spec, tokenizer_source(cfg))
+    shards = partition(data, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed,
                        min_size=cfg.training.batch_size)
     return data, shards
 

@@ -30,13 +30,12 @@ def _load_cfg(args):
 
 def cmd_export(args) -> int:
     """Export the edge bundle of a config (model, cut, LoRA) to a folder."""
-    from server.app import build_split, model_source
+    from server.app import build_split, model_source, tokenizer_source
     from server.export import export_bundle
-    from server.models import minilm_path
 
     cfg = _load_cfg(args)
     split = build_split(cfg)
-    tok = minilm_path() if cfg.model.family == "minilm" else None
+    tok = tokenizer_source(cfg)
     manifest = export_bundle(split, args.out, modes=tuple(args.modes), model_id=model_source(cfg), tokenizer_dir=tok)
     print(json.dumps({k: manifest[k] for k in ("cut", "weights_sha256", "modes") if k in manifest}, indent=2))
     print(f"bundle written to {args.out}")

@@ -29,11 +29,22 @@ class ModelConfig(_Strict):
     task: Literal["seq-cls", "causal-lm"] = "seq-cls"
     num_labels: int = Field(2, ge=2)
     cut: int = Field(1, ge=1)
+    # the tokenizer text data is encoded with (shipped to the edges in the bundle). None: the model's own
+    # (minilm has one; tiny models have none, so they take synthetic data). "minilm": the all-MiniLM-L6-v2
+    # WordPiece tokenizer, the only one at hand offline, for tiny models on text data
+    tokenizer: Literal["minilm"] | None = None
+    # tiny models only: None -> 100 ids, or the tokenizer's vocabulary (MiniLM: 30,522) when one is set
+    vocab_size: int | None = Field(None, ge=2)
+    # tiny models only: std of the random weights; None -> HF's 0.02 (see server.models.tiny_config)
+    init_std: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _minilm_is_real(self) -> "ModelConfig":
+    def _real_or_tiny(self) -> "ModelConfig":
         if self.family == "minilm" and self.tiny:
             raise ValueError("model.tiny must be false for family 'minilm' (the real all-MiniLM-L6-v2)")
+        for name in ("vocab_size", "init_std"):
+            if getattr(self, name) is not None and not self.tiny:
+                raise ValueError(f"model.{name} is for tiny models; a pretrained model keeps its own")
         return self
 
 
@@ -156,6 +167,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"data.dataset {self.data.dataset!r} is a classification set; model.task is causal-lm")
         if self.model.task == "seq-cls" and self.data.dataset == "e2e":
             raise ValueError("data.dataset 'e2e' needs model.task: causal-lm")
+        if self.data.dataset != "synthetic" and self.model.tiny and self.model.tokenizer is None:
+            raise ValueError(f"model.tokenizer: data.dataset {self.data.dataset!r} is text and a tiny model has no "
+                             f"tokenizer; set model.tokenizer: minilm")
+        if self.model.task == "causal-lm" and self.data.partition == "dirichlet":
+            raise ValueError("data.partition: 'dirichlet' skews class labels and causal-LM data has none; use 'iid'")
         return self
 
 
