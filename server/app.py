@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge.data import IGNORE_INDEX
 from edge.shard import build_token_dataset, partition
 from server import compute
 from server.aggregation.registry import make_strategy
 from server.checkpoint import Checkpointer, config_digest, token_digest
 from server.models import build_model, minilm_path
 from server.errors import ServiceError
+from server.evaluation import evaluate
 from server.rounds import Assignment, RoundManager, RoundRecord
 from server.split import LoraSpec, split_model
 from server.trainer import TopTrainer
@@ -380,8 +382,13 @@ class SplitServer:
                                                        f"{list(labels.shape)}")
             if labels.min() < 0 or labels.max() >= self.cfg.model.num_labels:
                 raise ServiceError("INVALID_ARGUMENT", f"labels must be in [0, {self.cfg.model.num_labels})")
-        elif labels.shape != (b, sq):
-            raise ServiceError("INVALID_ARGUMENT", f"labels must have shape [{b}, {sq}]")
+        else:
+            if labels.shape != (b, sq) or not np.issubdtype(labels.dtype, np.integer):
+                raise ServiceError("INVALID_ARGUMENT", f"labels must be integers of shape [{b}, {sq}], got "
+                                                       f"{labels.dtype} {list(labels.shape)}")
+            vocab = int(self.split.peft_model.config.vocab_size)
+            if not ((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab))).all():
+                raise ServiceError("INVALID_ARGUMENT", f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX}")
         return h.astype(np.float32, copy=False), mask.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
 
     def _live(self, s: Session) -> None:
@@ -505,10 +512,10 @@ class SplitServer:
         return g
 
     def evaluate_global(self, batch_size: int = 64) -> dict[str, float]:
-        """Accuracy and loss of the global model (edge adapter after aggregation + top) on the eval set."""
+        """Accuracy and loss (causal LM: next-token accuracy, loss per labelled token, perplexity) of the global
+        model (edge adapter after aggregation + top) on the eval set; see server/evaluation.py."""
         return compute.run(self._evaluate_global, batch_size)
 
-    @torch.no_grad()
     def _evaluate_global(self, batch_size: int) -> dict[str, float]:
         edge_now = self.split.edge_factors()
         try:
@@ -519,19 +526,12 @@ class SplitServer:
                 if top:
                     self.trainer._load({k: torch.from_numpy(np.asarray(v)) for k, v in top.items()})
                 self.split.peft_model.eval()
-                loss_sum, correct, count = 0.0, 0, 0
-                n = len(self.eval_data)
-                for i in range(0, n, batch_size):
-                    ids, mask, labels = self.eval_data.batch(np.arange(i, min(n, i + batch_size)))
-                    logits = self.split(torch.from_numpy(ids), torch.from_numpy(mask))
-                    lab = torch.from_numpy(labels)
-                    loss_sum += float(self.split.loss(logits, lab)) * len(labels)
-                    correct += int((logits.argmax(-1) == lab).sum())
-                    count += len(labels)
-                self.trainer._load(saved_top)
+                try:
+                    return evaluate(self.split, self.eval_data, batch_size)
+                finally:
+                    self.trainer._load(saved_top)
         finally:
             self.split.set_edge_factors(edge_now)
-        return {"eval_accuracy": correct / max(count, 1), "eval_loss": loss_sum / max(count, 1), "eval_count": count}
 
     def shutdown(self) -> None:
         self.rounds.stop("shutdown")

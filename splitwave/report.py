@@ -73,6 +73,8 @@ def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, lis
                "train_loss": sum(losses) / len(losses) if losses else None, "reported": line.get("reported"),
                "late": line.get("late"), **byts[r], "real_round_s": real[r], "real_time_s": real_t,
                "server_round_wall_s": line.get("round_wall_s"), "server_close_s": close[r]}
+        if "eval_perplexity" in line:  # causal LM: exp(loss per labelled token)
+            rec["eval_perplexity"] = line["eval_perplexity"]
         if timeline is not None:
             tl = timeline[r]
             rec.update(sim_round_s=tl.duration, sim_time_s=tl.close, breakdown=tl.breakdown,
@@ -158,6 +160,8 @@ def write_report(run_dir: Path, cfg, mode: str, clients: list[str], edge_records
         "total_sim_time_s": last.get("sim_time_s"), "total_real_time_s": last.get("real_time_s"),
         "wall_time_s": wall_s, "agreement": None, "run_dir": str(run_dir),
     }
+    if "eval_perplexity" in last:
+        summary["final_perplexity"] = last["eval_perplexity"]
     if timeline is not None and mode == "realtime":
         sim = [t.duration for t in timeline]
         summary["agreement"] = {
