@@ -1,14 +1,21 @@
-"""Split training across real processes over loopback gRPC equals the same training in one process."""
+"""Split training across real processes over loopback gRPC equals the same training in one process
+(classification, and causal LM on E2E text)."""
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, load_npz
 from server.reference import centralized_train, federated_train
 from server.trainer import trainable_parameters
 from splitwave.config import parse_config
 from splitwave.launch import server_process, start_edge, wait_all, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE = {
     "seed": 3,
@@ -37,8 +44,16 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a)
 
 
-def test_one_edge_process_equals_centralized_lora(tmp_path):
-    raw = {**BASE, "num_clients": 1, "training": {**BASE["training"], "mode": "sfl-v2"}}
+def _e2e_gpt2() -> dict:
+    """configs/e2e-gpt2-tiny.yaml's model, LoRA and data (so the same cached bundle), trained like BASE."""
+    raw = yaml.safe_load((ROOT / "configs" / "e2e-gpt2-tiny.yaml").read_text())
+    return {**raw, "data": {**raw["data"], "num_train": 96, "num_eval": 16}, "training": BASE["training"],
+            "rounds": BASE["rounds"], "aggregation": BASE["aggregation"], "channel": {"mode": "none"}}
+
+
+@pytest.mark.parametrize("raw", [BASE, _e2e_gpt2()], ids=["bert-cls", "gpt2-e2e-causal-lm"])
+def test_one_edge_process_equals_centralized_lora(tmp_path, raw):
+    raw = {**raw, "num_clients": 1, "training": {**raw["training"], "mode": "sfl-v2"}}
     edge, top = _run(tmp_path, raw, 1)
     split, losses = centralized_train(parse_config(raw))
     ref = {k: p.detach().numpy() for k, p in trainable_parameters(split.peft_model).items()}
@@ -47,6 +62,9 @@ def test_one_edge_process_equals_centralized_lora(tmp_path):
     moved = max(float(np.abs(ref_edge[k] - split_init).max()) for k, split_init in
                 _initial_edge(raw).items())
     assert moved > 1e-3  # training really changed the edge factors: the comparison below is not vacuous
+    logging.getLogger(__name__).info("%s: edge max error %.2e, top %.2e, edge moved %.2e, losses %s", raw["model"],
+                                     _max_diff(edge, ref_edge), _max_diff(top, ref_top), moved,
+                                     [round(x, 4) for x in losses])
     assert _max_diff(edge, ref_edge) < 1e-5
     assert _max_diff(top, ref_top) < 1e-5
 

@@ -1,9 +1,10 @@
-"""The experiment runner: virtual time on synthetic records, a minimal real run, process hygiene,
-and (slow) real-time vs virtual agreement."""
+"""The experiment runner: virtual time on synthetic records, a minimal real run (classification and causal
+LM), process hygiene, and (slow) real-time vs virtual agreement."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,25 @@ def test_simulate_minimal_virtual_run(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_simulate_causal_lm_e2e_run_learns(tmp_path):
+    """configs/e2e-gpt2-tiny.yaml, shortened: a causal-LM run over gRPC finishes, writes its results, and its
+    eval loss (per labelled token) falls."""
+    cfg = load_config(ROOT / "configs" / "e2e-gpt2-tiny.yaml", [
+        "rounds.num_rounds=3", "training.local_steps=4", "data.num_train=256", "data.num_eval=64",
+        f"output_dir={tmp_path}"])
+    run_dir = simulate(cfg, progress=False)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [0, 1, 2]
+    losses = [r["eval_loss"] for r in recs]
+    for r in recs:
+        assert 0 <= r["eval_accuracy"] <= 1 and r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+        assert r["bytes_up"] > 0 and r["sim_round_s"] > 0
+    assert losses[-1] < losses[0] - 0.05, losses
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["final_loss"] == losses[-1] and s["final_perplexity"] == recs[-1]["eval_perplexity"]
+    assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_process_group_stop_ends_children_and_their_children(tmp_path):
