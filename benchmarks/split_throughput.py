@@ -107,6 +107,22 @@ def codec_table(raw: dict, cache: Path) -> dict:
     return out
 
 
+def breakdown(run: dict) -> dict:
+    """Per-step means of one repeat: centralized vs the split step's parts, and the compute-only ratio."""
+    steps = run["steps"]
+    n = len(steps)
+    mean = lambda key: sum(s[key] for s in steps) / n  # noqa: E731
+    edge, server = mean("edge_fwd_s") + mean("edge_bwd_s"), mean("server_s")
+    central, bottom = sum(run["central"]) / n, sum(run["bottom"]) / n
+    return {"centralized_ms": 1e3 * central, "ort_edge_ms": 1e3 * edge, "server_ms": 1e3 * server,
+            "transport_ms": 1e3 * (mean("roundtrip_s") - server),
+            "edge_encode_and_rest_ms": 1e3 * (mean("step_s") - mean("edge_fwd_s") - mean("roundtrip_s") - mean("edge_bwd_s")),
+            "torch_bottom_ms": 1e3 * bottom,
+            "ratio_without_transport": central / (edge + server),
+            "ort_edge_over_torch_bottom": edge / bottom,
+            "server_over_centralized_minus_bottom": server / (central - bottom)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=40)
@@ -137,17 +153,9 @@ def main() -> None:
     steps = [s for r in runs for s in r["steps"]]
     central = [t for r in runs for t in r["central"]]
     ratios = [r["split_samples_per_s"] / r["centralized_samples_per_s"] for r in runs]
-    # where the gap comes from (sums over the measured steps, all repeats)
-    tot = lambda key: sum(s[key] for s in steps)  # noqa: E731
-    edge_s, server_s = tot("edge_fwd_s") + tot("edge_bwd_s"), tot("server_s")
-    central_s, bottom_s = sum(central), sum(t for r in runs for t in r["bottom"])
-    gap = {"centralized_s": central_s, "ort_edge_s": edge_s, "server_s": server_s,
-           "transport_s": tot("roundtrip_s") - server_s,
-           "edge_encode_and_rest_s": tot("step_s") - tot("edge_fwd_s") - tot("roundtrip_s") - tot("edge_bwd_s"),
-           "torch_bottom_s": bottom_s,
-           "ratio_without_transport": central_s / (edge_s + server_s),
-           "ort_edge_over_torch_bottom": edge_s / bottom_s,
-           "server_over_centralized_minus_bottom": server_s / (central_s - bottom_s)}
+    # where the gap comes from: per repeat (a pair measured back to back), then the median over the repeats
+    gaps = [breakdown(r) for r in runs]
+    gap = {k: statistics.median(g[k] for g in gaps) for k in gaps[0]}
     sps_split = statistics.median(r["split_samples_per_s"] for r in runs)
     sps_central = statistics.median(r["centralized_samples_per_s"] for r in runs)
     # raw tensor bytes of a step: h (fp32) + attention_mask (int64) + labels (int64)
@@ -163,7 +171,7 @@ def main() -> None:
         "centralized_step_ms_median": 1e3 * statistics.median(central),
         "uplink_wire_over_raw_fp32": sum(wire_up) / sum(raw_step),
         "codecs_on_real_activations": codecs,
-        "without_transport": gap,
+        "breakdown_median": gap, "breakdown_each_repeat": gaps,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2))
@@ -172,13 +180,13 @@ def main() -> None:
     print(f"centralized LoRA: {sps_central:8.1f} samples/s  (median step {result['centralized_step_ms_median']:.1f} ms)")
     print(f"ratio split / centralized: {result['ratio_split_over_centralized']:.3f}x median of "
           f"{', '.join(f'{r:.3f}' for r in ratios)}   (target >= 0.9)")
-    n = len(steps)
-    print(f"per step (means): centralized {1e3 * central_s / n:.1f} ms; split = ORT edge {1e3 * edge_s / n:.1f} + server "
-          f"{1e3 * server_s / n:.1f} + transport {1e3 * gap['transport_s'] / n:.1f} + edge encoding etc. "
-          f"{1e3 * gap['edge_encode_and_rest_s'] / n:.1f} ms")
-    print(f"  compute alone (no transport): {gap['ratio_without_transport']:.3f}x; ORT edge / torch doing the same part "
-          f"({1e3 * bottom_s / n:.1f} ms) = {gap['ort_edge_over_torch_bottom']:.2f}; server / its share of the "
-          f"centralized step = {gap['server_over_centralized_minus_bottom']:.2f}")
+    print(f"per step (means; median over repeats): centralized {gap['centralized_ms']:.1f} ms; split = ORT edge "
+          f"{gap['ort_edge_ms']:.1f} + server {gap['server_ms']:.1f} + transport {gap['transport_ms']:.1f} + edge "
+          f"encoding etc. {gap['edge_encode_and_rest_ms']:.1f} ms")
+    each = ", ".join(f"{g['ratio_without_transport']:.3f}" for g in gaps)
+    print(f"  compute alone (no transport): {gap['ratio_without_transport']:.3f}x (repeats {each}); ORT edge / torch doing the "
+          f"same part ({gap['torch_bottom_ms']:.1f} ms) = {gap['ort_edge_over_torch_bottom']:.2f}; server / its "
+          f"share of the centralized step = {gap['server_over_centralized_minus_bottom']:.2f}")
     print(f"uplink wire bytes / raw tensor bytes (fp32, h + mask + labels): {result['uplink_wire_over_raw_fp32']:.4f}"
           "   (target <= 1.02)")
     for c in ("raw", "fp16", "bf16", "int8", "topk"):
