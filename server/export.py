@@ -285,8 +285,7 @@ def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
         full = [next(it_s) if not isinstance(n.meta.get("val"), torch.Tensor) else next(it_t) for n in bw_ph]
         return tuple(bw(*full))
 
-    base_canon = [(pa, pc, k) for (pa, pc, k) in canon]
-    return fw_call, bw_call, [b.name for b in bases], base_canon
+    return fw_call, bw_call, [b.name for b in bases], canon
 
 
 def _peel_output_reshapes(fwd: onnx.ModelProto, bwd: onnx.ModelProto) -> int:

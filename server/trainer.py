@@ -104,7 +104,8 @@ class TopTrainer:
         if server_batch > 1 and personal:
             raise ValueError("server_batch > 1 needs one shared top adapter (sfl-v2), not per-client ones (sfl-v1)")
         # server_batch 1: no batcher at all, every step goes straight to the compute thread as before
-        self.batcher = StepBatcher(self._run_fused, server_batch, server_batch_wait_s) if server_batch > 1 else None
+        self.batcher = (StepBatcher(lambda steps: compute.run(self._train_fused, steps), server_batch, server_batch_wait_s)
+                        if server_batch > 1 else None)
         if self.batcher is not None:
             log.info("server batching: up to %d clients' steps fused into one server step (waiting up to %.1f ms)",
                      server_batch, server_batch_wait_s * 1e3)
@@ -173,14 +174,22 @@ class TopTrainer:
             self.optimizer.load_state_dict(state["current"]["optimizer"])
 
     # -- compute -------------------------------------------------------------------------------------------
-    def _outputs(self, h: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray):
-        h_t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32)).requires_grad_(True)
-        mask_t = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
-        labels_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-        logits = self.module(h_t, mask_t)
-        loss = self.split.loss(logits, labels_t)
-        correct, count = _accuracy(logits, labels_t, self.task)
-        return h_t, loss, correct, count
+    def _outputs(self, steps: Sequence[StepInput]):
+        """Forward of the (padded, concatenated) steps: h leaf, each step's row range, loss and (correct, count)."""
+        h, mask, rows = _pad_concat(steps)
+        h_t = torch.from_numpy(h).requires_grad_(True)
+        logits = self.module(h_t, torch.from_numpy(mask))
+        losses, stats = [], []
+        for s, (r0, r1) in zip(steps, rows):
+            # a lone step is the whole batch: no slicing, the unfused step's exact operations
+            if len(steps) == 1:
+                lg = logits
+            else:
+                lg = logits[r0:r1] if self.task == "seq-cls" else logits[r0:r1, :s.h.shape[1]]
+            labels_t = torch.from_numpy(np.ascontiguousarray(s.labels, dtype=np.int64))
+            losses.append(self.split.loss(lg, labels_t))
+            stats.append(_accuracy(lg, labels_t, self.task))
+        return h_t, rows, losses, stats
 
     def train_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
                    labels: np.ndarray) -> StepResult:
@@ -193,9 +202,6 @@ class TopTrainer:
                   labels: np.ndarray) -> StepResult:
         return compute.run(self._eval_step, client_id, h, attention_mask, labels)
 
-    def _run_fused(self, steps: list[StepInput]) -> list[StepResult]:
-        return compute.run(self._train_fused, steps)
-
     def _train_fused(self, steps: Sequence[StepInput]) -> list[StepResult]:
         """One server step for the steps of len(steps) clients (see the module docstring)."""
         k = len(steps)
@@ -205,17 +211,7 @@ class TopTrainer:
             t0 = time.perf_counter()
             self._activate(steps[0].client_id)
             self.optimizer.zero_grad(set_to_none=True)
-            h, mask, rows = _pad_concat(steps)
-            h_t = torch.from_numpy(h).requires_grad_(True)
-            logits = self.module(h_t, torch.from_numpy(mask))
-            losses, stats = [], []
-            for s, (r0, r1) in zip(steps, rows):
-                seq = s.h.shape[1]
-                # a lone step is the whole batch: no slicing, the unfused step's exact operations
-                lg = logits if k == 1 else (logits[r0:r1] if self.task == "seq-cls" else logits[r0:r1, :seq])
-                labels_t = torch.from_numpy(np.ascontiguousarray(s.labels, dtype=np.int64))
-                losses.append(self.split.loss(lg, labels_t))
-                stats.append(_accuracy(lg, labels_t, self.task))
+            h_t, rows, losses, stats = self._outputs(steps)
             (losses[0] if k == 1 else torch.stack(losses).sum()).backward()
             if k > 1:  # d(mean of the K losses)/d(adapter)
                 for p in self.params.values():
@@ -233,7 +229,7 @@ class TopTrainer:
         with self.lock:
             t0 = time.perf_counter()
             self._activate(client_id)
-            _, loss, correct, count = self._outputs(h, attention_mask, labels)
+            _, _, (loss,), ((correct, count),) = self._outputs([StepInput(client_id, h, attention_mask, labels)])
             return StepResult(np.zeros(0, np.float32), float(loss), correct, count, time.perf_counter() - t0)
 
 
