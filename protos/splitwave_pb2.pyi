@@ -111,16 +111,18 @@ class DataInfo(_message.Message):
     def __init__(self, num_samples: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_name", "enrollment_secret", "capabilities", "data")
+    __slots__ = ("client_name", "enrollment_secret", "capabilities", "data", "resume_secret")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     ENROLLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     enrollment_secret: str
     capabilities: Capabilities
     data: DataInfo
-    def __init__(self, client_name: _Optional[str] = ..., enrollment_secret: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ...) -> None: ...
+    resume_secret: str
+    def __init__(self, client_name: _Optional[str] = ..., enrollment_secret: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ..., resume_secret: _Optional[str] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
     __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm")
@@ -191,7 +193,7 @@ class RunConfig(_message.Message):
     def __init__(self, learning_mode: _Optional[str] = ..., codec_up: _Optional[_Union[CodecSpec, _Mapping]] = ..., codec_down: _Optional[_Union[CodecSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., shard: _Optional[_Union[DataShard, _Mapping]] = ..., training_mode: _Optional[str] = ..., lora_rank: _Optional[int] = ..., num_rounds: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "session_token", "run_id", "config", "manifest_json", "bundle_hash", "current_round")
+    __slots__ = ("client_id", "session_token", "run_id", "config", "manifest_json", "bundle_hash", "current_round", "resume_secret", "limits")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +201,8 @@ class JoinReply(_message.Message):
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_HASH_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     session_token: str
     run_id: str
@@ -206,7 +210,25 @@ class JoinReply(_message.Message):
     manifest_json: str
     bundle_hash: str
     current_round: int
-    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., manifest_json: _Optional[str] = ..., bundle_hash: _Optional[str] = ..., current_round: _Optional[int] = ...) -> None: ...
+    resume_secret: str
+    limits: Limits
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., manifest_json: _Optional[str] = ..., bundle_hash: _Optional[str] = ..., current_round: _Optional[int] = ..., resume_secret: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_frame_bytes", "min_frame_bytes", "max_tensor_bytes", "max_message_bytes", "max_metrics_entries", "max_abs_value")
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_METRICS_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_VALUE_FIELD_NUMBER: _ClassVar[int]
+    max_frame_bytes: int
+    min_frame_bytes: int
+    max_tensor_bytes: int
+    max_message_bytes: int
+    max_metrics_entries: int
+    max_abs_value: float
+    def __init__(self, max_frame_bytes: _Optional[int] = ..., min_frame_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metrics_entries: _Optional[int] = ..., max_abs_value: _Optional[float] = ...) -> None: ...
 
 class BundleRequest(_message.Message):
     __slots__ = ("header", "bundle_hash", "files", "have_sha256")
