@@ -51,7 +51,9 @@ def load_config(num_clients: int, mode: str = "sfl-v2", local_steps: int = 5, ma
 
 def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v2", local_steps: int = 5,
              max_rounds: int = 100000, run_dir: Path | None = None, max_workers: int | None = None,
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, min_rounds: int = 0, max_wait_s: float = 600.0) -> dict:
+    """Run the load for `duration_s` of training, and on until `min_rounds` rounds closed (a loaded host can
+    be too slow to close one in a short run; bounded by `max_wait_s`)."""
     import tempfile
 
     from edge.client import ClientOptions, EdgeClient
@@ -91,7 +93,8 @@ def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v
     while app.rounds.round_idx == 0 and not app.rounds.is_open and time.monotonic() - t0 < 120:
         time.sleep(0.1)
     t_train = time.monotonic()
-    while time.monotonic() - t_train < duration_s and not app.rounds.stopped:
+    while not app.rounds.stopped and (time.monotonic() - t_train < duration_s or (
+            app.rounds.round_idx < min_rounds and time.monotonic() - t_train < max_wait_s)):
         time.sleep(0.2)
     app.rounds.stop("duration")
     for t in threads:

@@ -29,7 +29,8 @@ def _check(res):
 
 
 def test_32_clients_short(tmp_path):
-    res = _load_module().run_load(32, duration_s=3.0, local_steps=2, run_dir=tmp_path, max_workers=4)
+    res = _load_module().run_load(32, duration_s=3.0, local_steps=2, run_dir=tmp_path, max_workers=4,
+                                      min_rounds=1)
     _check(res)
 
 
