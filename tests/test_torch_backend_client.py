@@ -16,11 +16,17 @@ RAW = {"num_clients": 1, "seed": 3, "model": {"family": "bert", "tiny": True, "c
 
 def _run(tmp_path, backend):
     app = SplitServer(parse_config(RAW), tmp_path / backend, cache_dir=ROOT / ".cache/bundles")
+    start = {k: v.copy() for k, v in app.global_edge_factors().items()}
     with start_server(app) as srv:
         EdgeClient(srv.address, ClientOptions(name="e0", backend=backend, cache_dir=tmp_path / "cache")).run()
-    return app.global_edge_factors()
+    return start, app.global_edge_factors()
 
 
 def test_torch_backend_equals_onnxruntime_backend(tmp_path):
-    ort, ref = _run(tmp_path, "onnxruntime"), _run(tmp_path, "torch")
+    (start, ort), (start_ref, ref) = _run(tmp_path, "onnxruntime"), _run(tmp_path, "torch")
+    assert set(ort) == set(ref) == set(start) and ort
+    for k in start:
+        np.testing.assert_array_equal(start[k], start_ref[k])
+    # both backends trained: the factors moved well beyond the tolerance they are compared with
+    assert min(float(np.abs(ort[k] - start[k]).max()) for k in ort) > 1e-3
     assert max(float(np.abs(ort[k] - ref[k]).max()) for k in ort) < 1e-5
