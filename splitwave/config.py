@@ -184,7 +184,7 @@ def check_override(item: str) -> str:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value; {SET_FORM}")
     if not item.split("=", 1)[0].strip(". "):
-        raise ConfigError(f"--set {item!r}: empty key; {SET_FORM}")
+        raise ConfigError(f"--set {item!r}: expected key=value, the key is empty; {SET_FORM}")
     return item
 
 
