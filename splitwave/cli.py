@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML experiment config (configs/*.yaml)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_set_arg,
                         help="override a config field, e.g. --set training.batch_size=32 (repeatable; one argument "
-                             "each, no space around =)")
+                             "each, no space around =; default: none)")
 
     sp = sub.add_parser("export", help="export the edge bundle (ONNX graphs + weights + manifest)")
     with_config(sp)
