@@ -344,7 +344,8 @@ def probe_bind(host: str, port: int) -> None:
                 s.bind(sockaddr)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    why = f"port {port} is already in use (another server?); pick another --port, or --port 0 for a free one"
+                    why = (f"port {port} is already in use (another server?); pick another --port, or --port 0 "
+                           f"for a free one")
                 elif e.errno == errno.EACCES:
                     why = "permission denied (ports below 1024 need privileges); use a port above 1023"
                 elif e.errno == errno.EADDRNOTAVAIL:

@@ -44,7 +44,8 @@ def san_entry(host: str) -> x509.GeneralName:
 
 
 def make_cert(common_name: str, key, issuer_cert: x509.Certificate | None = None, issuer_key=None, ca: bool = False,
-              hosts: list[str] | tuple[str, ...] = (), client: bool = False, days: int = DEFAULT_DAYS) -> x509.Certificate:
+              hosts: list[str] | tuple[str, ...] = (), client: bool = False,
+              days: int = DEFAULT_DAYS) -> x509.Certificate:
     """A certificate for `key`, self-signed when no issuer is given. `hosts` become SANs (server use)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes

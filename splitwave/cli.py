@@ -84,7 +84,8 @@ def server_results(app, run_dir: Path) -> list[str]:
     evals = [x for x in lines if "eval_accuracy" in x]
     if evals:
         last = evals[-1]
-        figs = ", ".join(f"{k[5:]} {last[k]:.4f}" for k in ("eval_accuracy", "eval_loss", "eval_perplexity") if k in last)
+        figs = ", ".join(f"{k[5:]} {last[k]:.4f}" for k in ("eval_accuracy", "eval_loss", "eval_perplexity")
+                         if k in last)
         head += f"; global model after round {last['round']}: {figs} on {last.get('eval_count', '?')} eval " \
                 f"{'tokens' if app.cfg.model.task == 'causal-lm' else 'rows'}"
     out = [head, f"results in {run_dir}/: server_metrics.jsonl (one line per round)"]

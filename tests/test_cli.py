@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from net_helpers import BASE, free_port
+from net_helpers import BASE
 from splitwave.cli import _Help, build_parser, main
 from splitwave.launch import ROOT, child_env
 

@@ -192,3 +192,34 @@ def test_insecure_config_with_certificates_is_refused():
         server_credentials(SecurityConfig(insecure=False))
     with pytest.raises(ValueError, match="go together"):
         channel_credentials("ca.pem", cert="c.pem")
+
+
+def test_certs_command_writes_the_files_the_readme_uses(tmp_path, monkeypatch, capsys):
+    from cryptography import x509
+
+    from splitwave.cli import main
+
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):  # main() sets these
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    out = tmp_path / "certs"
+    assert main(["certs", str(out), "--hosts", "edge-server.lan", "10.0.0.7", "--clients", "phone-1"]) == 0
+    assert "--set server.security.server_cert=" in capsys.readouterr().out
+    for f in ("ca.key", "server.key", "phone-1.key"):
+        assert stat.S_IMODE(os.stat(out / f).st_mode) == 0o600, f
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["edge-server.lan"]
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    ca = (out / "ca.pem").read_bytes()
+    # a second call adds a client under the same CA and keeps the server certificate (no --hosts)
+    assert main(["certs", str(out), "--clients", "phone-2"]) == 0
+    assert (out / "ca.pem").read_bytes() == ca
+    assert x509.load_pem_x509_certificate((out / "server.pem").read_bytes()) == server
+    phone2 = x509.load_pem_x509_certificate((out / "phone-2.pem").read_bytes())
+    phone2.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    assert phone2.subject.rfc4514_string() == "CN=phone-2"
+    # names that would overwrite the CA or the server, and hosts that are not hosts, are refused in one line
+    assert main(["certs", str(out), "--clients", "server"]) == 2
+    assert main(["certs", str(out), "--hosts", "two words"]) == 2
+    assert "not a host name or IP address" in capsys.readouterr().err
