@@ -103,7 +103,11 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
 
     target = cache_dir / bundle_key(cfg)
     if (target / "manifest.json").exists():
+        log.info("edge bundle found in the cache (%s)", target)
         return target
+    log.info("first start of this model/cut/LoRA: exporting the edge bundle (ONNX graphs + weights) to %s; "
+             "this takes a minute or more, and later starts reuse it", target)
+    t0 = time.perf_counter()
     tmp = cache_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tok = tokenizer_source(cfg)
     flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
@@ -122,6 +126,7 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
         tmp.rename(target)
     except OSError:  # another process exported it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("edge bundle exported in %.1f s", time.perf_counter() - t0)
     return target
 
 
@@ -191,6 +196,7 @@ class SplitServer:
         self.by_client: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.metrics_path = self.run_dir / "server_metrics.jsonl"
+        self.metrics_path.write_text("")  # a run's own rounds only (a resumed run copies the checkpoint's lines)
         self.meter = None  # set by the transport (protos.metering.ByteMeter)
         self._restored: dict[str, Session] = {}  # token digest -> session of a client not yet back after a restart
         self.checkpointer = Checkpointer(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else None

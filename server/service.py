@@ -6,9 +6,11 @@ exception from one client's request touch another client's state.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import signal
+import socket
 import threading
 from collections import Counter
 from concurrent import futures
@@ -318,21 +320,74 @@ def rpc_threads_needed(num_clients: int) -> int:
     return RPC_THREADS_PER_CLIENT * num_clients + SPARE_RPC_THREADS
 
 
-def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
-                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
-    """Serve `app`. The synchronous gRPC server parks one thread per open call (AwaitRound waits for a round
-    that needs other clients' calls to close), so the pool is sized for every client's calls at once; calls
-    beyond the pool are refused at once with RESOURCE_EXHAUSTED instead of queueing behind parked ones."""
-    need = rpc_threads_needed(app.cfg.num_clients)
+class BindError(RuntimeError):
+    """The server cannot listen on the address it was given; the message names the address and the cause."""
+
+
+def _grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def probe_bind(host: str, port: int) -> None:
+    """Bind (and release) every address `host` resolves to, so that a taken port, a privileged port or a host
+    that is not this machine's fails with its cause before anything slow happens (gRPC only says "failed")."""
+    where = _grpc_address(host, port)
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"cannot listen on {where}: host {host!r} does not resolve ({e.strerror})") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    why = (f"port {port} is already in use (another server?); pick another --port, or --port 0 "
+                           f"for a free one")
+                elif e.errno == errno.EACCES:
+                    why = "permission denied (ports below 1024 need privileges); use a port above 1023"
+                elif e.errno == errno.EADDRNOTAVAIL:
+                    why = f"{sockaddr[0]} is not an address of this machine (use 0.0.0.0 for all interfaces)"
+                else:
+                    why = e.strerror or str(e)
+                raise BindError(f"cannot listen on {where}: {why}") from None
+
+
+def bind_server(cfg, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+    """Create the gRPC server and hold its port, before the (slow) app is built: `start_server(..., bound=)`.
+
+    The synchronous gRPC server parks one thread per open call (AwaitRound waits for a round that needs other
+    clients' calls to close), so the pool is sized for every client's calls at once; calls beyond the pool are
+    refused at once with RESOURCE_EXHAUSTED instead of queueing behind parked ones."""
+    need = rpc_threads_needed(cfg.num_clients)
     if max_workers is None:
-        max_workers = max(app.cfg.server.max_workers, need)
+        max_workers = max(cfg.server.max_workers, need)
     elif max_workers < need:
         log.warning("max_workers=%d is below the %d threads %d clients can hold; raising it", max_workers, need,
-                    app.cfg.num_clients)
+                    cfg.num_clients)
         max_workers = need
+    probe_bind(host, port)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
                          options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
                          maximum_concurrent_rpcs=max_workers)
+    addr = _grpc_address(host, port)
+    try:
+        bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise BindError(f"cannot listen on {addr} (taken meanwhile? run with GRPC_VERBOSITY=debug for gRPC's reason)")
+    return server, bound
+
+
+def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
+                 credentials: grpc.ServerCredentials | None = None,
+                 bound: tuple[grpc.Server, int] | None = None) -> RunningServer:
+    """Serve `app` on a server from `bind_server` (made here from host/port/credentials when not given)."""
+    server, port = bound or bind_server(app.cfg, host, port, max_workers, credentials)
     meter = ByteMeter()
     app.meter = meter
     servicer = SplitWaveServicer(app)
@@ -349,13 +404,9 @@ def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_w
     health_servicer.set("splitwave.v1.SplitWave", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(reflection_service_names(reflection.SERVICE_NAME), server)
-    addr = f"{host}:{port}"
-    bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
-    if bound == 0:
-        raise RuntimeError(f"could not bind {addr}")
     server.start()
-    log.info("serving on %s:%d (run %s)", host, bound, app.run_id)
-    return RunningServer(app, server, bound, health_servicer, servicer)
+    log.info("serving on %s (run %s)", _grpc_address(host, port), app.run_id)
+    return RunningServer(app, server, port, health_servicer, servicer)
 
 
 def serve_forever(running: RunningServer, ready_file: Path | None = None) -> None:

@@ -6,8 +6,9 @@ the bad field, not half an hour into a run. `--set a.b=value` overrides are appl
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -175,12 +176,23 @@ class ExperimentConfig(_Strict):
         return self
 
 
+SET_FORM = "write --set KEY=VALUE as one argument, e.g. --set training.batch_size=8"
+
+
+def check_override(item: str) -> str:
+    """One `--set` argument must be `key=value` (a common slip is `--set key value`)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value; {SET_FORM}")
+    if not item.split("=", 1)[0].strip(". "):
+        raise ConfigError(f"--set {item!r}: expected key=value, the key is empty; {SET_FORM}")
+    return item
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
     out = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
+        check_override(item)
         key, value = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
@@ -194,11 +206,67 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config section class of a field's annotation (also inside Optional[...]), or None for plain values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def valid_keys(loc: tuple) -> list[str]:
+    """The field names allowed beside loc[-1] (loc: the path of a key, e.g. ("training", "batchsize"))."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        model = _section_model(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted field path of the schema (sections and their fields), e.g. "training.optim.lr"."""
+    out = []
+    for name, field in (model or ExperimentConfig).model_fields.items():
+        out.append(prefix + name)
+        sub = _section_model(field.annotation)
+        if sub is not None:
+            out.extend(all_keys(sub, f"{prefix}{name}."))
+    return out
+
+
+def unknown_key_hint(loc: tuple) -> str:
+    """"did you mean training.batch_size?": the closest name in the same section, else a close name in another
+    section (`batch_size` at the top level), else the list of the section's names."""
+    keys = valid_keys(loc)
+    if not keys:
+        return "unknown key"
+    prefix = ".".join(str(x) for x in loc[:-1])
+    name = str(loc[-1])
+    leaves = {}
+    for p in all_keys():
+        leaves.setdefault(p.rsplit(".", 1)[-1], p)
+    if name in leaves:  # the right name in the wrong section
+        return f"unknown key; did you mean {leaves[name]}?"
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    close = difflib.get_close_matches(name, list(leaves), n=1, cutoff=0.8)
+    if close:
+        return f"unknown key; did you mean {leaves[close[0]]}?"
+    return f"unknown key; valid keys{' of ' + prefix if prefix else ''}: {', '.join(keys)}"
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
+        msg = unknown_key_hint(tuple(e["loc"])) if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -71,3 +71,33 @@ def test_per_client_overrides_and_cell_placement():
     assert len(set(d)) == cell.num_clients and all(35 <= x <= 500 for x in d)
     assert all(s["uplink"]["distance_m"] == s["downlink"]["distance_m"] for s in specs)
     assert specs == link_specs(cell)  # seeded: the same placement every time
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("training.batchsize=8", "training.batchsize: unknown key; did you mean training.batch_size?"),
+    ("trainng.batch_size=8", "trainng: unknown key; did you mean training?"),
+    ("training.optim.lrr=0.1", "training.optim.lrr: unknown key; did you mean training.optim.lr?"),
+    ("server.security.insecur=true", "did you mean server.security.insecure?"),
+    ("batch_size=8", "batch_size: unknown key; did you mean training.batch_size?"),  # right name, wrong section
+    ("zzz=1", "zzz: unknown key; valid keys: name, seed"),
+])
+def test_unknown_keys_suggest_the_closest_valid_one(override, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "quick.yaml", [override])
+    assert hint in str(e.value)
+
+
+def test_unknown_keys_in_a_yaml_file_get_the_same_hint(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("training:\n  batch_size: 8\n  optim: {learning_rate: 0.1}\nrounds: {num_round: 2}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "rounds.num_round: unknown key; did you mean rounds.num_rounds?" in msg
+    assert "training.optim.learning_rate: unknown key; valid keys of training.optim: lr, weight_decay" in msg
+
+
+@pytest.mark.parametrize("item", ["training.batch_size", "=3", " .=3"])
+def test_set_needs_key_equals_value(item):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ROOT / "configs" / "quick.yaml", [item])

@@ -1,13 +1,13 @@
 """Transport security (TLS, mTLS) and authentication (session tokens, enrollment secret, allow list).
 
-Certificates are generated here with `cryptography`: a CA, a server certificate for 127.0.0.1/localhost and
-client certificates (one from a foreign CA).
+Certificates come from `splitwave.certs` (the code behind `splitwave certs`): a CA, a server certificate for
+localhost/127.0.0.1/::1 and client certificates (one from a foreign CA).
 """
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
+import os
+import stat
 
 import grpc
 import numpy as np
@@ -24,63 +24,22 @@ EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 C = grpc.StatusCode
 
 
-def _key():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(subject_cn, key, issuer_cert=None, issuer_key=None, ca=False, san=None):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(name)
-         .issuer_name(issuer_cert.subject if issuer_cert else name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if san:
-        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return b.sign(issuer_key or key, hashes.SHA256())
-
-
-def _write(path, cert=None, key=None):
-    from cryptography.hazmat.primitives import serialization
-
-    if cert is not None:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    else:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """Files: ca, server_cert/key (SAN 127.0.0.1, localhost), client certs e0/e1 and one from another CA."""
-    from cryptography import x509
+    """Files from `splitwave certs` (CA, server cert for localhost/127.0.0.1/::1, clients e0/e1), plus a client
+    certificate named e0 from another CA."""
+    from splitwave.certs import make_cert, make_pki, new_key, write_cert, write_key
 
     d = tmp_path_factory.mktemp("pki")
-    out = {}
-    ca_key = _key()
-    ca = _cert("SplitWave test CA", ca_key, ca=True)
-    out["ca"] = _write(d / "ca.pem", ca)
-    sk = _key()
-    sc = _cert("splitwave-server", sk, ca, ca_key,
-               san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    out["server_cert"], out["server_key"] = _write(d / "server.pem", sc), _write(d / "server.key", key=sk)
-    for cn in ("e0", "e1"):
-        k = _key()
-        out[f"{cn}_cert"] = _write(d / f"{cn}.pem", _cert(cn, k, ca, ca_key))
-        out[f"{cn}_key"] = _write(d / f"{cn}.key", key=k)
-    rogue_key = _key()
-    rogue_ca = _cert("Rogue CA", rogue_key, ca=True)
-    k = _key()
-    out["rogue_cert"] = _write(d / "rogue.pem", _cert("e0", k, rogue_ca, rogue_key))
-    out["rogue_key"] = _write(d / "rogue.key", key=k)
+    made = make_pki(d, clients=["e0", "e1"])
+    out = {"ca": str(made.ca), "server_cert": str(made.server_cert), "server_key": str(made.server_key)}
+    for cn, (cert, key) in made.clients.items():
+        out[f"{cn}_cert"], out[f"{cn}_key"] = str(cert), str(key)
+    rogue_key = new_key()
+    rogue_ca = make_cert("Rogue CA", rogue_key, ca=True)
+    k = new_key()
+    out["rogue_cert"] = str(write_cert(d / "rogue.pem", make_cert("e0", k, rogue_ca, rogue_key, client=True)))
+    out["rogue_key"] = str(write_key(d / "rogue.key", k))
     return out
 
 
@@ -233,3 +192,34 @@ def test_insecure_config_with_certificates_is_refused():
         server_credentials(SecurityConfig(insecure=False))
     with pytest.raises(ValueError, match="go together"):
         channel_credentials("ca.pem", cert="c.pem")
+
+
+def test_certs_command_writes_the_files_the_readme_uses(tmp_path, monkeypatch, capsys):
+    from cryptography import x509
+
+    from splitwave.cli import main
+
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):  # main() sets these
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    out = tmp_path / "certs"
+    assert main(["certs", str(out), "--hosts", "edge-server.lan", "10.0.0.7", "--clients", "phone-1"]) == 0
+    assert "--set server.security.server_cert=" in capsys.readouterr().out
+    for f in ("ca.key", "server.key", "phone-1.key"):
+        assert stat.S_IMODE(os.stat(out / f).st_mode) == 0o600, f
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["edge-server.lan"]
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    ca = (out / "ca.pem").read_bytes()
+    # a second call adds a client under the same CA and keeps the server certificate (no --hosts)
+    assert main(["certs", str(out), "--clients", "phone-2"]) == 0
+    assert (out / "ca.pem").read_bytes() == ca
+    assert x509.load_pem_x509_certificate((out / "server.pem").read_bytes()) == server
+    phone2 = x509.load_pem_x509_certificate((out / "phone-2.pem").read_bytes())
+    phone2.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    assert phone2.subject.rfc4514_string() == "CN=phone-2"
+    # names that would overwrite the CA or the server, and hosts that are not hosts, are refused in one line
+    assert main(["certs", str(out), "--clients", "server"]) == 2
+    assert main(["certs", str(out), "--hosts", "two words"]) == 2
+    assert "not a host name or IP address" in capsys.readouterr().err
