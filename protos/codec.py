@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CODECS",
+    "FACTOR_CODECS",
     "DTYPES",
     "MAX_FRAME_BYTES",
     "DEFAULT_MAX_TENSOR_BYTES",
@@ -31,11 +32,14 @@ __all__ = [
     "encode",
     "decode",
     "encoded_size",
+    "factor_codec",
     "wire_size",
 ]
 
 CODECS = ("raw", "fp16", "bf16", "int8", "topk")
 LOSSY_CODECS = frozenset(CODECS) - {"raw"}
+# LoRA factors travel with these only: int8's per-row scales and top-k's zeros would wreck an adapter
+FACTOR_CODECS = ("raw", "fp16", "bf16")
 # Wire element types (always little-endian) of the dtypes the protocol allows.
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -93,6 +97,11 @@ def _section_sizes(dtype: str, shape: tuple[int, ...], codec: str, k: int) -> tu
     if codec == "topk":
         return k * 4, k * item
     raise CodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
+
+
+def factor_codec(codec_up: str) -> str:
+    """The codec for uploaded LoRA factors under a run's `codec_up`: itself if it suits factors, else raw."""
+    return codec_up if codec_up in FACTOR_CODECS else "raw"
 
 
 def encoded_size(dtype: str, shape, codec: str = "raw", topk_k: int = 0) -> int:
