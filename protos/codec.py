@@ -7,6 +7,10 @@ limit and validation of untrusted input live in exactly one place. The byte layo
 
 The receiver derives the exact encoded size from (dtype, shape, codec, topk_k) and checks it against its
 limits before allocating, so a hostile or buggy peer cannot make it allocate more than it allows.
+
+Encoding a finite tensor never fails on its values: a lossy codec that cannot represent them (fp16/bf16
+overflow, an int8 scale beyond float32) sends that tensor "raw" and says so in its frames, as the proto
+promises; tests/test_codec_properties.py checks every codec's error bound and fallback with hypothesis.
 """
 
 from __future__ import annotations
