@@ -134,3 +134,18 @@ def test_an_unexpected_exception_is_internal_with_a_message_never_unknown(server
     # a status the handler sets itself is kept as it is
     code, _ = _code(lambda: stub.Leave(pb.LeaveRequest(header=pb.Header(session_token="x", run_id=me.run_id))))
     assert code == C.UNAUTHENTICATED
+
+
+def test_the_proto_names_the_values_the_server_accepts():
+    """The accepted backends, codecs and training modes are written in the proto, so the contract and the
+    server cannot drift apart silently."""
+    from protos.codec import CODECS, FACTOR_CODECS
+    from server.service import BACKENDS, TRAINING_MODES
+    from splitwave.launch import ROOT
+
+    text = (ROOT / "protos" / "splitwave.proto").read_text()
+    backend_doc = text[text.index("message Capabilities"):text.index("string backend = 2;")]
+    assert all(f'"{b}"' in backend_doc for b in BACKENDS)
+    assert all(f'"{m}"' in text for m in TRAINING_MODES) and all(f'"{c}"' in text for c in CODECS)
+    factor_codecs = ", ".join(f'"{c}"' for c in FACTOR_CODECS[:-1]) + f' or "{FACTOR_CODECS[-1]}"'
+    assert f"uploaded LoRA factors use it only when it is {factor_codecs}" in text
