@@ -27,7 +27,7 @@ from edge.data import Batcher
 from edge.ranks import RankAdapter
 from edge.shard import build_token_dataset, round_batch
 from protos import splitwave_pb2 as pb
-from protos.codec import CODECS, Assembler, encode
+from protos.codec import CODECS, Assembler, encode, factor_codec
 from protos.metering import ByteMeter, MeteredStub
 
 log = logging.getLogger(__name__)
@@ -319,8 +319,7 @@ class EdgeClient:
         keys = upload or list(self.runtime.factors)
         header = self._header(round_idx, stats.get("steps", 0))
 
-        up = self.joined.config.codec_up.codec
-        codec = up if up in ("raw", "fp16", "bf16") else "raw"  # int8/top-k are for activations, not adapters
+        codec = factor_codec(self.joined.config.codec_up.codec)  # int8/top-k are for activations, not adapters
 
         def messages():
             for k in keys:

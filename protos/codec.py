@@ -7,10 +7,15 @@ limit and validation of untrusted input live in exactly one place. The byte layo
 
 The receiver derives the exact encoded size from (dtype, shape, codec, topk_k) and checks it against its
 limits before allocating, so a hostile or buggy peer cannot make it allocate more than it allows.
+
+Encoding a finite tensor never fails on its values: a lossy codec that cannot represent them (fp16/bf16
+overflow, an int8 scale beyond float32) sends that tensor "raw" and says so in its frames, as the proto
+promises; tests/test_codec_properties.py checks every codec's error bound and fallback with hypothesis.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -18,8 +23,11 @@ import numpy as np
 
 from protos import splitwave_pb2 as pb
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CODECS",
+    "FACTOR_CODECS",
     "DTYPES",
     "MAX_FRAME_BYTES",
     "DEFAULT_MAX_TENSOR_BYTES",
@@ -28,11 +36,14 @@ __all__ = [
     "encode",
     "decode",
     "encoded_size",
+    "factor_codec",
     "wire_size",
 ]
 
 CODECS = ("raw", "fp16", "bf16", "int8", "topk")
 LOSSY_CODECS = frozenset(CODECS) - {"raw"}
+# LoRA factors travel with these only: int8's per-row scales and top-k's zeros would wreck an adapter
+FACTOR_CODECS = ("raw", "fp16", "bf16")
 # Wire element types (always little-endian) of the dtypes the protocol allows.
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -92,6 +103,11 @@ def _section_sizes(dtype: str, shape: tuple[int, ...], codec: str, k: int) -> tu
     raise CodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
 
 
+def factor_codec(codec_up: str) -> str:
+    """The codec for uploaded LoRA factors under a run's `codec_up`: itself if it suits factors, else raw."""
+    return codec_up if codec_up in FACTOR_CODECS else "raw"
+
+
 def encoded_size(dtype: str, shape, codec: str = "raw", topk_k: int = 0) -> int:
     """Bytes of tensor content (without framing) for this dtype/shape/codec."""
     side, values = _section_sizes(dtype, tuple(int(d) for d in shape), codec, int(topk_k))
@@ -141,44 +157,104 @@ def _resolve_k(n: int, topk_k: int | None, topk_fraction: float | None) -> int:
     return min(n, math.ceil(topk_fraction * n - 1e-9))
 
 
-def _encode_body(arr: np.ndarray, dtype: str, codec: str, topk_k, topk_fraction) -> tuple[bytes, bytes, int]:
-    wire = DTYPES[dtype]
-    if codec == "raw":
-        return b"", np.ascontiguousarray(arr, dtype=wire).tobytes(), 0
-    if codec == "fp16":
+def _fp16(arr: np.ndarray, dtype: str):
+    with np.errstate(over="ignore"):
+        h = np.ascontiguousarray(arr, dtype="<f2")
+    if dtype != "float16" and np.count_nonzero(np.isinf(h)) != np.count_nonzero(np.isinf(arr)):
+        return None  # a finite value is beyond float16's range (|x| >= 65520 rounds to inf)
+    return b"", h.tobytes(), 0
+
+
+def _bf16(arr: np.ndarray, dtype: str):
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf on the way
+        bits = _to_bf16_bits(arr).astype("<u2", copy=False)
+    if dtype == "float16":  # bf16 is coarser than float16 near its top: 65504 rounds to 65536, inf in float16
         with np.errstate(over="ignore"):
-            h = np.ascontiguousarray(arr, dtype="<f2")
-        if dtype != "float16" and np.count_nonzero(np.isinf(h)) != np.count_nonzero(np.isinf(arr)):
-            raise CodecError("tensor has finite values outside the float16 range (|x| > 65504); use bf16")
-        return b"", h.tobytes(), 0
-    if codec == "bf16":
-        return b"", _to_bf16_bits(arr).astype("<u2", copy=False).tobytes(), 0
-    if not np.isfinite(arr).all():
-        raise CodecError(f"codec {codec!r} needs finite values; tensor has NaN/Inf")
-    if codec == "int8":
-        rows, cols = _rows_cols(arr.shape)
-        x = arr.astype(np.float64).reshape(rows, cols)
-        absmax = np.abs(x).max(axis=1) if cols > 0 else np.zeros(rows)
+            inf = np.isinf(_from_bf16_bits(bits).astype(np.float16))
+    else:
+        inf = (bits & np.uint16(0x7FFF)) == np.uint16(0x7F80)
+    if np.count_nonzero(inf) != np.count_nonzero(np.isinf(arr)):
+        return None  # a finite value would decode to +-inf
+    return b"", bits.tobytes(), 0
+
+
+def int8_scales(x: np.ndarray) -> np.ndarray | None:
+    """Per-row float32 scales of a [rows, cols] float64 array: absmax/127 rounded UP to a float32, so
+    |x / scale| <= 127 and a non-zero row never gets scale 0; 0 for an all-zero row. None when some
+    row's 127 * scale is not a finite float32 (only float64 input beyond float32's range)."""
+    absmax = np.abs(x).max(axis=1) if x.shape[1] > 0 else np.zeros(x.shape[0])
+    with np.errstate(over="ignore", under="ignore"):
         scale = (absmax / 127.0).astype(np.float32)
-        s64 = scale.astype(np.float64)[:, None]
-        q = np.divide(x, s64, out=np.zeros_like(x), where=s64 > 0)
-        q = np.clip(np.rint(q), -127, 127).astype(np.int8)
-        return scale.astype("<f4").tobytes(), q.tobytes(), 0
-    if codec == "topk":
-        flat = np.ascontiguousarray(arr).reshape(-1)
-        n = flat.size
-        if n > _U32_MAX:
-            raise CodecError("codec 'topk' supports tensors with at most 2**32-1 elements")
-        k = _resolve_k(n, topk_k, topk_fraction)
-        if k == n:
-            idx = np.arange(n, dtype=np.int64)
-        elif k == 0:
-            idx = np.zeros(0, dtype=np.int64)
-        else:
-            idx = np.argpartition(np.abs(flat), n - k)[n - k:]
-            idx.sort()
-        return idx.astype("<u4").tobytes(), flat[idx].astype(wire).tobytes(), k
-    raise CodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
+        low = scale.astype(np.float64) * 127.0 < absmax  # exact in float64 (24 + 7 significant bits)
+        scale[low] = np.nextafter(scale[low], np.float32(np.inf))
+        top = np.float32(127) * scale
+    return scale if np.isfinite(top).all() else None
+
+
+def _int8(arr: np.ndarray):
+    rows, cols = _rows_cols(arr.shape)
+    x = arr.astype(np.float64).reshape(rows, cols)
+    scale = int8_scales(x)
+    if scale is None:
+        return None
+    s64 = scale.astype(np.float64)[:, None]
+    q = np.divide(x, s64, out=np.zeros_like(x), where=s64 > 0)
+    q = np.clip(np.rint(q), -127, 127).astype(np.int8)
+    return scale.astype("<f4").tobytes(), q.tobytes(), 0
+
+
+def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
+    """Sorted flat indices of the ``k`` elements of largest |x|; of equal |x| the lower index wins, so the
+    choice is deterministic (= the first k of a stable sort by descending |x|). O(n)."""
+    n = flat.size
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    a = np.abs(flat)
+    part = np.argpartition(a, n - k)
+    kept = part[n - k:]
+    t = a[part[n - k]]  # the k-th largest |x|
+    if np.count_nonzero(a[kept] == t) == np.count_nonzero(a == t):
+        return np.sort(kept)  # no element equal to the threshold was left out: nothing to break
+    greater = np.flatnonzero(a > t)
+    ties = np.flatnonzero(a == t)[:k - greater.size]
+    return np.sort(np.concatenate([greater, ties]))
+
+
+def _topk(arr: np.ndarray, wire: np.dtype, topk_k, topk_fraction):
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    n = flat.size
+    if n > _U32_MAX:
+        raise CodecError("codec 'topk' supports tensors with at most 2**32-1 elements")
+    k = _resolve_k(n, topk_k, topk_fraction)
+    idx = topk_indices(flat, k)
+    return idx.astype("<u4").tobytes(), flat[idx].astype(wire).tobytes(), k
+
+
+def _encode_body(arr: np.ndarray, dtype: str, codec: str, topk_k, topk_fraction) -> tuple[str, bytes, bytes, int]:
+    """(codec used, side, values, topk_k). A lossy codec that cannot represent a finite tensor (fp16/bf16
+    overflow, int8 scale beyond float32) falls back to "raw" for this tensor; the frames say so."""
+    wire = DTYPES[dtype]
+    if codec in ("int8", "topk") and not np.isfinite(arr).all():
+        raise CodecError(f"codec {codec!r} needs finite values; tensor has NaN/Inf")
+    if codec == "fp16":
+        body = _fp16(arr, dtype)
+    elif codec == "bf16":
+        body = _bf16(arr, dtype)
+    elif codec == "int8":
+        body = _int8(arr)
+    elif codec == "topk":
+        body = _topk(arr, wire, topk_k, topk_fraction)
+    elif codec == "raw":
+        body = None
+    else:
+        raise CodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    if body is None:
+        if codec != "raw":
+            log.debug("codec %s cannot represent this tensor (%s %s): sent raw", codec, dtype, list(arr.shape))
+        return "raw", b"", np.ascontiguousarray(arr, dtype=wire).tobytes(), 0
+    return (codec, *body)
 
 
 def _varint_len(v: int) -> int:
@@ -197,7 +273,9 @@ def encode(
     """Encode ``array`` as a list of ``TensorFrame`` messages, each serializing to <= ``max_frame_bytes``.
 
     ``codec`` is a codec name or a ``CodecSpec`` message (whose topk fields then apply). Lossy codecs
-    apply to floating tensors only; send integer/bool tensors with "raw".
+    apply to floating tensors only; send integer/bool tensors with "raw". A lossy codec that cannot
+    represent this tensor's finite values sends it "raw" instead (the frames' ``codec`` says which), so
+    encoding a finite tensor never fails on its values.
     """
     if isinstance(codec, pb.CodecSpec):
         topk_k = codec.topk_k or topk_k
@@ -213,7 +291,7 @@ def encode(
         raise CodecError(f"codec {codec!r} applies to floating tensors only; send {dtype} tensor {name!r} raw")
     if arr.ndim > MAX_NDIM:
         raise CodecError(f"tensor {name!r} has {arr.ndim} dims; at most {MAX_NDIM} allowed")
-    side, values, k = _encode_body(arr, dtype, codec, topk_k, topk_fraction)
+    codec, side, values, k = _encode_body(arr, dtype, codec, topk_k, topk_fraction)
 
     shape = [int(d) for d in arr.shape]
     probe = pb.TensorFrame(

@@ -26,9 +26,9 @@ if _version_not_supported:
 
 
 class SplitWaveStub:
-    """The SplitWave split-learning service. A client calls Join, GetBundle (unless cached), AwaitRound with
-    no_wait (starting factors), then per round Train -> PushAdapter -> AwaitRound, optionally Evaluate,
-    and finally Leave.
+    """The SplitWave split-learning service. A client calls Join, GetBundle (unless cached, or a "custom"
+    client that has its own bottom model), AwaitRound with no_wait (starting factors), then per round
+    Train -> PushAdapter -> AwaitRound, optionally Evaluate, and finally Leave.
     """
 
     def __init__(self, channel):
@@ -75,13 +75,15 @@ class SplitWaveStub:
 
 
 class SplitWaveServicer:
-    """The SplitWave split-learning service. A client calls Join, GetBundle (unless cached), AwaitRound with
-    no_wait (starting factors), then per round Train -> PushAdapter -> AwaitRound, optionally Evaluate,
-    and finally Leave.
+    """The SplitWave split-learning service. A client calls Join, GetBundle (unless cached, or a "custom"
+    client that has its own bottom model), AwaitRound with no_wait (starting factors), then per round
+    Train -> PushAdapter -> AwaitRound, optionally Evaluate, and finally Leave.
     """
 
     def Join(self, request, context):
         """Enrol a client: capability negotiation, session token, run configuration and bundle manifest.
+        RESOURCE_EXHAUSTED when every client slot of the run (the server's num_clients) is taken by another
+        client: the run is full, retrying only helps after a client leaves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,7 +98,8 @@ class SplitWaveServicer:
 
     def Train(self, request_iterator, context):
         """Split training: per step the edge streams activations and labels, the server streams gradients
-        and the loss back. One call can span all local steps of a round.
+        and the loss back. One call can span all local steps of a round; steps may be pipelined and the
+        client half-closes to end the call (see `TrainRequest`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,9 +180,9 @@ def add_SplitWaveServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SplitWave:
-    """The SplitWave split-learning service. A client calls Join, GetBundle (unless cached), AwaitRound with
-    no_wait (starting factors), then per round Train -> PushAdapter -> AwaitRound, optionally Evaluate,
-    and finally Leave.
+    """The SplitWave split-learning service. A client calls Join, GetBundle (unless cached, or a "custom"
+    client that has its own bottom model), AwaitRound with no_wait (starting factors), then per round
+    Train -> PushAdapter -> AwaitRound, optionally Evaluate, and finally Leave.
     """
 
     @staticmethod

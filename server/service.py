@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import signal
@@ -23,9 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
-from protos.codec import MAX_FRAME_BYTES, Assembler, CodecError, encode
+from protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
 from protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
-from server.app import Session, SplitServer
+from server.app import PROTOCOL_VERSION, Session, SplitServer
 from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ MAX_MESSAGE_BYTES = MAX_FRAME_BYTES + (64 << 10)  # one frame plus its header: a
 STEP_TENSORS = frozenset({"h", "attention_mask", "labels"})
 RPC_THREADS_PER_CLIENT = 3  # Train (or Evaluate/PushAdapter) + AwaitRound + a retry that overlaps a dying stream
 SPARE_RPC_THREADS = 8  # Join, GetBundle, health checks, and strangers
+BACKENDS = ("onnxruntime", "torch", "custom")  # Capabilities.backend; "custom": a client's own edge code
+TRAINING_MODES = ("recompute", "saved")
 
 
 def peer_identity(context) -> str:
@@ -50,6 +53,28 @@ def peer_identity(context) -> str:
 
 def _abort(context, code: str, message: str):
     context.abort(getattr(grpc.StatusCode, code), message)
+
+
+def check_capabilities(caps, codec_up: str, codec_down: str) -> None:
+    """What the proto requires of `Capabilities`, checked before anything else of a Join: unset or unknown
+    values are refused naming the accepted ones, never guessed."""
+    if caps.protocol_version == 0:
+        raise ServiceError("INVALID_ARGUMENT", f"capabilities.protocol_version is unset (0); this server speaks "
+                                               f"version {PROTOCOL_VERSION}")
+    if caps.protocol_version != PROTOCOL_VERSION:
+        raise ServiceError("FAILED_PRECONDITION", f"protocol version {caps.protocol_version} unsupported "
+                                                  f"(server speaks {PROTOCOL_VERSION})")
+    if caps.backend not in BACKENDS:
+        raise ServiceError("INVALID_ARGUMENT", f"capabilities.backend {caps.backend[:64]!r} unknown; expected one "
+                                               f"of {list(BACKENDS)}")
+    unknown = sorted(set(caps.codecs) - set(CODECS)) or sorted(set(caps.training_modes) - set(TRAINING_MODES))
+    if unknown:
+        raise ServiceError("INVALID_ARGUMENT", f"capabilities name unknown codecs/training modes {unknown[:3]}; "
+                                               f"codecs are {list(CODECS)}, training modes {list(TRAINING_MODES)}")
+    need = sorted({codec_up, codec_down} - set(caps.codecs) - {"raw"})
+    if need:  # an empty list means "raw only"
+        raise ServiceError("FAILED_PRECONDITION", f"this run needs codecs {need}, which the client does not "
+                                                  f"declare in capabilities.codecs")
 
 
 def _codec_spec(name: str, fraction: float) -> pb.CodecSpec:
@@ -116,6 +141,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     # -- RPCs ----------------------------------------------------------------------------------------------
     def Join(self, request, context):
         caps = request.capabilities
+        self._guard(context, check_capabilities, caps, self.app.cfg.training.codec_up, self.app.cfg.training.codec_down)
         s, current = self._guard(context, self.app.join, request.client_name, request.enrollment_secret,
                                  caps.backend, list(caps.codecs), list(caps.training_modes), caps.protocol_version,
                                  peer_identity(context))
@@ -233,6 +259,9 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             if which == "frame":
                 if req.frame.name not in names:
                     _abort(context, "INVALID_ARGUMENT", f"unknown factor {req.frame.name[:200]!r}")
+                if req.frame.codec not in FACTOR_CODECS:
+                    _abort(context, "INVALID_ARGUMENT", f"factors travel as {list(FACTOR_CODECS)}, not "
+                                                        f"{req.frame.codec[:16]!r}")
                 self._add_frame(asm, req.frame, context)
             elif which == "end":
                 factors = self._finish(asm, context)
@@ -291,6 +320,39 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         self.app.leave(s)
         log.info("client %s left: %s", s.client_id, request.reason or "-")
         return pb.LeaveReply(ok=True)
+
+
+def _with_status(method: str, fn, streaming: bool):
+    """`fn` with every escaping exception turned into INTERNAL with a message: gRPC would otherwise answer
+    UNKNOWN "Exception iterating responses". A status the handler set (context.abort) is left as it is."""
+
+    def internal(context, e: Exception) -> None:
+        if isinstance(e, grpc.RpcError) or context.code() is not None:
+            return  # the call has its status already (an abort), or the client went away
+        log.exception("%s failed", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error: {type(e).__name__}: {e}"[:2000])
+
+    if streaming:
+        @functools.wraps(fn)
+        def wrapped(self, request, context):
+            try:
+                yield from fn(self, request, context)
+            except Exception as e:  # noqa: BLE001 - the point: no exception leaves without a status
+                internal(context, e)
+                raise
+    else:
+        @functools.wraps(fn)
+        def wrapped(self, request, context):
+            try:
+                return fn(self, request, context)
+            except Exception as e:  # noqa: BLE001
+                internal(context, e)
+                raise
+    return wrapped
+
+
+for _m in pb.DESCRIPTOR.services_by_name["SplitWave"].methods:
+    setattr(SplitWaveServicer, _m.name, _with_status(_m.name, getattr(SplitWaveServicer, _m.name), _m.server_streaming))
 
 
 class RunningServer:

@@ -42,7 +42,7 @@ def _median_time(fn, reps: int) -> float:
 def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, int]:
     """Serialized bytes per step up (h + mask + labels), per step down (grad_h) and of the adapter push."""
     from protos import splitwave_pb2 as pb
-    from protos.codec import encode
+    from protos.codec import encode, factor_codec
 
     tr = cfg.training
     b, s = h.shape[:2]
@@ -58,7 +58,7 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
     down = [pb.TrainReply(header=hdr, frame=f) for f in encode("grad_h", h, spec(tr.codec_down))]
     down.append(pb.TrainReply(header=hdr, end_step=pb.StepResult(loss=0.5, correct=1, count=b,
                                                                   metrics={"server_s": 0.01})))
-    push_codec = tr.codec_up if tr.codec_up in ("raw", "fp16", "bf16") else "raw"
+    push_codec = factor_codec(tr.codec_up)
     push = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v, push_codec)]
     bcast = [pb.RoundReply(header=hdr, factor=f) for k, v in factors.items() for f in encode(k, v, "raw")]
     return {"act_bytes": sum(m.ByteSize() for m in up), "grad_bytes": sum(m.ByteSize() for m in down),

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from protos import splitwave_pb2 as pb
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_CACHE = ROOT / ".cache" / "bundles"
+# what a hand-made test client declares at Join (the proto requires a protocol version and a backend)
+CAPS = pb.Capabilities(protocol_version=1, backend="custom", codecs=["raw"])
 
 BASE = {
     "seed": 0,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge.client import EdgeClient
-from net_helpers import ROOT, assert_same_factors, final_factors, make_client, serving, tiny_cfg
+from net_helpers import CAPS, ROOT, assert_same_factors, final_factors, make_client, serving, tiny_cfg
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
@@ -187,7 +187,7 @@ def empty_stream(stub, j):
 
 def _join(stub, name: str):
     try:
-        stub.Join(pb.JoinRequest(client_name=name), timeout=10)
+        stub.Join(pb.JoinRequest(client_name=name, capabilities=CAPS), timeout=10)
     except grpc.RpcError as e:
         return e.code(), e.details()
     return grpc.StatusCode.OK, ""

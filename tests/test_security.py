@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge.security import channel_credentials
-from net_helpers import ROOT, make_client, run_clients, serving, tiny_cfg
+from net_helpers import CAPS, ROOT, make_client, run_clients, serving, tiny_cfg
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
@@ -53,7 +53,8 @@ def _sec_cfg(pki, mtls=False, num_clients=1):
 def _join(address, creds, name="probe", secret=""):
     ch = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
     with ch:
-        return pb_grpc.SplitWaveStub(ch).Join(pb.JoinRequest(client_name=name, enrollment_secret=secret), timeout=5)
+        req = pb.JoinRequest(client_name=name, enrollment_secret=secret, capabilities=CAPS)
+        return pb_grpc.SplitWaveStub(ch).Join(req, timeout=5)
 
 
 def _code(fn, *a, **k):
@@ -142,8 +143,8 @@ def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
     cfg = tiny_cfg(num_clients=2)
     with serving(cfg, tmp_path / "run") as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.SplitWaveStub(ch)
-        a = stub.Join(pb.JoinRequest(client_name="alice"), timeout=5)
-        b = stub.Join(pb.JoinRequest(client_name="bob"), timeout=5)
+        a = stub.Join(pb.JoinRequest(client_name="alice", capabilities=CAPS), timeout=5)
+        b = stub.Join(pb.JoinRequest(client_name="bob", capabilities=CAPS), timeout=5)
         assert a.session_token != b.session_token and min(len(a.session_token), len(b.session_token)) >= 40
         bad = pb.Header(session_token="A" * 43, run_id=a.run_id)
         calls = {
