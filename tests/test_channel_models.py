@@ -144,16 +144,16 @@ def test_transfer_sums_bits_block_by_block():
     n = 2_000_000
     t_end = link.done(n, 0.003)
     # independent integration: bits carried per block at each block's rate
-    bits, t = 8 * n, 0.003
-    while True:
-        b = math.floor(t / 0.01 + 1e-12)
-        r = link.rate_at(b * 0.01)
+    bits, t, b = 8 * n, 0.003, 0  # 0.003 lies in block 0; integer block index, no float floor
+    for _ in range(10_000):
+        r = link.rate_at(b * 0.01 + 0.005)  # mid-block: unambiguous
         cap = r * ((b + 1) * 0.01 - t)
         if cap >= bits:
             expect = t + bits / r
             break
         bits -= cap
-        t = (b + 1) * 0.01
+        b += 1
+        t = b * 0.01
     assert t_end == pytest.approx(expect, rel=1e-12)
     assert t_end - 0.003 > 0.02  # spans several blocks
 
