@@ -5,13 +5,16 @@ Keys (times in ms, rates in Mbit/s, all optional unless marked):
 common:   kind ("static" | "trace" | "wireless", required), latency_ms (0), seed (None),
           jitter ("none" | "normal" | "uniform"), jitter_ms (normal: sigma; uniform: high),
           jitter_mean_ms (normal: mean before truncation at 0, default 0), jitter_low_ms (uniform, 0)
-static:   rate_mbps (required), loss (0.0, packet-loss probability -> Mathis goodput), mss_bytes (1460)
+static:   rate_mbps (required), loss (0.0, packet-loss probability), loss_model ("goodput" = Mathis
+          goodput, default | "stall" = per-segment retransmission delays), mss_bytes (1460)
 trace:    file (required: name in shared/traces or a path) or timestamps_ms (list, for tests),
-          offset ("random" (seeded) | ms number; default 0)
+          offset ("random" (seeded) | ms number; default 0), strict (false; true = Mahimahi mm-link's
+          convention: an opportunity exactly at t is not used), mtu (1500 bytes per opportunity; 1448
+          matches mm-link for a TCP stream with timestamps)
 wireless: direction ("up" | "down"; default "up"), distance_m (None -> drawn uniformly in the
           cell disc with r_cell_m (500) and d_min_m (35) from seed), pathloss ("macro" | "uma" |
           "umi", default "macro"), los (true | false | "auto" = draw from TR 38.901 LOS probability),
-          fc_ghz (3.5), h_bs_m (25), h_ut_m (1.5), p_tx_dbm (23 up / 46 down), nf_db (5 up / 9 down),
+          fc_ghz (3.5), h_bs_m (25; 10 for umi), h_ut_m (1.5), p_tx_dbm (23 up / 46 down), nf_db (5 up / 9 down),
           g_tx_dbi (0), g_rx_dbi (0), bandwidth_mhz (20, the cell's, per direction),
           n_active (clients sharing; default: links attached to the cell), allocation ("equal" |
           "proportional_fair" | "latency_balancing"), shadowing_db (default per model: macro 8,
@@ -36,8 +39,8 @@ from .wireless import Cell, RadioParams, WirelessLink, los_probability, place_cl
 
 _COMMON = {"kind", "latency_ms", "seed", "jitter", "jitter_ms", "jitter_mean_ms", "jitter_low_ms"}
 _KEYS = {
-    "static": _COMMON | {"rate_mbps", "loss", "mss_bytes"},
-    "trace": _COMMON | {"file", "timestamps_ms", "offset"},
+    "static": _COMMON | {"rate_mbps", "loss", "loss_model", "mss_bytes"},
+    "trace": _COMMON | {"file", "timestamps_ms", "offset", "strict", "mtu"},
     "wireless": _COMMON | {"direction", "distance_m", "r_cell_m", "d_min_m", "pathloss", "los", "fc_ghz",
                            "h_bs_m", "h_ut_m", "p_tx_dbm", "nf_db", "g_tx_dbi", "g_rx_dbi", "bandwidth_mhz",
                            "n_active", "allocation", "shadowing_db", "shadowing_period_ms", "fading",
@@ -85,7 +88,7 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
     jitter = _jitter(spec)
     if kind == "static":
         return StaticLink(float(spec["rate_mbps"]) * 1e6, latency, jitter, float(spec.get("loss", 0.0)), seed,
-                          int(spec.get("mss_bytes", 1460)))
+                          int(spec.get("mss_bytes", 1460)), spec.get("loss_model", "goodput"))
     if kind == "trace":
         if "timestamps_ms" in spec:
             trace = trace_from_timestamps(spec["timestamps_ms"])
@@ -93,7 +96,10 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
             trace = load_trace(spec["file"])
         off = spec.get("offset", 0)
         offset_ms = None if off == "random" else float(off)
-        return TraceLink(trace, latency, offset_ms, jitter, seed)
+        strict = spec.get("strict", False)
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict must be true or false, got {strict!r}")
+        return TraceLink(trace, latency, offset_ms, jitter, seed, strict, spec.get("mtu", 1500))
     # wireless
     direction = spec.get("direction", "up")
     base = 0 if seed is None else int(seed)
@@ -111,7 +117,7 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
         g_tx_dbi=float(spec.get("g_tx_dbi", 0.0)),
         g_rx_dbi=float(spec.get("g_rx_dbi", 0.0)),
         fc_ghz=float(spec.get("fc_ghz", 3.5)),
-        h_bs_m=float(spec.get("h_bs_m", 25.0)),
+        h_bs_m=float(spec.get("h_bs_m", 10.0 if pathloss == "umi" else 25.0)),  # UMi: street-level BS
         h_ut_m=float(spec.get("h_ut_m", 1.5)),
         pathloss=pathloss,
         los=bool(los),

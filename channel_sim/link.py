@@ -88,8 +88,9 @@ class Link(ABC):
 
     # ---- model-specific part -------------------------------------------------------------------
     @abstractmethod
-    def _serialize(self, nbytes: int, start: float) -> float:
-        """Time the last of `nbytes` has crossed, the transmitter being free from `start` on."""
+    def _serialize(self, nbytes: int, start: float, queued: bool = False) -> float:
+        """Time the last of `nbytes` has crossed, the transmitter being free from `start` on.
+        `queued`: the transfer entered before `start` (behind an earlier one), not at it."""
 
     @abstractmethod
     def rate_at(self, t: float) -> float:
@@ -106,8 +107,9 @@ class Link(ABC):
         """Queue `nbytes` at t; return when its last byte has left the bottleneck (no latency)."""
         if isinstance(nbytes, bool) or int(nbytes) != nbytes or nbytes < 0:
             raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
-        start = max(check_time(t), self.busy_until)
-        end = self._serialize(int(nbytes), start)
+        t = check_time(t)
+        start = max(t, self.busy_until)
+        end = self._serialize(int(nbytes), start, t < start)
         self.busy_until = end
         return end
 

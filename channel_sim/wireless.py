@@ -14,7 +14,7 @@ import numpy as np
 
 from .link import Jitter, Link
 
-C_LIGHT = 299_792_458.0
+C_LIGHT = 3.0e8  # TR 38.901 and the spec use c = 3e8 m/s (d'_BP = 560 m at 3.5 GHz for UMa)
 _BLOCKS_PER_CHUNK = 1024
 _MAX_WINDOW = 1 << 16  # blocks per step of the block walk (vectorised)
 _MAX_WINDOWS = 1 << 16  # a transfer longer than ~4e9 blocks is an error, never a hang
@@ -65,8 +65,13 @@ def pl_uma_nlos(d2d_m: float, fc_ghz: float, h_bs: float = 25.0, h_ut: float = 1
 
 
 def pl_umi_los(d2d_m: float, fc_ghz: float, h_bs: float = 10.0, h_ut: float = 1.5) -> float:
-    """UMi street canyon LOS below the breakpoint (the spec's form)."""
-    return 32.4 + 21.0 * math.log10(d3d(d2d_m, h_bs, h_ut)) + 20.0 * math.log10(fc_ghz)
+    """UMi street canyon LOS (TR 38.901), with the same breakpoint form as UMa (210 m at 3.5 GHz)."""
+    d = d3d(d2d_m, h_bs, h_ut)
+    dbp = breakpoint_uma(fc_ghz, h_bs, h_ut)
+    if d2d_m <= dbp:
+        return 32.4 + 21.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
+    return (32.4 + 40.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
+            - 9.5 * math.log10(dbp ** 2 + (h_bs - h_ut) ** 2))
 
 
 def pl_umi_nlos(d2d_m: float, fc_ghz: float, h_bs: float = 10.0, h_ut: float = 1.5) -> float:
@@ -363,7 +368,7 @@ class WirelessLink(Link):
             se = np.minimum(se, r.se_cap)
         return bandwidth_hz * se
 
-    def _serialize(self, nbytes: int, start: float) -> float:
+    def _serialize(self, nbytes: int, start: float, queued: bool = False) -> float:
         """Walk the coherence blocks (and shadowing periods) from `start`, a window of blocks at a time.
 
         Segment boundaries are the integer-indexed times (b+1)*T_c (and (p+1)*period), so every window
