@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .link import Jitter, Link
-from .static import StaticLink
+from .static import LOSS_MODELS, StaticLink
 from .trace import TraceLink, load_trace, trace_from_timestamps
 from .wireless import Cell, RadioParams, WirelessLink, los_probability, place_clients
 
@@ -75,14 +75,28 @@ def _jitter(spec: dict) -> Jitter:
     return Jitter(dist)
 
 
-def make_link(spec: dict, cell: Cell | None = None) -> Link:
-    """One link from a dict (schema in the module docstring); unknown keys are an error."""
+def check_link_spec(spec: dict) -> None:
+    """Kind, keys and the selectable conventions of a link dict, without building it (no trace file is
+    read): what the config schema checks at load time.  Raises ValueError naming the bad key."""
     kind = spec.get("kind")
     if kind not in _KEYS:
         raise ValueError(f"link kind must be one of {sorted(_KEYS)}, got {kind!r}")
     unknown = set(spec) - _KEYS[kind]
     if unknown:
-        raise ValueError(f"unknown keys for a {kind} link: {sorted(unknown)}")
+        raise ValueError(f"unknown keys for a {kind} link: {sorted(unknown)} (valid: {sorted(_KEYS[kind])})")
+    if not isinstance(spec.get("strict", False), bool):
+        raise ValueError(f"strict must be true or false, got {spec['strict']!r}")
+    if spec.get("loss_model", "goodput") not in LOSS_MODELS:
+        raise ValueError(f"loss_model must be one of {list(LOSS_MODELS)}, got {spec['loss_model']!r}")
+    mtu = spec.get("mtu", 1500)
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or mtu <= 0:
+        raise ValueError(f"mtu must be a positive integer (bytes per opportunity), got {mtu!r}")
+
+
+def make_link(spec: dict, cell: Cell | None = None) -> Link:
+    """One link from a dict (schema in the module docstring); unknown keys are an error."""
+    check_link_spec(spec)
+    kind = spec["kind"]
     latency = float(spec.get("latency_ms", 0.0)) / 1e3
     seed = spec.get("seed")
     jitter = _jitter(spec)
@@ -96,10 +110,7 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
             trace = load_trace(spec["file"])
         off = spec.get("offset", 0)
         offset_ms = None if off == "random" else float(off)
-        strict = spec.get("strict", False)
-        if not isinstance(strict, bool):
-            raise ValueError(f"strict must be true or false, got {strict!r}")
-        return TraceLink(trace, latency, offset_ms, jitter, seed, strict, spec.get("mtu", 1500))
+        return TraceLink(trace, latency, offset_ms, jitter, seed, spec.get("strict", False), spec.get("mtu", 1500))
     # wireless
     direction = spec.get("direction", "up")
     base = 0 if seed is None else int(seed)
@@ -170,4 +181,4 @@ def rate_summary(link: Link, t0: float = 0.0, t1: float = 1.0, n: int = 101) -> 
     return {"mean_bps": float(r.mean()), "min_bps": float(r.min()), "max_bps": float(r.max())}
 
 
-__all__ = ["LinkPair", "make_link", "make_link_pair", "rate_summary"]
+__all__ = ["LinkPair", "check_link_spec", "make_link", "make_link_pair", "rate_summary"]

@@ -211,3 +211,18 @@ def test_trace_strict_and_mtu_selectable_by_config():
     assert link.done(1, 0.003) == pytest.approx(0.004, rel=REL)
     assert cs.make_link({"kind": "trace", "timestamps_ms": T113, "mtu": 1448}).done(2 * 1448, 0.0) == \
         pytest.approx(0.001, rel=REL)
+
+
+def test_conventions_in_the_config_schema():
+    from splitwave.config import ConfigError, ExperimentConfig, parse_config
+
+    cfg = ExperimentConfig.model_validate({"channel": {
+        "mode": "virtual", "uplink": {"kind": "trace", "timestamps_ms": T113, "strict": True, "mtu": 1448},
+        "downlink": {"kind": "static", "rate_mbps": 10, "loss": 0.01, "loss_model": "stall", "latency_ms": 20}}})
+    assert cfg.channel.uplink["strict"] is True
+    for bad, msg in [({"kind": "trace", "timestamps_ms": T113, "strict": "yes"}, "strict"),
+                     ({"kind": "trace", "timestamps_ms": T113, "mtu": 0}, "mtu"),
+                     ({"kind": "static", "rate_mbps": 1, "loss_model": "mathis"}, "loss_model"),
+                     ({"kind": "static", "rate_mbps": 1, "stict": True}, "stict")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_config({"channel": {"uplink": bad}})
