@@ -80,6 +80,8 @@ def load_trace(name: str | Path) -> Trace:
 
 def trace_from_timestamps(timestamps_ms, name: str = "inline") -> Trace:
     ts = np.asarray(timestamps_ms, dtype=np.float64).ravel()
+    if not np.isfinite(ts).all():
+        raise ValueError("trace timestamps must be finite numbers (ms)")
     if ts.size == 0 or ts[-1] <= 0:
         raise ValueError("trace needs at least one timestamp and a positive period")
     if np.any(np.diff(ts) < 0) or ts[0] < 0:

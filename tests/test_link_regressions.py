@@ -37,3 +37,9 @@ def test_bad_times_and_sizes_are_clear_errors():
     assert link.busy_until == 0.0  # nothing changed
     with pytest.raises(ValueError, match="coherence"):
         cs.WirelessLink(200, coherence_s=0.0)
+
+
+def test_trace_rejects_non_finite_timestamps():
+    for bad in ([1, float("nan"), 3], [1, 2, float("inf")]):
+        with pytest.raises(ValueError, match="finite"):
+            cs.trace_from_timestamps(bad)
