@@ -152,13 +152,15 @@ class TraceLink(Link):
             # FIFO byte sharing: the rest of a partly used opportunity carries the next transfer's bytes if
             # that transfer was queued by then (it entered at or before its time; before it, if strict)
             opp_ms = self._opp_time_ms(self._opp)
-            if queued or (start_ms < opp_ms - _EPS_MS if self.strict else start_ms <= opp_ms + _EPS_MS):
+            at_or_after = start_ms <= opp_ms + _EPS_MS
+            if (queued or not self.strict) and at_or_after or self.strict and start_ms < opp_ms - _EPS_MS:
                 take = min(self._opp_left, nbytes)
                 self._opp_left -= take
                 nbytes -= take
                 if nbytes == 0:
                     return self._to_link_s(opp_ms)
-        g = max(self._usable_from(start_ms), self._opp + 1)
+        # queued: it entered before `start`, so even strict mode may use an opportunity exactly at `start`
+        g = max(self._first_opp(start_ms) if queued else self._usable_from(start_ms), self._opp + 1)
         k = -(-nbytes // self.mtu)
         self._opp = g + k - 1
         self._opp_left = k * self.mtu - nbytes

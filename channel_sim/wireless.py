@@ -320,8 +320,10 @@ class WirelessLink(Link):
         if self.fading == "none":
             return np.ones(len(blocks))
         chunk, idx = np.divmod(np.asarray(blocks, dtype=np.int64), _BLOCKS_PER_CHUNK)
+        if chunk[0] == chunk[-1]:  # blocks are sorted: one chunk
+            return self._fading_chunk(int(chunk[0]))[idx]
         out = np.empty(len(blocks))
-        for c in np.unique(chunk):
+        for c in range(int(chunk[0]), int(chunk[-1]) + 1):
             sel = chunk == c
             out[sel] = self._fading_chunk(int(c))[idx[sel]]
         return out
@@ -380,7 +382,13 @@ class WirelessLink(Link):
         tc, sp = self.coherence_s, self.shadowing_period_s
         bw = self.bandwidth_hz
         b0, t = self.block_of(start), float(start)
-        window = 64
+        # fast path (the proxy asks per 1500-byte segment): the transfer ends in the current segment
+        seg_end = (b0 + 1) * tc if sp is None else min((b0 + 1) * tc, (_index_of(t, sp) + 1) * sp)
+        r = shannon_rate(bw, self.snr_db(bw, self.shadowing_at(t), self.fading_gain(b0)), self.radio.snr_gap_db,
+                         self.radio.se_cap)
+        if r > 0.0 and r * (seg_end - t) >= bits:
+            return min(t + bits / r, seg_end)
+        window = 16
         for _ in range(_MAX_WINDOWS):
             edges = (b0 + np.arange(1, window + 1)) * tc  # ends of blocks b0 .. b0+window-1
             seg_end, blocks = edges, b0 + np.arange(window)

@@ -43,3 +43,20 @@ def test_trace_rejects_non_finite_timestamps():
     for bad in ([1, float("nan"), 3], [1, 2, float("inf")]):
         with pytest.raises(ValueError, match="finite"):
             cs.trace_from_timestamps(bad)
+
+
+def test_trace_queued_transfer_uses_every_opportunity_after_the_last_used_one():
+    """Two opportunities at one time (tau_n and tau_1 + T): a transfer queued behind one that used the first
+    may use the second, strict (mm-link) mode included, as one transfer of their total size would."""
+    tr = cs.trace_from_timestamps([0, 1, 3, 5])  # T = 5: opportunities at 5 (tau_4) and 5 (tau_1 + T)
+    for strict in (False, True):
+        a = cs.TraceLink(tr, offset_ms=3.5, strict=strict, mtu=1)
+        a.transmit(1, 0.0)
+        assert a.transmit(1, 0.0) == cs.TraceLink(tr, offset_ms=3.5, strict=strict, mtu=1).transmit(2, 0.0)
+
+
+def test_trace_zero_byte_transfer_does_not_let_a_later_one_go_back_in_time():
+    link = cs.TraceLink(cs.trace_from_timestamps([1, 1, 3]))
+    link.transmit(1000, 0.0)  # opportunity at 1 ms, 500 B left in it
+    link.transmit(0, 0.010)  # nothing to send, but the link's queue is at 10 ms now
+    assert link.transmit(1, 0.005) >= 0.010  # queued behind it: not the leftover at 1 ms
