@@ -18,9 +18,10 @@ def mathis_goodput(rate_bps: float, loss: float, rtt_s: float, mss_bytes: int = 
     if loss == 0.0:
         return float(rate_bps)
     lossy = rate_bps * (1.0 - loss)
-    if rtt_s <= 0.0:
+    denom = rtt_s * math.sqrt(loss)
+    if not denom > 0.0:  # no RTT (or one that underflows): the Mathis bound does not apply
         return lossy
-    return min(lossy, 8.0 * mss_bytes * MATHIS_C / (rtt_s * math.sqrt(loss)))
+    return min(lossy, 8.0 * mss_bytes * MATHIS_C / denom)
 
 
 class StaticLink(Link):

@@ -3,6 +3,7 @@ size, `done` answers in bounded time, is >= t, is monotone in size and in t, and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import signal
 
@@ -195,3 +196,32 @@ def test_wireless_answers_on_block_boundaries(k, tc, period, n, fading):
         d = link.done(n, t)
     assert d >= t and math.isfinite(d)
     assert link.block_of(t) * tc <= t < (link.block_of(t) + 1) * tc
+
+
+def _brute_force_done_ms(ts: list[int], n: int, t_ms: float, strict: bool, mtu: int) -> float:
+    """Enumerate opportunities tau_i + m*T in order and take them from t on (channel.md section 3)."""
+    T, need = ts[-1], -(-n // mtu)
+    m = max(0, int(t_ms // T) - 2)  # every opportunity before period m is long before t
+    while True:
+        for tau in ts:
+            at = tau + m * T
+            if (at > t_ms if strict else at >= t_ms - 1e-9):
+                need -= 1
+                if need == 0:
+                    return at
+        m += 1
+
+
+@SETTINGS
+@given(gaps=st.lists(st.integers(min_value=0, max_value=7), min_size=1, max_size=8),
+       n=st.integers(min_value=1, max_value=60_000), k=st.integers(min_value=0, max_value=10**6),
+       frac=st.sampled_from([0.0, 0.25, 0.999]), strict=st.booleans(), mtu=st.sampled_from([1000, 1448, 1500]))
+def test_trace_matches_brute_force_on_and_off_period_boundaries(gaps, n, k, frac, strict, mtu):
+    ts = list(itertools.accumulate(gaps))
+    assume(ts[-1] > 0)
+    t_ms = (k + frac) * ts[-1] if k < 1000 else k * ts[-1] / 7  # whole periods (float boundaries) and others
+    t = t_ms / 1000.0
+    with bounded():
+        got = cs.TraceLink(cs.trace_from_timestamps(ts), strict=strict, mtu=mtu).done(n, t)
+    want = _brute_force_done_ms(ts, n, t * 1000.0, strict, mtu)
+    assert got * 1000.0 == pytest.approx(want, rel=1e-9, abs=1e-6)
