@@ -175,3 +175,21 @@ def test_virtual_agrees_with_realtime_and_is_faster(tmp_path):
     assert res["agreement_cross_run"]["max_abs_rel_err"] < 0.05
     assert res["agreement_same_run_replay"]["max_abs_rel_err"] < 0.05
     assert res["wall_speedup"] >= 5
+
+
+def test_wireless_config_replay_answers_at_the_time_that_hung():
+    """The issue's run: sst2-minilm-wireless's links asked at t = 256.58 s (a 10 ms block boundary that
+    t / T_c rounds below), inside the virtual-time replay; it hung after training before the fix."""
+    from splitwave.runner import build_links
+
+    cfg = load_config(ROOT / "configs" / "sst2-minilm-wireless.yaml")
+    links = build_links(cfg)
+    step = StepTimes(edge_fwd_s=0.05, edge_bwd_s=0.05, server_s=0.1, bytes_up=589_875, bytes_down=1_179_698)
+    rounds = [{k: ClientRound([step] * 2, push_bytes=98_304, push_reply_bytes=32, await_request_bytes=64,
+                              broadcast_bytes=98_304) for k in range(cfg.num_clients)}]
+    for pair in links:
+        for link in (pair.uplink, pair.downlink):
+            assert link.done(1_179_698, 256.58) > 256.58
+    # and a replay whose second round starts after a 256.58 s close (round 0 carries it)
+    tl = simulate_timeline(links, rounds * 2, [256.58, 0.5])
+    assert tl[1].close > tl[0].close > 256.58
