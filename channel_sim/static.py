@@ -75,4 +75,5 @@ class StaticLink(Link):
 
     def __repr__(self) -> str:
         return (f"StaticLink(rate={self.rate_bps / 1e6:g} Mbit/s, eff={self.effective_rate_bps / 1e6:.3f} Mbit/s,"
-                f" latency={self.latency_s * 1e3:g} ms, jitter={self.jitter.dist}, loss={self.loss:g} {self.loss_model})")
+                f" latency={self.latency_s * 1e3:g} ms, jitter={self.jitter.dist},"
+                f" loss={self.loss:g} {self.loss_model})")

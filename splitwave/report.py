@@ -59,7 +59,8 @@ def _no_phase(name: str, detail: str = "") -> None:
 
 
 def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, list[dict]], lines: list[dict],
-                 links_factory: Callable | None, phase: Callable = _no_phase) -> tuple[list[dict], list | None, list[float]]:
+                 links_factory: Callable | None,
+                 phase: Callable = _no_phase) -> tuple[list[dict], list | None, list[float]]:
     """(per-round records, virtual timeline or None, measured round times)."""
     real = measured_round_times(clients, edge_records, lines)
     close = estimate_close_times(lines, edge_records)

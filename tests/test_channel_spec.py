@@ -62,8 +62,8 @@ def test_static_loss_model_is_selectable_by_config():
 # ------------------------------------------------------------------------------------------- analytic
 def _macro(d=200.0, direction="up", n_active=None, **kw):
     p_tx, nf = (23.0, 5.0) if direction == "up" else (46.0, 9.0)
-    radio = cs.RadioParams(direction=direction, p_tx_dbm=p_tx, nf_db=nf, pathloss="macro", se_cap=kw.pop("se_cap", None),
-                           **kw)
+    radio = cs.RadioParams(direction=direction, p_tx_dbm=p_tx, nf_db=nf, pathloss="macro",
+                           se_cap=kw.pop("se_cap", None), **kw)
     return cs.WirelessLink(d, radio, cs.Cell(20e6, n_active=n_active), shadowing_db=0.0, fading="none")
 
 

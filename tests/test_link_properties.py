@@ -88,7 +88,8 @@ deterministic_links = st.one_of(static_links(), trace_links(), wireless_links())
 
 
 @SETTINGS
-@given(make=deterministic_links, n1=sizes, n2=sizes, t1=times, t2=times, warm=st.lists(st.tuples(sizes, times), max_size=3))
+@given(make=deterministic_links, n1=sizes, n2=sizes, t1=times, t2=times,
+       warm=st.lists(st.tuples(sizes, times), max_size=3))
 def test_done_bounded_at_least_t_and_monotone(make, n1, n2, t1, t2, warm):
     n1, n2 = sorted((n1, n2))
     t1, t2 = sorted((t1, t2))
