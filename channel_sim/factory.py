@@ -5,13 +5,16 @@ Keys (times in ms, rates in Mbit/s, all optional unless marked):
 common:   kind ("static" | "trace" | "wireless", required), latency_ms (0), seed (None),
           jitter ("none" | "normal" | "uniform"), jitter_ms (normal: sigma; uniform: high),
           jitter_mean_ms (normal: mean before truncation at 0, default 0), jitter_low_ms (uniform, 0)
-static:   rate_mbps (required), loss (0.0, packet-loss probability -> Mathis goodput), mss_bytes (1460)
+static:   rate_mbps (required), loss (0.0, packet-loss probability), loss_model ("goodput" = Mathis
+          goodput, default | "stall" = per-segment retransmission delays), mss_bytes (1460)
 trace:    file (required: name in shared/traces or a path) or timestamps_ms (list, for tests),
-          offset ("random" (seeded) | ms number; default 0)
+          offset ("random" (seeded) | ms number; default 0), strict (false; true = Mahimahi mm-link's
+          convention: an opportunity exactly at t is not used), mtu (1500 bytes per opportunity; 1448
+          matches mm-link for a TCP stream with timestamps)
 wireless: direction ("up" | "down"; default "up"), distance_m (None -> drawn uniformly in the
           cell disc with r_cell_m (500) and d_min_m (35) from seed), pathloss ("macro" | "uma" |
           "umi", default "macro"), los (true | false | "auto" = draw from TR 38.901 LOS probability),
-          fc_ghz (3.5), h_bs_m (25), h_ut_m (1.5), p_tx_dbm (23 up / 46 down), nf_db (5 up / 9 down),
+          fc_ghz (3.5), h_bs_m (25; 10 for umi), h_ut_m (1.5), p_tx_dbm (23 up / 46 down), nf_db (5 up / 9 down),
           g_tx_dbi (0), g_rx_dbi (0), bandwidth_mhz (20, the cell's, per direction),
           n_active (clients sharing; default: links attached to the cell), allocation ("equal" |
           "proportional_fair" | "latency_balancing"), shadowing_db (default per model: macro 8,
@@ -30,14 +33,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .link import Jitter, Link
-from .static import StaticLink
+from .static import LOSS_MODELS, StaticLink
 from .trace import TraceLink, load_trace, trace_from_timestamps
 from .wireless import Cell, RadioParams, WirelessLink, los_probability, place_clients
 
 _COMMON = {"kind", "latency_ms", "seed", "jitter", "jitter_ms", "jitter_mean_ms", "jitter_low_ms"}
 _KEYS = {
-    "static": _COMMON | {"rate_mbps", "loss", "mss_bytes"},
-    "trace": _COMMON | {"file", "timestamps_ms", "offset"},
+    "static": _COMMON | {"rate_mbps", "loss", "loss_model", "mss_bytes"},
+    "trace": _COMMON | {"file", "timestamps_ms", "offset", "strict", "mtu"},
     "wireless": _COMMON | {"direction", "distance_m", "r_cell_m", "d_min_m", "pathloss", "los", "fc_ghz",
                            "h_bs_m", "h_ut_m", "p_tx_dbm", "nf_db", "g_tx_dbi", "g_rx_dbi", "bandwidth_mhz",
                            "n_active", "allocation", "shadowing_db", "shadowing_period_ms", "fading",
@@ -72,20 +75,34 @@ def _jitter(spec: dict) -> Jitter:
     return Jitter(dist)
 
 
-def make_link(spec: dict, cell: Cell | None = None) -> Link:
-    """One link from a dict (schema in the module docstring); unknown keys are an error."""
+def check_link_spec(spec: dict) -> None:
+    """Kind, keys and the selectable conventions of a link dict, without building it (no trace file is
+    read): what the config schema checks at load time.  Raises ValueError naming the bad key."""
     kind = spec.get("kind")
     if kind not in _KEYS:
         raise ValueError(f"link kind must be one of {sorted(_KEYS)}, got {kind!r}")
     unknown = set(spec) - _KEYS[kind]
     if unknown:
-        raise ValueError(f"unknown keys for a {kind} link: {sorted(unknown)}")
+        raise ValueError(f"unknown keys for a {kind} link: {sorted(unknown)} (valid: {sorted(_KEYS[kind])})")
+    if not isinstance(spec.get("strict", False), bool):
+        raise ValueError(f"strict must be true or false, got {spec['strict']!r}")
+    if spec.get("loss_model", "goodput") not in LOSS_MODELS:
+        raise ValueError(f"loss_model must be one of {list(LOSS_MODELS)}, got {spec['loss_model']!r}")
+    mtu = spec.get("mtu", 1500)
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or mtu <= 0:
+        raise ValueError(f"mtu must be a positive integer (bytes per opportunity), got {mtu!r}")
+
+
+def make_link(spec: dict, cell: Cell | None = None) -> Link:
+    """One link from a dict (schema in the module docstring); unknown keys are an error."""
+    check_link_spec(spec)
+    kind = spec["kind"]
     latency = float(spec.get("latency_ms", 0.0)) / 1e3
     seed = spec.get("seed")
     jitter = _jitter(spec)
     if kind == "static":
         return StaticLink(float(spec["rate_mbps"]) * 1e6, latency, jitter, float(spec.get("loss", 0.0)), seed,
-                          int(spec.get("mss_bytes", 1460)))
+                          int(spec.get("mss_bytes", 1460)), spec.get("loss_model", "goodput"))
     if kind == "trace":
         if "timestamps_ms" in spec:
             trace = trace_from_timestamps(spec["timestamps_ms"])
@@ -93,7 +110,7 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
             trace = load_trace(spec["file"])
         off = spec.get("offset", 0)
         offset_ms = None if off == "random" else float(off)
-        return TraceLink(trace, latency, offset_ms, jitter, seed)
+        return TraceLink(trace, latency, offset_ms, jitter, seed, spec.get("strict", False), spec.get("mtu", 1500))
     # wireless
     direction = spec.get("direction", "up")
     base = 0 if seed is None else int(seed)
@@ -111,7 +128,7 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
         g_tx_dbi=float(spec.get("g_tx_dbi", 0.0)),
         g_rx_dbi=float(spec.get("g_rx_dbi", 0.0)),
         fc_ghz=float(spec.get("fc_ghz", 3.5)),
-        h_bs_m=float(spec.get("h_bs_m", 25.0)),
+        h_bs_m=float(spec.get("h_bs_m", 10.0 if pathloss == "umi" else 25.0)),  # UMi: street-level BS
         h_ut_m=float(spec.get("h_ut_m", 1.5)),
         pathloss=pathloss,
         los=bool(los),
@@ -164,4 +181,4 @@ def rate_summary(link: Link, t0: float = 0.0, t1: float = 1.0, n: int = 101) -> 
     return {"mean_bps": float(r.mean()), "min_bps": float(r.min()), "max_bps": float(r.max())}
 
 
-__all__ = ["LinkPair", "make_link", "make_link_pair", "rate_summary"]
+__all__ = ["LinkPair", "check_link_spec", "make_link", "make_link_pair", "rate_summary"]

@@ -13,6 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 
 MTU_BYTES = 1500
+MAX_TIME_S = 1e9  # ~32 years: a larger t is a bug upstream, not a simulated time
+
+
+def check_time(t: float, what: str = "t") -> float:
+    """A time a link may be asked about: finite, >= 0 and below MAX_TIME_S (clear error otherwise)."""
+    t = float(t)
+    if not (0.0 <= t <= MAX_TIME_S):  # also false for NaN
+        raise ValueError(f"{what} must be a finite time in [0, {MAX_TIME_S:g}] s, got {t!r}")
+    return t
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,9 @@ class Link(ABC):
 
     # ---- model-specific part -------------------------------------------------------------------
     @abstractmethod
-    def _serialize(self, nbytes: int, start: float) -> float:
-        """Time the last of `nbytes` has crossed, the transmitter being free from `start` on."""
+    def _serialize(self, nbytes: int, start: float, queued: bool = False) -> float:
+        """Time the last of `nbytes` has crossed, the transmitter being free from `start` on.
+        `queued`: the transfer entered before `start` (behind an earlier one), not at it."""
 
     @abstractmethod
     def rate_at(self, t: float) -> float:
@@ -95,10 +105,11 @@ class Link(ABC):
     # ---- shared FIFO machinery -------------------------------------------------------------------
     def transmit(self, nbytes: int, t: float) -> float:
         """Queue `nbytes` at t; return when its last byte has left the bottleneck (no latency)."""
-        if nbytes < 0:
-            raise ValueError("nbytes must be >= 0")
-        start = max(float(t), self.busy_until)
-        end = self._serialize(int(nbytes), start)
+        if isinstance(nbytes, bool) or int(nbytes) != nbytes or nbytes < 0:
+            raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
+        t = check_time(t)
+        start = max(t, self.busy_until)
+        end = self._serialize(int(nbytes), start, t < start)
         self.busy_until = end
         return end
 

@@ -80,6 +80,8 @@ def load_trace(name: str | Path) -> Trace:
 
 def trace_from_timestamps(timestamps_ms, name: str = "inline") -> Trace:
     ts = np.asarray(timestamps_ms, dtype=np.float64).ravel()
+    if not np.isfinite(ts).all():
+        raise ValueError("trace timestamps must be finite numbers (ms)")
     if ts.size == 0 or ts[-1] <= 0:
         raise ValueError("trace needs at least one timestamp and a positive period")
     if np.any(np.diff(ts) < 0) or ts[0] < 0:
@@ -99,8 +101,14 @@ class TraceLink(Link):
         offset_ms: float | None = 0.0,
         jitter: Jitter | None = None,
         seed: int | None = None,
+        strict: bool = False,
+        mtu: int = MTU_BYTES,
     ):
         super().__init__(latency_s, jitter, seed)
+        if int(mtu) != mtu or mtu <= 0:
+            raise ValueError(f"mtu must be a positive integer (bytes per opportunity), got {mtu!r}")
+        self.strict = bool(strict)  # mm-link: an opportunity exactly at t is already gone
+        self.mtu = int(mtu)
         self.trace = trace
         self._ts = trace.timestamps_ms
         self._n = trace.n
@@ -131,27 +139,38 @@ class TraceLink(Link):
     def _to_link_s(self, t_ms: float) -> float:
         return (t_ms - self.offset_ms) / 1000.0
 
-    def _serialize(self, nbytes: int, start: float) -> float:
+    def _usable_from(self, t_ms: float) -> int:
+        """First opportunity a transfer entering an idle link at t_ms (trace clock) may use: `>= t`, or
+        `> t` in strict (mm-link) mode, which burns every opportunity `<= now` before enqueueing."""
+        return self._first_opp(t_ms + 2 * _EPS_MS if self.strict else t_ms)
+
+    def _serialize(self, nbytes: int, start: float, queued: bool = False) -> float:
         start_ms = start * 1000.0 + self.offset_ms
         if nbytes == 0:
             return start
-        if self._opp >= 0 and self._opp_left > 0 and start_ms <= self._opp_time_ms(self._opp) + _EPS_MS:
-            take = min(self._opp_left, nbytes)
-            self._opp_left -= take
-            nbytes -= take
-            if nbytes == 0:
-                return self._to_link_s(self._opp_time_ms(self._opp))
-        g = max(self._first_opp(start_ms), self._opp + 1)
-        k = -(-nbytes // MTU_BYTES)
+        if self._opp >= 0 and self._opp_left > 0:
+            # FIFO byte sharing: the rest of a partly used opportunity carries the next transfer's bytes if
+            # that transfer was queued by then (it entered at or before its time; before it, if strict)
+            opp_ms = self._opp_time_ms(self._opp)
+            at_or_after = start_ms <= opp_ms + _EPS_MS
+            if (queued or not self.strict) and at_or_after or self.strict and start_ms < opp_ms - _EPS_MS:
+                take = min(self._opp_left, nbytes)
+                self._opp_left -= take
+                nbytes -= take
+                if nbytes == 0:
+                    return self._to_link_s(opp_ms)
+        # queued: it entered before `start`, so even strict mode may use an opportunity exactly at `start`
+        g = max(self._first_opp(start_ms) if queued else self._usable_from(start_ms), self._opp + 1)
+        k = -(-nbytes // self.mtu)
         self._opp = g + k - 1
-        self._opp_left = k * MTU_BYTES - nbytes
+        self._opp_left = k * self.mtu - nbytes
         return self._to_link_s(self._opp_time_ms(self._opp))
 
     def rate_at(self, t: float, window_s: float = 1.0) -> float:
         """Mean capacity over [t, t + window): opportunities x 12 kbit / window."""
         a = self._first_opp(t * 1000.0 + self.offset_ms)
         b = self._first_opp((t + window_s) * 1000.0 + self.offset_ms)
-        return (b - a) * MTU_BYTES * 8 / window_s
+        return (b - a) * self.mtu * 8 / window_s
 
     def opportunities(self, t0: float, t1: float) -> np.ndarray:
         """Opportunity times in [t0, t1) on the link clock (for plots and the proxy)."""
@@ -172,4 +191,5 @@ class TraceLink(Link):
 
     def __repr__(self) -> str:
         return (f"TraceLink({self.trace.name}, mean={self.trace.mean_bps / 1e6:.2f} Mbit/s,"
-                f" offset={self.offset_ms:.0f} ms, latency={self.latency_s * 1e3:g} ms)")
+                f" offset={self.offset_ms:.0f} ms, latency={self.latency_s * 1e3:g} ms"
+                f"{', strict' if self.strict else ''}, mtu={self.mtu})")

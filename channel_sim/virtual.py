@@ -10,7 +10,7 @@ import heapq
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from .link import Link
+from .link import Link, check_time
 
 
 class VirtualClock:
@@ -20,9 +20,7 @@ class VirtualClock:
         self.t = float(t)
 
     def compute(self, seconds: float) -> float:
-        if seconds < 0:
-            raise ValueError("compute duration must be >= 0")
-        self.t += seconds
+        self.t = check_time(self.t + check_time(seconds, "compute duration"), "clock time")
         return self.t
 
     def send(self, link: Link, nbytes: int) -> float:
@@ -31,7 +29,7 @@ class VirtualClock:
         return self.t
 
     def wait_until(self, t: float) -> float:
-        self.t = max(self.t, float(t))
+        self.t = max(self.t, check_time(t))
         return self.t
 
 
@@ -54,13 +52,12 @@ class ServerQueue:
 
     def serve_detail(self, arrival_t: float, compute_s: float) -> tuple[float, float]:
         """(start, finish); start - arrival is the queueing delay."""
-        if compute_s < 0:
-            raise ValueError("compute duration must be >= 0")
-        t = float(arrival_t)
+        compute_s = check_time(compute_s, "compute duration")
+        t = check_time(arrival_t, "arrival time")
         i = bisect.bisect_right(self._ends, t)  # first interval ending after t
         while i < len(self._starts):
-            if self._starts[i] >= t + compute_s:
-                break  # fits in the gap before interval i
+            if self._starts[i] >= t + compute_s and self._starts[i] > t:
+                break  # fits in the gap before interval i (a zero-length job must not jump a job starting at t)
             t = max(t, self._ends[i])
             i += 1
         self._starts.insert(i, t)

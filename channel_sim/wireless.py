@@ -14,8 +14,24 @@ import numpy as np
 
 from .link import Jitter, Link
 
-C_LIGHT = 299_792_458.0
+C_LIGHT = 3.0e8  # TR 38.901 and the spec use c = 3e8 m/s (d'_BP = 560 m at 3.5 GHz for UMa)
 _BLOCKS_PER_CHUNK = 1024
+_MAX_WINDOW = 1 << 16  # blocks per step of the block walk (vectorised)
+_MAX_WINDOWS = 1 << 16  # a transfer longer than ~4e9 blocks is an error, never a hang
+
+
+def _index_of(t: float, length: float) -> int:
+    """The interval i with i*length <= t < (i+1)*length, boundaries computed as (i+1)*length in floating
+    point (t = 256.58, length = 0.01: t/length = 25657.999..., but 25658*0.01 == 256.58, so i = 25658)."""
+    i = math.floor(t / length)
+    for _ in range(4):  # the quotient is off by at most one; bounded anyway
+        if (i + 1) * length <= t:
+            i += 1
+        elif i > 0 and i * length > t:
+            i -= 1
+        else:
+            break
+    return int(i)
 
 
 # ---------------------------------------------------------------- path loss (dB), distances in m
@@ -49,8 +65,13 @@ def pl_uma_nlos(d2d_m: float, fc_ghz: float, h_bs: float = 25.0, h_ut: float = 1
 
 
 def pl_umi_los(d2d_m: float, fc_ghz: float, h_bs: float = 10.0, h_ut: float = 1.5) -> float:
-    """UMi street canyon LOS below the breakpoint (the spec's form)."""
-    return 32.4 + 21.0 * math.log10(d3d(d2d_m, h_bs, h_ut)) + 20.0 * math.log10(fc_ghz)
+    """UMi street canyon LOS (TR 38.901), with the same breakpoint form as UMa (210 m at 3.5 GHz)."""
+    d = d3d(d2d_m, h_bs, h_ut)
+    dbp = breakpoint_uma(fc_ghz, h_bs, h_ut)
+    if d2d_m <= dbp:
+        return 32.4 + 21.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
+    return (32.4 + 40.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
+            - 9.5 * math.log10(dbp ** 2 + (h_bs - h_ut) ** 2))
 
 
 def pl_umi_nlos(d2d_m: float, fc_ghz: float, h_bs: float = 10.0, h_ut: float = 1.5) -> float:
@@ -239,6 +260,10 @@ class WirelessLink(Link):
         self.fading = fading
         self.rician_k = float(rician_k)
         self.coherence_s = float(coherence_s)
+        if not (math.isfinite(self.coherence_s) and self.coherence_s > 0):
+            raise ValueError(f"coherence time must be > 0 s, got {coherence_s!r}")
+        if shadowing_period_s is not None and not (math.isfinite(shadowing_period_s) and shadowing_period_s > 0):
+            raise ValueError(f"shadowing period must be > 0 s, got {shadowing_period_s!r}")
         self.round = 0
         self.path_loss_db = path_loss_db(self.radio.pathloss, self.distance_m, self.radio.fc_ghz,
                                          self.radio.los, self.radio.h_bs_m, self.radio.h_ut_m)
@@ -254,9 +279,12 @@ class WirelessLink(Link):
             self.cell.invalidate()
 
     def shadowing_at(self, t: float) -> float:
+        period = self.round if self.shadowing_period_s is None else _index_of(t, self.shadowing_period_s)
+        return self._shadow_of_period(period)
+
+    def _shadow_of_period(self, period: int) -> float:
         if self.shadowing_db == 0.0:
             return 0.0
-        period = self.round if self.shadowing_period_s is None else int(math.floor(t / self.shadowing_period_s))
         period = max(period, 0)
         x = self._shadow_cache.get(period)
         if x is None:
@@ -287,6 +315,19 @@ class WirelessLink(Link):
         c, i = divmod(block, _BLOCKS_PER_CHUNK)
         return float(self._fading_chunk(c)[i])
 
+    def _gains(self, blocks: np.ndarray) -> np.ndarray:
+        """fading_gain for an array of block indices (one lookup per chunk, not per block)."""
+        if self.fading == "none":
+            return np.ones(len(blocks))
+        chunk, idx = np.divmod(np.asarray(blocks, dtype=np.int64), _BLOCKS_PER_CHUNK)
+        if chunk[0] == chunk[-1]:  # blocks are sorted: one chunk
+            return self._fading_chunk(int(chunk[0]))[idx]
+        out = np.empty(len(blocks))
+        for c in range(int(chunk[0]), int(chunk[-1]) + 1):
+            sel = chunk == c
+            out[sel] = self._fading_chunk(int(c))[idx[sel]]
+        return out
+
     # ---- link budget
     def snr_db(self, bandwidth_hz: float, shadow_db: float = 0.0, gain: float = 1.0) -> float:
         r = self.radio
@@ -307,26 +348,76 @@ class WirelessLink(Link):
 
     def rate_at(self, t: float) -> float:
         b = self.bandwidth_hz
-        block = int(math.floor(t / self.coherence_s))
-        return shannon_rate(b, self.snr_db(b, self.shadowing_at(t), self.fading_gain(block)),
+        return shannon_rate(b, self.snr_db(b, self.shadowing_at(t), self.fading_gain(self.block_of(t))),
                             self.radio.snr_gap_db, self.radio.se_cap)
 
-    def _serialize(self, nbytes: int, start: float) -> float:
+    def block_of(self, t: float) -> int:
+        """The coherence block b with b*T_c <= t < (b+1)*T_c, exactly as the block walk computes the
+        boundaries ((b+1)*T_c in floating point): `floor(t / T_c)` alone can disagree with them."""
+        return _index_of(t, self.coherence_s)
+
+    def _rates(self, blocks: np.ndarray, shadow_db: np.ndarray, bandwidth_hz: float) -> np.ndarray:
+        """Vectorised `rate_at` for given block indices and shadowing values (bit/s)."""
+        r = self.radio
+        p_tx = r.p_tx_dbm
+        if r.direction == "down":
+            p_tx += 10.0 * math.log10(bandwidth_hz / self.cell.bandwidth_hz)
+        gain = self._gains(blocks)
+        snr = (p_tx + r.g_tx_dbi + r.g_rx_dbi - self.path_loss_db - shadow_db
+               + 10.0 * np.log10(np.maximum(gain, 1e-30)) - noise_dbm(bandwidth_hz, r.nf_db))
+        se = np.log2(1.0 + 10.0 ** ((snr - r.snr_gap_db) / 10.0))
+        if r.se_cap is not None:
+            se = np.minimum(se, r.se_cap)
+        return bandwidth_hz * se
+
+    def _serialize(self, nbytes: int, start: float, queued: bool = False) -> float:
+        """Walk the coherence blocks (and shadowing periods) from `start`, a window of blocks at a time.
+
+        Segment boundaries are the integer-indexed times (b+1)*T_c (and (p+1)*period), so every window
+        moves the walk forward by a whole number of blocks: it ends for any start and size (the old
+        float `floor(t/T_c + eps)` walk could stay on a boundary forever)."""
         bits = 8.0 * nbytes
-        t = start
-        tc = self.coherence_s
-        while True:
-            block = int(math.floor(t / tc + 1e-12))
-            end = (block + 1) * tc
-            if self.shadowing_period_s is not None:
-                p = int(math.floor(t / self.shadowing_period_s + 1e-12))
-                end = min(end, (p + 1) * self.shadowing_period_s)
-            rate = self.rate_at(block * tc if self.shadowing_period_s is None else t)
-            cap = rate * (end - t)
-            if cap >= bits:
-                return t + bits / rate if rate > 0 else end
-            bits -= cap
-            t = end
+        if bits <= 0.0:
+            return start
+        tc, sp = self.coherence_s, self.shadowing_period_s
+        bw = self.bandwidth_hz
+        b0, t = self.block_of(start), float(start)
+        # fast path (the proxy asks per 1500-byte segment): the transfer ends in the current segment
+        seg_end = (b0 + 1) * tc if sp is None else min((b0 + 1) * tc, (_index_of(t, sp) + 1) * sp)
+        r = shannon_rate(bw, self.snr_db(bw, self.shadowing_at(t), self.fading_gain(b0)), self.radio.snr_gap_db,
+                         self.radio.se_cap)
+        if r > 0.0 and r * (seg_end - t) >= bits:
+            return min(t + bits / r, seg_end)
+        window = 16
+        for _ in range(_MAX_WINDOWS):
+            edges = (b0 + np.arange(1, window + 1)) * tc  # ends of blocks b0 .. b0+window-1
+            seg_end, blocks = edges, b0 + np.arange(window)
+            if sp is None:
+                shadow = np.full(window, self.shadowing_at(t))
+            else:  # shadowing boundaries inside the window split blocks into segments
+                p0 = _index_of(t, sp)
+                p_edges = (p0 + np.arange(1, int((edges[-1] - t) / sp) + 2)) * sp
+                p_edges = p_edges[p_edges < edges[-1]]
+                seg_end = np.union1d(edges, p_edges)
+                blocks = b0 + np.searchsorted(edges, seg_end, side="left")
+                periods = p0 + np.searchsorted(p_edges, seg_end, side="left")
+                shadow = np.array([self._shadow_of_period(int(p)) for p in periods])
+            seg_start = np.concatenate(([t], seg_end[:-1]))
+            rate = self._rates(blocks, shadow, bw)
+            cap = rate * np.maximum(seg_end - seg_start, 0.0)
+            cum = np.cumsum(cap)
+            i = int(np.searchsorted(cum, bits, side="left"))
+            if i < len(cum):
+                before = cum[i - 1] if i > 0 else 0.0
+                r = rate[i]
+                if r <= 0.0:
+                    return float(seg_end[i])
+                return float(min(seg_start[i] + (bits - before) / r, seg_end[i]))
+            bits -= cum[-1]
+            b0 += window
+            t = float(edges[-1])
+            window = min(window * 2, _MAX_WINDOW)
+        raise RuntimeError(f"{self!r}: {nbytes} B did not cross in {_MAX_WINDOWS} windows of blocks from t={start}")
 
     def __repr__(self) -> str:
         return (f"WirelessLink({self.radio.direction}, d={self.distance_m:.0f} m, PL={self.path_loss_db:.2f} dB,"

@@ -201,6 +201,8 @@ class SplitServer:
         self._restored: dict[str, Session] = {}  # token digest -> session of a client not yet back after a restart
         self.checkpointer = Checkpointer(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else None
         start_round, last_metrics = self._resume() if self.checkpointer else (0, {})
+        # the global model before any training: round 0's line carries it (the accuracy curve's first point)
+        self.pre_eval = self._timed_eval() if start_round == 0 else None
         self.rounds = RoundManager(
             self.strategy, num_rounds=cfg.rounds.num_rounds,
             expected_clients=cfg.num_clients, fraction=cfg.rounds.fraction, min_clients=cfg.rounds.min_clients,
@@ -474,7 +476,7 @@ class SplitServer:
                     self.trainer.set_factors(view, c)
         out = {"aggregate_s": time.perf_counter() - t0}
         if (rec.round_idx + 1) % self.cfg.rounds.eval_every == 0 or rec.round_idx + 1 == self.cfg.rounds.num_rounds:
-            out.update(self.evaluate_global())
+            out.update(self._timed_eval())
         if rec.result is not None and rec.result.base_deltas:
             self._fold_base_deltas(rec.result.base_deltas)
         if rec.round_idx + 1 >= self.cfg.rounds.num_rounds:
@@ -482,6 +484,8 @@ class SplitServer:
         line = {"round": rec.round_idx, "time": time.time(), "selected": rec.selected, "reported": rec.reported,
                 "late": rec.late, "round_wall_s": rec.closed_at - rec.opened_at, **out,
                 "aggregation": rec.result.metrics if rec.result is not None else {}, "clients": rec.client_metrics}
+        if rec.round_idx == 0 and self.pre_eval is not None:
+            line["pre_eval"] = self.pre_eval  # in the line only: `out` goes to the clients as numbers
         if self.meter is not None:
             line["bytes"] = {f"{c}|{d}|{m}": n for (c, d, m), n in self.meter.snapshot().items()}
         with open(self.metrics_path, "a") as f:
@@ -519,6 +523,12 @@ class SplitServer:
             g = {k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v)
                  for k, v in self.split.edge_factors().items()}
         return g
+
+    def _timed_eval(self) -> dict[str, float]:
+        """evaluate_global plus `eval_s`, its wall time (the report shows evaluation apart from aggregation)."""
+        t0 = time.perf_counter()
+        out = self.evaluate_global()
+        return {**out, "eval_s": time.perf_counter() - t0}
 
     def evaluate_global(self, batch_size: int = 64) -> dict[str, float]:
         """Accuracy and loss (causal LM: next-token accuracy, loss per labelled token, perplexity) of the global

@@ -120,6 +120,23 @@ class ChannelConfig(_Strict):
     per_client: list[dict[str, Any]] = Field(default_factory=list)  # optional {"uplink": ..., "downlink": ...} per client
     cell: dict[str, Any] | None = None  # analytical wireless: clients placed in one cell
 
+    @model_validator(mode="after")
+    def _links(self) -> "ChannelConfig":
+        """Link dicts follow channel_sim.factory's schema (kind, keys, static `loss_model`, trace `strict`
+        for Mahimahi mm-link's convention and `mtu`): checked at load time, not when the run starts."""
+        from channel_sim.factory import check_link_spec
+
+        specs = [] if self.cell is not None else [("uplink", self.uplink), ("downlink", self.downlink)]
+        for i, pc in enumerate(self.per_client):  # full specs only; partial overrides are merged at run start
+            specs += [(f"per_client[{i}].{d}", pc[d]) for d in ("uplink", "downlink")
+                      if isinstance(pc.get(d), dict) and "kind" in pc[d]]
+        for where, spec in specs:
+            try:
+                check_link_spec(spec)
+            except ValueError as e:
+                raise ValueError(f"channel.{where}: {e}") from None
+        return self
+
 
 class SecurityConfig(_Strict):
     insecure: bool = True  # plain TCP; TLS needs cert/key below

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from splitwave.timeline import PARTS, estimate_close_times, measured_round_times, rounds_from_records, \
-    simulate_timeline
+from splitwave.timeline import PARTS, estimate_close_times, eval_times, measured_round_times, \
+    rounds_from_records, simulate_timeline
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,21 @@ def agreement(sim: list[float], real: list[float], first: int = 1) -> dict:
             "total_ratio": sum(s for s, _ in pairs) / sum(r for _, r in pairs)}
 
 
+def _no_phase(name: str, detail: str = "") -> None:
+    pass
+
+
 def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, list[dict]], lines: list[dict],
-                 links_factory: Callable | None) -> tuple[list[dict], list | None, list[float]]:
+                 links_factory: Callable | None,
+                 phase: Callable = _no_phase) -> tuple[list[dict], list | None, list[float]]:
     """(per-round records, virtual timeline or None, measured round times)."""
     real = measured_round_times(clients, edge_records, lines)
     close = estimate_close_times(lines, edge_records)
     timeline = None
     if mode in ("virtual", "realtime") and links_factory is not None:
+        phase("replay", f"{len(lines)} rounds of {len(clients)} clients through the link models (virtual time)")
         work = rounds_from_records(clients, edge_records, lines)
-        timeline = simulate_timeline(links_factory(), work, close)
+        timeline = simulate_timeline(links_factory(), work, close, eval_times(lines))
     byts = round_bytes(lines)
     recs, real_t = [], 0.0
     for r, line in enumerate(lines):
@@ -72,7 +78,11 @@ def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, lis
         rec = {"round": r, "eval_accuracy": line.get("eval_accuracy"), "eval_loss": line.get("eval_loss"),
                "train_loss": sum(losses) / len(losses) if losses else None, "reported": line.get("reported"),
                "late": line.get("late"), **byts[r], "real_round_s": real[r], "real_time_s": real_t,
-               "server_round_wall_s": line.get("round_wall_s"), "server_close_s": close[r]}
+               "server_round_wall_s": line.get("round_wall_s"), "server_close_s": close[r],
+               "server_eval_s": line.get("eval_s")}
+        if line.get("pre_eval"):  # the global model before training (round 0's line only)
+            rec["pre_eval_accuracy"] = line["pre_eval"].get("eval_accuracy")
+            rec["pre_eval_loss"] = line["pre_eval"].get("eval_loss")
         if "eval_perplexity" in line:  # causal LM: exp(loss per labelled token)
             rec["eval_perplexity"] = line["eval_perplexity"]
         if timeline is not None:
@@ -91,69 +101,120 @@ def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, lis
 def _save(fig, run_dir: Path, name: str) -> str:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(run_dir / name, dpi=100)
+    fig.savefig(run_dir / name, dpi=100, bbox_inches="tight")  # "tight" keeps legends placed outside the axes
     plt.close(fig)
     return name
 
+
+def _integer_rounds(ax, first: int, last: int) -> None:
+    """Round axes show whole rounds only (no 0.5, 1.5 ...): every round up to 15 of them."""
+    from matplotlib.ticker import MaxNLocator
+
+    if last - first < 15:
+        ax.set_xticks(range(first, last + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def _legend_outside(ax, reverse: bool = False) -> None:
+    """Legend right of the axes, never over the data; `reverse` lists a bar stack top-down, as drawn."""
+    handles, labels = ax.get_legend_handles_labels()
+    if reverse:
+        handles, labels = handles[::-1], labels[::-1]
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              frameon=False)
+
+
+def critical_summary(recs: list[dict]) -> str:
+    """'client-1' if one client was critical in every round, else 'client-1 (rounds 1, 3), client-0 (2)';
+    rounds counted from 1 as on the plots."""
+    by: dict[str, list[int]] = {}
+    for r in recs:
+        if r.get("critical_client"):
+            by.setdefault(r["critical_client"], []).append(r["round"] + 1)
+    if len(by) == 1:
+        return next(iter(by))
+    return ", ".join(f"{c} (round{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                     for c, rs in sorted(by.items(), key=lambda kv: -len(kv[1])))
+
+
 def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
+    """accuracy.png, bytes.png, latency.png.  Rounds are counted from 1 (round r of metrics.jsonl is drawn
+    at r + 1) so that 0 is the model before training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in recs]
+    n = len(recs)
+    rounds = [r["round"] + 1 for r in recs]
     files = []
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     acc = [r["eval_accuracy"] if r["eval_accuracy"] is not None else float("nan") for r in recs]
-    ax[0].plot(rounds, acc, "o-")
-    ax[0].set_xlabel("round")
-    ax[0].set_ylabel("eval accuracy")
-    ax[1].plot([r["sim_time_s"] for r in recs], acc, "o-")
+    sim_t = [r["sim_time_s"] for r in recs]
+    pre = recs[0].get("pre_eval_accuracy") if recs else None
+    if pre is not None:
+        ax[0].plot([0], [pre], "s", color="gray", label="before training")
+        ax[1].plot([0.0], [pre], "s", color="gray", label="before training")
+        ax[0].plot([0] + rounds, [pre] + acc, "-", color="C0", alpha=0.4)
+        ax[1].plot([0.0] + sim_t, [pre] + acc, "-", color="C0", alpha=0.4)
+    ax[0].plot(rounds, acc, "o-", color="C0", label="after the round")
+    ax[1].plot(sim_t, acc, "o-", color="C0", label="after the round")
+    _integer_rounds(ax[0], 0 if pre is not None else 1, n)
+    ax[0].set_ylabel("eval accuracy (global model)")
     ax[1].set_xlabel("simulated time (s)")
     for a in ax:
         a.grid(alpha=0.3)
+    _legend_outside(ax[1])
     fig.suptitle(f"{title}: accuracy")
     files.append(_save(fig, run_dir, "accuracy.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     w = 0.4
     ax.bar([x - w / 2 for x in rounds], [r["bytes_up"] / 1e6 for r in recs], w, label="uplink")
     ax.bar([x + w / 2 for x in rounds], [r["bytes_down"] / 1e6 for r in recs], w, label="downlink")
-    ax.set_xlabel("round")
+    _integer_rounds(ax, 1, n)
     ax.set_ylabel("MB (training traffic, all clients)")
-    ax.legend()
+    _legend_outside(ax)
     ax.set_title(f"{title}: bytes per round")
     files.append(_save(fig, run_dir, "bytes.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = [0.0] * len(recs)
-    if all(r.get("breakdown") for r in recs):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * n
+    if recs and all(r.get("breakdown") for r in recs):
         for part in PARTS:
-            vals = [r["breakdown"][part] for r in recs]
+            vals = [r["breakdown"].get(part, 0.0) for r in recs]
+            if not any(vals):
+                continue
             ax.bar(rounds, vals, 0.6, bottom=bottom, label=part.replace("_", " "))
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.plot(rounds, [r["real_round_s"] for r in recs], "k_", markersize=20, label="measured (wall)")
+        ax.plot(rounds, [r["real_round_s"] for r in recs], "k_", markersize=20, mew=2, label="measured (wall)")
+        ax.set_title(f"{title}: round latency of the critical client: {critical_summary(recs)}", fontsize=10)
     else:
         ax.bar(rounds, [r["real_round_s"] for r in recs], 0.6, label="measured round time")
-    ax.set_xlabel("round")
+        ax.set_title(f"{title}: round latency (measured, no channel model)", fontsize=10)
+    _integer_rounds(ax, 1, n)
     ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
-    ax.set_title(f"{title}: round latency (critical client)")
+    _legend_outside(ax, reverse=True)
     files.append(_save(fig, run_dir, "latency.png"))
     return files
 
 
 def write_report(run_dir: Path, cfg, mode: str, clients: list[str], edge_records: dict[str, list[dict]],
-                 lines: list[dict], links_factory: Callable | None, wall_s: float) -> dict:
+                 lines: list[dict], links_factory: Callable | None, wall_s: float,
+                 phase: Callable = _no_phase) -> dict:
+    """metrics.jsonl, summary.json and the plots; `phase(name, detail)` hears of the replay and report phases."""
     run_dir = Path(run_dir)
-    recs, timeline, real = merge_rounds(cfg, mode, clients, edge_records, lines, links_factory)
+    recs, timeline, real = merge_rounds(cfg, mode, clients, edge_records, lines, links_factory, phase)
+    phase("report", f"metrics, summary and plots in {run_dir}")
     with open(run_dir / "metrics.jsonl", "w") as f:
         for rec in recs:
             f.write(json.dumps(rec) + "\n")
     last = recs[-1] if recs else {}
     summary = {
         "name": cfg.name, "mode": mode, "num_clients": cfg.num_clients, "rounds": len(recs),
+        "initial_accuracy": recs[0].get("pre_eval_accuracy") if recs else None,
         "final_accuracy": last.get("eval_accuracy"), "final_loss": last.get("eval_loss"),
         "total_bytes_up": sum(r["bytes_up"] for r in recs), "total_bytes_down": sum(r["bytes_down"] for r in recs),
         "setup_bytes_down": sum(r["bytes_setup_down"] for r in recs),

@@ -201,6 +201,11 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, info=info)
 
+    def phase(self, name: str, detail: str = "") -> None:
+        """A new phase of the run (training, replay, report): on the bar and in the log."""
+        self.note(f"{name}: {detail}" if detail else name)
+        log.info("phase %s%s", name, f": {detail}" if detail else "")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -225,8 +230,14 @@ def make_run_dir(cfg: ExperimentConfig) -> Path:
 
 def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | None = None,
              startup_timeout_s: float = 900.0, round_timeout_s: float | None = None,
-             progress: bool = True, edge_threads: int | None = 1) -> Path:
-    """Run the experiment of `cfg`; returns the run directory (config.yaml, metrics.jsonl, summary.json, plots)."""
+             progress: bool = True, edge_threads: int | None = 1, exit_timeout_s: float = 60.0) -> Path:
+    """Run the experiment of `cfg`; returns the run directory (config.yaml, metrics.jsonl, summary.json, plots).
+
+    Phases, each announced on the progress bar and in the log: training (server start, edges, rounds),
+    replay (virtual time through the link models) and report (metrics, summary, plots).  Every wait has a
+    bound: `startup_timeout_s` for the server to serve, `round_timeout_s` without a finished round,
+    `exit_timeout_s` for the edges to exit once the server is done.
+    """
     from splitwave import report
 
     mode = cfg.channel.mode
@@ -257,7 +268,7 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
         server = procs.start("server", _cli("server", "--config", str(run_dir / "config.yaml"), "--run-dir",
                                             str(run_dir / "server"), "--ready-file", str(ready),
                                             "--cache-dir", str(cache / "bundles")), run_dir / "logs" / "server.log", env)
-        bar.note("starting server (first run of a model exports its edge bundle)")
+        bar.phase("training", "starting the server (the first run of a model exports its edge bundle)")
         end = time.monotonic() + startup_timeout_s
         while not ready.exists():
             if server.poll() is not None:
@@ -281,9 +292,9 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
             if edge_threads:
                 argv += ["--threads", str(edge_threads)]
             procs.start(name, argv, run_dir / "logs" / f"{name}.log", env)
-        bar.note("edges joining")
+        bar.note(f"training: {len(clients)} edges joining")
         metrics_path = run_dir / "server" / "server_metrics.jsonl"
-        seen, last_progress = 0, time.monotonic()
+        seen, last_progress, server_done = 0, time.monotonic(), None
         while True:
             lines = _read_jsonl(metrics_path)
             for line in lines[seen:]:
@@ -301,29 +312,40 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
                 if rc != 0:
                     raise SimulationError(f"server exited with code {rc}; log {procs.logs['server']}:\n"
                                           f"{procs.tail('server')}")
-                if all(procs.procs[n].poll() is not None for n in clients):
+                running = [n for n in clients if procs.procs[n].poll() is None]
+                if not running:
                     break
+                server_done = server_done or time.monotonic()
+                if time.monotonic() - server_done > exit_timeout_s:
+                    raise SimulationError(f"the server finished but {', '.join(running)} did not exit within "
+                                          f"{exit_timeout_s:.0f} s; logs in {run_dir / 'logs'}")
             if time.monotonic() - last_progress > round_timeout_s:
                 raise SimulationError(f"no round finished for {round_timeout_s:.0f} s (round {seen} of "
                                       f"{cfg.rounds.num_rounds}); logs in {run_dir / 'logs'}")
             time.sleep(0.2)
         wall = time.time() - t_wall0
+        log.info("training done in %.1f s", wall)
         if proxies:
             (run_dir / "proxy_stats.json").write_text(json.dumps([px.stats() for px in proxies], indent=1))
+    except BaseException:
+        bar.close()  # on success it stays up for the replay and report phases
+        raise
     finally:
-        bar.close()
         procs.stop()
         for px in proxies:
             px.stop()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    lines = _read_jsonl(run_dir / "server" / "server_metrics.jsonl")
-    if len(lines) < cfg.rounds.num_rounds:
-        raise SimulationError(f"server finished after {len(lines)} of {cfg.rounds.num_rounds} rounds; logs in "
-                              f"{run_dir / 'logs'}")
-    edge_records = {n: _read_jsonl(edge_dir / f"{n}.jsonl") for n in clients}
-    summary = report.write_report(run_dir, cfg, mode, clients, edge_records, lines,
-                                  lambda: build_links(cfg, specs), wall)
+    try:
+        lines = _read_jsonl(run_dir / "server" / "server_metrics.jsonl")
+        if len(lines) < cfg.rounds.num_rounds:
+            raise SimulationError(f"server finished after {len(lines)} of {cfg.rounds.num_rounds} rounds; logs in "
+                                  f"{run_dir / 'logs'}")
+        edge_records = {n: _read_jsonl(edge_dir / f"{n}.jsonl") for n in clients}
+        summary = report.write_report(run_dir, cfg, mode, clients, edge_records, lines,
+                                      lambda: build_links(cfg, specs), wall, phase=bar.phase)
+    finally:
+        bar.close()
     log.info("run %s: final accuracy %s, simulated %.1f s, wall %.1f s", run_dir, summary.get("final_accuracy"),
              summary.get("total_sim_time_s") or 0.0, wall)
     return run_dir

@@ -11,7 +11,8 @@ Round r (the server's view, the one the real run measures as the time between tw
   steps, uploads its adapter; the round closes `t_close` after the last adapter arrives (aggregation and
   the global evaluation, measured on the server), then each client gets the new adapter.
 The latency breakdown of a round is that of its critical client (the last adapter to arrive) plus the
-server's close time, so the parts add up to the round duration exactly.
+server's close time, split into `evaluation` (the global evaluation's measured `eval_s`) and `aggregation`
+(the rest), so the parts add up to the round duration exactly.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Sequence
 
 from channel_sim import LinkPair, ServerQueue
 
-PARTS = ("edge_compute", "uplink", "server_wait", "server_compute", "downlink", "aggregation")
+PARTS = ("edge_compute", "uplink", "server_wait", "server_compute", "downlink", "aggregation", "evaluation")
 
 
 @dataclass
@@ -65,9 +66,10 @@ def _zero() -> dict[str, float]:
 
 
 def simulate_timeline(links: Sequence[LinkPair], rounds: Sequence[dict[int, ClientRound]],
-                      t_close: Sequence[float]) -> list[RoundTiming]:
+                      t_close: Sequence[float], t_eval: Sequence[float] | None = None) -> list[RoundTiming]:
     """Virtual timeline of a run. `rounds[r]` maps client index -> its measured work in round r (clients
-    absent from a round did not take part); `t_close[r]` is the server's measured close time of round r."""
+    absent from a round did not take part); `t_close[r]` is the server's measured close time of round r,
+    `t_eval[r]` the part of it spent on the global evaluation (default 0)."""
     server = ServerQueue()
     out: list[RoundTiming] = []
     prev_close = 0.0
@@ -139,7 +141,8 @@ def simulate_timeline(links: Sequence[LinkPair], rounds: Sequence[dict[int, Clie
             got = links[k].downlink.done(cr.push_reply_bytes, sent)
             ready_at[k] = links[k].uplink.done(cr.await_request_bytes, got)
         bd = dict(parts[last]) if last >= 0 else _zero()
-        bd["aggregation"] = float(t_close[r])
+        bd["evaluation"] = min(float(t_close[r]), float(t_eval[r]) if t_eval is not None else 0.0)
+        bd["aggregation"] = float(t_close[r]) - bd["evaluation"]
         out.append(RoundTiming(r, prev_close, close, close - prev_close, last, bd,
                                [{"client": k, **parts[k], "push_arrival": push_arrival[k]} for k in sorted(work)]))
         prev_close = close
@@ -163,7 +166,8 @@ def estimate_close_times(lines: list[dict], edge_records: dict[str, list[dict]])
     The server's line r is written at wall time L(r) when its close work ends; the round opened right after
     L(r-1) and the last adapter arrived `round_wall_s` later, so t_close(r) = L(r) - L(r-1) - round_wall_s(r).
     Round 0 has no L(-1): it takes the median of later rounds, or (a single round) the last pusher's push
-    duration, which on an unshaped link is the close work itself.
+    duration, which on an unshaped link is the close work itself; never less than the close work the server
+    measured in it (`aggregate_s` + `eval_s`).
     """
     tc: list[float | None] = [None] * len(lines)
     for r in range(1, len(lines)):
@@ -174,7 +178,15 @@ def estimate_close_times(lines: list[dict], edge_records: dict[str, list[dict]])
     elif lines:
         pushes = [rec for recs in edge_records.values() for rec in recs if rec.get("kind") == "push" and rec["round"] == 0]
         tc[0] = max((p["push_s"] for p in pushes), default=0.0)
+    if lines:
+        measured = float(lines[0].get("aggregate_s") or 0.0) + float(lines[0].get("eval_s") or 0.0)
+        tc[0] = max(float(tc[0] or 0.0), measured)
     return [float(x or 0.0) for x in tc]
+
+
+def eval_times(lines: list[dict]) -> list[float]:
+    """The server's measured global-evaluation time per round (`eval_s`; 0 for rounds without one)."""
+    return [max(0.0, float(line.get("eval_s") or 0.0)) for line in lines]
 
 
 def rounds_from_records(clients: list[str], edge_records: dict[str, list[dict]],

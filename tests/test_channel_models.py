@@ -144,16 +144,16 @@ def test_transfer_sums_bits_block_by_block():
     n = 2_000_000
     t_end = link.done(n, 0.003)
     # independent integration: bits carried per block at each block's rate
-    bits, t = 8 * n, 0.003
-    while True:
-        b = math.floor(t / 0.01 + 1e-12)
-        r = link.rate_at(b * 0.01)
+    bits, t, b = 8 * n, 0.003, 0  # 0.003 lies in block 0; integer block index, no float floor
+    for _ in range(10_000):
+        r = link.rate_at(b * 0.01 + 0.005)  # mid-block: unambiguous
         cap = r * ((b + 1) * 0.01 - t)
         if cap >= bits:
             expect = t + bits / r
             break
         bits -= cap
-        t = (b + 1) * 0.01
+        b += 1
+        t = b * 0.01
     assert t_end == pytest.approx(expect, rel=1e-12)
     assert t_end - 0.003 > 0.02  # spans several blocks
 
@@ -338,3 +338,19 @@ def test_make_link_wireless_and_pair_share_distance():
     links = [cs.make_link({"kind": "wireless", "distance_m": 200, "shadowing_db": 0, "fading": "none",
                            "se_cap": None}, cell=cell) for _ in range(4)]
     assert links[0].rate_at(0) / 1e6 == pytest.approx(38.55, abs=0.005)
+
+
+def test_stall_loss_model_adds_retransmission_delays():
+    """`stall`: R_eff = R; each lost segment adds one RTT, a lost last segment the minimum RTO (200 ms)."""
+    base = cs.StaticLink(10e6, latency_s=0.02, loss=0.0, loss_model="stall").done(10**6, 0.0)
+    assert base == pytest.approx(0.82)
+    link = cs.StaticLink(10e6, latency_s=0.02, loss=0.01, loss_model="stall", seed=4)
+    assert link.effective_rate_bps == 10e6  # loss costs time per segment, not rate
+    runs = np.array([cs.StaticLink(10e6, latency_s=0.02, loss=0.01, loss_model="stall", seed=seed).done(10**6, 0.0)
+                     for seed in range(200)]) - base
+    assert (runs >= -1e-12).all()
+    # every extra delay is a whole number of RTTs (40 ms; the 200 ms RTO is 5 of them here)
+    assert np.allclose(runs / 0.04, np.round(runs / 0.04), atol=1e-6)
+    assert link.predict(10**6, 0.0) == link.predict(10**6, 0.0)  # seeded, and predict leaves the stream alone
+    segs = -(-10**6 // 1460)  # 685 segments, p = 0.01: about 6.8 losses on average
+    assert runs.mean() / 0.04 == pytest.approx((segs - 1) * 0.01 + 0.01 * 0.2 / 0.04, rel=0.15)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import subprocess
@@ -40,7 +41,8 @@ def test_virtual_time_matches_hand_computation():
     assert tl[0].critical_client == 1
     assert tl[0].close == pytest.approx(1.641) and tl[0].duration == pytest.approx(1.641)
     assert tl[0].breakdown == pytest.approx({"edge_compute": 0.3, "uplink": 0.029, "server_wait": 0.5,
-                                             "server_compute": 0.5, "downlink": 0.012, "aggregation": 0.3})
+                                             "server_compute": 0.5, "downlink": 0.012, "aggregation": 0.3,
+                                             "evaluation": 0.0})
     assert sum(tl[0].breakdown.values()) == pytest.approx(tl[0].duration)
     # round 1: client 0 already asked for work: broadcast at the close, 1.641 + 0.004 + 0.01 = 1.655, push
     # at 1.673. Client 1 (the last pusher) gets its push reply after the close (1.641 + 32 us + 10 ms), asks
@@ -50,6 +52,19 @@ def test_virtual_time_matches_hand_computation():
     assert tl[1].close == pytest.approx(1.993096)
     assert tl[1].duration == pytest.approx(1.993096 - 1.641)
     assert sum(tl[1].breakdown.values()) == pytest.approx(tl[1].duration)
+
+
+def test_evaluation_is_its_own_part_of_the_close():
+    step = StepTimes(edge_fwd_s=0.1, edge_bwd_s=0.2, server_s=0.5, bytes_up=1000, bytes_down=2000)
+    r0 = {k: ClientRound([step], push_bytes=8000, push_reply_bytes=32, await_request_bytes=64) for k in (0, 1)}
+    plain = simulate_timeline(_links(), [r0], [0.3])[0]
+    split = simulate_timeline(_links(), [r0], [0.3], [0.2])[0]
+    assert split.breakdown["evaluation"] == pytest.approx(0.2)
+    assert split.breakdown["aggregation"] == pytest.approx(0.1)
+    assert split.duration == pytest.approx(plain.duration) == pytest.approx(sum(split.breakdown.values()))
+    # a measured eval longer than the estimated close time cannot make aggregation negative
+    over = simulate_timeline(_links(), [r0], [0.3], [0.5])[0]
+    assert over.breakdown["evaluation"] == pytest.approx(0.3) and over.breakdown["aggregation"] == 0.0
 
 
 def _children(pid: int) -> set[int]:
@@ -77,14 +92,17 @@ def _procs_mentioning(text: str) -> list[int]:
     return out
 
 
-def test_simulate_minimal_virtual_run(tmp_path):
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+def test_simulate_minimal_virtual_run(tmp_path, caplog):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         before = _children(os.getpid())
         cfg = load_config(ROOT / "configs" / "quick.yaml", [
             "num_clients=2", "rounds.num_rounds=2", "training.local_steps=3", "channel.mode=virtual",
             f"output_dir={tmp_path}"])
-        run_dir = simulate(cfg, progress=False)
+        with caplog.at_level(logging.INFO, logger="splitwave.runner"):
+            run_dir = simulate(cfg, progress=False)
+        phases = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("phase ")]
+        assert phases == ["phase training", "phase replay", "phase report"]
         assert run_dir.parent == tmp_path / "quick"
         for f in ("config.yaml", "metrics.jsonl", "summary.json"):
             assert (run_dir / f).stat().st_size > 0
@@ -97,6 +115,8 @@ def test_simulate_minimal_virtual_run(tmp_path):
             assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and 0 <= r["eval_accuracy"] <= 1
             assert r["sim_round_s"] == pytest.approx(sum(r["breakdown"].values()))
             assert r["breakdown"]["uplink"] > 0 and r["real_round_s"] > 0
+            assert r["breakdown"]["evaluation"] > 0 and r["server_eval_s"] >= r["breakdown"]["evaluation"]
+        assert 0 <= recs[0]["pre_eval_accuracy"] <= 1  # the model before training, measured by the server
         s = json.loads((run_dir / "summary.json").read_text())
         assert s["mode"] == "virtual" and s["rounds"] == 2
         assert s["final_accuracy"] == recs[-1]["eval_accuracy"]
@@ -155,3 +175,21 @@ def test_virtual_agrees_with_realtime_and_is_faster(tmp_path):
     assert res["agreement_cross_run"]["max_abs_rel_err"] < 0.05
     assert res["agreement_same_run_replay"]["max_abs_rel_err"] < 0.05
     assert res["wall_speedup"] >= 5
+
+
+def test_wireless_config_replay_answers_at_the_time_that_hung():
+    """The issue's run: sst2-minilm-wireless's links asked at t = 256.58 s (a 10 ms block boundary that
+    t / T_c rounds below), inside the virtual-time replay; it hung after training before the fix."""
+    from splitwave.runner import build_links
+
+    cfg = load_config(ROOT / "configs" / "sst2-minilm-wireless.yaml")
+    links = build_links(cfg)
+    step = StepTimes(edge_fwd_s=0.05, edge_bwd_s=0.05, server_s=0.1, bytes_up=589_875, bytes_down=1_179_698)
+    rounds = [{k: ClientRound([step] * 2, push_bytes=98_304, push_reply_bytes=32, await_request_bytes=64,
+                              broadcast_bytes=98_304) for k in range(cfg.num_clients)}]
+    for pair in links:
+        for link in (pair.uplink, pair.downlink):
+            assert link.done(1_179_698, 256.58) > 256.58
+    # and a replay whose second round starts after a 256.58 s close (round 0 carries it)
+    tl = simulate_timeline(links, rounds * 2, [256.58, 0.5])
+    assert tl[1].close > tl[0].close > 256.58
