@@ -34,7 +34,7 @@ def server_process(config: Path, run_dir: Path, timeout: float = 300.0, extra: l
     ready = run_dir / "ready.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "server.log", "w")
-    proc = subprocess.Popen([*CLI, "server", "--config", str(config), "--run-dir", str(run_dir), "--ready-file",
+    proc = subprocess.Popen([*CLI, "server", str(config), "--run-dir", str(run_dir), "--ready-file",
                              str(ready), "--cache-dir", str(ROOT / ".cache/bundles"), *(extra or [])],
                             cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

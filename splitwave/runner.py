@@ -265,7 +265,7 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
     try:
         ready = run_dir / "server.ready.json"
         cache = _cache_root()
-        server = procs.start("server", _cli("server", "--config", str(run_dir / "config.yaml"), "--run-dir",
+        server = procs.start("server", _cli("server", str(run_dir / "config.yaml"), "--run-dir",
                                             str(run_dir / "server"), "--ready-file", str(ready),
                                             "--cache-dir", str(cache / "bundles")), run_dir / "logs" / "server.log", env)
         bar.phase("training", "starting the server (the first run of a model exports its edge bundle)")

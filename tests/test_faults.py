@@ -206,7 +206,7 @@ CRASH_CFG = {**BASE, "num_clients": 2, "rounds": {"num_rounds": 5, "deadline_s":
 
 
 def _server_proc(cfg_path: Path, port: int, run_dir: Path, ckpt: Path, ready: Path, log: Path):
-    return subprocess.Popen(SPLITWAVE + ["server", "--config", str(cfg_path), "--port", str(port), "--run-dir",
+    return subprocess.Popen(SPLITWAVE + ["server", str(cfg_path), "--port", str(port), "--run-dir",
                                          str(run_dir), "--ready-file", str(ready), "--cache-dir",
                                          str(ROOT / ".cache" / "bundles"), "--set", f"server.checkpoint_dir={ckpt}"],
                             cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
