@@ -266,7 +266,13 @@ class RoundManager:
     def preload(self, round_idx: int, reports: dict[str, tuple[dict, float, dict]]) -> None:
         """Adapters pushed for `round_idx` before a server restart: they count when that round opens again."""
         with self._cv:
-            self._preloaded[round_idx] = {c: _Report(f, n, m) for c, (f, n, m) in reports.items()}
+            got = {c: _Report(f, n, m) for c, (f, n, m) in reports.items()}
+            if self.is_open and self.round_idx == round_idx:  # the watcher opened it already
+                self.reports.update({c: r for c, r in got.items() if c in self.selected})
+                self._maybe_close()
+                self._cv.notify_all()
+            else:
+                self._preloaded[round_idx] = got
 
     def reports_of(self, round_idx: int) -> dict[str, _Report]:
         with self._cv:
