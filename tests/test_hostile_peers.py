@@ -205,9 +205,9 @@ class SilentStreams:
 
     def close(self):
         self.stop.set()
+        for t in self.threads:  # each ends when the server closes its current stream
+            t.join(30)
         self.ch.close()
-        for t in self.threads:
-            t.join(10)
 
 
 def test_silent_streams_do_not_starve_training_or_health(tmp_path, reference):
