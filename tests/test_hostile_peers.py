@@ -362,8 +362,8 @@ def test_guard_bounds_pending_calls_per_peer_and_in_all(peers, per_peer, total):
             ctx = Ctx(f"ipv4:10.0.0.{p}:{len(open_) + 1000}")
             cm = guard.call(ctx, "Train", stream=True)
             cm.__enter__()
-            open_.append((p, ctx))
-            live = [(q, c) for q, c in open_ if not c.cancelled]
+            open_.append((p, ctx, cm))  # keeps the call open (a dropped context manager would end it)
+            live = [(q, c) for q, c, _ in open_ if not c.cancelled]
             assert not ctx.cancelled
             assert len(live) <= total
             assert all(sum(1 for q, _ in live if q == x) <= per_peer for x in set(peers))
