@@ -146,8 +146,9 @@ class LimitsConfig(_Strict):
     max_pending_per_peer: int = Field(8, ge=1)
     max_pending_calls: int = Field(16, ge=1)
     # a client that joined but has not trained this long after a round selected it loses its slot when
-    # someone else needs one (two strangers' joins cannot lock the honest edges out of a run)
-    unused_slot_s: float = Field(60.0, gt=0)
+    # someone else needs one (two strangers' joins cannot lock the honest edges out of a run); below the ~50 s
+    # an edge keeps retrying a Join answered UNAVAILABLE
+    unused_slot_s: float = Field(30.0, gt=0)
 
 
 class ServerConfig(_Strict):
