@@ -5,16 +5,17 @@ streaming call (Train, Evaluate, PushAdapter) reaches its handler before its fir
 has shown a session token. `CallGuard` keeps account of the open calls and bounds them:
 
 * a call that has not yet shown a token ("pending") is closed after `first_message_timeout_s`; there are at
-  most `max_pending_per_peer` of them per peer address and `max_pending_calls` in all, and a newcomer beyond
-  either closes the oldest one instead of being refused (an honest stream sends its first message within
-  milliseconds of opening, so silent strangers are the ones that get old; an honest one that is closed is
-  retried by the edge and then sends at once);
+  most `max_pending_per_peer` of them per peer address and `max_pending_calls` in all, each plus one per
+  client of the run (every edge opens its Train stream before it computes the first step, possibly all at
+  once from behind one address), and a newcomer beyond either closes the oldest one instead of being refused
+  (an honest stream sends its first message soon after opening, so silent strangers are the ones that get
+  old; an honest one that is closed is retried by the edge and then sends at once);
 * an authenticated stream that waits longer than `stream_idle_timeout_s` for its client's next message is
   closed;
 * one client (session) holds at most `max_calls_per_client` calls at once.
 
-So strangers hold at most `max_pending_calls` threads, registered clients at most `max_calls_per_client`
-each, and the server's pool is sized for both plus spares (health checks, Join): a stranger can never take
+So pending calls hold at most `max_pending_calls` + clients threads, registered clients at most
+`max_calls_per_client` each, and the server's pool is sized for both plus spares (health checks, Join): a stranger can never take
 the threads the registered clients need. Calls are closed with `context.cancel()` (the blocked handler then
 ends; the client sees CANCELLED, which edges retry). Not covered: a unary call whose one request never
 arrives waits in gRPC itself before any handler runs (bounded by the pool's `maximum_concurrent_rpcs`); keep
@@ -66,8 +67,10 @@ class Call:
 
 
 class CallGuard:
-    def __init__(self, limits, tick_s: float = 0.1):
+    def __init__(self, limits, num_clients: int = 0, tick_s: float = 0.1):
         self.limits = limits
+        self.per_peer = limits.max_pending_per_peer + num_clients
+        self.pending_cap = limits.max_pending_calls + num_clients
         self._lock = threading.Lock()
         self._calls: set[Call] = set()
         self._seq = itertools.count()
@@ -76,11 +79,6 @@ class CallGuard:
         self._tick = tick_s
         self._thread = threading.Thread(target=self._watch, name="call-guard", daemon=True)
         self._thread.start()
-
-    @property
-    def threads_needed(self) -> int:
-        """Worker threads strangers can hold at once (the pool adds what registered clients need)."""
-        return self.limits.max_pending_calls
 
     @contextlib.contextmanager
     def call(self, context, method: str, stream: bool):
@@ -96,10 +94,10 @@ class CallGuard:
             if stream:
                 pending = [x for x in self._calls if x.client is None and x.stream and not x.closed]
                 same = [x for x in pending if x.peer == peer]
-                if len(same) >= self.limits.max_pending_per_peer:
+                if len(same) >= self.per_peer:
                     evict = min(same, key=lambda x: x.seq)
                     why = "pending_per_peer"
-                elif len(pending) >= self.limits.max_pending_calls:
+                elif len(pending) >= self.pending_cap:
                     evict = min(pending, key=lambda x: x.seq)
                     why = "pending_total"
             self._calls.add(c)

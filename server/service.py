@@ -77,7 +77,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
         self._active_lock = threading.Lock()
         self.limits = cfg.server.limits
-        self.guard = CallGuard(self.limits)
+        self.guard = CallGuard(self.limits, cfg.num_clients)
 
     @contextlib.contextmanager
     def _track(self, method: str, context, stream: bool = False):
@@ -379,7 +379,8 @@ def rpc_threads_needed(num_clients: int, limits=None) -> int:
         from splitwave.config import LimitsConfig
 
         limits = LimitsConfig()
-    return limits.max_calls_per_client * num_clients + limits.max_pending_calls + SPARE_RPC_THREADS
+    return (limits.max_calls_per_client * num_clients + limits.max_pending_calls + num_clients
+            + SPARE_RPC_THREADS)
 
 
 def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,

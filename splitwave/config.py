@@ -141,8 +141,9 @@ class LimitsConfig(_Strict):
     stream_idle_timeout_s: float = Field(300.0, gt=0)
     # open calls of one client (session) at once: an edge needs 1-2 (a stream + one that is dying)
     max_calls_per_client: int = Field(4, ge=1)
-    # calls that have not yet shown a session token (their first message): per peer address and in all; beyond
-    # these, the oldest such call is closed, so silent streams cannot pile up and a newcomer always gets in
+    # calls that have not yet shown a session token (their first message): per peer address and in all, each
+    # plus one per client of the run; beyond these, the oldest such call is closed, so silent streams cannot
+    # pile up and a newcomer always gets in
     max_pending_per_peer: int = Field(8, ge=1)
     max_pending_calls: int = Field(16, ge=1)
     # a client that joined but has not trained this long after a round selected it loses its slot when

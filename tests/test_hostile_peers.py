@@ -249,7 +249,7 @@ def test_silent_streams_do_not_starve_training_or_health(tmp_path, reference):
         assert all(r["rounds"] == 2 for r in res.values()), res
         assert health and all(h is True for h in health), health
         assert sum(closed.values()) >= 32 and attack.ended.get("CANCELLED", 0) >= 32
-        assert pending <= cfg.server.limits.max_pending_calls
+        assert pending <= cfg.server.limits.max_pending_calls + cfg.num_clients
         assert rss1 - rss0 < 256 << 20
         assert_same_factors(final_factors(srv.app), reference)
     _wait(lambda: srv.servicer.guard.open_calls() == {}, 10, "every call to end")
@@ -355,7 +355,7 @@ def test_guard_bounds_pending_calls_per_peer_and_in_all(peers, per_peer, total):
             self.cancelled = True
 
     guard = CallGuard(LimitsConfig(max_pending_per_peer=per_peer, max_pending_calls=total,
-                                   first_message_timeout_s=3600), tick_s=3600)
+                                   first_message_timeout_s=3600), num_clients=0, tick_s=3600)
     try:
         open_ = []
         for p in peers:
