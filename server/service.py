@@ -262,7 +262,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     def PushAdapter(self, request_iterator, context):
         with self._track("PushAdapter", context, stream=True) as call:
             return self._push_adapter(request_iterator, context, call)
-        # reached only when the guard closed the call (its status is already sent)
+        return pb.AdapterReply()  # reached only when the guard closed the call: never sent
 
     def _push_adapter(self, request_iterator, context, call):
         asm = self._assembler(self.adapter_bytes)
