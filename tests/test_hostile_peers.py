@@ -35,6 +35,8 @@ from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
 from server.peers import CallGuard, peer_address
 from server.security import server_credentials
+from test_faults import CRASH_CFG, _edge_proc, _lines, _load_final, crash_reference  # noqa: F401 - fixture
+from test_faults import _server_proc as _faults_server
 from test_security import pki  # noqa: F401 - the module's certificate fixture
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
@@ -514,3 +516,40 @@ def test_abandoned_steps_rolled_back_before_the_redo(tmp_path, reference, mode):
         assert_same_factors(final_factors(srv.app), reference)
     else:
         assert steps["e0"] == 2 * 2 * local, steps  # the shared adapter's steps: both clients, both rounds
+
+
+def test_sigterm_after_a_push_then_restart_gives_the_same_adapters(tmp_path, crash_reference):
+    """SIGTERM while e0 waits for the next round after pushing and e1 still trains: the server exits, the
+    edges ride out the restart (UNAVAILABLE, retried), e0's adapter is not lost, e1 redoes its round; the
+    final adapters equal an undisturbed run's."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(CRASH_CFG))
+    port, run_dir, ckpt, ready = free_port(), tmp_path / "run", tmp_path / "ckpt", tmp_path / "ready.json"
+    slog = tmp_path / "server.log"
+    server = _faults_server(cfg_path, port, run_dir, ckpt, ready, slog)
+    edges = []
+    try:
+        _wait(ready.exists, 120, "the server to start")
+        ems = [tmp_path / f"e{i}.jsonl" for i in range(2)]
+        edges = [_edge_proc(f"127.0.0.1:{port}", f"e{i}", ems[i], tmp_path / f"e{i}.log") for i in range(2)]
+        _wait(lambda: any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(ems[0])), 120, "e0's push")
+        pushed = [p.name for p in (ckpt / "pending").glob("r000002-*.pt")]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0, slog.read_text()[-3000:]
+        ready.unlink()
+        server = _faults_server(cfg_path, port, run_dir, ckpt, ready, slog)
+        for i, e in enumerate(edges):
+            assert e.wait(180) == 0, (tmp_path / f"e{i}.log").read_text()[-3000:]
+        assert server.wait(60) == 0
+    finally:
+        for p in [server, *edges]:
+            if p.poll() is None:
+                p.kill()
+    log = slog.read_text()
+    assert "resumed run" in log, log[-3000:]
+    lines = _lines(run_dir / "server_metrics.jsonl")
+    assert [r["round"] for r in lines] == list(range(5))
+    e0_rounds = [r["round"] for r in _lines(tmp_path / "e0.jsonl") if r.get("kind") == "push"]
+    assert e0_rounds.count(2) == 1, e0_rounds  # its push counted: it was not asked to redo round 2
+    print(f"pending at SIGTERM: {pushed}")
+    assert_same_factors(_load_final(run_dir), crash_reference, atol=1e-6)
