@@ -310,9 +310,8 @@ class SplitServer:
             name = client_name or next(f"edge-{i}" for i in range(len(self.by_client) + 1)
                                        if f"edge-{i}" not in self.by_client)
             old = self.by_client.get(name)
-            if old is not None:
-                self._check_rejoin(old, identity, resume_secret)
             if old is not None:  # a rejoin after a crash: new token, same shard
+                self._check_rejoin(old, identity, resume_secret)
                 self.sessions.pop(old.token, None)
                 self._restored = {d: r for d, r in self._restored.items() if r is not old}
                 shard = old.shard_index
@@ -401,6 +400,7 @@ class SplitServer:
         if run_id != self.run_id:
             raise ServiceError("FAILED_PRECONDITION", f"run id {run_id!r} is not this run ({self.run_id})")
         return s
+
     def leave(self, s: Session) -> None:
         with self._lock:
             self.sessions.pop(s.token, None)
@@ -556,14 +556,19 @@ class SplitServer:
                                                       f"checkpoint): train it again before pushing")
         if self.checkpointer is None:
             return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
-        # on disk before it counts: a server that dies before the round closes still has it after a restart
-        top = self.trainer.slot_state(s.client_id) if self.trainer.personal else None
-        self.checkpointer.save_pending(round_idx, s.client_id, factors, num_samples, metrics, top)
-        try:
-            return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
-        except ServiceError:
-            self.checkpointer.drop_pending(round_idx, s.client_id)
-            raise
+        with s.lock:  # one push of a client at a time: a refused repeat must not touch the accepted one's file
+            self.rounds.check_training(s.client_id, round_idx)
+            # on disk before it counts: a server that dies before the round closes still has it after a restart
+            top = self.trainer.slot_state(s.client_id) if self.trainer.personal else None
+            try:
+                self.checkpointer.save_pending(round_idx, s.client_id, factors, num_samples, metrics, top)
+            except OSError:
+                log.exception("client %s: could not checkpoint its adapter of round %d", s.client_id, round_idx)
+            try:
+                return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+            except ServiceError:
+                self.checkpointer.drop_pending(round_idx, s.client_id)
+                raise
 
     def await_round(self, s: Session, min_round: int, timeout: float | None, alive=None) -> Assignment | None:
         return self.rounds.wait_assignment(s.client_id, min_round, timeout, alive)
