@@ -94,7 +94,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         """The limits a client is told at Join (what exceeding them is answered with: see the proto)."""
         cfg = self.app.cfg
         return pb.Limits(max_frame_bytes=MAX_FRAME_BYTES, min_frame_bytes=self.limits.min_frame_bytes,
-                         max_tensor_bytes=self.max_tensor_bytes, max_message_bytes=MAX_MESSAGE_BYTES,
+                         # what a step or an adapter upload may decode to (each <= server.max_tensor_bytes)
+                         max_tensor_bytes=max(self.step_bytes, self.adapter_bytes), max_message_bytes=MAX_MESSAGE_BYTES,
                          # set by the metrics-cap and value-bound guards where the config has them (0: none)
                          max_metrics_entries=int(getattr(cfg.server, "max_metrics_entries", 0) or 0),
                          max_abs_value=float(getattr(cfg.server, "max_abs_value", 0.0) or 0.0))
