@@ -135,10 +135,11 @@ class EdgeClient:
                                cached_bundle_hashes=[p.name for p in self.opts.cache_dir.glob("*") if p.is_dir()])
         # a named edge that restarts presents the resume secret of its earlier Join: the server gives a name
         # that has a session back only to it
-        secret_file = self.opts.cache_dir / f".resume-{hashlib.sha256(f'{self.target}|{self.opts.name}'.encode()).hexdigest()[:16]}"
+        key = hashlib.sha256(f"{self.target}|{self.opts.name}".encode()).hexdigest()[:16]
+        secret_file = self.opts.cache_dir / f".resume-{key}"
+        resume = secret_file.read_text().strip() if self.opts.name and secret_file.exists() else ""
         req = pb.JoinRequest(client_name=self.opts.name, enrollment_secret=self.opts.enrollment_secret,
-                             capabilities=caps,
-                             resume_secret=secret_file.read_text().strip() if self.opts.name and secret_file.exists() else "")
+                             capabilities=caps, resume_secret=resume)
         self.joined = _retry(lambda: self.stub.Join(req, wait_for_ready=True, timeout=60), self.opts, "Join")
         if self.opts.name and self.joined.resume_secret:
             self.opts.cache_dir.mkdir(parents=True, exist_ok=True)

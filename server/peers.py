@@ -15,8 +15,8 @@ has shown a session token. `CallGuard` keeps account of the open calls and bound
 * one client (session) holds at most `max_calls_per_client` calls at once.
 
 So pending calls hold at most `max_pending_calls` + clients threads, registered clients at most
-`max_calls_per_client` each, and the server's pool is sized for both plus spares (health checks, Join): a stranger can never take
-the threads the registered clients need. Calls are closed with `context.cancel()` (the blocked handler then
+`max_calls_per_client` each, and the server's pool is sized for both plus spares (health checks, Join): a
+stranger can never take the threads the registered clients need. Calls are closed with `context.cancel()` (the blocked handler then
 ends; the client sees CANCELLED, which edges retry). Not covered: a unary call whose one request never
 arrives waits in gRPC itself before any handler runs (bounded by the pool's `maximum_concurrent_rpcs`); keep
 a proxy with per-address connection limits in front of a public server (docs/security.md).

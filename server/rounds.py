@@ -274,10 +274,6 @@ class RoundManager:
             else:
                 self._preloaded[round_idx] = got
 
-    def reports_of(self, round_idx: int) -> dict[str, _Report]:
-        with self._cv:
-            return dict(self.reports) if self.is_open and self.round_idx == round_idx else {}
-
     def shutdown(self) -> None:
         """Stop the deadline watcher without ending the run: waiting and training clients get UNAVAILABLE and
         retry against the restarted server."""

@@ -247,7 +247,8 @@ def test_silent_streams_do_not_starve_training_or_health(tmp_path, reference):
         rss1 = rss_bytes()
         closed = dict(srv.servicer.guard.closed)
         print(f"silent streams: closed by the server {closed}, seen by the attacker {attack.ended}, health "
-              f"{sum(h is True for h in health)}/{len(health)} SERVING, RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB")
+              f"{sum(h is True for h in health)}/{len(health)} SERVING, "
+              f"RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB")
         assert all(r["rounds"] == 2 for r in res.values()), res
         assert health and all(h is True for h in health), health
         assert sum(closed.values()) >= 32 and attack.ended.get("CANCELLED", 0) >= 32
