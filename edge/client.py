@@ -133,9 +133,19 @@ class EdgeClient:
         caps = pb.Capabilities(protocol_version=1, backend=self.opts.backend, codecs=list(CODECS),
                                training_modes=["recompute", "saved"],
                                cached_bundle_hashes=[p.name for p in self.opts.cache_dir.glob("*") if p.is_dir()])
+        # a named edge that restarts presents the resume secret of its earlier Join: the server gives a name
+        # that has a session back only to it
+        key = hashlib.sha256(f"{self.target}|{self.opts.name}".encode()).hexdigest()[:16]
+        secret_file = self.opts.cache_dir / f".resume-{key}"
+        resume = secret_file.read_text().strip() if self.opts.name and secret_file.exists() else ""
         req = pb.JoinRequest(client_name=self.opts.name, enrollment_secret=self.opts.enrollment_secret,
-                             capabilities=caps)
+                             capabilities=caps, resume_secret=resume)
         self.joined = _retry(lambda: self.stub.Join(req, wait_for_ready=True, timeout=60), self.opts, "Join")
+        if self.opts.name and self.joined.resume_secret:
+            self.opts.cache_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.joined.resume_secret)
         self.stub.client_key = self.joined.client_id
         log.info("joined as %s (run %s, round %d)", self.joined.client_id, self.joined.run_id,
                  self.joined.current_round)

@@ -51,6 +51,10 @@ class Session:
     last_reply: tuple | None = None  # (round, step, inputs, result) of the last step: replayed to honest retries
     identity: str = ""  # mTLS certificate identity the session is bound to ("" without client certificates)
     resumed: bool = False  # restored from a checkpoint: rounds restart at step 0 and need training before a push
+    resume_digest: str = ""  # SHA-256 of the resume secret a rejoin under this name must present
+    trained: bool = False  # has trained at least one step (a slot of a client that never does may be freed)
+    round_mark: dict = field(default_factory=dict)  # round -> top adapter state before this session's first step
+    round_steps: dict[int, int] = field(default_factory=dict)  # round -> server steps this session took in it
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -199,6 +203,7 @@ class SplitServer:
         self.metrics_path.write_text("")  # a run's own rounds only (a resumed run copies the checkpoint's lines)
         self.meter = None  # set by the transport (protos.metering.ByteMeter)
         self._restored: dict[str, Session] = {}  # token digest -> session of a client not yet back after a restart
+        self._pending_reports: dict = {}  # adapters pushed to the open round before a restart (see _resume)
         self.checkpointer = Checkpointer(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else None
         start_round, last_metrics = self._resume() if self.checkpointer else (0, {})
         # the global model before any training: round 0's line carries it (the accuracy curve's first point)
@@ -209,6 +214,8 @@ class SplitServer:
             deadline_s=cfg.rounds.deadline_s, sequential=tr.mode == "sl", seed=cfg.seed, on_close=self._on_close,
             start_round=start_round, registered=sorted(self.by_client) or None, last_metrics=last_metrics,
             on_checkpoint=self._checkpoint if self.checkpointer else None)
+        if self._pending_reports:
+            self.rounds.preload(start_round, self._pending_reports)
         if self.checkpointer:
             self._save_registry()
 
@@ -221,7 +228,8 @@ class SplitServer:
         self.run_id = got.run_id
         for cid, c in got.clients.items():
             s = Session(cid, "", int(c["shard"]), len(self.shards[int(c["shard"])]), time.time(),
-                        identity=c.get("identity", ""), resumed=True)
+                        identity=c.get("identity", ""), resumed=True, resume_digest=c.get("resume_sha256", ""),
+                        trained=bool(c.get("trained", True)))
             self._restored[c["token_sha256"]] = s
             self.by_client[cid] = s
         if got.round_dir is not None:
@@ -232,15 +240,21 @@ class SplitServer:
             saved_metrics = got.round_dir / "server_metrics.jsonl"
             if saved_metrics.exists():  # drop lines of rounds that ran after the checkpoint
                 shutil.copyfile(saved_metrics, self.metrics_path)
-        log.info("resumed run %s from %s: next round %d, %d clients", self.run_id, self.checkpointer.dir,
-                 got.next_round, len(got.clients))
+        pending = {c: b for c, b in self.checkpointer.load_pending(got.next_round).items() if c in got.clients}
+        for c, b in pending.items():  # sfl-v1: the top adapter slot as it was when the client pushed
+            if b["top_slot"] is not None and self.trainer.personal:
+                self.trainer.restore_slot(c, b["top_slot"], 0)
+        self._pending_reports = {c: (b["factors"], b["num_samples"], b["metrics"]) for c, b in pending.items()}
+        log.info("resumed run %s from %s: next round %d, %d clients, %d adapters already pushed to it", self.run_id,
+                 self.checkpointer.dir, got.next_round, len(got.clients), len(pending))
         return got.next_round, got.last_metrics
 
     def _save_registry(self) -> None:
         clients = {}
         for s in self.by_client.values():
             digest = token_digest(s.token) if s.token else next(d for d, r in self._restored.items() if r is s)
-            clients[s.client_id] = {"token_sha256": digest, "shard": s.shard_index, "identity": s.identity}
+            clients[s.client_id] = {"token_sha256": digest, "shard": s.shard_index, "identity": s.identity,
+                                    "resume_sha256": s.resume_digest, "trained": s.trained}
         self.checkpointer.save_registry(self.run_id, clients, config_digest(self.cfg))
 
     def _checkpoint(self, next_round: int, last_metrics: dict) -> None:
@@ -268,13 +282,22 @@ class SplitServer:
 
     # -- sessions ------------------------------------------------------------------------------------------
     def join(self, client_name: str, enrollment_secret: str, backend: str, codecs: list[str],
-             training_modes: list[str], protocol_version: int, identity: str = "") -> tuple[Session, int]:
-        """`identity` is the peer's client-certificate identity under mTLS; the client id is bound to it."""
+             training_modes: list[str], protocol_version: int, identity: str = "", resume_secret: str = "",
+             identity_names: tuple[str, ...] = ()) -> tuple[Session, int, str]:
+        """Returns (session, open round, resume secret). `identity` is the peer's client-certificate identity
+        under mTLS and `identity_names` every name of that certificate (CN, SANs): the client name must be one
+        of them. Without a certificate, a rejoin under a name that has a session must present that session's
+        resume secret (the enrollment secret proves membership, not identity)."""
         sec = self.cfg.server.security
+        if identity and not identity_names:
+            identity_names = (identity,)
         if not client_name and identity:
             client_name = identity
         if client_name and not CLIENT_NAME.fullmatch(client_name):
             raise ServiceError("INVALID_ARGUMENT", "client_name must be 1-64 characters of [A-Za-z0-9._-]")
+        if identity_names and client_name not in identity_names:
+            raise ServiceError("PERMISSION_DENIED", f"client name {client_name!r} is not the name of the client "
+                                                    f"certificate ({', '.join(identity_names)[:200]})")
         if protocol_version not in (0, PROTOCOL_VERSION):
             raise ServiceError("FAILED_PRECONDITION", f"protocol version {protocol_version} unsupported "
                                                       f"(server speaks {PROTOCOL_VERSION})")
@@ -289,35 +312,86 @@ class SplitServer:
             raise ServiceError("FAILED_PRECONDITION", f"client lacks codecs {sorted(need - set(codecs))}")
         if training_modes and tr.edge_mode not in training_modes:
             raise ServiceError("FAILED_PRECONDITION", f"client cannot train in mode {tr.edge_mode!r}")
+        evicted: list[Session] = []
         with self._lock:
             # an anonymous client gets a fresh name: never one that would take over another client's session
             name = client_name or next(f"edge-{i}" for i in range(len(self.by_client) + 1)
                                        if f"edge-{i}" not in self.by_client)
             old = self.by_client.get(name)
-            if old is not None and old.identity and old.identity != identity:
-                raise ServiceError("PERMISSION_DENIED", f"client id {name!r} is bound to another client certificate")
             if old is not None:  # a rejoin after a crash: new token, same shard
+                self._check_rejoin(old, identity, resume_secret)
                 self.sessions.pop(old.token, None)
                 self._restored = {d: r for d, r in self._restored.items() if r is not old}
                 shard = old.shard_index
+                secret = resume_secret or secrets.token_urlsafe(32)  # mTLS rejoins may come without one
             else:
-                used = {s.shard_index for s in self.by_client.values()}
-                free = [i for i in range(len(self.shards)) if i not in used]
-                if not free:
-                    raise ServiceError("RESOURCE_EXHAUSTED", f"all {len(self.shards)} client slots are taken")
-                shard = free[0]
+                shard, evicted = self._free_slot()
+                secret = secrets.token_urlsafe(32)
             s = Session(name, secrets.token_urlsafe(32), shard, len(self.shards[shard]), time.time(), identity=identity,
-                        resumed=old is not None and old.resumed)
+                        resumed=old is not None and old.resumed, resume_digest=token_digest(secret),
+                        trained=old is not None and old.trained)
             self.sessions[s.token] = s
             self.by_client[name] = s
             if self.checkpointer:
                 self._save_registry()
+        for e in evicted:
+            self.rounds.unregister(e.client_id)
+        if old is not None:
+            self._rollback_abandoned(old)
         self.rounds.register(name)
-        log.info("client %s joined (shard %d, %d samples)", name, shard, s.num_samples)
-        return s, self.rounds.round_idx
+        log.info("client %s %s (shard %d, %d samples)", name, "rejoined" if old is not None else "joined", shard,
+                 s.num_samples)
+        return s, self.rounds.round_idx, secret
 
-    def session(self, token: str, run_id: str, identity: str = "") -> Session:
-        """The session of `token`; checks the run id and, under mTLS, that the same certificate presents it."""
+    def _check_rejoin(self, old: Session, identity: str, resume_secret: str) -> None:
+        """A name that has a session is taken: only the same certificate, or its resume secret, gets it back."""
+        if old.identity:
+            if old.identity != identity:
+                raise ServiceError("PERMISSION_DENIED", f"client id {old.client_id!r} is bound to another client "
+                                                        f"certificate")
+            return
+        if not resume_secret:
+            raise ServiceError("PERMISSION_DENIED", f"client name {old.client_id!r} is taken; rejoining under it "
+                                                    f"needs the resume secret of its earlier Join")
+        if not old.resume_digest or not secrets.compare_digest(token_digest(resume_secret), old.resume_digest):
+            raise ServiceError("PERMISSION_DENIED", f"wrong resume secret for client {old.client_id!r}")
+
+    def _unused_since(self, s: Session, now: float) -> float:
+        """Seconds a client has held a slot without training while a round wanted it (0: not unused)."""
+        if s.trained:
+            return 0.0
+        since = self.rounds.selected_since(s.client_id)
+        if since is None:
+            return 0.0
+        return min(now - s.joined_at, time.monotonic() - since)
+
+    def _free_slot(self) -> tuple[int, list[Session]]:
+        """A shard nobody holds; else the slot of the client that has held one longest without ever training
+        while selected (after `server.limits.unused_slot_s`). Called with the lock held."""
+        used = {s.shard_index for s in self.by_client.values()}
+        free = [i for i in range(len(self.shards)) if i not in used]
+        if free:
+            return free[0], []
+        limit = self.cfg.server.limits.unused_slot_s
+        now = time.time()
+        idle = sorted(((self._unused_since(s, now), s) for s in self.by_client.values() if not s.trained),
+                      key=lambda x: -x[0])
+        if idle and idle[0][0] >= limit:
+            victim = idle[0][1]
+            log.warning("client %s held a slot for %.0f s without training: slot freed", victim.client_id, idle[0][0])
+            self.sessions.pop(victim.token, None)
+            self.by_client.pop(victim.client_id, None)
+            self._restored = {d: r for d, r in self._restored.items() if r is not victim}
+            return victim.shard_index, [victim]
+        if idle:
+            raise ServiceError("UNAVAILABLE", f"all {len(self.shards)} client slots are taken; slots of clients that "
+                                              f"do not train are freed after {limit:g} s: retry later")
+        raise ServiceError("RESOURCE_EXHAUSTED", f"all {len(self.shards)} client slots are taken")
+
+    def session(self, token: str, run_id: str, identity: str | tuple[str, ...] = "") -> Session:
+        """The session of `token`; checks the run id and, under mTLS, that the same certificate presents it
+        (`identity`: the certificate's name, or all of its names)."""
+        names = (identity,) if isinstance(identity, str) else tuple(identity)
         s = self.sessions.get(token) if token else None
         if s is None and token and self._restored:  # first call of a client after a server restart
             with self._lock:
@@ -328,7 +402,7 @@ class SplitServer:
                 s = self.sessions.get(token)
         if s is None:
             raise ServiceError("UNAUTHENTICATED", "unknown or expired session token")
-        if s.identity != identity:
+        if s.identity not in names and not (not s.identity and names in ((), ("",))):
             raise ServiceError("PERMISSION_DENIED", f"session of client {s.client_id!r} used with another client "
                                                     f"certificate")
         if run_id != self.run_id:
@@ -345,6 +419,11 @@ class SplitServer:
                     self._save_registry()
         if current:  # a stale session (its client rejoined since) must not take the new one out of the run
             self.rounds.unregister(s.client_id)
+
+    @property
+    def closing(self) -> bool:
+        """The server is shutting down: new calls are answered UNAVAILABLE."""
+        return self.rounds.shutting_down
 
     @property
     def has_clients(self) -> bool:
@@ -414,15 +493,42 @@ class SplitServer:
         never joins a fused one."""
         self._live(s)
         with s.lock:
+            self._live(s)  # again under the lock: a rejoin that rolled this session back holds it while it does
             last = s.last_reply
             if last is not None and last[:2] == (round_idx, step) and _same_tensors(last[2], tensors):
                 return last[3]  # compared only when the step repeats: nothing is added to the normal path
             self._check_step(s, round_idx, step)
             h, mask, labels = self._check_batch(tensors)
+            if round_idx not in s.round_mark:  # what an abandoned round of this session is rolled back to
+                s.round_mark = {round_idx: self.trainer.slot_state(self._slot_of(s))}
             result = self.trainer.train_step(s.client_id, h, mask, labels)
             s.last_step[round_idx] = step
+            s.round_steps[round_idx] = s.round_steps.get(round_idx, 0) + 1
             s.last_reply = (round_idx, step, tensors, result)
+            if not s.trained:
+                s.trained = True
+                if self.checkpointer:
+                    with self._lock:
+                        self._save_registry()
             return result
+
+    def _slot_of(self, s: Session) -> str | None:
+        """Whose top adapter a session trains: its own in sfl-v1, the shared one otherwise."""
+        return s.client_id if self.trainer.personal else None
+
+    def _rollback_abandoned(self, old: Session) -> None:
+        """A client rejoined while the round it was training is still open: it redoes the round from step 0, so
+        the server steps its abandoned session took in that round are undone first (see
+        TopTrainer.restore_slot for what that means with a shared top adapter)."""
+        with old.lock:  # waits for a step of the old session that is still being computed
+            r = self.rounds.round_idx
+            n = old.round_steps.get(r, 0)
+            if not n or r not in old.round_mark or self.rounds.selected_since(old.client_id) is None:
+                return
+            exact = self.trainer.restore_slot(self._slot_of(old), old.round_mark[r], n)
+            old.round_steps.pop(r, None)
+            log.warning("client %s rejoined during round %d: its %d server steps of that round rolled back (%s)",
+                        old.client_id, r, n, "exactly" if exact else "step count; the shared adapter keeps them")
 
     def eval_step(self, s: Session, tensors: dict):
         h, mask, labels = self._check_batch(tensors)
@@ -456,7 +562,21 @@ class SplitServer:
         if s.resumed and round_idx not in s.last_step:
             raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
                                                       f"checkpoint): train it again before pushing")
-        return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+        if self.checkpointer is None:
+            return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+        with s.lock:  # one push of a client at a time: a refused repeat must not touch the accepted one's file
+            self.rounds.check_training(s.client_id, round_idx)
+            # on disk before it counts: a server that dies before the round closes still has it after a restart
+            top = self.trainer.slot_state(s.client_id) if self.trainer.personal else None
+            try:
+                self.checkpointer.save_pending(round_idx, s.client_id, factors, num_samples, metrics, top)
+            except OSError:
+                log.exception("client %s: could not checkpoint its adapter of round %d", s.client_id, round_idx)
+            try:
+                return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+            except ServiceError:
+                self.checkpointer.drop_pending(round_idx, s.client_id)
+                raise
 
     def await_round(self, s: Session, min_round: int, timeout: float | None, alive=None) -> Assignment | None:
         return self.rounds.wait_assignment(s.client_id, min_round, timeout, alive)
@@ -553,4 +673,6 @@ class SplitServer:
             self.split.set_edge_factors(edge_now)
 
     def shutdown(self) -> None:
-        self.rounds.stop("shutdown")
+        """The server is going away (SIGTERM, stop()): the run is not over, so waiting and training clients are
+        told UNAVAILABLE (they retry against the restarted server) rather than to stop."""
+        self.rounds.shutdown()

@@ -3,9 +3,12 @@
 Two things are persisted, each written to a temporary name and moved into place with `os.replace`, so a
 reader sees either the old or the new version, never half of one:
 
-* `registry.json`, rewritten on every join and leave: the run id and, per client, its shard index and the
-  SHA-256 of its session token (never the token itself: a leaked checkpoint does not let anyone in, yet
-  an edge that kept its token can go on after a restart).
+* `registry.json`, rewritten on every join and leave: the run id and, per client, its shard index, the
+  SHA-256 of its session token and of its resume secret (never the secrets themselves: a leaked checkpoint
+  does not let anyone in, yet an edge that kept them can go on after a restart).
+* `pending/rNNNNNN-<client>.pt` for every adapter pushed to the open round NNNNNN (with the client's sfl-v1
+  top adapter slot at that moment): a server that dies before the round closes counts it after a restart.
+  Removed once a later round is checkpointed.
 * `round-NNNNNN/` after every closed round (NNNNNN = the next round to run): edge and top strategy state
   (`state_io`), the top trainer (adapters + AdamW moments of every slot), RNG states, folded base deltas,
   the round metrics so far. The folder is built under a temporary name and renamed in one step; `LATEST`
@@ -14,6 +17,7 @@ reader sees either the old or the new version, never half of one:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -36,6 +40,7 @@ FORMAT = "splitwave-checkpoint/1"
 
 
 def token_digest(token: str) -> str:
+    """SHA-256 of a secret (session token, resume secret): what is stored instead of it."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -81,6 +86,40 @@ class Checkpointer:
         blob = {"format": FORMAT, "run_id": run_id, "clients": clients, "config_sha256": config_sha256}
         _atomic_write(self.dir / REGISTRY, json.dumps(blob, sort_keys=True).encode())
 
+    # -- adapters pushed to the open round -----------------------------------------------------------------
+    def _pending_path(self, round_idx: int, client_id: str) -> Path:
+        return self.dir / "pending" / f"r{round_idx:06d}-{client_id}.pt"
+
+    def save_pending(self, round_idx: int, client_id: str, factors: dict, num_samples: float, metrics: dict,
+                     top_slot: dict | None) -> None:
+        path = self._pending_path(round_idx, client_id)
+        path.parent.mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({"round": round_idx, "client": client_id, "num_samples": float(num_samples),
+                    "metrics": dict(metrics), "top_slot": top_slot,
+                    "factors": {k: np.asarray(v) for k, v in factors.items()}}, buf)
+        _atomic_write(path, buf.getvalue())
+
+    def drop_pending(self, round_idx: int, client_id: str) -> None:
+        self._pending_path(round_idx, client_id).unlink(missing_ok=True)
+
+    def load_pending(self, round_idx: int) -> dict[str, dict]:
+        """client id -> what `save_pending` stored for `round_idx`."""
+        out = {}
+        for p in sorted((self.dir / "pending").glob(f"r{round_idx:06d}-*.pt")):
+            blob = torch.load(p, weights_only=False)  # our own file, written by save_pending
+            if blob.get("round") == round_idx:
+                out[blob["client"]] = blob
+        return out
+
+    def _prune_pending(self, next_round: int) -> None:
+        for p in (self.dir / "pending").glob("r*.pt"):
+            try:
+                if int(p.name[1:7]) < next_round:
+                    p.unlink(missing_ok=True)
+            except ValueError:
+                pass
+
     # -- rounds --------------------------------------------------------------------------------------------
     def save_round(self, next_round: int, *, strategy, top_strategy, trainer_state: dict, base_deltas: dict,
                    last_metrics: dict, metrics_file: Path | None) -> Path:
@@ -105,6 +144,7 @@ class Checkpointer:
         os.replace(tmp, final)
         _atomic_write(self.dir / LATEST, final.name.encode())
         self._prune(final)
+        self._prune_pending(next_round)
         return final
 
     def _prune(self, newest: Path) -> None:

@@ -91,6 +91,8 @@ class RoundManager:
         self.history: list[RoundRecord] = []
         self._first_join = None
         self._closing = False
+        self.shutting_down = False  # the server is going away: waiting clients are told to retry (UNAVAILABLE)
+        self._preloaded: dict[int, dict[str, _Report]] = {}  # round -> adapters pushed before a server restart
         self._timer = threading.Thread(target=self._watch, name="round-deadline", daemon=True)
         self._alive = True
         self._timer.start()
@@ -120,6 +122,9 @@ class RoundManager:
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
+                if self.shutting_down:
+                    raise ServiceError("UNAVAILABLE", "the server is shutting down; retry (it resumes from its "
+                                                      "checkpoint)")
                 if client_id not in self.registered:
                     raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} is not registered")
                 redo = self.redo_round is not None and self.round_idx == self.redo_round == min_round - 1
@@ -138,6 +143,8 @@ class RoundManager:
     def check_training(self, client_id: str, round_idx: int) -> None:
         """Raise ServiceError unless `client_id` may train in `round_idx` now."""
         with self._cv:
+            if self.shutting_down:
+                raise ServiceError("UNAVAILABLE", "the server is shutting down; retry")
             if self.stopped:
                 raise ServiceError("FAILED_PRECONDITION", "training is over")
             if not self.is_open or round_idx != self.round_idx:
@@ -188,7 +195,7 @@ class RoundManager:
             return
         self.selected = self._select()
         self.directives = self.strategy.configure_round(self.round_idx, self.selected)
-        self.reports = {}
+        self.reports = {c: r for c, r in self._preloaded.pop(self.round_idx, {}).items() if c in self.selected}
         self.opened_at = time.monotonic()
         self.deadline = self.opened_at + self.deadline_s
         self.is_open = True
@@ -198,6 +205,10 @@ class RoundManager:
         if not self.is_open or not self._alive:  # stopped (shutdown): an interrupted round is not a result
             return
         active = [c for c in self.selected if c in self.registered]
+        if not active and not self.reports:  # everyone selected left before doing anything: not a round
+            self.is_open = False
+            log.info("round %d: every selected client left without a report; selecting again", self.round_idx)
+            return
         if all(c in self.reports for c in active) or time.monotonic() >= self.deadline:
             self._close()
 
@@ -244,6 +255,32 @@ class RoundManager:
                 self._maybe_close()
                 self._maybe_open()
                 self._cv.wait(timeout=0.05)
+
+    def selected_since(self, client_id: str) -> float | None:
+        """When (monotonic) the open round that wants work from `client_id` opened; None if none does."""
+        with self._cv:
+            if self.is_open and client_id in self.selected and client_id not in self.reports:
+                return self.opened_at
+            return None
+
+    def preload(self, round_idx: int, reports: dict[str, tuple[dict, float, dict]]) -> None:
+        """Adapters pushed for `round_idx` before a server restart: they count when that round opens again."""
+        with self._cv:
+            got = {c: _Report(f, n, m) for c, (f, n, m) in reports.items()}
+            if self.is_open and self.round_idx == round_idx:  # the watcher opened it already
+                self.reports.update({c: r for c, r in got.items() if c in self.selected})
+                self._maybe_close()
+                self._cv.notify_all()
+            else:
+                self._preloaded[round_idx] = got
+
+    def shutdown(self) -> None:
+        """Stop the deadline watcher without ending the run: waiting and training clients get UNAVAILABLE and
+        retry against the restarted server."""
+        with self._cv:
+            self._alive = False
+            self.shutting_down = True
+            self._cv.notify_all()
 
     def directive(self, client_id: str) -> ClientDirective | None:
         with self._cv:

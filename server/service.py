@@ -28,6 +28,7 @@ from protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, Code
 from protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
 from server.app import PROTOCOL_VERSION, Session, SplitServer
 from server.errors import ServiceError
+from server.peers import CallGuard
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,26 @@ BUNDLE_CHUNK = (1 << 20) - 4096  # file bytes per chunk, so each message stays u
 AWAIT_TIMEOUT_S = 3600.0
 MAX_MESSAGE_BYTES = MAX_FRAME_BYTES + (64 << 10)  # one frame plus its header: anything bigger is refused by gRPC
 STEP_TENSORS = frozenset({"h", "attention_mask", "labels"})
-RPC_THREADS_PER_CLIENT = 3  # Train (or Evaluate/PushAdapter) + AwaitRound + a retry that overlaps a dying stream
-SPARE_RPC_THREADS = 8  # Join, GetBundle, health checks, and strangers
+SPARE_RPC_THREADS = 8  # Join, health checks, reflection
 BACKENDS = ("onnxruntime", "torch", "custom")  # Capabilities.backend; "custom": a client's own edge code
 TRAINING_MODES = ("recompute", "saved")
 
 
-def peer_identity(context) -> str:
-    """The client certificate's common name under mTLS (else ""): sessions are bound to it."""
+def peer_names(context) -> tuple[str, ...]:
+    """Every name of the client certificate under mTLS (common name first, then SANs); () without one."""
     try:
         auth = context.auth_context() or {}
     except Exception:  # noqa: BLE001 - no auth context on insecure channels in some grpc builds
-        return ""
-    names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name") or []
-    return names[0].decode(errors="replace") if names else ""
+        return ()
+    names = list(auth.get("x509_common_name") or []) + list(auth.get("x509_subject_alternative_name") or [])
+    return tuple(dict.fromkeys(n.decode(errors="replace") for n in names))
+
+
+def peer_identity(context) -> str:
+    """The client certificate's identity under mTLS (its common name, else its first SAN; "" without one):
+    sessions are bound to it."""
+    names = peer_names(context)
+    return names[0] if names else ""
 
 
 def _abort(context, code: str, message: str):
@@ -96,21 +103,40 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         self.adapter_bytes = min(self.max_tensor_bytes, 4 * sum(sizes) + (64 << 10))
         self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
         self._active_lock = threading.Lock()
+        self.limits = cfg.server.limits
+        self.guard = CallGuard(self.limits, cfg.num_clients)
 
     @contextlib.contextmanager
-    def _track(self, method: str):
+    def _track(self, method: str, context, stream: bool = False):
         with self._active_lock:
             self.active[method] += 1
         try:
-            yield
+            with self.guard.call(context, method, stream) as call:
+                yield call
         finally:
             with self._active_lock:
                 self.active[method] -= 1
 
+    def limits_message(self) -> pb.Limits:
+        """The limits a client is told at Join (what exceeding them is answered with: see the proto)."""
+        cfg = self.app.cfg
+        return pb.Limits(max_frame_bytes=MAX_FRAME_BYTES, min_frame_bytes=self.limits.min_frame_bytes,
+                         # what a step or an adapter upload may decode to (each <= server.max_tensor_bytes)
+                         max_tensor_bytes=max(self.step_bytes, self.adapter_bytes), max_message_bytes=MAX_MESSAGE_BYTES,
+                         # set by the metrics-cap and value-bound guards where the config has them (0: none)
+                         max_metrics_entries=int(getattr(cfg.server, "max_metrics_entries", 0) or 0),
+                         max_abs_value=float(getattr(cfg.server, "max_abs_value", 0.0) or 0.0))
+
     # -- helpers -------------------------------------------------------------------------------------------
-    def _session(self, header, context) -> Session:
+    def _session(self, header, context, call=None) -> Session:
+        """The session of a call's header; `call` (the guard's record) then counts as that client's."""
+        if self.app.closing:
+            _abort(context, "UNAVAILABLE", "the server is shutting down; retry")
         try:
-            return self.app.session(header.session_token, header.run_id, peer_identity(context))
+            s = self.app.session(header.session_token, header.run_id, peer_names(context))
+            if call is not None:
+                self.guard.authenticate(call, s.client_id)
+            return s
         except ServiceError as e:
             _abort(context, e.code, str(e))
 
@@ -127,6 +153,14 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             _abort(context, "RESOURCE_EXHAUSTED" if e.code == "too_large" else "INVALID_ARGUMENT", str(e))
 
     def _add_frame(self, asm: Assembler, frame, context):
+        """One frame into the assembler; a frame that is not its tensor's last must carry at least
+        `min_frame_bytes` (tiny frames multiply per-frame work: 49,152 one-byte frames of a legal h cost seconds)."""
+        if frame.frame_index + 1 < frame.frame_count:
+            size = len(frame.payload) + len(frame.scales) + len(frame.indices)
+            if size < self.limits.min_frame_bytes:
+                _abort(context, "INVALID_ARGUMENT", f"frame {frame.frame_index} of tensor {frame.name[:64]!r} "
+                                                    f"carries {size} bytes; frames other than a tensor's last "
+                                                    f"must carry at least {self.limits.min_frame_bytes}")
         try:
             asm.add(frame)
         except CodecError as e:
@@ -140,11 +174,18 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
 
     # -- RPCs ----------------------------------------------------------------------------------------------
     def Join(self, request, context):
+        with self._track("Join", context):
+            return self._join(request, context)
+
+    def _join(self, request, context):
+        if self.app.closing:
+            _abort(context, "UNAVAILABLE", "the server is shutting down; retry")
         caps = request.capabilities
         self._guard(context, check_capabilities, caps, self.app.cfg.training.codec_up, self.app.cfg.training.codec_down)
-        s, current = self._guard(context, self.app.join, request.client_name, request.enrollment_secret,
-                                 caps.backend, list(caps.codecs), list(caps.training_modes), caps.protocol_version,
-                                 peer_identity(context))
+        s, current, resume = self._guard(context, self.app.join, request.client_name, request.enrollment_secret,
+                                         caps.backend, list(caps.codecs), list(caps.training_modes),
+                                         caps.protocol_version, peer_identity(context), request.resume_secret,
+                                         peer_names(context))
         cfg, tr = self.app.cfg, self.app.cfg.training
         idx = self.app.shard_indices(s)
         shard = pb.DataShard(dataset=cfg.data.dataset, split=self.app.train_spec["split"], shard_index=s.shard_index,
@@ -160,10 +201,14 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             lora_rank=cfg.lora.r, num_rounds=cfg.rounds.num_rounds)
         return pb.JoinReply(client_id=s.client_id, session_token=s.token, run_id=self.app.run_id, config=run,
                             manifest_json=json.dumps(self.app.manifest), bundle_hash=self.app.bundle_hash,
-                            current_round=current)
+                            current_round=current, resume_secret=resume, limits=self.limits_message())
 
     def GetBundle(self, request, context):
-        self._session(request.header, context)
+        with self._track("GetBundle", context) as call:
+            yield from self._get_bundle(request, context, call)
+
+    def _get_bundle(self, request, context, call):
+        self._session(request.header, context, call)
         if request.bundle_hash and request.bundle_hash != self.app.bundle_hash:
             _abort(context, "NOT_FOUND", f"unknown bundle {request.bundle_hash!r} (current: {self.app.bundle_hash})")
         files = self.app.bundle_files
@@ -185,15 +230,16 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                     if offset >= size:
                         break
 
-    def _step_stream(self, request_iterator, context, train: bool):
+    def _step_stream(self, request_iterator, context, train: bool, call):
         """Shared loop of Train and Evaluate: frames, then end_step -> result frames + end_step."""
         asm = self._assembler(self.step_bytes)
         s = None
         current = None  # (round, step) of the frames being received
         reply_cls = pb.TrainReply if train else pb.EvalReply
         for req in request_iterator:
+            call.busy()
             if s is None:
-                s = self._session(req.header, context)
+                s = self._session(req.header, context, call)
             elif req.header.session_token != s.token or req.header.run_id != self.app.run_id:
                 _abort(context, "PERMISSION_DENIED", "a stream may not change its session token or run id")
             key = (req.header.round, req.header.step)
@@ -208,6 +254,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                     _abort(context, "INVALID_ARGUMENT", f"unexpected tensor {req.frame.name[:64]!r} in a step "
                                                         f"(expected {sorted(STEP_TENSORS)})")
                 self._add_frame(asm, req.frame, context)
+                call.idle()
                 continue
             if which != "end_step":
                 _abort(context, "INVALID_ARGUMENT", "message has neither a frame nor end_step")
@@ -224,6 +271,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 loss=res.loss, correct=res.correct, count=res.count,
                 metrics={"server_s": res.compute_s, "server_batch": float(res.server_batch)}))
             current = None
+            call.idle()
         if s is None:
             _abort(context, "INVALID_ARGUMENT", "empty stream: no message carried a session")
         if asm.in_progress or current is not None:
@@ -233,24 +281,26 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                                                 f"(no end_step); the step was discarded")
 
     def Train(self, request_iterator, context):
-        with self._track("Train"):
-            yield from self._step_stream(request_iterator, context, train=True)
+        with self._track("Train", context, stream=True) as call:
+            yield from self._step_stream(request_iterator, context, True, call)
 
     def Evaluate(self, request_iterator, context):
-        with self._track("Evaluate"):
-            yield from self._step_stream(request_iterator, context, train=False)
+        with self._track("Evaluate", context, stream=True) as call:
+            yield from self._step_stream(request_iterator, context, False, call)
 
     def PushAdapter(self, request_iterator, context):
-        with self._track("PushAdapter"):
-            return self._push_adapter(request_iterator, context)
+        with self._track("PushAdapter", context, stream=True) as call:
+            return self._push_adapter(request_iterator, context, call)
+        return pb.AdapterReply()  # reached only when the guard closed the call: never sent
 
-    def _push_adapter(self, request_iterator, context):
+    def _push_adapter(self, request_iterator, context, call):
         asm = self._assembler(self.adapter_bytes)
         s, header = None, None
         names = {f["name"] for f in self.app.manifest["factors"]}
         for req in request_iterator:
+            call.busy()
             if s is None:
-                s, header = self._session(req.header, context), req.header
+                s, header = self._session(req.header, context, call), req.header
             elif req.header.session_token != s.token or req.header.run_id != header.run_id:
                 _abort(context, "PERMISSION_DENIED", "a stream may not change its session token or run id")
             elif req.header.round != header.round:
@@ -263,6 +313,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                     _abort(context, "INVALID_ARGUMENT", f"factors travel as {list(FACTOR_CODECS)}, not "
                                                         f"{req.frame.codec[:16]!r}")
                 self._add_frame(asm, req.frame, context)
+                call.idle()
             elif which == "end":
                 factors = self._finish(asm, context)
                 bad = [k for k, v in factors.items() if v.dtype != np.float32]
@@ -277,11 +328,11 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         _abort(context, "INVALID_ARGUMENT", "PushAdapter stream ended without `end`")
 
     def AwaitRound(self, request, context):
-        with self._track("AwaitRound"):
-            yield from self._await_round(request, context)
+        with self._track("AwaitRound", context) as call:
+            yield from self._await_round(request, context, call)
 
-    def _await_round(self, request, context):
-        s = self._session(request.header, context)
+    def _await_round(self, request, context, call):
+        s = self._session(request.header, context, call)
         min_round = request.header.round if request.no_wait else request.header.round + 1
         a = self._guard(context, self.app.await_round, s, min_round, AWAIT_TIMEOUT_S, context.is_active)
         if a is None:
@@ -316,6 +367,10 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                                                 if isinstance(v, (int, float))}))
 
     def Leave(self, request, context):
+        with self._track("Leave", context):
+            return self._leave(request, context)
+
+    def _leave(self, request, context):
         s = self._session(request.header, context)
         self.app.leave(s)
         log.info("client %s left: %s", s.client_id, request.reason or "-")
@@ -367,9 +422,13 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, grace: float = 2.0) -> None:
+        """Waiting and training clients get UNAVAILABLE (the run is not over: they retry, and rejoin a restarted
+        server); calls still open after `grace` are cancelled."""
         self.health.enter_graceful_shutdown()
         self.app.shutdown()
         self.server.stop(grace).wait()
+        if self.servicer is not None:
+            self.servicer.guard.stop()
 
     def __enter__(self):
         return self
@@ -378,8 +437,15 @@ class RunningServer:
         self.stop(0.5)
 
 
-def rpc_threads_needed(num_clients: int) -> int:
-    return RPC_THREADS_PER_CLIENT * num_clients + SPARE_RPC_THREADS
+def rpc_threads_needed(num_clients: int, limits=None) -> int:
+    """Every registered client's calls at once, plus every stranger's call the guard lets wait, plus spares:
+    strangers can never hold the threads registered clients need (server/peers.py)."""
+    if limits is None:
+        from splitwave.config import LimitsConfig
+
+        limits = LimitsConfig()
+    return (limits.max_calls_per_client * num_clients + limits.max_pending_calls + num_clients
+            + SPARE_RPC_THREADS)
 
 
 class BindError(RuntimeError):
@@ -424,7 +490,7 @@ def bind_server(cfg, host: str = "127.0.0.1", port: int = 0, max_workers: int | 
     The synchronous gRPC server parks one thread per open call (AwaitRound waits for a round that needs other
     clients' calls to close), so the pool is sized for every client's calls at once; calls beyond the pool are
     refused at once with RESOURCE_EXHAUSTED instead of queueing behind parked ones."""
-    need = rpc_threads_needed(cfg.num_clients)
+    need = rpc_threads_needed(cfg.num_clients, cfg.server.limits)
     if max_workers is None:
         max_workers = max(cfg.server.max_workers, need)
     elif max_workers < need:

@@ -173,6 +173,49 @@ class TopTrainer:
             self.optimizer = torch.optim.AdamW(list(self.params.values()), **self._opt_args)
             self.optimizer.load_state_dict(state["current"]["optimizer"])
 
+    def slot_state(self, client_id: str | None) -> dict:
+        """A copy of the top adapter and AdamW state `client_id` trains (sfl-v1: its own slot; else the shared
+        one), with the optimizer's step count: what `restore_slot` rolls back to."""
+        with self.lock:
+            if self.personal and client_id != self._active:
+                slot = self._slots.get(client_id)
+                values = {k: v.clone() for k, v in (slot.values if slot else self._initial).items()}
+                opt = copy.deepcopy(slot.optimizer_state) if slot else None
+            else:
+                values, opt = self._snapshot(), copy.deepcopy(self.optimizer.state_dict())
+            return {"values": values, "optimizer": opt, "steps": _opt_steps(opt)}
+
+    def restore_slot(self, client_id: str | None, state: dict, steps_since: int) -> bool:
+        """Undo `steps_since` server steps of `client_id` taken since `state` was saved (its abandoned steps).
+        Exact (adapter and AdamW state back to `state`) when nobody else trained that adapter meanwhile: always
+        in sfl-v1, in sfl-v2 only if the shared optimizer took exactly those steps (unfused). Otherwise the shared
+        adapter keeps their effect (other clients' later steps build on it) and only AdamW's step count is set
+        back. Returns whether the rollback was exact."""
+        with self.lock:
+            if self.personal:
+                slot = _Slot({k: v.clone() for k, v in state["values"].items()}, copy.deepcopy(state["optimizer"]))
+                if client_id == self._active:
+                    self._load(slot.values)
+                    self.optimizer = torch.optim.AdamW(list(self.params.values()), **self._opt_args)
+                    if slot.optimizer_state is not None:
+                        self.optimizer.load_state_dict(slot.optimizer_state)
+                else:
+                    self._slots[client_id] = slot
+                return True
+            now = _opt_steps(self.optimizer.state_dict())
+            if self.batcher is None and now - state["steps"] == steps_since:
+                self._load(state["values"])
+                self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+                return True
+            for st in self.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = st["step"] - min(steps_since, int(st["step"]))
+            return False
+
+    def optimizer_steps(self, client_id: str | None = None) -> int:
+        """Server steps the AdamW state of `client_id`'s top adapter has taken (sfl-v2: the shared one's)."""
+        return self.slot_state(client_id)["steps"]
+
     # -- compute -------------------------------------------------------------------------------------------
     def _outputs(self, steps: Sequence[StepInput]):
         """Forward of the (padded, concatenated) steps: h leaf, each step's row range, loss and (correct, count)."""
@@ -231,6 +274,14 @@ class TopTrainer:
             self._activate(client_id)
             _, _, (loss,), ((correct, count),) = self._outputs([StepInput(client_id, h, attention_mask, labels)])
             return StepResult(np.zeros(0, np.float32), float(loss), correct, count, time.perf_counter() - t0)
+
+
+def _opt_steps(optimizer_state: dict | None) -> int:
+    """AdamW's step count (the same for every parameter); 0 before the first step."""
+    for st in (optimizer_state or {}).get("state", {}).values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
 
 
 def _pad_concat(steps: Sequence[StepInput]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:

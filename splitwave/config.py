@@ -147,6 +147,29 @@ class SecurityConfig(_Strict):
     allow_list: list[str] | None = None
 
 
+class LimitsConfig(_Strict):
+    """What one peer may hold of the server (calls, threads, time, slots); see docs/security.md."""
+
+    # a frame that is not the last of its tensor must carry at least this many bytes (an honest encoder fills
+    # frames up to ~1 MiB; tiny frames only multiply per-frame work)
+    min_frame_bytes: int = Field(64 << 10, ge=1, le=1 << 20)
+    # a stream (Train, Evaluate, PushAdapter) whose first message has not arrived after this is closed
+    first_message_timeout_s: float = Field(10.0, gt=0)
+    # an authenticated stream that sends nothing for this long is closed (an edge sends its next step in seconds)
+    stream_idle_timeout_s: float = Field(300.0, gt=0)
+    # open calls of one client (session) at once: an edge needs 1-2 (a stream + one that is dying)
+    max_calls_per_client: int = Field(4, ge=1)
+    # calls that have not yet shown a session token (their first message): per peer address and in all, each
+    # plus one per client of the run; beyond these, the oldest such call is closed, so silent streams cannot
+    # pile up and a newcomer always gets in
+    max_pending_per_peer: int = Field(8, ge=1)
+    max_pending_calls: int = Field(16, ge=1)
+    # a client that joined but has not trained this long after a round selected it loses its slot when
+    # someone else needs one (two strangers' joins cannot lock the honest edges out of a run); below the ~50 s
+    # an edge keeps retrying a Join answered UNAVAILABLE
+    unused_slot_s: float = Field(30.0, gt=0)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
@@ -154,6 +177,7 @@ class ServerConfig(_Strict):
     max_tensor_bytes: int = Field(256 << 20, ge=1)
     checkpoint_dir: str | None = None
     security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 class ExperimentConfig(_Strict):

@@ -88,7 +88,8 @@ def truncated_frame(stub, j):
 
 
 def frame_missing(stub, j):
-    frames = encode("h", np.zeros((B, S, H), np.float32), max_frame_bytes=4096)
+    # frames that are not a tensor's last must carry >= server.limits.min_frame_bytes (64 KiB): a larger h
+    frames = encode("h", np.zeros((8 * B, S, H), np.float32), max_frame_bytes=70_000)
     msgs = _step(j)
     msgs[0:1] = [pb.TrainRequest(header=msgs[0].header, frame=f) for f in frames[:-1]]  # last frame never comes
     return _train(stub, msgs)
