@@ -113,7 +113,7 @@ class AggregationConfig(_Strict):
     strategy: str = "fedit"
     params: dict[str, Any] = Field(default_factory=dict)
     # clip_norm (default DEFAULT_CLIP_NORM, null: off), method (mean | median | trimmed_mean), trim_ratio
-    robust: dict[str, Any] | None = None
+    robust: dict[str, Any] | None = Field(None, validate_default=True)
     dp: dict[str, Any] | None = None
     server_opt: dict[str, Any] | None = None
 
