@@ -104,9 +104,9 @@ class RoundsConfig(_Strict):
 
 
 # L2 bound on one client's adapter UPDATE (uploaded factors minus the round's start) before aggregation, on
-# unless `aggregation.robust.clip_norm: null`. Honest updates measure at most 1.09 per round (MiniLM on SST-2;
-# tiny configs 0.27-0.74, benchmarks/update_norms.py, docs/security.md), so this does not clip them; an
-# attacker's update is cut to this norm.
+# unless `aggregation.robust.clip_norm: null`. Honest updates measure at most 1.70 per round (MiniLM on SST-2,
+# sfl-v1 top; tiny configs 0.27-0.74; benchmarks/update_norms.py, docs/security.md), so this does not clip
+# them; an attacker's update is cut to this norm.
 DEFAULT_CLIP_NORM = 5.0
 
 
