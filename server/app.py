@@ -266,7 +266,7 @@ class SplitServer:
         return make_strategy(agg.strategy, lora_alpha=self.cfg.lora.alpha, use_rslora=self.cfg.lora.rslora,
                              fan_in_fan_out=self.split.family == "gpt2", robust=agg.robust, dp=agg.dp,
                              server_opt=agg.server_opt, scope=scope,
-                             max_abs_value=self.cfg.server.security.max_abs_value, **agg.params)
+                             **{"max_abs_value": self.cfg.server.security.max_abs_value, **agg.params})
 
     def _index_bundle(self) -> dict[str, tuple[Path, str, int]]:
         files = {}

@@ -15,6 +15,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from edge.client import EdgeClient
 from net_helpers import ROOT, assert_same_factors, final_factors, make_client, rss_bytes, run_clients, serving, tiny_cfg
@@ -23,6 +26,8 @@ from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
 from server.aggregation import ClientUpdate, make_strategy
 from server.aggregation import lora_math as lm
+from server.aggregation.robust import Combiner, min_clients_for
+from server.app import checked_float32
 from server.errors import ServiceError
 from server.rounds import HISTORY_KEEP, RoundManager
 from server.trainer import StepInput, TopTrainer
@@ -396,3 +401,44 @@ def test_robust_methods_refuse_too_few_clients_at_aggregation(robust, n):
     with pytest.raises(ValueError, match="needs at least"):
         st.aggregate(0, [ClientUpdate(f"c{i}", init, 8) for i in range(n)])
     _assert_same_state(st.state_dict(), before)
+
+
+# ----------------------------------------------------------------------------- properties
+_ANY_F64 = arrays(np.float64, st.integers(1, 24), elements=st.floats(allow_nan=True, allow_infinity=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ANY_F64, st.floats(1e-3, 1e38))
+def test_checked_float32_accepts_exactly_what_float32_holds_within_the_bound(a, bound):
+    with np.errstate(over="ignore", invalid="ignore"):
+        as32 = a.astype(np.float32)
+    ok = bool(np.isfinite(as32).all() and (np.abs(as32.astype(np.float64)) <= bound).all())  # exact comparison
+    try:
+        out = checked_float32("x", a, bound)
+    except ServiceError as e:
+        assert not ok and e.code == "INVALID_ARGUMENT"
+    else:
+        assert ok and out.dtype == np.float32 and np.array_equal(out, as32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["median", "trimmed_mean"]), st.floats(0.01, 0.49), st.integers(1, 200))
+def test_min_clients_is_the_first_count_where_the_robust_rule_drops_someone(method, trim, k):
+    need = min_clients_for(method, trim)
+    if method == "median":
+        assert need == 3
+    else:  # trimmed: drops floor(trim*k) >= 1 from each end and keeps at least one value
+        dropped = int(np.floor(trim * k))
+        assert (k >= need) == (dropped >= 1 and k >= 3)
+        assert k < need or k - 2 * dropped >= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, (3, 4), elements=st.floats(-1e6, 1e6)),
+       arrays(np.float64, (3, 4), elements=st.floats(-1e6, 1e6)), st.floats(1e-3, 1e3))
+def test_clipped_update_never_exceeds_the_bound_and_honest_ones_are_untouched(new, start, c):
+    out, norm = Combiner({"clip_norm": c}).clip({"k": new}, {"k": start})
+    got = float(np.linalg.norm(out["k"] - start))
+    assert got <= c * (1 + 1e-9) + 1e-9
+    if norm <= c:
+        assert np.array_equal(out["k"], new)
