@@ -124,7 +124,7 @@ class StepBatcher:
         finally:
             with self._lock:
                 for i, p in enumerate(group):
-                    if error is None and isinstance(results[i], ServiceError):
+                    if error is None and results is not None and isinstance(results[i], ServiceError):
                         p.error = results[i]  # this participant's step alone was refused
                     elif error is None and results is not None:
                         p.result = results[i]

@@ -16,6 +16,10 @@ fused into one server step (server/batching.py decides which; `_train_fused` com
 The backward runs on the sum of the client losses and the adapter gradients are then divided by K: the
 same gradient as backward of the mean, while each client's dL_c/dh_c comes out unscaled. One client's
 fused step is the unfused step, operation for operation.
+
+No step is applied unless its loss, every adapter gradient and grad_h are finite: a client whose step is
+not gets INVALID_ARGUMENT and the adapter and AdamW state stay bit-identical; the other members of a fused
+step get the fused step of the remaining members (`_train_locked`).
 """
 from __future__ import annotations
 
@@ -213,8 +217,9 @@ class TopTrainer:
         if k > 1 and (self.personal or len({s.client_id for s in steps}) < k):
             raise ValueError("only steps of different clients sharing one top adapter can be fused")
         with self.lock:
+            t0 = time.perf_counter()
             self._activate(steps[0].client_id)
-            return self._train_locked(steps, time.perf_counter())
+            return self._train_locked(steps, t0)
 
     def _backward(self, steps: Sequence[StepInput]):
         """(lock held) Forward and backward of the steps; leaves d(mean loss)/d(adapter) in .grad, steps nothing."""
