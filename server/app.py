@@ -145,6 +145,20 @@ def data_spec(cfg: ExperimentConfig, split: str, vocab_size: int) -> dict:
             "num_labels": cfg.model.num_labels, "task": cfg.model.task}
 
 
+def checked_float32(name: str, arr: np.ndarray, bound: float) -> np.ndarray:
+    """`arr` as float32, refused unless every value is finite and |value| <= bound AFTER the cast: a float64
+    1e300 is finite on the wire but inf in float32, where it would reach the model."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(arr, dtype=np.float32)
+        top = float(np.max(np.abs(out), initial=0.0))
+    if not np.isfinite(top):
+        raise ServiceError("INVALID_ARGUMENT", f"{name} has NaN or Inf values (as float32)")
+    if top > bound:
+        raise ServiceError("INVALID_ARGUMENT", f"{name} has |value| {top:.3g} > {bound:g} "
+                                               f"(server.security.max_abs_value)")
+    return out
+
+
 def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
@@ -213,7 +227,9 @@ class SplitServer:
             expected_clients=cfg.num_clients, fraction=cfg.rounds.fraction, min_clients=cfg.rounds.min_clients,
             deadline_s=cfg.rounds.deadline_s, sequential=tr.mode == "sl", seed=cfg.seed, on_close=self._on_close,
             start_round=start_round, registered=sorted(self.by_client) or None, last_metrics=last_metrics,
-            on_checkpoint=self._checkpoint if self.checkpointer else None)
+            on_checkpoint=self._checkpoint if self.checkpointer else None,
+            max_metrics_entries=cfg.server.security.max_metrics_entries,
+            max_metric_name_bytes=cfg.server.security.max_metric_name_bytes)
         if self._pending_reports:
             self.rounds.preload(start_round, self._pending_reports)
         if self.checkpointer:
@@ -271,7 +287,8 @@ class SplitServer:
         agg = self.cfg.aggregation
         return make_strategy(agg.strategy, lora_alpha=self.cfg.lora.alpha, use_rslora=self.cfg.lora.rslora,
                              fan_in_fan_out=self.split.family == "gpt2", robust=agg.robust, dp=agg.dp,
-                             server_opt=agg.server_opt, scope=scope, **agg.params)
+                             server_opt=agg.server_opt, scope=scope,
+                             **{"max_abs_value": self.cfg.server.security.max_abs_value, **agg.params})
 
     def _index_bundle(self) -> dict[str, tuple[Path, str, int]]:
         files = {}
@@ -479,7 +496,8 @@ class SplitServer:
             vocab = int(self.split.peft_model.config.vocab_size)
             if not ((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab))).all():
                 raise ServiceError("INVALID_ARGUMENT", f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX}")
-        return h.astype(np.float32, copy=False), mask.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
+        h = checked_float32("h", h, self.cfg.server.security.max_abs_value)
+        return h, mask.astype(np.int64, copy=False), labels.astype(np.int64, copy=False)
 
     def _live(self, s: Session) -> None:
         """A stream opened before its client left or rejoined must not act for it any more."""
@@ -553,27 +571,33 @@ class SplitServer:
             if not ok:
                 raise ServiceError("INVALID_ARGUMENT", f"factor {k!r} has shape {list(v.shape)}, expected "
                                                        f"{list(want)} (rank <= {rank})")
-            if not np.isfinite(v).all():
-                raise ServiceError("INVALID_ARGUMENT", f"factor {k!r} has NaN/Inf values")
+            factors[k] = checked_float32(f"factor {k!r}", v, self.cfg.server.security.max_abs_value)
 
     def push_adapter(self, s: Session, round_idx: int, factors: dict, num_samples: float, metrics: dict):
+        """Take a client's adapter for the round it trained. The aggregation weight is the size of the shard the
+        server assigned, never the client's `num_samples` (a claim of 2^64-1 would take all the weight)."""
         self._live(s)
+        if round_idx not in s.last_step:
+            why = ("was restarted (server resumed from a checkpoint): train it again" if s.resumed else
+                   "has no training step of this client yet: train")
+            raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} {why} before pushing")
         self._check_factors(s, factors)
-        if s.resumed and round_idx not in s.last_step:
-            raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
-                                                      f"checkpoint): train it again before pushing")
+        if num_samples != s.num_samples:
+            log.debug("client %s claims %s samples; weighting by its shard's %d", s.client_id, num_samples,
+                      s.num_samples)
+        weight = float(s.num_samples)
         if self.checkpointer is None:
-            return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+            return self.rounds.submit(s.client_id, round_idx, factors, weight, metrics)
         with s.lock:  # one push of a client at a time: a refused repeat must not touch the accepted one's file
             self.rounds.check_training(s.client_id, round_idx)
             # on disk before it counts: a server that dies before the round closes still has it after a restart
             top = self.trainer.slot_state(s.client_id) if self.trainer.personal else None
             try:
-                self.checkpointer.save_pending(round_idx, s.client_id, factors, num_samples, metrics, top)
+                self.checkpointer.save_pending(round_idx, s.client_id, factors, weight, metrics, top)
             except OSError:
                 log.exception("client %s: could not checkpoint its adapter of round %d", s.client_id, round_idx)
             try:
-                return self.rounds.submit(s.client_id, round_idx, factors, num_samples, metrics)
+                return self.rounds.submit(s.client_id, round_idx, factors, weight, metrics)
             except ServiceError:
                 self.checkpointer.drop_pending(round_idx, s.client_id)
                 raise
@@ -589,8 +613,13 @@ class SplitServer:
 
             ups = [ClientUpdate(c, self.trainer.factors(c), self.shard_indices(self.by_client[c]).size
                                 if c in self.by_client else 1) for c in rec.reported]
-            res = self.top_strategy.aggregate(rec.round_idx, ups)
-            for c in self.trainer.client_ids():
+            try:
+                res = self.top_strategy.aggregate(rec.round_idx, ups)
+            except ValueError as err:  # e.g. a non-finite aggregate: every client keeps its top adapter
+                res = None
+                rec.refused = "; ".join(x for x in (rec.refused, f"top: {err}") if x)
+                log.error("round %d: top aggregate refused, top adapters unchanged: %s", rec.round_idx, err)
+            for c in self.trainer.client_ids() if res is not None else ():
                 view = (res.client_factors or {}).get(c) or res.global_factors
                 if view:
                     self.trainer.set_factors(view, c)
@@ -606,6 +635,9 @@ class SplitServer:
                 "aggregation": rec.result.metrics if rec.result is not None else {}, "clients": rec.client_metrics}
         if rec.round_idx == 0 and self.pre_eval is not None:
             line["pre_eval"] = self.pre_eval  # in the line only: `out` goes to the clients as numbers
+        if rec.refused:
+            line["aggregate_refused"] = rec.refused
+            out["aggregate_refused"] = 1.0
         if self.meter is not None:
             line["bytes"] = {f"{c}|{d}|{m}": n for (c, d, m), n in self.meter.snapshot().items()}
         with open(self.metrics_path, "a") as f:

@@ -10,7 +10,8 @@ served in arrival order.
 
 A group that fails fails for every participant alike (a `ServiceError` naming the cause); the batcher
 itself keeps serving. Steps are validated before they get here, so one client's bad input never joins a
-group.
+group; a step that passes validation and still makes the loss or gradients non-finite is refused on its
+own: `run` returns a `ServiceError` in that participant's place and the others get their results.
 """
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ class StepBatcher:
         finally:
             with self._lock:
                 for i, p in enumerate(group):
-                    if error is None and results is not None:
+                    if error is None and results is not None and isinstance(results[i], ServiceError):
+                        p.error = results[i]  # this participant's step alone was refused
+                    elif error is None and results is not None:
                         p.result = results[i]
                     else:  # also when `run` was interrupted by a BaseException: nobody waits forever
                         p.error = error or ServiceError("INTERNAL", "server step was interrupted")

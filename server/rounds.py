@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,20 @@ from server.aggregation.base import AggregateResult, ClientDirective, ClientUpda
 from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
+
+HISTORY_KEEP = 64  # closed rounds kept in memory (server_metrics.jsonl has them all)
+
+
+def check_metrics(metrics: dict, max_entries: int, max_name_bytes: int) -> dict[str, float]:
+    """A client-sent metrics map, refused when it is larger than the server keeps (it is logged every round)."""
+    if len(metrics) > max_entries:
+        raise ServiceError("INVALID_ARGUMENT", f"metrics map has {len(metrics)} entries; at most {max_entries} "
+                                               f"are accepted (server.security.max_metrics_entries)")
+    long = [k for k in metrics if len(str(k).encode()) > max_name_bytes]
+    if long:
+        raise ServiceError("INVALID_ARGUMENT", f"metric name {str(long[0])[:32]!r}... is longer than "
+                                               f"{max_name_bytes} bytes (server.security.max_metric_name_bytes)")
+    return {str(k): float(v) for k, v in metrics.items()}
 
 
 @dataclass
@@ -52,6 +67,7 @@ class RoundRecord:
     closed_at: float
     result: AggregateResult | None
     client_metrics: dict[str, dict[str, float]]
+    refused: str = ""  # why the aggregate was not committed (the previous global adapter stays), "" if it was
 
 
 class RoundManager:
@@ -61,7 +77,8 @@ class RoundManager:
                  on_close: Callable[[RoundRecord], dict[str, float] | None] | None = None,
                  start_round: int = 0, registered: list[str] | None = None,
                  on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
-                 last_metrics: dict[str, float] | None = None):
+                 last_metrics: dict[str, float] | None = None, max_metrics_entries: int = 64,
+                 max_metric_name_bytes: int = 64):
         self.strategy = strategy
         self.num_rounds = num_rounds
         self.expected_clients = expected_clients
@@ -73,6 +90,8 @@ class RoundManager:
         self.seed = seed
         self.on_close = on_close
         self.on_checkpoint = on_checkpoint
+        self.max_metrics_entries = max_metrics_entries
+        self.max_metric_name_bytes = max_metric_name_bytes
         # after a restart from a checkpoint, the round that was open when the server died is run again; a
         # client that had already finished it (waits for the round after) is handed it once more
         self.redo_round = start_round if start_round > 0 or registered else None
@@ -88,7 +107,7 @@ class RoundManager:
         self.stopped = start_round >= num_rounds
         self.stop_reason = "max_rounds" if self.stopped else ""
         self.last_metrics: dict[str, float] = dict(last_metrics or {})
-        self.history: list[RoundRecord] = []
+        self.history: deque[RoundRecord] = deque(maxlen=HISTORY_KEEP)
         self._first_join = None
         self._closing = False
         self.shutting_down = False  # the server is going away: waiting clients are told to retry (UNAVAILABLE)
@@ -161,6 +180,7 @@ class RoundManager:
         """Accept a client's adapter for the open round; returns (reported, expected)."""
         with self._cv:
             self.check_training(client_id, round_idx)
+            metrics = check_metrics(metrics or {}, self.max_metrics_entries, self.max_metric_name_bytes)
             if not num_samples > 0:
                 raise ServiceError("INVALID_ARGUMENT", f"num_samples must be > 0, got {num_samples}")
             expected = set(self.directives[client_id].upload_keys)
@@ -169,7 +189,7 @@ class RoundManager:
                 raise ServiceError("INVALID_ARGUMENT",
                                  f"adapter keys do not match the round's upload list: missing {missing[:3]}, "
                                  f"unexpected {extra[:3]}")
-            self.reports[client_id] = _Report(factors, float(num_samples), dict(metrics or {}))
+            self.reports[client_id] = _Report(factors, float(num_samples), metrics)
             reported, want = len(self.reports), len(self.selected)
             self._maybe_close()
             self._cv.notify_all()
@@ -218,14 +238,16 @@ class RoundManager:
         self._closing = True
         late = [c for c in self.selected if c not in self.reports]
         updates = [ClientUpdate(c, r.factors, r.num_samples) for c, r in sorted(self.reports.items())]
-        result = None
+        result, refused = None, ""
         try:
             if updates:
                 result = self.strategy.aggregate(self.round_idx, updates)
         except Exception as err:  # a bad aggregate must not kill the server: keep the previous adapter
-            log.exception("round %d: aggregation failed (%s); adapters unchanged", self.round_idx, err)
+            refused = f"{type(err).__name__}: {err}"
+            log.error("round %d: aggregate refused, the previous global adapter stays: %s", self.round_idx, refused,
+                      exc_info=not isinstance(err, ValueError))
         record = RoundRecord(self.round_idx, list(self.selected), sorted(self.reports), late, self.opened_at,
-                             time.monotonic(), result, {c: r.metrics for c, r in self.reports.items()})
+                             time.monotonic(), result, {c: r.metrics for c, r in self.reports.items()}, refused)
         if late:
             log.warning("round %d closed without %s (deadline)", self.round_idx, ", ".join(late))
         extra = None
@@ -234,7 +256,8 @@ class RoundManager:
                 extra = self.on_close(record)
             except Exception:
                 log.exception("round %d: on_close hook failed", self.round_idx)
-        self.last_metrics = dict(result.metrics if result else {}) | dict(extra or {})
+        self.last_metrics = (dict(result.metrics if result else {}) | dict(extra or {})
+                             | ({"aggregate_refused": 1.0} if record.refused else {}))
         self.history.append(record)
         self.round_idx += 1
         self._closing = False

@@ -124,8 +124,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                          # what a step or an adapter upload may decode to (each <= server.max_tensor_bytes)
                          max_tensor_bytes=max(self.step_bytes, self.adapter_bytes), max_message_bytes=MAX_MESSAGE_BYTES,
                          # set by the metrics-cap and value-bound guards where the config has them (0: none)
-                         max_metrics_entries=int(getattr(cfg.server, "max_metrics_entries", 0) or 0),
-                         max_abs_value=float(getattr(cfg.server, "max_abs_value", 0.0) or 0.0))
+                         max_metrics_entries=cfg.server.security.max_metrics_entries,
+                         max_abs_value=cfg.server.security.max_abs_value)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _session(self, header, context, call=None) -> Session:

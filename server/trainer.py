@@ -16,6 +16,10 @@ fused into one server step (server/batching.py decides which; `_train_fused` com
 The backward runs on the sum of the client losses and the adapter gradients are then divided by K: the
 same gradient as backward of the mean, while each client's dL_c/dh_c comes out unscaled. One client's
 fused step is the unfused step, operation for operation.
+
+No step is applied unless its loss, every adapter gradient and grad_h are finite: a client whose step is
+not gets INVALID_ARGUMENT and the adapter and AdamW state stay bit-identical; the other members of a fused
+step get the fused step of the remaining members (`_train_locked`).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from peft import get_peft_model_state_dict
 
 from server import compute
 from server.batching import StepBatcher
+from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -239,33 +244,71 @@ class TopTrainer:
         step = StepInput(client_id, h, attention_mask, labels)
         if self.batcher is not None:
             return self.batcher.submit(client_id, step)
-        return compute.run(self._train_fused, [step])[0]
+        (result,) = compute.run(self._train_fused, [step])
+        if isinstance(result, ServiceError):
+            raise result
+        return result
 
     def eval_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
                   labels: np.ndarray) -> StepResult:
         return compute.run(self._eval_step, client_id, h, attention_mask, labels)
 
-    def _train_fused(self, steps: Sequence[StepInput]) -> list[StepResult]:
-        """One server step for the steps of len(steps) clients (see the module docstring)."""
+    def _train_fused(self, steps: Sequence[StepInput]) -> list[StepResult | ServiceError]:
+        """One server step for the steps of len(steps) clients (see the module docstring); a step whose loss,
+        gradients or grad_h would not be finite gets a ServiceError in its place (see `_train_locked`)."""
         k = len(steps)
         if k > 1 and (self.personal or len({s.client_id for s in steps}) < k):
             raise ValueError("only steps of different clients sharing one top adapter can be fused")
         with self.lock:
             t0 = time.perf_counter()
             self._activate(steps[0].client_id)
-            self.optimizer.zero_grad(set_to_none=True)
-            h_t, rows, losses, stats = self._outputs(steps)
-            (losses[0] if k == 1 else torch.stack(losses).sum()).backward()
-            if k > 1:  # d(mean of the K losses)/d(adapter)
-                for p in self.params.values():
-                    if p.grad is not None:
-                        p.grad.div_(k)
+            return self._train_locked(steps, t0)
+
+    def _backward(self, steps: Sequence[StepInput]):
+        """(lock held) Forward and backward of the steps; leaves d(mean loss)/d(adapter) in .grad, steps nothing."""
+        self.optimizer.zero_grad(set_to_none=True)
+        h_t, rows, losses, stats = self._outputs(steps)
+        (losses[0] if len(steps) == 1 else torch.stack(losses).sum()).backward()
+        if len(steps) > 1:  # d(mean of the K losses)/d(adapter)
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.div_(len(steps))
+        return h_t.grad.numpy(), rows, losses, stats
+
+    def _grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.params.values() if p.grad is not None)
+
+    def _train_locked(self, steps: Sequence[StepInput], t0: float) -> list[StepResult | ServiceError]:
+        """(lock held) The step is applied only if every loss, adapter gradient and grad_h is finite; else the
+        adapter and AdamW state stay exactly as they were. In a fused step the members at fault (rows are
+        independent, so a member's own loss / grad_h show it; failing that, each is tried alone) are refused
+        and the others' step is computed again without them."""
+        k = len(steps)
+        grad, rows, losses, stats = self._backward(steps)
+        bad = [i for i, ((r0, r1), s, loss) in enumerate(zip(rows, steps, losses))
+               if not (torch.isfinite(loss) and np.isfinite(grad[r0:r1, :s.h.shape[1]]).all())]
+        if not bad and self._grads_finite():
             self.optimizer.step()
-            grad = h_t.grad.numpy()
             dt = time.perf_counter() - t0
             return [StepResult(grad if k == 1 else np.ascontiguousarray(grad[r0:r1, :s.h.shape[1]]),
                                float(loss.detach()), correct, count, dt, k)
                     for s, (r0, r1), loss, (correct, count) in zip(steps, rows, losses, stats)]
+        self.optimizer.zero_grad(set_to_none=True)
+        if not bad and k > 1:  # only the summed adapter gradient overflowed: find who makes it so alone
+            for i, s in enumerate(steps):
+                self._backward([s])
+                if not self._grads_finite():
+                    bad.append(i)
+                self.optimizer.zero_grad(set_to_none=True)
+        if not bad:
+            bad = list(range(k))
+        refusal = ServiceError("INVALID_ARGUMENT", "server step refused: the loss, adapter gradients or grad_h of "
+                                                   "this client's step are not finite (NaN/Inf); nothing was applied")
+        log.warning("server step refused for client(s) %s: non-finite loss/gradients (fused with %d)",
+                    [steps[i].client_id for i in bad], k)
+        good = [i for i in range(k) if i not in bad]
+        done = dict(zip(good, self._train_locked([steps[i] for i in good], t0))) if good else {}
+        return [done.get(i, refusal) for i in range(k)]
 
     @torch.no_grad()
     def _eval_step(self, client_id, h, attention_mask, labels) -> StepResult:

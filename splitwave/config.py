@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -103,12 +104,28 @@ class RoundsConfig(_Strict):
     eval_every: int = Field(1, ge=1)
 
 
+# L2 bound on one client's adapter UPDATE (uploaded factors minus the round's start) before aggregation, on
+# unless `aggregation.robust.clip_norm: null`. Honest updates measure at most 1.70 per round (MiniLM on SST-2,
+# sfl-v1 top; tiny configs 0.27-0.74; benchmarks/update_norms.py, docs/security.md), so this does not clip
+# them; an attacker's update is cut to this norm.
+DEFAULT_CLIP_NORM = 5.0
+
+
 class AggregationConfig(_Strict):
     strategy: str = "fedit"
     params: dict[str, Any] = Field(default_factory=dict)
-    robust: dict[str, Any] | None = None
+    # clip_norm (default DEFAULT_CLIP_NORM, null: off), method (mean | median | trimmed_mean), trim_ratio
+    robust: dict[str, Any] | None = Field(None, validate_default=True)
     dp: dict[str, Any] | None = None
     server_opt: dict[str, Any] | None = None
+
+    @field_validator("robust", mode="after")
+    @classmethod
+    def _clip_by_default(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        out = {"clip_norm": DEFAULT_CLIP_NORM, **(v or {})}
+        if out["clip_norm"] is None:
+            del out["clip_norm"]
+        return out
 
 
 class ChannelConfig(_Strict):
@@ -145,6 +162,13 @@ class SecurityConfig(_Strict):
     client_ca: str | None = None  # mTLS: CA that signs client certificates
     enrollment_secret: str | None = None
     allow_list: list[str] | None = None
+    # every float a client sends (activations after decoding to float32, adapter factors) must be finite and
+    # at most this in absolute value (sent to clients as JoinReply.limits.max_abs_value)
+    max_abs_value: float = Field(1e4, gt=0)
+    # a client-sent metrics map (PushAdapter's AdapterEnd.metrics) may hold at most this many entries, each
+    # name at most max_metric_name_bytes bytes (JoinReply.limits.max_metrics_entries)
+    max_metrics_entries: int = Field(64, ge=0)
+    max_metric_name_bytes: int = Field(64, ge=1)
 
 
 class LimitsConfig(_Strict):
@@ -214,7 +238,24 @@ class ExperimentConfig(_Strict):
                              f"tokenizer; set model.tokenizer: minilm")
         if self.model.task == "causal-lm" and self.data.partition == "dirichlet":
             raise ValueError("data.partition: 'dirichlet' skews class labels and causal-LM data has none; use 'iid'")
+        self._robust_has_enough_clients()
         return self
+
+    def _robust_has_enough_clients(self) -> None:
+        """Median / trimmed mean over fewer clients than they need are a plain mean: refuse them here."""
+        from server.aggregation.robust import min_clients_for
+
+        robust = self.aggregation.robust or {}
+        try:
+            need = min_clients_for(robust.get("method", "mean"), robust.get("trim_ratio", 0.1))
+        except ValueError as e:
+            raise ValueError(f"aggregation.robust: {e}") from None
+        per_round = 1 if self.training.mode == "sl" else min(
+            self.num_clients, max(self.rounds.min_clients, math.ceil(self.rounds.fraction * self.num_clients)))
+        if per_round < need:
+            raise ValueError(f"aggregation.robust.method {robust['method']!r} needs at least {need} clients per "
+                             f"round to resist one bad client (got {per_round}: num_clients {self.num_clients}, "
+                             f"rounds.fraction {self.rounds.fraction}, rounds.min_clients {self.rounds.min_clients})")
 
 
 SET_FORM = "write --set KEY=VALUE as one argument, e.g. --set training.batch_size=8"

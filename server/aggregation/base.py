@@ -94,7 +94,8 @@ class Strategy:
     def __init__(self, *, lora_alpha: float = 16.0, use_rslora: bool = False,
                  client_ranks: Mapping[str, int] | None = None, fan_in_fan_out: bool | Iterable[str] = (),
                  robust: Mapping | None = None, dp: Mapping | None = None, server_opt: Mapping | None = None,
-                 error_metrics: bool = True, dtype: str = "float32", scope: str = "default"):
+                 error_metrics: bool = True, dtype: str = "float32", scope: str = "default",
+                 max_abs_value: float | None = None):
         if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         self.lora_alpha = float(lora_alpha)
@@ -117,6 +118,9 @@ class Strategy:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype = np.dtype(dtype)
         self.scope = str(scope)
+        if max_abs_value is not None and not (isinstance(max_abs_value, (int, float)) and max_abs_value > 0):
+            raise ValueError(f"max_abs_value must be a positive number or None, got {max_abs_value!r}")
+        self.max_abs_value = max_abs_value  # bound on every value an aggregate may commit (None: finite only)
         self.shapes: dict[str, tuple[int, int, int]] = {}   # module -> (d_out, d_in, global rank)
         self.global_A: dict[str, np.ndarray] = {}
         self.global_B: dict[str, np.ndarray] = {}
@@ -390,8 +394,26 @@ class Strategy:
             metrics["agg_error_fro"] = math.sqrt(err_sq)
             metrics["agg_error_rel"] = math.sqrt(err_sq / tgt_sq) if tgt_sq > 0 else 0.0
         metrics.update(self.combiner.end_round())
+        metrics["aggregate_max_abs"] = self._check_output(result)
         log.debug("%s[%s] round %d: %s", self.name, self.scope, round_idx, metrics)
         return result
+
+    def _check_output(self, result: AggregateResult) -> float:
+        """Refuse (ValueError, so `aggregate` rolls the state back) an aggregate with a non-finite value or one
+        beyond `max_abs_value`, before anybody loads it; return its largest absolute value."""
+        arrays = [("global", k, v) for k, v in (result.global_factors or {}).items()]
+        arrays += [(f"client {c}", k, v) for c, f in result.client_factors.items() for k, v in f.items()]
+        arrays += [("base delta", k, v) for k, v in result.base_deltas.items()]
+        arrays += [("base delta factor", k, x) for k, xs in result.base_delta_factors.items() for x in xs]
+        top = 0.0
+        for where, k, v in arrays:
+            m = float(np.max(np.abs(v), initial=0.0))
+            if not math.isfinite(m) or (self.max_abs_value is not None and m > self.max_abs_value):
+                raise ValueError(f"{self.name}[{self.scope}]: aggregate {where} {k!r} has "
+                                 f"{'NaN/Inf values' if not math.isfinite(m) else f'|value| {m:.3g}'} "
+                                 f"(bound {self.max_abs_value}); not committed")
+            top = max(top, m)
+        return top
 
     def _after_round(self, checked) -> None:
         """Hook for per-round state changes (RoLoRA's phase flip)."""

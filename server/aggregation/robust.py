@@ -22,6 +22,23 @@ from .privacy import RDPAccountant
 METHODS = ("mean", "median", "trimmed_mean")
 
 
+def min_clients_for(method: str, trim_ratio: float = 0.1) -> int:
+    """Fewest clients a round needs for `method` to differ from a plain mean, i.e. to outvote one bad client:
+    the median needs 3 (with 2 it is their mean), the trimmed mean needs floor(trim_ratio * K) >= 1."""
+    if method not in METHODS:
+        raise ValueError(f"robust.method must be one of {METHODS}, got {method!r}")
+    if method == "median":
+        return 3
+    if method == "trimmed_mean":
+        if not isinstance(trim_ratio, (int, float)) or not 0.0 < trim_ratio < 0.5:
+            raise ValueError(f"robust.trim_ratio must be in (0, 0.5) for trimmed_mean, got {trim_ratio!r}")
+        k = 3
+        while math.floor(trim_ratio * k) < 1:
+            k += 1
+        return k
+    return 1
+
+
 def _check_keys(cfg: Mapping, allowed: set, what: str) -> None:
     unknown = set(cfg) - allowed
     if unknown:
@@ -48,7 +65,9 @@ class Combiner:
         self.trim_ratio = float(robust.get("trim_ratio", 0.1))
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ValueError(f"robust.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
-        self.clip_norm = _positive("robust.clip_norm", robust["clip_norm"]) if "clip_norm" in robust else None
+        self.min_clients = min_clients_for(self.method, self.trim_ratio)
+        clip = robust.get("clip_norm")  # None or absent: no clipping
+        self.clip_norm = _positive("robust.clip_norm", clip) if clip is not None else None
         self.dp = bool(dp)
         if self.dp:
             if self.method != "mean":
@@ -80,6 +99,9 @@ class Combiner:
         return {k: start.get(k, 0.0) + f * d for k, d in deltas.items()}, norm
 
     def begin_round(self, num_clients: int) -> None:
+        if num_clients < self.min_clients:
+            raise ValueError(f"robust.method {self.method!r} needs at least {self.min_clients} clients, "
+                             f"{num_clients} reported: refusing to aggregate (it would be a plain mean)")
         self._num_clients = num_clients
 
     def combine(self, arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
