@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from edge.client import EdgeClient
 from edge.security import channel_credentials
-from net_helpers import (BASE, ROOT, assert_same_factors, final_factors, free_port, make_client, rss_bytes,
+from net_helpers import (BASE, CAPS, ROOT, assert_same_factors, final_factors, free_port, make_client, rss_bytes,
                          run_clients, serving, tiny_cfg)
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
@@ -71,7 +71,7 @@ def _code(fn, *a, **k):
 def _join(address, name, creds=None, **fields):
     ch = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
     with ch:
-        return pb_grpc.SplitWaveStub(ch).Join(pb.JoinRequest(client_name=name, **fields), timeout=10)
+        return pb_grpc.SplitWaveStub(ch).Join(pb.JoinRequest(client_name=name, capabilities=CAPS, **fields), timeout=10)
 
 
 def _wait(pred, timeout, what):
@@ -276,7 +276,7 @@ def test_silent_streams_are_closed_after_their_timeouts(tmp_path):
         code, _ = _code(lambda: list(stub.Train(iter(q.get, None), timeout=60)))
         q.put(None)
         assert code == C.CANCELLED and srv.servicer.guard.closed["first_message_timeout"] == 1
-        j = stub.Join(pb.JoinRequest(client_name="e0"), timeout=10)
+        j = stub.Join(pb.JoinRequest(client_name="e0", capabilities=CAPS), timeout=10)
         _wait(lambda: srv.app.rounds.is_open, 10, "round 0")
         q = queue.Queue()
         for m in _step_msgs(j, np.zeros((8, 16, 32), np.float32)):
@@ -294,7 +294,7 @@ def test_tiny_frames_refused_at_the_first(tmp_path):
     cfg = tiny_cfg(num_clients=1)
     with serving(cfg, tmp_path / "run") as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.SplitWaveStub(ch)
-        j = stub.Join(pb.JoinRequest(client_name="e0"), timeout=10)
+        j = stub.Join(pb.JoinRequest(client_name="e0", capabilities=CAPS), timeout=10)
         _wait(lambda: srv.app.rounds.is_open, 10, "round 0")
         h = np.zeros((8, 16, 32), np.float32)
         raw = h.tobytes()
@@ -323,7 +323,7 @@ def test_calls_per_client_are_bounded(tmp_path):
     cfg = tiny_cfg(num_clients=2, server={"limits": {"max_calls_per_client": 2}})
     with serving(cfg, tmp_path / "run") as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.SplitWaveStub(ch)
-        j = stub.Join(pb.JoinRequest(client_name="e0"), timeout=10)
+        j = stub.Join(pb.JoinRequest(client_name="e0", capabilities=CAPS), timeout=10)
         hdr = pb.Header(session_token=j.session_token, run_id=j.run_id)
         msg = pb.TrainRequest(header=hdr, frame=encode("h", np.zeros((8, 16, 32), np.float32))[0])
         calls = []
@@ -404,7 +404,7 @@ def test_sigterm_answers_waiting_clients_unavailable_and_exits(tmp_path):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.SplitWaveStub(ch)
-            j = stub.Join(pb.JoinRequest(client_name="e0"), timeout=10)
+            j = stub.Join(pb.JoinRequest(client_name="e0", capabilities=CAPS), timeout=10)
             out = {}
 
             def wait_round():
