@@ -521,10 +521,13 @@ def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_w
     servicer = SplitWaveServicer(app)
 
     def key(request, context) -> str:
+        """Bytes are counted per client id; a name a Join only claims is not one yet (a stranger sending Joins
+        under ever new names must not grow the meter), so a first Join counts under "(joining)"."""
         header = getattr(request, "header", None)
         if header is not None and header.session_token in app.sessions:
             return app.sessions[header.session_token].client_id
-        return getattr(request, "client_name", "") or "unknown"
+        name = getattr(request, "client_name", "")
+        return name if name in app.by_client else "(joining)"
 
     add_metered_servicer_to_server(servicer, server, meter, key)
     health_servicer = health.HealthServicer()
