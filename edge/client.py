@@ -53,7 +53,15 @@ class SessionLost(EdgeError):
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size. Linux: VmHWM, because ru_maxrss keeps the peak of the process that
+    forked us (a 500 MB parent makes a 10 MB child report 511 MB, measured); elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -533,8 +541,9 @@ def format_summary(s: dict) -> str:
     if "train_loss" in lr:
         lines.append(f"  last round ({lr['round']}): {lr['steps']} steps, train loss {lr['train_loss']:.4f}, "
                      f"train accuracy {lr['train_accuracy']:.3f}")
-    if s.get("final_metrics"):
-        lines.append("  global model: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(s["final_metrics"].items())))
+    evals = {k: v for k, v in (s.get("final_metrics") or {}).items() if k.startswith("eval_")}
+    if evals:  # the rest (aggregation details) is in --metrics / --json
+        lines.append("  global model: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in sorted(evals.items())))
     lines.append(f"  traffic: {_mb(s['bytes_up'])} up, {_mb(s['bytes_down'])} down")
     lines.append(f"  time: {s['wall_s']:.1f} s; retries {s['retries']}, rejoins {s['rejoins']}")
     lines.append(f"  peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB (whole process)")

@@ -276,3 +276,17 @@ def test_session_lost_mid_round_rejoins_and_redoes_the_round(tmp_path):
             assert json.loads(files[0].read_text())["resume_secret"] == c._resume_secret
         else:
             assert not files
+
+
+def test_peak_rss_is_this_process_not_the_parent_that_forked_it():
+    """ru_maxrss survives fork + exec: an edge started by a big process (a test runner, the simulator) would
+    report the parent's size. The summary's figure must be the edge's own."""
+    from edge.client import peak_rss_bytes
+
+    ballast = bytearray(300 << 20)  # touch 300 MiB in this (parent) process
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = "from edge.client import peak_rss_bytes; print(peak_rss_bytes())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    child = int(p.stdout.strip())
+    assert child < 200 << 20 < peak_rss_bytes(), (child, peak_rss_bytes())
+    del ballast
