@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import re
 import resource
 import shutil
 import sys
@@ -155,7 +156,8 @@ class EdgeClient:
         if not self.opts.name:
             return None
         key = hashlib.sha256(f"{self.target}|{self.opts.name}".encode()).hexdigest()[:16]
-        return self.opts.cache_dir / "sessions" / f"{self.opts.name}-{key}.json"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.opts.name)[:64]
+        return self.opts.cache_dir / "sessions" / f"{safe}-{key}.json"
 
     def _load_secret(self) -> str:
         path = self._secret_file()
