@@ -183,9 +183,9 @@ class EdgeClient:
         previous = self.joined
         name = previous.client_id if previous is not None else self.opts.name
         secret = self._resume_secret or self._load_secret()
+        cached = [p.parent.name for p in self.opts.cache_dir.glob("*/manifest.json")]  # complete bundles only
         caps = pb.Capabilities(protocol_version=1, backend=self.opts.backend, codecs=list(CODECS),
-                               training_modes=["recompute", "saved"],
-                               cached_bundle_hashes=[p.name for p in self.opts.cache_dir.glob("*") if p.is_dir()])
+                               training_modes=["recompute", "saved"], cached_bundle_hashes=cached)
         req = pb.JoinRequest(client_name=name, enrollment_secret=self.opts.enrollment_secret, capabilities=caps,
                              resume_secret=secret)
         reached = self.retrier.reached
