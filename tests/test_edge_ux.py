@@ -191,10 +191,10 @@ def test_data_search_order_and_the_error_names_every_place(tmp_path, monkeypatch
     monkeypatch.delenv("SPLITWAVE_DATA_DIR")
     monkeypatch.delenv("SPLITWAVE_SHARED")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataNotFound) as e:
-        find_data_file("sst2/train.tsv")
+    with pytest.raises(DataNotFound) as e:  # a name no checkout has, so that ../shared/data misses it too
+        find_data_file("sst2/absent.tsv")
     msg = str(e.value)
-    assert "sst2/train.tsv" in msg and str(tmp_path / "data" / "sst2" / "train.tsv") in msg
+    assert "sst2/absent.tsv" in msg and str(tmp_path / "data" / "sst2" / "absent.tsv") in msg
     assert "../shared/data" in msg and "--data-dir" in msg and "SPLITWAVE_DATA_DIR" in msg
 
 
