@@ -83,11 +83,11 @@ class Retrier:
     def call(self, fn: Callable[[float], T], what: str) -> T:
         """`fn(time_left_s)`; the clock starts at the first failure (a long poll that fails after an hour still
         gets its full budget), except before first contact, when it starts now."""
-        budget = self.policy.total_s if self.reached else self.policy.connect_s
         start = time.monotonic() if not self.reached else None
         wait, attempt = self.policy.first_wait_s, 0
         while True:
             attempt += 1
+            budget = self.policy.total_s if self.reached else self.policy.connect_s
             left = budget if start is None else budget - (time.monotonic() - start)
             try:
                 out = fn(max(left, 1.0))
@@ -98,12 +98,15 @@ class Retrier:
                 if healable is None:
                     self.reached = True
                     raise
+                if e.code() == C.RESOURCE_EXHAUSTED:  # the server answered (busy): the connection is fine
+                    self.reached = True
                 now = time.monotonic()
                 start = now if start is None else start
                 elapsed = now - start
                 if not healable:
                     raise Unreachable(f"{what}: {cause}") from None
                 pause = min(wait * (0.5 + random.random()), self.policy.max_wait_s)
+                budget = self.policy.total_s if self.reached else self.policy.connect_s
                 if elapsed + pause > budget:
                     raise Unreachable(f"{what}: {cause} (gave up after {attempt} attempts in {elapsed:.0f} s; "
                                       f"{'--connect-timeout' if not self.reached else '--retry-for'} "

@@ -156,6 +156,18 @@ def test_only_healable_failures_are_retried_and_the_budget_holds():
     assert r.call(flaky, "X") == "ok" and len(slept) == 3 and r.retries == 3
     with pytest.raises(Unreachable, match="h:9"):
         r.call(lambda left: (_ for _ in ()).throw(wrong_tls), "X")
+    # a busy server (full call slots) has answered: its retries get the long budget, not the connect time
+    busy = _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded")
+    fresh = Retrier("h:9", RetryPolicy(connect_s=0.1, total_s=30, first_wait_s=1), sleep=slept.append)
+    answers = iter([busy, busy, "joined"])
+
+    def join(left):
+        a = next(answers)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert fresh.call(join, "Join") == "joined" and fresh.retries == 2
     with pytest.raises(grpc.RpcError):  # the server's own answer goes back to the caller untouched
         r.call(lambda left: (_ for _ in ()).throw(_Err(grpc.StatusCode.INVALID_ARGUMENT, "bad")), "X")
 
