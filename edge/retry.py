@@ -46,7 +46,7 @@ def diagnose(e: grpc.RpcError, target: str, tls: bool, reached: bool) -> tuple[b
     if code not in TRANSPORT:
         return None, f"{target} answered {code.name}: {details}"
     if "handshake" in d or "ssl" in d or "certificate" in d:
-        if "wrong_version_number" in d or "record" in d and "too long" in d:
+        if "wrong_version_number" in d or ("record" in d and "too long" in d):
             cause = f"{target} does not speak TLS (connected with --ca to a plaintext server): drop --ca/--cert/--key"
         elif "certificate_verify_failed" in d or "unable to get local issuer" in d:
             cause = f"the certificate of {target} is not signed by the CA given with --ca"
@@ -62,6 +62,8 @@ def diagnose(e: grpc.RpcError, target: str, tls: bool, reached: bool) -> tuple[b
     if "errors resolving" in d or "dns" in d or "domain name not found" in d or "name resolution" in d:
         return reached, f"cannot resolve the host of {target}: check the address"
     if "connection refused" in d:
+        if reached:
+            return True, f"{target} refused the connection (server restarting?)"
         return True, (f"nothing is listening at {target} (connection refused): is the server running there? "
                       f"(a first start exports the edge bundle before it listens)")
     if code == C.DEADLINE_EXCEEDED and not reached:
