@@ -1,16 +1,15 @@
-"""Where the read-only shared data (traces, specs) lives: `../shared` beside the repo root."""
+"""Where the read-only shared data (traces, specs) lives: `../shared` beside the repo root, or $SPLITWAVE_SHARED.
+
+The resolver itself is `edge.paths` (torch-free, no channel_sim import), so the edge, the server and the link
+models agree on one folder and one environment variable.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from edge.paths import shared_dir
 
-def shared_dir() -> Path:
-    """The shared folder; env SPLITWAVE_SHARED overrides so tests/CI can point elsewhere."""
-    env = os.environ.get("SPLITWAVE_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared"
+__all__ = ["shared_dir", "traces_dir"]
 
 
 def traces_dir() -> Path:

@@ -2,8 +2,10 @@
 
 Torch-free: onnxruntime + numpy + grpcio. Every step is lock-step over one bidirectional stream (send h,
 wait for dL/dh) because the backward needs the gradient of *this* step. A broken stream is reopened and the
-step resent with identical bytes (the server replays its reply rather than training twice); a server that is
-unreachable is retried with exponential backoff.
+step resent with identical bytes (the server replays its reply rather than training twice); every call goes
+through one retry policy (edge/retry.py). A session the server no longer knows (UNAUTHENTICATED, e.g. after a
+server restart) is resumed by a rejoin under the same name with the resume secret of the first Join, and the
+round in progress is redone from its start.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import json
 import logging
 import os
 import queue
-import random
+import re
+import resource
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,28 +28,43 @@ import grpc
 import numpy as np
 
 from edge.data import Batcher
+from edge.paths import DataNotFound
 from edge.ranks import RankAdapter
-from edge.shard import build_token_dataset, round_batch
+from edge.retry import Retrier, RetryPolicy
+from edge.shard import build_token_dataset, check_data, round_batch
 from protos import splitwave_pb2 as pb
 from protos.codec import CODECS, Assembler, encode, factor_codec
 from protos.metering import ByteMeter, MeteredStub
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.CANCELLED}
-MAX_BACKOFF_S = 10.0
-
-
-def _retryable(e: grpc.RpcError) -> bool:
-    """Transport trouble, or a server whose call slots are full (not: a tensor over its size limit)."""
-    if e.code() in RETRYABLE:
-        return True
-    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent rpc limit" in (e.details() or "").lower()
+JOIN_TIMEOUT_S = 60.0
+MAX_REJOINS = 5  # in a row without a finished round: beyond that, someone else keeps taking the name
+# reconnect quickly to a server that comes back (gRPC's default backoff grows to 120 s between attempts)
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 class EdgeError(RuntimeError):
     pass
+
+
+class SessionLost(EdgeError):
+    """The server no longer knows our session token (it restarted, or the session expired): rejoin."""
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. Linux: VmHWM, because ru_maxrss keeps the peak of the process that
+    forked us (a 500 MB parent makes a 10 MB child report 511 MB, measured); elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 @dataclass
@@ -56,23 +75,10 @@ class ClientOptions:
     threads: int | None = None
     enrollment_secret: str = ""
     metrics_path: Path | None = None
-    max_retries: int = 10  # with backoff doubling up to MAX_BACKOFF_S: rides out a server restart of ~1 min
-    backoff_s: float = 0.2
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    data_dir: Path | None = None  # where the dataset files are (None: edge.paths' search order)
     credentials: grpc.ChannelCredentials | None = None
     channel_options: list = field(default_factory=list)
-
-
-def _retry(fn, opts: ClientOptions, what: str):
-    delay = opts.backoff_s
-    for attempt in range(opts.max_retries + 1):
-        try:
-            return fn()
-        except grpc.RpcError as e:
-            if not _retryable(e) or attempt == opts.max_retries:
-                raise
-            log.warning("%s failed (%s: %s); retry %d in %.2f s", what, e.code().name, e.details(), attempt + 1, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, MAX_BACKOFF_S)
 
 
 def fresh_lora(factors: dict[str, np.ndarray], seed) -> dict[str, np.ndarray]:
@@ -121,35 +127,88 @@ class EdgeClient:
         self.opts = opts or ClientOptions()
         self.meter = ByteMeter()
         self.opts.cache_dir = Path(self.opts.cache_dir)
-        self._channel = (grpc.secure_channel(target, self.opts.credentials, options=self.opts.channel_options)
-                         if self.opts.credentials else grpc.insecure_channel(target, options=self.opts.channel_options))
+        options = [*CHANNEL_OPTIONS, *self.opts.channel_options]
+        self._channel = (grpc.secure_channel(target, self.opts.credentials, options=options)
+                         if self.opts.credentials else grpc.insecure_channel(target, options=options))
         self.stub = MeteredStub(self._channel, self.meter, self.opts.name or "edge")
+        self.retrier = Retrier(target, self.opts.retry, tls=self.opts.credentials is not None)
         self.runtime = None
+        self.joined: pb.JoinReply | None = None
         self.history: list[dict] = []
+        self.rejoins = 0
+        self._resume_secret = ""
         self._round_start: tuple | None = None  # (round, factors, optimizer state, trainable) at the round's start
+        self._t0 = time.perf_counter()
+
+    def _call(self, fn, what: str):
+        """`fn(time_left_s)` under the retry policy; UNAUTHENTICATED on an existing session -> SessionLost."""
+        try:
+            return self.retrier.call(fn, what)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and self.joined is not None:
+                raise SessionLost(f"{what}: {e.details()}") from None
+            raise
 
     # -- setup ---------------------------------------------------------------------------------------------
-    def join(self) -> pb.JoinReply:
-        caps = pb.Capabilities(protocol_version=1, backend=self.opts.backend, codecs=list(CODECS),
-                               training_modes=["recompute", "saved"],
-                               cached_bundle_hashes=[p.name for p in self.opts.cache_dir.glob("*") if p.is_dir()])
-        # a named edge that restarts presents the resume secret of its earlier Join: the server gives a name
-        # that has a session back only to it
+    def _secret_file(self) -> Path | None:
+        """Where the resume secret of a named client is kept between runs of this process (owner-only file),
+        so that a restarted edge can take its session back."""
+        if not self.opts.name:
+            return None
         key = hashlib.sha256(f"{self.target}|{self.opts.name}".encode()).hexdigest()[:16]
-        secret_file = self.opts.cache_dir / f".resume-{key}"
-        resume = secret_file.read_text().strip() if self.opts.name and secret_file.exists() else ""
-        req = pb.JoinRequest(client_name=self.opts.name, enrollment_secret=self.opts.enrollment_secret,
-                             capabilities=caps, resume_secret=resume)
-        self.joined = _retry(lambda: self.stub.Join(req, wait_for_ready=True, timeout=60), self.opts, "Join")
-        if self.opts.name and self.joined.resume_secret:
-            self.opts.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.joined.resume_secret)
-        self.stub.client_key = self.joined.client_id
-        log.info("joined as %s (run %s, round %d)", self.joined.client_id, self.joined.run_id,
-                 self.joined.current_round)
-        return self.joined
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.opts.name)[:64]
+        return self.opts.cache_dir / "sessions" / f"{safe}-{key}.json"
+
+    def _load_secret(self) -> str:
+        path = self._secret_file()
+        try:
+            return json.loads(path.read_text())["resume_secret"] if path else ""
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
+    def _save_secret(self) -> None:
+        path = self._secret_file()
+        if not path or not self._resume_secret:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"server": self.target, "client_id": self.joined.client_id, "run_id": self.joined.run_id,
+                       "resume_secret": self._resume_secret}, f)
+        os.replace(tmp, path)
+
+    def join(self) -> pb.JoinReply:
+        """Join (or, with an existing session, rejoin under the same name with the resume secret)."""
+        previous = self.joined
+        name = previous.client_id if previous is not None else self.opts.name
+        secret = self._resume_secret or self._load_secret()
+        cached = [p.parent.name for p in self.opts.cache_dir.glob("*/manifest.json")]  # complete bundles only
+        caps = pb.Capabilities(protocol_version=1, backend=self.opts.backend, codecs=list(CODECS),
+                               training_modes=["recompute", "saved"], cached_bundle_hashes=cached)
+        req = pb.JoinRequest(client_name=name, enrollment_secret=self.opts.enrollment_secret, capabilities=caps,
+                             resume_secret=secret)
+        reached = self.retrier.reached
+        joined = self.retrier.call(lambda left: self.stub.Join(
+            req, timeout=JOIN_TIMEOUT_S if reached else min(left, JOIN_TIMEOUT_S)), "Join")
+        if previous is not None and joined.run_id != previous.run_id:
+            raise EdgeError(f"{self.target} now runs another run ({joined.run_id}, was {previous.run_id}): "
+                            f"start the edge again to join it")
+        if previous is not None and joined.bundle_hash != previous.bundle_hash:
+            raise EdgeError(f"{self.target} now serves another bundle: start the edge again")
+        self.joined = joined
+        self.stub.client_key = joined.client_id
+        if joined.resume_secret:
+            self._resume_secret = joined.resume_secret
+            self._save_secret()
+        log.info("%s %s as %s (run %s, round %d)", "rejoined" if previous else "joined", self.target,
+                 joined.client_id, joined.run_id, joined.current_round)
+        return joined
+
+    def rejoin(self, why: str) -> pb.JoinReply:
+        self.rejoins += 1
+        log.warning("session lost (%s): rejoining as %s", why, self.joined.client_id)
+        return self.join()
 
     def _header(self, round_idx: int = 0, step: int = 0) -> pb.Header:
         return pb.Header(session_token=self.joined.session_token, run_id=self.joined.run_id, round=round_idx,
@@ -159,28 +218,39 @@ class EdgeClient:
         """The bundle folder, downloaded once per bundle hash and verified file by file."""
         target = self.opts.cache_dir / self.joined.bundle_hash
         if (target / "manifest.json").exists():
+            log.info("bundle %s cached in %s", self.joined.bundle_hash[:12], target)
             return target
+        t0 = time.perf_counter()
+        self._call(lambda _: self._download(target), "GetBundle")
+        log.info("bundle %s downloaded to %s (%.1f MB in %.1f s)", self.joined.bundle_hash[:12], target,
+                 sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 1e6, time.perf_counter() - t0)
+        return target
+
+    def _download(self, target: Path) -> None:
         tmp = self.opts.cache_dir / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             handles, hashes, expect = {}, {}, {}
-            for chunk in self.stub.GetBundle(pb.BundleRequest(header=self._header(),
-                                                              bundle_hash=self.joined.bundle_hash)):
-                name = chunk.file_name
-                path = (tmp / name).resolve()
-                if tmp.resolve() not in path.parents:
-                    raise EdgeError(f"bundle file name escapes the bundle folder: {name!r}")
-                if name not in handles:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    handles[name] = open(path, "wb")
-                    hashes[name] = hashlib.sha256()
-                    expect[name] = (chunk.sha256, chunk.total_size)
-                if handles[name].tell() != chunk.offset:
-                    raise EdgeError(f"bundle chunk of {name} at offset {chunk.offset} out of order")
-                handles[name].write(chunk.data)
-                hashes[name].update(chunk.data)
-            for name, fh in handles.items():
-                fh.close()
+            try:
+                for chunk in self.stub.GetBundle(pb.BundleRequest(header=self._header(),
+                                                                  bundle_hash=self.joined.bundle_hash)):
+                    name = chunk.file_name
+                    path = (tmp / name).resolve()
+                    if tmp.resolve() not in path.parents:
+                        raise EdgeError(f"bundle file name escapes the bundle folder: {name!r}")
+                    if name not in handles:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        handles[name] = open(path, "wb")
+                        hashes[name] = hashlib.sha256()
+                        expect[name] = (chunk.sha256, chunk.total_size)
+                    if handles[name].tell() != chunk.offset:
+                        raise EdgeError(f"bundle chunk of {name} at offset {chunk.offset} out of order")
+                    handles[name].write(chunk.data)
+                    hashes[name].update(chunk.data)
+            finally:
+                for fh in handles.values():
+                    fh.close()
+            for name in handles:
                 sha, size = expect[name]
                 if hashes[name].hexdigest() != sha or (tmp / name).stat().st_size != size:
                     raise EdgeError(f"bundle file {name} failed its sha256/size check")
@@ -191,7 +261,6 @@ class EdgeClient:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return target
 
     def _make_runtime(self, bundle: Path):
         cfg = self.joined.config
@@ -207,12 +276,24 @@ class EdgeClient:
 
     def setup(self) -> None:
         self.join()
-        bundle = self.fetch_bundle()
-        self.runtime = self._make_runtime(bundle)
         cfg = self.joined.config
         spec = json.loads(cfg.shard.spec_json)
+        try:  # before the (long) bundle download: a device without its data should learn it at once
+            check_data(spec, self.opts.data_dir)
+        except (DataNotFound, ValueError):
+            self.leave("dataset missing")  # free the slot for when the data is there
+            raise
+        for attempt in range(MAX_REJOINS + 1):
+            try:
+                bundle = self.fetch_bundle()
+                break
+            except SessionLost as e:
+                if attempt == MAX_REJOINS:
+                    raise
+                self.rejoin(str(e))
+        self.runtime = self._make_runtime(bundle)
         tok = bundle if self.runtime.manifest.get("tokenizer_files") else None
-        self.data = build_token_dataset(spec, tok)
+        self.data = build_token_dataset(spec, tok, self.opts.data_dir)
         indices = np.asarray(cfg.shard.indices, dtype=np.int64)
         if len(indices) and (indices.max() >= len(self.data) or indices.min() < 0):
             raise EdgeError(f"shard indices out of range for a dataset of {len(self.data)} rows")
@@ -222,10 +303,12 @@ class EdgeClient:
         self.shapes = {f["name"]: tuple(f["shape"]) for f in manifest["factors"]}
         lora = manifest["lora"]
         self.ranks = RankAdapter(lora["r"], lora["alpha"], lora.get("rslora", False))
+        log.info("%d training samples (%s), batch %d, %d local steps per round", self.num_samples,
+                 spec["dataset"], cfg.batch_size, cfg.local_steps)
 
     # -- rounds --------------------------------------------------------------------------------------------
     def await_round(self, round_idx: int, no_wait: bool) -> pb.RoundDirectives:
-        def call():
+        def call(_):
             asm, deltas = Assembler(), Assembler()
             directives = None
             for reply in self.stub.AwaitRound(pb.RoundRequest(header=self._header(round_idx), no_wait=no_wait)):
@@ -238,7 +321,7 @@ class EdgeClient:
                     directives = reply.directives
             return asm.finish(), deltas.finish(), directives
 
-        factors, deltas, d = _retry(call, self.opts, "AwaitRound")
+        factors, deltas, d = self._call(call, "AwaitRound")
         if d is None:
             raise EdgeError("AwaitRound ended without directives")
         if deltas:  # FedEx-LoRA / FLoRA: the running sum of residuals folded into the frozen weights
@@ -270,9 +353,21 @@ class EdgeClient:
 
     def train_round(self, round_idx: int) -> dict:
         cfg = self.joined.config
-        stream = _StepStream(self.stub.Train)
+        stream = None
         losses, correct, count = [], 0, 0
         steps_done = 0
+
+        def send(msgs):
+            nonlocal stream
+            if stream is None:  # (re)open: a resent step with identical bytes is answered, not trained twice
+                stream = _StepStream(self.stub.Train)
+            try:
+                return stream.step(msgs)
+            except grpc.RpcError:
+                stream.close()
+                stream = None
+                raise
+
         try:
             for step in range(cfg.local_steps):
                 ids, mask, labels = self._batch(round_idx, step)
@@ -283,17 +378,7 @@ class EdgeClient:
                                            {"edge_fwd_s": t_fwd})
                 up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
                 t1 = time.perf_counter()
-                for attempt in range(self.opts.max_retries + 1):
-                    try:
-                        tensors, res = stream.step(msgs)
-                        break
-                    except grpc.RpcError as e:
-                        if not _retryable(e) or attempt == self.opts.max_retries:
-                            raise
-                        log.warning("Train stream broke at step %d (%s); reopening", step, e.code().name)
-                        stream.close()
-                        time.sleep(min(self.opts.backoff_s * (2 ** attempt), MAX_BACKOFF_S) * (0.5 + random.random()))
-                        stream = _StepStream(self.stub.Train)
+                tensors, res = self._call(lambda _: send(msgs), f"Train round {round_idx} step {step}")
                 t_net = time.perf_counter() - t1
                 if res.stop_local_work:
                     break
@@ -317,11 +402,14 @@ class EdgeClient:
                 raise
             log.warning("round %d ended for us early: %s", round_idx, e.details())
             return {"steps": steps_done, "closed": True}
+        except SessionLost:
+            raise
         except EdgeError as e:  # the server ended the stream without answering (e.g. it is shutting down)
             log.warning("round %d: %s", round_idx, e)
             return {"steps": steps_done, "closed": True}
         finally:
-            stream.close()
+            if stream is not None:
+                stream.close()
         return {"steps": steps_done, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "train_accuracy": correct / max(count, 1), "closed": False}
 
@@ -342,7 +430,7 @@ class EdgeClient:
         t0 = time.perf_counter()
         up0 = self.meter.total(direction="up", method="PushAdapter")
         try:
-            reply = _retry(lambda: self.stub.PushAdapter(messages()), self.opts, "PushAdapter")
+            reply = self._call(lambda _: self.stub.PushAdapter(messages()), "PushAdapter")
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
@@ -363,23 +451,45 @@ class EdgeClient:
         """Take part in rounds until the server says stop; returns a summary."""
         if self.runtime is None:
             self.setup()
-        d = self.await_round(self.joined.current_round, no_wait=True)
-        rounds = 0
-        while not d.stop:
-            r = d.next_round
-            self._begin_round(r)
-            t0 = time.perf_counter()
-            stats = self.train_round(r)
-            if not stats.pop("closed"):
-                self.push_adapter(r, list(d.upload_factors), stats)
-            self._record({"kind": "round", "client": self.joined.client_id, "round": r,
-                          "wall_s": time.perf_counter() - t0, "time": time.time(), **stats})
-            rounds += 1
-            d = self.await_round(r, no_wait=False)
+        r, no_wait = self.joined.current_round, True
+        rounds, lost = 0, 0
+        last: dict = {}
+        while True:
+            try:
+                d = self.await_round(r, no_wait=no_wait)
+                if d.stop:
+                    break
+                r = d.next_round
+                self._begin_round(r)
+                t0 = time.perf_counter()
+                up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
+                stats = self.train_round(r)
+                if not stats.pop("closed"):
+                    self.push_adapter(r, list(d.upload_factors), stats)
+                rec = {"kind": "round", "client": self.joined.client_id, "round": r,
+                       "wall_s": time.perf_counter() - t0, "time": time.time(),
+                       "bytes_up": self.meter.total(direction="up") - up0,
+                       "bytes_down": self.meter.total(direction="down") - down0, **stats}
+                self._record(rec)
+                log.info("%s", round_line(rec))
+                last = rec
+                rounds += 1
+                no_wait, lost = False, 0
+            except SessionLost as e:  # a server restart: rejoin, then take the server's round from its start
+                lost += 1
+                if lost > MAX_REJOINS:
+                    raise EdgeError(f"session lost {lost} times in a row without finishing a round ({e})") from None
+                self.rejoin(str(e))
+                r, no_wait = self.joined.current_round, True
         self.leave("done")
-        return {"client": self.joined.client_id, "rounds": rounds, "stop_reason": d.stop_reason,
-                "bytes_up": self.meter.total(direction="up"), "bytes_down": self.meter.total(direction="down"),
-                "final_metrics": dict(d.metrics)}
+        summary = {"client": self.joined.client_id, "server": self.target, "rounds": rounds,
+                   "stop_reason": d.stop_reason, "bytes_up": self.meter.total(direction="up"),
+                   "bytes_down": self.meter.total(direction="down"), "wall_s": time.perf_counter() - self._t0,
+                   "retries": self.retrier.retries, "rejoins": self.rejoins, "peak_rss_bytes": peak_rss_bytes(),
+                   "last_round": {k: last[k] for k in ("round", "steps", "train_loss", "train_accuracy") if k in last},
+                   "final_metrics": dict(d.metrics)}
+        self._record({"kind": "summary", "time": time.time(), **summary})
+        return summary
 
     def _begin_round(self, round_idx: int) -> None:
         """Snapshot the state a round starts from; if the server hands out the same round again (it restarted
@@ -399,6 +509,7 @@ class EdgeClient:
                              opt_state, set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None)
 
     def leave(self, reason: str) -> None:
+        """Best effort, once: a server that is gone frees the slot by itself."""
         try:
             self.stub.Leave(pb.LeaveRequest(header=self._header(), reason=reason), timeout=10)
         except grpc.RpcError as e:
@@ -410,3 +521,31 @@ class EdgeClient:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SPLITWAVE_EDGE_CACHE", ".cache/edge"))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def round_line(rec: dict) -> str:
+    """One progress line per round: round, steps, loss, accuracy, bytes up/down, time."""
+    loss, acc = rec.get("train_loss"), rec.get("train_accuracy")
+    perf = f"loss {loss:.4f}, accuracy {acc:.3f}" if loss is not None else "round closed before its end"
+    return (f"round {rec['round']}: {rec.get('steps', 0)} steps, {perf}, up {_mb(rec['bytes_up'])}, "
+            f"down {_mb(rec['bytes_down'])}, {rec['wall_s']:.1f} s")
+
+
+def format_summary(s: dict) -> str:
+    """The edge's final summary, for people (the same fields go to --metrics as a JSON line)."""
+    lines = [f"edge {s['client']} done: {s['rounds']} rounds with {s['server']} (stop: {s['stop_reason'] or '-'})"]
+    lr = s.get("last_round") or {}
+    if "train_loss" in lr:
+        lines.append(f"  last round ({lr['round']}): {lr['steps']} steps, train loss {lr['train_loss']:.4f}, "
+                     f"train accuracy {lr['train_accuracy']:.3f}")
+    evals = {k: v for k, v in (s.get("final_metrics") or {}).items() if k.startswith("eval_")}
+    if evals:  # the rest (aggregation details) is in --metrics / --json
+        lines.append("  global model: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in sorted(evals.items())))
+    lines.append(f"  traffic: {_mb(s['bytes_up'])} up, {_mb(s['bytes_down'])} down")
+    lines.append(f"  time: {s['wall_s']:.1f} s; retries {s['retries']}, rejoins {s['rejoins']}")
+    lines.append(f"  peak RSS: {s['peak_rss_bytes'] / 2**20:.0f} MiB (whole process)")
+    return "\n".join(lines)

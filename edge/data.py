@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from channel_sim.paths import shared_dir  # one resolver of ../shared for every package
+from edge.paths import data_dir, find_data_file, shared_dir  # noqa: F401 - one resolver for every package
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,28 @@ AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 # --------------------------------------------------------------------------------------------- paths
 
+# The file each (dataset, split) is read from, relative to a data folder (edge.paths): what a device must hold.
+DATA_FILES = {
+    "sst2": {"train": "sst2/train.tsv", "dev": "sst2/dev.tsv", "validation": "sst2/dev.tsv",
+             "test_unofficial": "sst2/test_labeled_unofficial.tsv"},
+    "ag_news": {"train": "ag_news/train_sample_alps.tsv", "test": "ag_news/test_alps.tsv",
+                "test_official": "ag_news/test.csv"},
+    "e2e": {"train": "e2e/lora_format/train.txt", "valid": "e2e/lora_format/valid.txt",
+            "validation": "e2e/lora_format/valid.txt", "dev": "e2e/lora_format/valid.txt",
+            "test": "e2e/lora_format/test.txt"},
+}
+_SPLIT_HELP = {"sst2": "SST-2 split must be one of {}", "ag_news": "AG News split must be one of {}",
+               "e2e": "E2E split must be one of {}"}
 
-def data_dir() -> Path:
-    return shared_dir() / "data"
+
+def data_file(name: str, split: str) -> str:
+    """The relative path of a dataset split (ValueError for an unknown dataset or split)."""
+    if name not in DATA_FILES:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATA_FILES)}")
+    files = DATA_FILES[name]
+    if split not in files:
+        raise ValueError(f"{_SPLIT_HELP[name].format(sorted(files))}, got {split!r}")
+    return files[split]
 
 
 # ------------------------------------------------------------------------------------------ datasets
@@ -93,13 +112,9 @@ def _read_tsv(path: Path, skip_header: bool) -> list[list[str]]:
     return rows[1:] if skip_header else rows
 
 
-def load_sst2(split: str = "train", limit: int | None = None, seed: int = 0) -> TextDataset:
+def load_sst2(split: str = "train", limit: int | None = None, seed: int = 0, data_dir=None) -> TextDataset:
     """GLUE SST-2. split: train (67,349) | dev (872) | test_unofficial (1,821, non-GLUE labels)."""
-    files = {"train": "train.tsv", "dev": "dev.tsv", "validation": "dev.tsv",
-             "test_unofficial": "test_labeled_unofficial.tsv"}
-    if split not in files:
-        raise ValueError(f"SST-2 split must be one of {sorted(files)}, got {split!r}")
-    rows = _read_tsv(data_dir() / "sst2" / files[split], skip_header=True)
+    rows = _read_tsv(find_data_file(data_file("sst2", split), data_dir), skip_header=True)
     # Sentences end in a trailing space before the tab; strip it (tokenizers ignore it anyway).
     texts = [r[0].strip() for r in rows]
     labels = np.array([int(r[1]) for r in rows], dtype=np.int64)
@@ -108,43 +123,38 @@ def load_sst2(split: str = "train", limit: int | None = None, seed: int = 0) -> 
     return ds if idx is None else ds.subset(idx)
 
 
-def load_ag_news(split: str = "train", limit: int | None = None, seed: int = 0) -> TextDataset:
+def load_ag_news(split: str = "train", limit: int | None = None, seed: int = 0, data_dir=None) -> TextDataset:
     """AG News, description text only, labels 0..3 = World, Sports, Business, Sci/Tech.
 
     split: train (the 10,001-row training sample) | test (official 7,600, same text field as train)
     | test_official (test.csv, the original CSV's description column).
     """
     name_to_id = {n: i for i, n in enumerate(AG_NEWS_LABELS)}
-    root = data_dir() / "ag_news"
+    path = find_data_file(data_file("ag_news", split), data_dir)
     if split in ("train", "test"):
-        fname = "train_sample_alps.tsv" if split == "train" else "test_alps.tsv"
-        rows = _read_tsv(root / fname, skip_header=False)
+        rows = _read_tsv(path, skip_header=False)
         texts = [r[0].strip() for r in rows]
         labels = np.array([name_to_id[r[1].strip()] for r in rows], dtype=np.int64)
-    elif split == "test_official":
-        with open(root / "test.csv", encoding="utf-8", newline="") as f:
+    else:  # test_official
+        with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f))
         # Original format writes in-field newlines as a literal backslash + n (sometimes a lone backslash).
         texts = [" ".join(r[2].replace("\\n", " ").replace("\\", " ").split()) for r in rows]
         labels = np.array([int(r[0]) - 1 for r in rows], dtype=np.int64)
-    else:
-        raise ValueError(f"AG News split must be train | test | test_official, got {split!r}")
     ds = TextDataset(f"ag_news/{split}", texts, labels, 4, AG_NEWS_LABELS)
     idx = _subsample(len(ds), limit, seed)
     return ds if idx is None else ds.subset(idx)
 
 
-def load_e2e(split: str = "train", limit: int | None = None, seed: int = 0) -> PromptDataset:
+def load_e2e(split: str = "train", limit: int | None = None, seed: int = 0, data_dir=None) -> PromptDataset:
     """E2E NLG in the LoRA paper's `MR||reference` format: train 42,061 | valid 4,672 | test 4,693.
 
     prompt = the MR (`name : X | Type : pub | ...`), target = the tokenized reference, stripped.
     """
-    if split == "validation" or split == "dev":
-        split = "valid"
-    if split not in ("train", "valid", "test"):
-        raise ValueError(f"E2E split must be train | valid | test, got {split!r}")
+    path = find_data_file(data_file("e2e", split), data_dir)
+    split = "valid" if split in ("validation", "dev") else split
     prompts, targets = [], []
-    with open(data_dir() / "e2e" / "lora_format" / f"{split}.txt", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.rstrip("\n")
             if not line.strip():
@@ -159,12 +169,11 @@ def load_e2e(split: str = "train", limit: int | None = None, seed: int = 0) -> P
     return ds if idx is None else ds.subset(idx)
 
 
-def load_dataset(name: str, split: str, limit: int | None = None, seed: int = 0):
-    """Dispatch by name ('sst2' | 'ag_news' | 'e2e') for configs."""
+def load_dataset(name: str, split: str, limit: int | None = None, seed: int = 0, data_dir=None):
+    """Dispatch by name ('sst2' | 'ag_news' | 'e2e') for configs; `data_dir` as in edge.paths."""
     loaders = {"sst2": load_sst2, "ag_news": load_ag_news, "e2e": load_e2e}
-    if name not in loaders:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(loaders)}")
-    return loaders[name](split, limit=limit, seed=seed)
+    data_file(name, split)  # an unknown dataset or split: ValueError before any file is looked for
+    return loaders[name](split, limit=limit, seed=seed, data_dir=data_dir)
 
 
 # -------------------------------------------------------------------------------------- partitioning

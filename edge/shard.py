@@ -11,13 +11,23 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.data import (PromptDataset, TokenDataset, load_dataset, synthetic_causal_lm, synthetic_classification,
-                       tokenize_dataset, tokenize_prompts)
+from edge.data import (PromptDataset, TokenDataset, data_file, load_dataset, synthetic_causal_lm,
+                       synthetic_classification, tokenize_dataset, tokenize_prompts)
+from edge.paths import find_data_file
 
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003
 
 
-def build_token_dataset(spec: dict, tokenizer_dir: str | Path | None = None) -> TokenDataset:
+def check_data(spec: dict, data_dir: str | Path | None = None) -> list[Path]:
+    """The local files `spec` needs (none for synthetic data); DataNotFound names the missing one and every
+    folder searched. Cheap, so an edge checks it right after Join, before a long bundle download."""
+    if spec["dataset"] == "synthetic":
+        return []
+    return [find_data_file(data_file(spec["dataset"], spec.get("split", "train")), data_dir)]
+
+
+def build_token_dataset(spec: dict, tokenizer_dir: str | Path | None = None,
+                        data_dir: str | Path | None = None) -> TokenDataset:
     """Token arrays for `spec`: {dataset, split, limit, seed, max_seq_len, task?, vocab_size?, num_labels?}.
 
     task "causal-lm" gives per-token labels: text data (e2e) as prompt/target rows with the loss on the
@@ -40,7 +50,7 @@ def build_token_dataset(spec: dict, tokenizer_dir: str | Path | None = None) -> 
         raise ValueError(f"dataset {name!r} needs a tokenizer; the bundle has none (export with tokenizer files)")
     from edge.tokenizer import Tokenizer
 
-    rows = load_dataset(name, split, limit=limit, seed=seed)
+    rows = load_dataset(name, split, limit=limit, seed=seed, data_dir=data_dir)
     is_prompts = isinstance(rows, PromptDataset)
     if is_prompts != causal:
         raise ValueError(f"dataset {name!r} is {'causal-LM' if is_prompts else 'classification'} data, but the "

@@ -132,21 +132,33 @@ def cmd_server(args) -> int:
 
 def cmd_edge(args) -> int:
     """Run one torch-free edge client against a server."""
-    from edge.client import ClientOptions, EdgeClient
+    import grpc
+
+    from edge.client import ClientOptions, EdgeClient, EdgeError, format_summary
+    from edge.paths import DataNotFound
+    from edge.retry import RetryPolicy
     from edge.security import channel_credentials
 
     opts = ClientOptions(name=args.name, cache_dir=Path(args.cache_dir), backend=args.backend, threads=args.threads,
                          enrollment_secret=args.secret or os.environ.get("SPLITWAVE_SECRET", ""),
                          metrics_path=Path(args.metrics) if args.metrics else None,
+                         retry=RetryPolicy(connect_s=args.connect_timeout, total_s=args.retry_for),
+                         data_dir=Path(args.data_dir) if args.data_dir else None,
                          credentials=channel_credentials(args.ca, args.cert, args.key))
     if opts.metrics_path:
         opts.metrics_path.parent.mkdir(parents=True, exist_ok=True)
     client = EdgeClient(args.server, opts)
     try:
         summary = client.run()
+    except (ConnectionError, EdgeError, DataNotFound) as e:  # one line: what failed, where, the likely cause
+        print(f"splitwave edge: error: {e}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:
+        print(f"splitwave edge: error: {args.server} refused: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     finally:
         client.close()
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summary) if args.json else format_summary(summary), flush=True)
     return 0
 
 
@@ -256,14 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, help="torch intra-op threads for the top model (default: torch's)")
     sp.set_defaults(fn=cmd_server)
 
+    from edge.retry import RetryPolicy  # light (grpc only): the defaults shown in --help are the policy's
+
     sp = sub.add_parser("edge", help="run a torch-free edge client")
-    sp.add_argument("--server", required=True, help="HOST:PORT")
-    sp.add_argument("--name", default="", help="requested client id")
-    sp.add_argument("--cache-dir", default=os.environ.get("SPLITWAVE_EDGE_CACHE", ".cache/edge"))
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    sp.add_argument("--threads", type=int)
-    sp.add_argument("--secret", help="enrollment secret (or env SPLITWAVE_SECRET)")
-    sp.add_argument("--metrics", help="append per-step JSON lines here")
+    sp.add_argument("--server", required=True, help="HOST:PORT of the server")
+    sp.add_argument("--name", default="", help="requested client id (default: the server picks edge-N)")
+    sp.add_argument("--cache-dir", default=os.environ.get("SPLITWAVE_EDGE_CACHE", ".cache/edge"),
+                    help="bundle cache and resume secrets (env SPLITWAVE_EDGE_CACHE; default: %(default)s)")
+    sp.add_argument("--data-dir", help="folder with this device's dataset files, e.g. DIR/sst2/train.tsv (default: "
+                                       "env SPLITWAVE_DATA_DIR, else $SPLITWAVE_SHARED/data, else ./data, else "
+                                       "../shared/data beside the checkout)")
+    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],
+                    help="edge runtime (default: %(default)s; torch is the reference, for comparisons)")
+    sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    sp.add_argument("--secret", help="enrollment secret (default: env SPLITWAVE_SECRET)")
+    sp.add_argument("--metrics", help="append per-step, per-round and summary JSON lines here")
+    sp.add_argument("--connect-timeout", type=float, default=RetryPolicy.connect_s, metavar="S",
+                    help="how long to keep trying a server not reached yet (default: %(default)g s)")
+    sp.add_argument("--retry-for", type=float, default=RetryPolicy.total_s, metavar="S",
+                    help="after the first contact, how long to retry a lost or restarting server "
+                         "(default: %(default)g s)")
+    sp.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     sp.add_argument("--ca", help="CA certificate (PEM) that signed the server certificate: enables TLS")
     sp.add_argument("--cert", help="client certificate (PEM) for mTLS")
     sp.add_argument("--key", help="client private key (PEM) for mTLS")

@@ -5,6 +5,7 @@ undisturbed run with the same seeds.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import socket
@@ -230,7 +231,18 @@ def _load_final(run_dir: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kill_at", ["train", "await"])
+def _forget_tokens(ckpt: Path) -> None:
+    """Make the restarted server refuse the old session tokens (UNAUTHENTICATED), as a server that does not keep
+    tokens across restarts does: the edges must rejoin by themselves."""
+    reg = ckpt / "registry.json"
+    raw = json.loads(reg.read_text())
+    for cid, c in raw.get("clients", {}).items():
+        if "token_sha256" in c:
+            c["token_sha256"] = hashlib.sha256(f"forgotten {cid}".encode()).hexdigest()
+    reg.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("kill_at", ["train", "await", "train-tokens-lost"])
 def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_reference, kill_at):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(CRASH_CFG))
@@ -245,7 +257,7 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
         # rounds 0 and 1 are checkpointed; kill in the middle of round 2's steps, or while edges await round 3
         _wait(lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() == "round-000002", 120,
               "round 1 to be checkpointed")
-        if kill_at == "train":
+        if kill_at.startswith("train"):
             _wait(lambda: any(r.get("kind") == "step" and r["round"] == 2 and r["step"] >= 2 for r in _lines(ems[0])),
                   60, "round 2 steps")
         else:
@@ -255,6 +267,8 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
         server.wait()
         done = (ckpt / "LATEST").read_text()
         ready.unlink()
+        if kill_at == "train-tokens-lost":
+            _forget_tokens(ckpt)
         time.sleep(0.5)
         server = _server_proc(cfg_path, port, run_dir, ckpt, ready, slog)
         for e in edges:
@@ -266,6 +280,9 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
                 p.kill()
     log = slog.read_text()
     assert "resumed run" in log, log[-3000:]
+    if kill_at == "train-tokens-lost":  # each edge process rejoined by itself
+        for i in range(2):
+            assert "rejoining as" in (tmp_path / f"e{i}.log").read_text()
     assert done in ("round-000002", "round-000003")
     lines = _lines(run_dir / "server_metrics.jsonl")
     assert [r["round"] for r in lines] == list(range(5))  # each round once, none lost, none doubled
