@@ -54,6 +54,30 @@ def _config_key(cfg: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def require_shared(rel: str) -> Path:
+    """A file of ../shared (data, traces) that a test needs: missing is a failure with the fix, never a skip,
+    so a checkout without the shared folder cannot go green on fewer tests."""
+    from edge.paths import SHARED_ENV, shared_dir
+
+    path = shared_dir() / rel
+    if not path.exists():
+        pytest.fail(f"{path} is missing: these tests need the shared folder (datasets, traces) beside the "
+                    f"checkout as ../shared, or ${SHARED_ENV} pointing at it", pytrace=False)
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """The shared data folder (fails the test, with how to fix it, when it is missing)."""
+    return require_shared("data/sst2/train.tsv").parents[1]
+
+
+@pytest.fixture
+def shared_traces():
+    """The shared traces folder (fails the test, with how to fix it, when it is missing)."""
+    return require_shared("traces/Verizon-LTE-short.up").parent
+
+
 @pytest.fixture(scope="session")
 def edge_bundle():
     """edge_bundle(family, task="seq-cls", cut=2, modes=("recompute","saved")) -> Bundle (cached)."""

@@ -7,8 +7,6 @@ import pytest
 import channel_sim as cs
 from channel_sim.wireless import breakpoint_uma, d3d
 
-HAVE_TRACES = (cs.traces_dir() / "Verizon-LTE-short.up").is_file()
-needs_traces = pytest.mark.skipif(not HAVE_TRACES, reason="shared traces folder not found")
 
 
 # ------------------------------------------------------------------------------------ 1. static link
@@ -276,7 +274,7 @@ README_STATS = {  # from shared/traces/README.md
 }
 
 
-@needs_traces
+@pytest.mark.usefixtures("shared_traces")
 @pytest.mark.parametrize("name", sorted(README_STATS))
 def test_trace_loader_stats_match_readme(name):
     s = cs.load_trace(name).stats()
@@ -288,7 +286,7 @@ def test_trace_loader_stats_match_readme(name):
     assert s["zero_seconds"] == zero
 
 
-@needs_traces
+@pytest.mark.usefixtures("shared_traces")
 def test_trace_rate_at_and_long_transfer_mean():
     link = cs.TraceLink(cs.load_trace("Verizon-LTE-short.up"))
     T = link.trace.period_ms / 1e3
@@ -314,13 +312,12 @@ def test_make_link_static_and_pair():
     assert pair.uplink.rate_bps == 5e6 and pair.downlink.rate_bps == 50e6 and pair.uplink.latency_s == 0.01
 
 
-def test_make_link_trace_inline_and_file():
+def test_make_link_trace_inline_and_file(shared_traces):
     link = cs.make_link({"kind": "trace", "timestamps_ms": [1, 1, 3], "latency_ms": 0})
     assert link.done(6000, 0) == pytest.approx(0.004)
-    if HAVE_TRACES:
-        a = cs.make_link({"kind": "trace", "file": "Verizon-LTE-short.up", "latency_ms": 20, "offset": "random", "seed": 4})
-        b = cs.make_link({"kind": "trace", "file": "Verizon-LTE-short.up", "latency_ms": 20, "offset": "random", "seed": 4})
-        assert a.offset_ms == b.offset_ms and a.latency_s == 0.02
+    a = cs.make_link({"kind": "trace", "file": "Verizon-LTE-short.up", "latency_ms": 20, "offset": "random", "seed": 4})
+    b = cs.make_link({"kind": "trace", "file": "Verizon-LTE-short.up", "latency_ms": 20, "offset": "random", "seed": 4})
+    assert a.offset_ms == b.offset_ms and a.latency_s == 0.02
 
 
 def test_make_link_wireless_and_pair_share_distance():

@@ -11,8 +11,6 @@ import pytest
 
 import channel_sim as cs
 
-HAVE_TRACES = (cs.traces_dir() / "Verizon-LTE-short.up").is_file()
-needs_traces = pytest.mark.skipif(not HAVE_TRACES, reason="shared traces folder not found")
 MB = 1 << 20
 
 
@@ -111,7 +109,7 @@ def test_static_1mb_each_way_matches_model():
     assert stats["uplink"]["timing_error"]["p50_ms"] < 5  # sleep precision is reported and sane
 
 
-@needs_traces
+@pytest.mark.usefixtures("shared_traces")
 def test_trace_uplink_1mb_matches_model():
     meas, pred, _ = _roundtrip(_trace(), cs.StaticLink(50e6, 0.01), MB, 1000)
     assert meas == pytest.approx(pred, rel=0.05)
@@ -203,7 +201,7 @@ def _grpc_server():
     return server, port
 
 
-@pytest.mark.parametrize("kind", ["static", pytest.param("trace", marks=needs_traces)])
+@pytest.mark.parametrize("kind", ["static", pytest.param("trace", marks=pytest.mark.usefixtures("shared_traces"))])
 def test_grpc_unary_upload_and_streaming_download(kind):
     up = _static() if kind == "static" else _trace()
     down = _static()

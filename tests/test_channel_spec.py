@@ -14,9 +14,6 @@ import channel_sim as cs
 from channel_sim.wireless import breakpoint_uma, d3d, los_probability
 
 REL = 1e-6
-HAVE_TRACES = (cs.traces_dir() / "Verizon-LTE-short.up").is_file()
-needs_traces = pytest.mark.skipif(not HAVE_TRACES, reason=f"shared traces not found in {cs.traces_dir()} "
-                                                          "(set SPLITWAVE_SHARED)")
 
 
 def dec2(x: float) -> float:
@@ -179,7 +176,7 @@ def test_trace_02_wrap(k, expect):
     assert _trace([0, 2]).done(1500 * k, 0.0) == pytest.approx(expect / 1e3, abs=1e-12)
 
 
-@needs_traces
+@pytest.mark.usefixtures("shared_traces")
 @pytest.mark.parametrize("n,t_ms,expect", [(10**6, 0, 884), (10**6, 70_000, 72_669), (10**7, 130_000, 140_875),
                                            (1_572_864, 0, 1_473)])
 def test_trace_verizon_up(n, t_ms, expect):
@@ -187,7 +184,7 @@ def test_trace_verizon_up(n, t_ms, expect):
     assert link.done(n, t_ms / 1e3) == pytest.approx(expect / 1e3, rel=REL)
 
 
-@needs_traces
+@pytest.mark.usefixtures("shared_traces")
 def test_trace_verizon_up_mean_rate_would_mislead():
     tr = cs.load_trace("Verizon-LTE-short.up")
     assert tr.mean_bps / 1e6 == pytest.approx(5.95, abs=0.005)  # the traces README's mean, 2 decimals
@@ -195,7 +192,7 @@ def test_trace_verizon_up_mean_rate_would_mislead():
     assert cs.TraceLink(tr).done(1_572_864, 0.0) * 1e3 < 0.75 * 2115  # the trace's early burst is faster
 
 
-@needs_traces
+@pytest.mark.usefixtures("shared_traces")
 @pytest.mark.parametrize("n,t_ms,expect,expect_strict", [(10**6, 0, 1_778, 1_779), (10**6, 115_000, 120_195, None)])
 def test_trace_att_up(n, t_ms, expect, expect_strict):
     tr = cs.load_trace("ATT-LTE-driving-2016.up")

