@@ -282,16 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="edge runtime (default: %(default)s; torch is the reference, for comparisons)")
     sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     sp.add_argument("--secret", help="enrollment secret (default: env SPLITWAVE_SECRET)")
-    sp.add_argument("--metrics", help="append per-step, per-round and summary JSON lines here")
+    sp.add_argument("--metrics", help="append per-step, per-round and summary JSON lines here (default: none)")
     sp.add_argument("--connect-timeout", type=float, default=RetryPolicy.connect_s, metavar="S",
                     help="how long to keep trying a server not reached yet (default: %(default)g s)")
     sp.add_argument("--retry-for", type=float, default=RetryPolicy.total_s, metavar="S",
                     help="after the first contact, how long to retry a lost or restarting server "
                          "(default: %(default)g s)")
-    sp.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
-    sp.add_argument("--ca", help="CA certificate (PEM) that signed the server certificate: enables TLS")
-    sp.add_argument("--cert", help="client certificate (PEM) for mTLS")
-    sp.add_argument("--key", help="client private key (PEM) for mTLS")
+    sp.add_argument("--json", action="store_true", help="print the final summary as one JSON line (default: a readable summary)")
+    sp.add_argument("--ca", help="CA certificate (PEM) that signed the server certificate: enables TLS (default: plaintext)")
+    sp.add_argument("--cert", help="client certificate (PEM) for mTLS (default: none)")
+    sp.add_argument("--key", help="client private key (PEM) for mTLS (default: none)")
     sp.set_defaults(fn=cmd_edge)
 
     sp = sub.add_parser("simulate", help="run a simulated wireless experiment (server + N edge processes)")

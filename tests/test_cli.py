@@ -37,8 +37,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-# the edge client's flags belong to the edge work (splitwave/cli.py's edge block); every other subcommand here
-@pytest.mark.parametrize("command", sorted(set(_subparsers()) - {"edge"}))
+@pytest.mark.parametrize("command", sorted(_subparsers()))
 def test_every_flag_has_help_and_shows_its_default(command):
     sp = _subparsers()[command]
     fmt = _Help(command)
