@@ -466,6 +466,8 @@ def probe_bind(host: str, port: int) -> None:
         raise BindError(f"cannot listen on {where}: host {host!r} does not resolve ({e.strerror})") from None
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as s:
+            # as gRPC does: connections of a server that just exited (TIME_WAIT) must not count as "in use"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 if family == socket.AF_INET6:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

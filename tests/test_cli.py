@@ -111,6 +111,23 @@ def test_probe_bind_names_the_cause():
     probe_bind("127.0.0.1", 0)  # a free port is fine
 
 
+def test_probe_bind_accepts_the_port_of_a_server_that_just_exited():
+    """A restarted server takes its old port back while the old connections linger in TIME_WAIT (gRPC binds
+    with SO_REUSEADDR; the probe must not call that port "in use")."""
+    from server.service import probe_bind
+
+    with socket.socket() as old:
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listener
+        old.bind(("127.0.0.1", 0))
+        old.listen()
+        port = old.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = old.accept()
+            conn.close()  # the server side closes first: its end of the connection is left in TIME_WAIT
+            client.recv(1)
+    probe_bind("127.0.0.1", port)
+
+
 def test_run_dirs_are_timestamped_and_never_shared(tmp_path):
     from splitwave.config import parse_config
     from splitwave.runner import make_run_dir

@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.client import EdgeClient
+from edge.retry import RetryPolicy
 from edge.security import channel_credentials
 from net_helpers import (BASE, CAPS, ROOT, assert_same_factors, final_factors, free_port, make_client, rss_bytes,
                          run_clients, serving, tiny_cfg)
@@ -432,7 +433,7 @@ def test_pushed_adapter_survives_a_restart(tmp_path):
     srv = srv_cm.__enter__()
     try:
         idle = _join(srv.address, "e1")  # selected, never trains: round 0 stays open
-        c = make_client(srv.address, "e0", EDGE_CACHE, max_retries=0)
+        c = make_client(srv.address, "e0", EDGE_CACHE, retry=RetryPolicy(connect_s=0.0, total_s=0.0))
         t = threading.Thread(target=lambda: _code(c.run), daemon=True)
         t.start()
         _wait(lambda: "e0" in srv.app.rounds.reports, 60, "e0 to push round 0")
