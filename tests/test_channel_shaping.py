@@ -201,8 +201,10 @@ def _grpc_server():
     return server, port
 
 
-@pytest.mark.parametrize("kind", ["static", pytest.param("trace", marks=pytest.mark.usefixtures("shared_traces"))])
-def test_grpc_unary_upload_and_streaming_download(kind):
+@pytest.mark.parametrize("kind", ["static", "trace"])
+def test_grpc_unary_upload_and_streaming_download(kind, request):
+    if kind == "trace":
+        request.getfixturevalue("shared_traces")
     up = _static() if kind == "static" else _trace()
     down = _static()
     server, port = _grpc_server()
