@@ -74,9 +74,12 @@ def export_adapter(run_dir: Path, out_dir: Path) -> dict:
     from splitwave.config import load_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / FINAL_DIR).is_dir() and (run_dir / "server" / FINAL_DIR).is_dir():
+        run_dir = run_dir / "server"  # the folder `splitwave simulate` prints holds the server's in server/
     final = run_dir / FINAL_DIR
     if not (final / EDGE_FILE).exists():
-        raise FileNotFoundError(f"{final / EDGE_FILE} not found: is {run_dir} a finished run's server folder?")
+        raise FileNotFoundError(f"{final / EDGE_FILE} not found: give the folder a finished `splitwave server` or "
+                                f"`splitwave simulate` run printed (runs/NAME/TIMESTAMP)")
     cfg = load_config(run_dir / "config.yaml")
     split = build_split(cfg)
     deltas = load_npz(final / BASE_DELTA_FILE) if (final / BASE_DELTA_FILE).exists() else None

@@ -1,6 +1,7 @@
 """`splitwave export-adapter` writes one standard PEFT folder that peft itself loads on the base model."""
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -40,6 +41,11 @@ def test_exported_adapter_loads_in_peft_and_matches_split_logits(tmp_path, famil
     assert cli_main(["-q", "export-adapter", str(run), str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter/adapter_config.json").exists()
     assert (tmp_path / "adapter/adapter_model.safetensors").exists()
+    # the folder `splitwave simulate` prints (runs/NAME/TS) holds the server's run in server/: accepted as is
+    shutil.copytree(run, tmp_path / "sim" / "server")
+    assert cli_main(["-q", "export-adapter", str(tmp_path / "sim"), str(tmp_path / "adapter2")]) == 0
+    assert ((tmp_path / "adapter2/adapter_model.safetensors").read_bytes()
+            == (tmp_path / "adapter/adapter_model.safetensors").read_bytes())
 
     cfg = parse_config(raw)
     base = build_model(family, "seq-cls", 2, seed=cfg.seed)
