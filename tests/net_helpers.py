@@ -10,8 +10,10 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from protos import splitwave_pb2 as pb
@@ -116,3 +118,22 @@ def rss_bytes(pid: int | None = None) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rpc_status(fn, *a, **k) -> tuple[grpc.StatusCode, str]:
+    """(status code, details) of a call: OK and "" when it succeeds."""
+    try:
+        fn(*a, **k)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def wait_until(pred, timeout: float, what: str) -> None:
+    """Poll `pred` until it holds; fail naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from net_helpers import serving, tiny_cfg
+from net_helpers import rpc_status, serving, tiny_cfg
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import decode, encode
@@ -48,14 +48,6 @@ def _train(stub, msgs):
     return frames, [r.end_step for r in replies if r.WhichOneof("body") == "end_step"]
 
 
-def _code(fn):
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return C.OK, ""
-
-
 @pytest.mark.parametrize("caps, code, words", [
     (dict(CAPS, protocol_version=0), C.INVALID_ARGUMENT, ["protocol_version", "version 1"]),
     (dict(CAPS, protocol_version=2), C.FAILED_PRECONDITION, ["protocol version 2", "speaks 1"]),
@@ -67,7 +59,7 @@ def _code(fn):
 ])
 def test_join_refuses_unset_or_unknown_capabilities_by_name(server, caps, code, words):
     _, stub, _ = server
-    got, details = _code(lambda: stub.Join(pb.JoinRequest(client_name="probe",
+    got, details = rpc_status(lambda: stub.Join(pb.JoinRequest(client_name="probe",
                                                            capabilities=pb.Capabilities(**caps)), timeout=10))
     assert got == code, details
     assert all(w in details for w in words), details
@@ -98,9 +90,9 @@ def test_identical_retry_gets_the_cached_reply_and_a_changed_one_is_refused(serv
     _, first = _train(stub, _step(me, h, step=2))
     _, again = _train(stub, _step(me, h, step=2))
     assert again[0].loss == first[0].loss
-    code, details = _code(lambda: _train(stub, _step(me, h + 1, step=2)))
+    code, details = rpc_status(lambda: _train(stub, _step(me, h + 1, step=2)))
     assert code == C.ALREADY_EXISTS and "duplicate" in details
-    code, details = _code(lambda: _train(stub, _step(me, h, step=1)))
+    code, details = rpc_status(lambda: _train(stub, _step(me, h, step=1)))
     assert code == C.FAILED_PRECONDITION and "out of order" in details
 
 
@@ -113,7 +105,7 @@ def test_adapters_never_travel_int8_or_topk(server):
         msgs = [pb.AdapterRequest(header=hdr, frame=f)
                 for f in encode(name, np.ones(shape, np.float32), codec_name, topk_fraction=0.1)]
         msgs.append(pb.AdapterRequest(header=hdr, end=pb.AdapterEnd(num_samples=8, local_steps=3)))
-        code, details = _code(lambda: stub.PushAdapter(iter(msgs), timeout=10))
+        code, details = rpc_status(lambda: stub.PushAdapter(iter(msgs), timeout=10))
         assert code == C.INVALID_ARGUMENT and codec_name in details and "'raw', 'fp16', 'bf16'" in details
 
 
@@ -125,14 +117,14 @@ def test_an_unexpected_exception_is_internal_with_a_message_never_unknown(server
 
     monkeypatch.setattr(srv.app, "train_step", boom)  # streaming handler
     hidden = json.loads(me.manifest_json)["hidden_size"]
-    code, details = _code(lambda: _train(stub, _step(me, np.ones((2, 3, hidden), np.float32), step=9)))
+    code, details = rpc_status(lambda: _train(stub, _step(me, np.ones((2, 3, hidden), np.float32), step=9)))
     assert code == C.INTERNAL and "simulated bug" in details and "Train" in details
     monkeypatch.setattr(srv.app, "leave", boom)  # unary handler
     hdr = pb.Header(session_token=me.session_token, run_id=me.run_id)
-    code, details = _code(lambda: stub.Leave(pb.LeaveRequest(header=hdr), timeout=10))
+    code, details = rpc_status(lambda: stub.Leave(pb.LeaveRequest(header=hdr), timeout=10))
     assert code == C.INTERNAL and "simulated bug" in details
     # a status the handler sets itself is kept as it is
-    code, _ = _code(lambda: stub.Leave(pb.LeaveRequest(header=pb.Header(session_token="x", run_id=me.run_id))))
+    code, _ = rpc_status(lambda: stub.Leave(pb.LeaveRequest(header=pb.Header(session_token="x", run_id=me.run_id))))
     assert code == C.UNAUTHENTICATED
 
 

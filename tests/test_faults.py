@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from net_helpers import (BASE, ROOT, assert_same_factors, final_factors, free_port, make_client, run_clients, serving,
-                         tiny_cfg)
+from net_helpers import (BASE, ROOT, assert_same_factors, final_factors, free_port, make_client, run_clients,
+                         serving, tiny_cfg, wait_until)
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 SPLITWAVE = [sys.executable, "-m", "splitwave.cli"]
@@ -143,15 +143,6 @@ def _edge_proc(address: str, name: str, metrics: Path, log: Path):
                             cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-def _wait(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -173,15 +164,15 @@ def test_edge_killed_mid_round_rejoins_next_round(tmp_path):
                  _edge_proc(srv.address, "steady", tmp_path / "steady.jsonl", tmp_path / "steady.log")]
         try:
             # kill the victim in the middle of round 1's local steps
-            _wait(lambda: any(r.get("kind") == "step" and r["round"] == 1 and r["step"] >= 3 for r in _lines(vm)),
+            wait_until(lambda: any(r.get("kind") == "step" and r["round"] == 1 and r["step"] >= 3 for r in _lines(vm)),
                   90, "the victim to train in round 1")
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
-            _wait(lambda: any(r["round"] == 1 for r in _lines(metrics_path)), 30, "round 1 to close")
+            wait_until(lambda: any(r["round"] == 1 for r in _lines(metrics_path)), 30, "round 1 to close")
             r1 = next(r for r in _lines(metrics_path) if r["round"] == 1)
             assert r1["late"] == ["victim"] and r1["reported"] == ["steady"]
             # the dead client's Train stream is gone from the server; its session waits for a rejoin
-            _wait(lambda: srv.servicer.active["Train"] <= 1, 10, "the dead stream to be cleaned up")
+            wait_until(lambda: srv.servicer.active["Train"] <= 1, 10, "the dead stream to be cleaned up")
             old_token = app.by_client["victim"].token
             procs[0] = _edge_proc(srv.address, "victim", vm, tmp_path / "victim.log")
             for p in procs:
@@ -251,17 +242,17 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
     server = _server_proc(cfg_path, port, run_dir, ckpt, ready, slog)
     edges = []
     try:
-        _wait(ready.exists, 120, "the server to start")
+        wait_until(ready.exists, 120, "the server to start")
         ems = [tmp_path / f"e{i}.jsonl" for i in range(2)]
         edges = [_edge_proc(f"127.0.0.1:{port}", f"e{i}", ems[i], tmp_path / f"e{i}.log") for i in range(2)]
         # rounds 0 and 1 are checkpointed; kill in the middle of round 2's steps, or while edges await round 3
-        _wait(lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() == "round-000002", 120,
+        wait_until(lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() == "round-000002", 120,
               "round 1 to be checkpointed")
         if kill_at.startswith("train"):
-            _wait(lambda: any(r.get("kind") == "step" and r["round"] == 2 and r["step"] >= 2 for r in _lines(ems[0])),
+            wait_until(lambda: any(r.get("kind") == "step" and r["round"] == 2 and r["step"] >= 2 for r in _lines(ems[0])),
                   60, "round 2 steps")
         else:
-            _wait(lambda: all(any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(m)) for m in ems), 60,
+            wait_until(lambda: all(any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(m)) for m in ems), 60,
                   "round 2 pushes")
         server.send_signal(signal.SIGKILL)
         server.wait()

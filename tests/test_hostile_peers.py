@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from edge.client import EdgeClient
 from edge.retry import RetryPolicy
 from edge.security import channel_credentials
-from net_helpers import (BASE, CAPS, ROOT, assert_same_factors, final_factors, free_port, make_client, rss_bytes,
-                         run_clients, serving, tiny_cfg)
+from net_helpers import (BASE, CAPS, ROOT, assert_same_factors, final_factors, free_port, make_client, rpc_status,
+                         rss_bytes, run_clients, serving, tiny_cfg, wait_until)
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
@@ -61,27 +61,10 @@ def reference(tmp_path_factory):
         return final_factors(srv.app)
 
 
-def _code(fn, *a, **k):
-    try:
-        fn(*a, **k)
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return C.OK, ""
-
-
 def _join(address, name, creds=None, **fields):
     ch = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
     with ch:
         return pb_grpc.SplitWaveStub(ch).Join(pb.JoinRequest(client_name=name, capabilities=CAPS, **fields), timeout=10)
-
-
-def _wait(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class _Runner:
@@ -107,14 +90,14 @@ def test_name_theft_refused_without_and_with_enrollment_secret(tmp_path, referen
     cfg = _cfg(server={"security": {"enrollment_secret": "club"}})
     with serving(cfg, tmp_path / "run") as srv:
         honest = _Runner(srv.address, ["e0", "e1"], enrollment_secret="club")
-        _wait(lambda: "e0" in srv.app.by_client, 60, "e0 to join")
+        wait_until(lambda: "e0" in srv.app.by_client, 60, "e0 to join")
         token = srv.app.by_client["e0"].token
         # a stranger without the enrollment secret
-        assert _code(_join, srv.address, "e0")[0] == C.UNAUTHENTICATED
+        assert rpc_status(_join, srv.address, "e0")[0] == C.UNAUTHENTICATED
         # an insider: right enrollment secret, no / a guessed resume secret
-        code, details = _code(_join, srv.address, "e0", enrollment_secret="club")
+        code, details = rpc_status(_join, srv.address, "e0", enrollment_secret="club")
         assert code == C.PERMISSION_DENIED and "resume secret" in details, details
-        code, details = _code(_join, srv.address, "e0", enrollment_secret="club", resume_secret="guess")
+        code, details = rpc_status(_join, srv.address, "e0", enrollment_secret="club", resume_secret="guess")
         assert code == C.PERMISSION_DENIED and "resume secret" in details, details
         assert srv.app.by_client["e0"].token == token  # the honest session is untouched
         res = honest.result()
@@ -137,7 +120,7 @@ def test_resume_secret_rejoins_and_survives_a_restart(tmp_path):
     registry = (ckpt / "registry.json").read_text()
     assert first.resume_secret not in registry and json.loads(registry)["clients"]["e0"]["resume_sha256"]
     with serving(cfg, tmp_path / "run") as srv:
-        assert _code(_join, srv.address, "e0")[0] == C.PERMISSION_DENIED
+        assert rpc_status(_join, srv.address, "e0")[0] == C.PERMISSION_DENIED
         assert _join(srv.address, "e0", resume_secret=first.resume_secret).client_id == "e0"
 
 
@@ -148,7 +131,7 @@ def test_mtls_certificate_cannot_claim_another_name(tmp_path, pki):  # noqa: F81
     cfg = tiny_cfg(num_clients=1, server={"security": sec})
     with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
         mallory = channel_credentials(pki["ca"], pki["e1_cert"], pki["e1_key"])
-        code, details = _code(_join, srv.address, "e0", creds=mallory)
+        code, details = rpc_status(_join, srv.address, "e0", creds=mallory)
         assert code == C.PERMISSION_DENIED and "certificate" in details, details
         assert not srv.app.by_client
         e0 = channel_credentials(pki["ca"], pki["e0_cert"], pki["e0_key"])
@@ -162,15 +145,15 @@ def test_strangers_holding_every_slot_do_not_lock_out_honest_edges(tmp_path, ref
     cfg = _cfg(limits={"unused_slot_s": 1.0})
     with serving(cfg, tmp_path / "run") as srv:
         strangers = [_join(srv.address, n) for n in ("s1", "s2")]
-        _wait(lambda: srv.app.rounds.is_open, 10, "round 0 to open with the strangers")
-        code, details = _code(_join, srv.address, "e9")
+        wait_until(lambda: srv.app.rounds.is_open, 10, "round 0 to open with the strangers")
+        code, details = rpc_status(_join, srv.address, "e9")
         assert code == C.UNAVAILABLE and "retry" in details, (code, details)  # not yet: the edges retry
         res = run_clients(srv.address, ["e0", "e1"], EDGE_CACHE)
         assert all(r["rounds"] == 2 for r in res.values()), res
         for j in strangers:  # their sessions are gone
             req = pb.RoundRequest(header=pb.Header(session_token=j.session_token, run_id=j.run_id), no_wait=True)
             with grpc.insecure_channel(srv.address) as ch:
-                assert _code(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))[0] == C.UNAUTHENTICATED
+                assert rpc_status(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))[0] == C.UNAUTHENTICATED
         assert_same_factors(final_factors(srv.app), reference)
 
 
@@ -256,7 +239,7 @@ def test_silent_streams_do_not_starve_training_or_health(tmp_path, reference):
         assert pending <= cfg.server.limits.max_pending_calls + cfg.num_clients
         assert rss1 - rss0 < 256 << 20
         assert_same_factors(final_factors(srv.app), reference)
-    _wait(lambda: srv.servicer.guard.open_calls() == {}, 10, "every call to end")
+    wait_until(lambda: srv.servicer.guard.open_calls() == {}, 10, "every call to end")
 
 
 def _step_msgs(j, h, step=0, frames=None):
@@ -274,20 +257,20 @@ def test_silent_streams_are_closed_after_their_timeouts(tmp_path):
     with serving(cfg, tmp_path / "run") as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.SplitWaveStub(ch)
         q: queue.Queue = queue.Queue()
-        code, _ = _code(lambda: list(stub.Train(iter(q.get, None), timeout=60)))
+        code, _ = rpc_status(lambda: list(stub.Train(iter(q.get, None), timeout=60)))
         q.put(None)
         assert code == C.CANCELLED and srv.servicer.guard.closed["first_message_timeout"] == 1
         j = stub.Join(pb.JoinRequest(client_name="e0", capabilities=CAPS), timeout=10)
-        _wait(lambda: srv.app.rounds.is_open, 10, "round 0")
+        wait_until(lambda: srv.app.rounds.is_open, 10, "round 0")
         q = queue.Queue()
         for m in _step_msgs(j, np.zeros((8, 16, 32), np.float32)):
             q.put(m)
         replies = stub.Train(iter(q.get, None), timeout=60)
         assert any(r.WhichOneof("body") == "end_step" for r in replies)  # answered; now the client goes silent
-        code, _ = _code(lambda: list(replies))
+        code, _ = rpc_status(lambda: list(replies))
         q.put(None)
         assert code == C.CANCELLED and srv.servicer.guard.closed["idle_timeout"] == 1
-        _wait(lambda: srv.servicer.active["Train"] == 0, 10, "the streams' threads to be free")
+        wait_until(lambda: srv.servicer.active["Train"] == 0, 10, "the streams' threads to be free")
 
 
 def test_tiny_frames_refused_at_the_first(tmp_path):
@@ -296,7 +279,7 @@ def test_tiny_frames_refused_at_the_first(tmp_path):
     with serving(cfg, tmp_path / "run") as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.SplitWaveStub(ch)
         j = stub.Join(pb.JoinRequest(client_name="e0", capabilities=CAPS), timeout=10)
-        _wait(lambda: srv.app.rounds.is_open, 10, "round 0")
+        wait_until(lambda: srv.app.rounds.is_open, 10, "round 0")
         h = np.zeros((8, 16, 32), np.float32)
         raw = h.tobytes()
         sent, released = [], threading.Event()
@@ -310,12 +293,12 @@ def test_tiny_frames_refused_at_the_first(tmp_path):
                 yield pb.TensorFrame(name="h", dtype="float32", shape=list(h.shape), codec="raw", frame_index=i,
                                      frame_count=len(raw), payload=raw[i:i + 1])
 
-        code, details = _code(lambda: list(stub.Train((m for m in _step_msgs(j, h, frames=frames())), timeout=30)))
+        code, details = rpc_status(lambda: list(stub.Train((m for m in _step_msgs(j, h, frames=frames())), timeout=30)))
         released.set()
         assert code == C.INVALID_ARGUMENT and "at least" in details, details
         assert sent == [0]
         # an honest step still goes through on the same session
-        code, _ = _code(lambda: list(stub.Train(iter(_step_msgs(j, h)), timeout=30)))
+        code, _ = rpc_status(lambda: list(stub.Train(iter(_step_msgs(j, h)), timeout=30)))
         assert code == C.OK
 
 
@@ -332,12 +315,12 @@ def test_calls_per_client_are_bounded(tmp_path):
             q: queue.Queue = queue.Queue()
             q.put(msg)
             calls.append((q, stub.Train(iter(q.get, None), timeout=30)))
-            _wait(lambda: srv.servicer.guard.open_calls().get("client:e0", 0) == min(i + 1, 2)
+            wait_until(lambda: srv.servicer.guard.open_calls().get("client:e0", 0) == min(i + 1, 2)
                   and (i < 2 or calls[-1][1].done()), 10, f"call {i} to be counted")
         assert calls[2][1].code() == C.RESOURCE_EXHAUSTED, calls[2][1].details()
         for q, c in calls[:2]:
             q.put(None)
-            assert _code(lambda c=c: list(c))[0] == C.INVALID_ARGUMENT  # ended inside a step
+            assert rpc_status(lambda c=c: list(c))[0] == C.INVALID_ARGUMENT  # ended inside a step
         assert _join(srv.address, "e1").client_id == "e1"
 
 
@@ -393,7 +376,7 @@ def _server_proc(cfg: dict, tmp_path: Path, port: int):
                                       str(ROOT / ".cache" / "bundles"), "--set",
                                       f"server.checkpoint_dir={tmp_path / 'ckpt'}"],
                          cwd=ROOT, stdout=open(tmp_path / "server.log", "ab"), stderr=subprocess.STDOUT)
-    _wait(ready.exists, 120, "the server to start")
+    wait_until(ready.exists, 120, "the server to start")
     return p
 
 
@@ -410,7 +393,7 @@ def test_sigterm_answers_waiting_clients_unavailable_and_exits(tmp_path):
 
             def wait_round():
                 req = pb.RoundRequest(header=pb.Header(session_token=j.session_token, run_id=j.run_id))
-                out["code"] = _code(lambda: list(stub.AwaitRound(req, timeout=60)))
+                out["code"] = rpc_status(lambda: list(stub.AwaitRound(req, timeout=60)))
 
             t = threading.Thread(target=wait_round)
             t.start()
@@ -434,9 +417,9 @@ def test_pushed_adapter_survives_a_restart(tmp_path):
     try:
         idle = _join(srv.address, "e1")  # selected, never trains: round 0 stays open
         c = make_client(srv.address, "e0", EDGE_CACHE, retry=RetryPolicy(connect_s=0.0, total_s=0.0))
-        t = threading.Thread(target=lambda: _code(c.run), daemon=True)
+        t = threading.Thread(target=lambda: rpc_status(c.run), daemon=True)
         t.start()
-        _wait(lambda: "e0" in srv.app.rounds.reports, 60, "e0 to push round 0")
+        wait_until(lambda: "e0" in srv.app.rounds.reports, 60, "e0 to push round 0")
         pushed = {k: np.array(v) for k, v in srv.app.rounds.reports["e0"].factors.items()}
         top = srv.app.trainer.factors("e0")
     finally:
@@ -448,7 +431,7 @@ def test_pushed_adapter_survives_a_restart(tmp_path):
 
     app = SplitServer(cfg, tmp_path / "run2", cache_dir=ROOT / ".cache" / "bundles")
     try:
-        _wait(lambda: app.rounds.is_open, 10, "round 0 to reopen")
+        wait_until(lambda: app.rounds.is_open, 10, "round 0 to reopen")
         assert app.rounds.round_idx == 0 and sorted(app.rounds.reports) == ["e0"]
         for k, v in pushed.items():
             np.testing.assert_array_equal(app.rounds.reports["e0"].factors[k], v)
@@ -531,10 +514,10 @@ def test_sigterm_after_a_push_then_restart_gives_the_same_adapters(tmp_path, cra
     server = _faults_server(cfg_path, port, run_dir, ckpt, ready, slog)
     edges = []
     try:
-        _wait(ready.exists, 120, "the server to start")
+        wait_until(ready.exists, 120, "the server to start")
         ems = [tmp_path / f"e{i}.jsonl" for i in range(2)]
         edges = [_edge_proc(f"127.0.0.1:{port}", f"e{i}", ems[i], tmp_path / f"e{i}.log") for i in range(2)]
-        _wait(lambda: any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(ems[0])), 120, "e0's push")
+        wait_until(lambda: any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(ems[0])), 120, "e0's push")
         pushed = [p.name for p in (ckpt / "pending").glob("r000002-*.pt")]
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0, slog.read_text()[-3000:]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge.security import channel_credentials
-from net_helpers import CAPS, ROOT, make_client, run_clients, serving, tiny_cfg
+from net_helpers import CAPS, ROOT, make_client, rpc_status, run_clients, serving, tiny_cfg
 from protos import splitwave_pb2 as pb
 from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
@@ -57,21 +57,13 @@ def _join(address, creds, name="probe", secret=""):
         return pb_grpc.SplitWaveStub(ch).Join(req, timeout=5)
 
 
-def _code(fn, *a, **k):
-    try:
-        fn(*a, **k)
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return C.OK, ""
-
-
 # -- TLS / mTLS --------------------------------------------------------------------------------------------
 
 def test_tls_end_to_end_and_plaintext_refused(tmp_path, pki):
     cfg = _sec_cfg(pki)
     with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
         # a plaintext client cannot talk to a TLS server
-        assert _code(_join, srv.address, None)[0] == C.UNAVAILABLE
+        assert rpc_status(_join, srv.address, None)[0] == C.UNAVAILABLE
         res = run_clients(srv.address, ["e0"], EDGE_CACHE, credentials=channel_credentials(pki["ca"]))
         assert not isinstance(res["e0"], Exception), res
         assert res["e0"]["rounds"] == 2
@@ -81,7 +73,7 @@ def test_tls_client_rejects_server_from_unknown_ca(tmp_path, pki):
     cfg = _sec_cfg(pki)
     with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
         # trusting another CA: the server certificate does not verify
-        code, _ = _code(_join, srv.address, grpc.ssl_channel_credentials(open(pki["rogue_cert"], "rb").read()))
+        code, _ = rpc_status(_join, srv.address, grpc.ssl_channel_credentials(open(pki["rogue_cert"], "rb").read()))
         assert code == C.UNAVAILABLE
 
 
@@ -89,9 +81,9 @@ def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path, pki):
     cfg = _sec_cfg(pki, mtls=True)
     with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
         no_cert = channel_credentials(pki["ca"])
-        assert _code(_join, srv.address, no_cert)[0] == C.UNAVAILABLE
+        assert rpc_status(_join, srv.address, no_cert)[0] == C.UNAVAILABLE
         foreign = channel_credentials(pki["ca"], pki["rogue_cert"], pki["rogue_key"])
-        assert _code(_join, srv.address, foreign)[0] == C.UNAVAILABLE
+        assert rpc_status(_join, srv.address, foreign)[0] == C.UNAVAILABLE
         assert not srv.app.by_client  # nobody got in
         ok = channel_credentials(pki["ca"], pki["e0_cert"], pki["e0_key"])
         res = run_clients(srv.address, ["e0"], EDGE_CACHE, credentials=ok)
@@ -108,12 +100,12 @@ def test_mtls_binds_client_id_and_token_to_the_certificate(tmp_path, pki):
         j0 = _join(srv.address, e0, name="e0")
         assert srv.app.by_client["e0"].identity == "e0"
         # e1's certificate cannot take over e0's client id ...
-        code, details = _code(_join, srv.address, e1, name="e0")
+        code, details = rpc_status(_join, srv.address, e1, name="e0")
         assert code == C.PERMISSION_DENIED and "certificate" in details
         # ... nor use e0's (stolen) token
         with grpc.secure_channel(srv.address, e1) as ch:
             req = pb.RoundRequest(header=pb.Header(session_token=j0.session_token, run_id=j0.run_id), no_wait=True)
-            code, details = _code(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))
+            code, details = rpc_status(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))
         assert code == C.PERMISSION_DENIED, details
         # an empty client name defaults to the certificate's name
         assert _join(srv.address, e1, name="").client_id == "e1"
@@ -124,9 +116,9 @@ def test_mtls_binds_client_id_and_token_to_the_certificate(tmp_path, pki):
 def test_enrollment_secret(tmp_path):
     cfg = tiny_cfg(server={"security": {"enrollment_secret": "s3cret"}})
     with serving(cfg, tmp_path / "run") as srv:
-        code, details = _code(_join, srv.address, None, secret="guess")
+        code, details = rpc_status(_join, srv.address, None, secret="guess")
         assert code == C.UNAUTHENTICATED and "enrollment secret" in details
-        assert _code(_join, srv.address, None, secret="")[0] == C.UNAUTHENTICATED
+        assert rpc_status(_join, srv.address, None, secret="")[0] == C.UNAUTHENTICATED
         res = run_clients(srv.address, ["e0"], EDGE_CACHE, enrollment_secret="s3cret")
         assert res["e0"]["rounds"] == 2
 
@@ -134,7 +126,7 @@ def test_enrollment_secret(tmp_path):
 def test_allow_list(tmp_path):
     cfg = tiny_cfg(server={"security": {"allow_list": ["e0"]}})
     with serving(cfg, tmp_path / "run") as srv:
-        code, details = _code(_join, srv.address, None, name="mallory")
+        code, details = rpc_status(_join, srv.address, None, name="mallory")
         assert code == C.PERMISSION_DENIED and "allow list" in details
         assert _join(srv.address, None, name="e0").client_id == "e0"
 
@@ -158,7 +150,7 @@ def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
             "Leave": lambda: stub.Leave(pb.LeaveRequest(header=bad), timeout=5),
         }
         for name, call in calls.items():
-            assert _code(call)[0] == C.UNAUTHENTICATED, name
+            assert rpc_status(call)[0] == C.UNAUTHENTICATED, name
 
         # round 0 is open for both; bob cannot slip frames under alice's token into his stream
         def hdr(j, step=0):
@@ -167,20 +159,20 @@ def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
         h = np.zeros((8, 16, 32), np.float32)
         msgs = [pb.TrainRequest(header=hdr(b), frame=encode("h", h)[0]),
                 pb.TrainRequest(header=hdr(a), frame=encode("attention_mask", np.ones((8, 16), np.int64))[0])]
-        code, details = _code(lambda: list(stub.Train(iter(msgs), timeout=5)))
+        code, details = rpc_status(lambda: list(stub.Train(iter(msgs), timeout=5)))
         assert code == C.PERMISSION_DENIED, details
         # the same for an adapter upload
         f = json.loads(a.manifest_json)["factors"][0]
         push = [pb.AdapterRequest(header=hdr(b), frame=encode(f["name"], np.zeros(f["shape"], np.float32))[0]),
                 pb.AdapterRequest(header=hdr(a), end=pb.AdapterEnd(num_samples=1))]
-        code, details = _code(lambda: stub.PushAdapter(iter(push), timeout=5))
+        code, details = rpc_status(lambda: stub.PushAdapter(iter(push), timeout=5))
         assert code == C.PERMISSION_DENIED, details
         # what a token can do is bound to its own client id: there is no field naming another client, so an
         # upload under bob's token lands on bob, and AwaitRound under bob's token sends bob's view only
         assert srv.app.session(b.session_token, b.run_id).client_id == "bob"
         # after Leave the token is dead
         stub.Leave(pb.LeaveRequest(header=hdr(a)), timeout=5)
-        code, _ = _code(lambda: list(stub.AwaitRound(pb.RoundRequest(header=hdr(a)), timeout=5)))
+        code, _ = rpc_status(lambda: list(stub.AwaitRound(pb.RoundRequest(header=hdr(a)), timeout=5)))
         assert code == C.UNAUTHENTICATED
 
 
