@@ -137,3 +137,37 @@ def wait_until(pred, timeout: float, what: str) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_with_attack(tmp_path: Path, cfg, cache_dir: Path, attack=None, when=("step", 0, 1)):
+    """One honest edge trains `cfg` (2 rounds); `attack(stub, joined, app)` fires once at `when`: ("step",
+    round, step) after that step, ("round", round, None) before that round's training. Returns (final factors,
+    the attack's result, the server) so a test can compare with a run without the attacker."""
+    from edge.client import EdgeClient
+    from protos import splitwave_pb2_grpc as pb_grpc
+
+    box: dict = {}
+
+    class Honest(EdgeClient):
+        def _fire(self):
+            with grpc.insecure_channel(self.target) as ch:
+                box["result"] = attack(pb_grpc.SplitWaveStub(ch), self.joined, srv.app)
+
+        def _record(self, rec):
+            super()._record(rec)
+            if attack and when[0] == "step" and rec.get("kind") == "step" and (rec["round"], rec["step"]) == when[1:]:
+                self._fire()
+
+        def _begin_round(self, round_idx):
+            super()._begin_round(round_idx)
+            if attack and when[0] == "round" and round_idx == when[1] and "result" not in box:
+                self._fire()
+
+    with serving(cfg, tmp_path / "run") as srv:
+        c = make_client(srv.address, "honest", cache_dir, cls=Honest)
+        try:
+            summary = c.run()
+        finally:
+            c.close()
+        assert summary["rounds"] == 2
+        return final_factors(srv.app), box.get("result"), srv

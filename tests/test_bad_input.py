@@ -14,10 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
-from edge.client import EdgeClient
-from net_helpers import CAPS, ROOT, assert_same_factors, final_factors, make_client, serving, tiny_cfg
+from net_helpers import CAPS, ROOT, assert_same_factors, run_with_attack, tiny_cfg
 from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
@@ -25,25 +23,8 @@ B, S, H = 8, 16, 32  # batch, sequence, hidden of the tiny config
 
 
 def _run(tmp_path, attack=None):
-    """Run the honest client; `attack(stub, joined)` fires after step 1 of round 0. Returns (factors, result)."""
-    cfg = tiny_cfg()
-    box = {}
-
-    class Honest(EdgeClient):
-        def _record(self, rec):
-            super()._record(rec)
-            if attack and rec.get("kind") == "step" and rec["round"] == 0 and rec["step"] == 1:
-                with grpc.insecure_channel(self.target) as ch:
-                    box["result"] = attack(pb_grpc.SplitWaveStub(ch), self.joined)
-
-    with serving(cfg, tmp_path / "run") as srv:
-        c = make_client(srv.address, "honest", EDGE_CACHE, cls=Honest)
-        try:
-            summary = c.run()
-        finally:
-            c.close()
-        assert summary["rounds"] == 2
-        return final_factors(srv.app), box.get("result"), srv
+    """Run the honest client; `attack(stub, joined)` fires after step 1 of round 0. Returns (factors, result, srv)."""
+    return run_with_attack(tmp_path, tiny_cfg(), EDGE_CACHE, attack and (lambda stub, joined, app: attack(stub, joined)))
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from edge.client import EdgeClient
-from net_helpers import ROOT, assert_same_factors, final_factors, make_client, rss_bytes, run_clients, serving, tiny_cfg
+from net_helpers import (ROOT, assert_same_factors, final_factors, rss_bytes, run_clients, run_with_attack,
+                         serving, tiny_cfg)
 from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
 from protos.codec import encode
 from server.aggregation import ClientUpdate, make_strategy
 from server.aggregation import lora_math as lm
@@ -40,34 +40,9 @@ C = grpc.StatusCode
 
 
 def _run(tmp_path, attack=None, when=("step", 0, 1), overrides=None, **sections):
-    """Run the honest client; `attack(stub, joined, app)` fires at `when`: ("step", round, step) after that
-    step, ("round", round, None) before the round's training. Returns (final factors, attack's result)."""
-    cfg = tiny_cfg(overrides, **sections)
-    box = {}
-
-    class Honest(EdgeClient):
-        def _fire(self):
-            with grpc.insecure_channel(self.target) as ch:
-                box["result"] = attack(pb_grpc.SplitWaveStub(ch), self.joined, srv.app)
-
-        def _record(self, rec):
-            super()._record(rec)
-            if attack and when[0] == "step" and rec.get("kind") == "step" and (rec["round"], rec["step"]) == when[1:]:
-                self._fire()
-
-        def _begin_round(self, round_idx):
-            super()._begin_round(round_idx)
-            if attack and when[0] == "round" and round_idx == when[1] and "result" not in box:
-                self._fire()
-
-    with serving(cfg, tmp_path / "run") as srv:
-        c = make_client(srv.address, "honest", EDGE_CACHE, cls=Honest)
-        try:
-            summary = c.run()
-        finally:
-            c.close()
-        assert summary["rounds"] == 2
-        return final_factors(srv.app), box.get("result")
+    """The honest client with `attack(stub, joined, app)` at `when` (net_helpers.run_with_attack)."""
+    factors, result, _ = run_with_attack(tmp_path, tiny_cfg(overrides, **sections), EDGE_CACHE, attack, when)
+    return factors, result
 
 
 _REFERENCES: dict = {}
