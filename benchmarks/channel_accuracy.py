@@ -4,6 +4,7 @@ split-learning exchange.  Prints a table, writes benchmarks/results/channel_accu
 
 Usage: .venv/bin/python benchmarks/channel_accuracy.py [--sizes 1 4 16] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import channel_sim as cs  # noqa: E402
+import splitwave.channel as cs  # noqa: E402
 
 MB = 1 << 20
 
@@ -71,7 +72,8 @@ def grpc_upload(make, nbytes):
     import grpc
 
     handler = grpc.method_handlers_generic_handler(
-        "sw.Bench", {"Up": grpc.unary_unary_rpc_method_handler(lambda req, ctx: len(req).to_bytes(8, "big"))})
+        "sw.Bench", {"Up": grpc.unary_unary_rpc_method_handler(lambda req, ctx: len(req).to_bytes(8, "big"))}
+    )
     opts = [("grpc.max_receive_message_length", 64 * MB), ("grpc.max_send_message_length", 64 * MB)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=opts)
     server.add_generic_rpc_handlers((handler,))
@@ -113,8 +115,14 @@ def virtual_vs_real(steps=3, nbytes=MB, server_s=0.05, edge_s=0.02):
         c.send(u, nbytes)
         c.send(d, nbytes)
     comm_only = (time.perf_counter() - w0) / 1000
-    return {"virtual_s": virtual, "real_s": real, "ratio": virtual / real, "wall_virtual_s": wall_v,
-            "speedup_with_compute": real / wall_v, "simulated_per_wall_comm_only": 2 * 8 * nbytes / 20e6 / comm_only * 1.0}
+    return {
+        "virtual_s": virtual,
+        "real_s": real,
+        "ratio": virtual / real,
+        "wall_virtual_s": wall_v,
+        "speedup_with_compute": real / wall_v,
+        "simulated_per_wall_comm_only": 2 * 8 * nbytes / 20e6 / comm_only * 1.0,
+    }
 
 
 def main():
@@ -123,29 +131,54 @@ def main():
     ap.add_argument("--quick", action="store_true", help="sizes 1 4, no gRPC 16 MB")
     args = ap.parse_args()
     sizes = [1, 4] if args.quick else args.sizes
-    out = {"host": platform.node(), "python": platform.python_version(), "sleep_precision": cs.measure_sleep_precision(),
-           "tcp": [], "grpc": []}
+    out = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "sleep_precision": cs.measure_sleep_precision(),
+        "tcp": [],
+        "grpc": [],
+    }
     print(f"{'link':36s} {'path':5s} {'MiB':>4s} {'measured s':>11s} {'model s':>9s} {'ratio':>7s} {'err %':>6s}")
     for name, make in links().items():
         for mb in sizes:
             meas, pred, st = tcp_upload(make, mb * MB)
-            out["tcp"].append({"link": name, "mib": mb, "measured_s": meas, "predicted_s": pred,
-                               "ratio": meas / pred, "timing_error": st})
-            print(f"{name:36s} {'tcp':5s} {mb:4d} {meas:11.4f} {pred:9.4f} {meas / pred:7.4f} {100 * (meas / pred - 1):6.2f}")
+            out["tcp"].append(
+                {
+                    "link": name,
+                    "mib": mb,
+                    "measured_s": meas,
+                    "predicted_s": pred,
+                    "ratio": meas / pred,
+                    "timing_error": st,
+                }
+            )
+            print(
+                f"{name:36s} {'tcp':5s} {mb:4d} {meas:11.4f} {pred:9.4f} {meas / pred:7.4f} {100 * (meas / pred - 1):6.2f}"
+            )
         for mb in sizes[:2]:
             meas, pred = grpc_upload(make, mb * MB)
             out["grpc"].append({"link": name, "mib": mb, "measured_s": meas, "predicted_s": pred, "ratio": meas / pred})
-            print(f"{name:36s} {'grpc':5s} {mb:4d} {meas:11.4f} {pred:9.4f} {meas / pred:7.4f} {100 * (meas / pred - 1):6.2f}")
+            print(
+                f"{name:36s} {'grpc':5s} {mb:4d} {meas:11.4f} {pred:9.4f} {meas / pred:7.4f} {100 * (meas / pred - 1):6.2f}"
+            )
     vr = virtual_vs_real()
     out["virtual_vs_real"] = vr
-    print(f"virtual vs real (3 x [1 MiB up, 50 ms server, 1 MiB down, 20 ms edge], static 20 Mbit/s 10 ms): "
-          f"virtual {vr['virtual_s']:.4f} s, real {vr['real_s']:.4f} s, ratio {vr['ratio']:.4f}; "
-          f"wall speedup {vr['speedup_with_compute']:.1f}x (compute really run), "
-          f"{vr['simulated_per_wall_comm_only']:.0f}x for the link part alone")
+    print(
+        f"virtual vs real (3 x [1 MiB up, 50 ms server, 1 MiB down, 20 ms edge], static 20 Mbit/s 10 ms): "
+        f"virtual {vr['virtual_s']:.4f} s, real {vr['real_s']:.4f} s, ratio {vr['ratio']:.4f}; "
+        f"wall speedup {vr['speedup_with_compute']:.1f}x (compute really run), "
+        f"{vr['simulated_per_wall_comm_only']:.0f}x for the link part alone"
+    )
     sp = out["sleep_precision"]
-    print("sleep precision (1 ms absolute wake-ups): time.sleep p50 {:.3f} ms p99 {:.3f} ms; asyncio p50 {:.3f} ms "
-          "p99 {:.3f} ms".format(sp["time_sleep"]["p50_ms"], sp["time_sleep"]["p99_ms"],
-                                 sp["asyncio_call_at"]["p50_ms"], sp["asyncio_call_at"]["p99_ms"]))
+    print(
+        "sleep precision (1 ms absolute wake-ups): time.sleep p50 {:.3f} ms p99 {:.3f} ms; asyncio p50 {:.3f} ms "
+        "p99 {:.3f} ms".format(
+            sp["time_sleep"]["p50_ms"],
+            sp["time_sleep"]["p99_ms"],
+            sp["asyncio_call_at"]["p50_ms"],
+            sp["asyncio_call_at"]["p99_ms"],
+        )
+    )
     path = ROOT / "benchmarks" / "results" / "channel_accuracy.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

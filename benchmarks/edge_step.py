@@ -60,22 +60,30 @@ def _worker(args) -> None:
     """Runs in a fresh process: one backend, timings + memory + first-step grads."""
     data = np.load(args.data)
     ids, mask, gh = data["input_ids"], data["attention_mask"], data["grad_h"]
-    factors = {k[len("f:"):]: data[k] for k in data.files if k.startswith("f:")}
+    factors = {k[len("f:") :]: data[k] for k in data.files if k.startswith("f:")}
     if args.worker == "torch":
         import torch
 
         torch.set_num_threads(args.threads)
-        from edge.torch_backend import TorchEdge
-        from server.models import build_model, minilm_path
-        from server.split import LoraSpec, split_model
+        from splitwave.server.models import build_model, minilm_path
+        from splitwave.server.split import LoraSpec, split_model
+        from splitwave.server.torch_edge import TorchEdge
 
-        split = split_model(build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls")
+        split = split_model(
+            build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls"
+        )
         backend = TorchEdge(split)
     else:
-        from edge.runtime import EdgeRuntime
+        from splitwave.edge.runtime import EdgeRuntime
 
-        backend = EdgeRuntime(args.bundle, mode=args.worker, threads=args.threads, opt_level=args.opt_level,
-                              spinning=not args.no_spin, low_memory=not args.arena)
+        backend = EdgeRuntime(
+            args.bundle,
+            mode=args.worker,
+            threads=args.threads,
+            opt_level=args.opt_level,
+            spinning=not args.no_spin,
+            low_memory=not args.arena,
+        )
     backend.set_factors(factors)
     rss_setup = _rss_now_kb()
     first = None
@@ -102,35 +110,50 @@ def _worker(args) -> None:
     peak_steps = _peak_rss_kb()  # VmHWM: ru_maxrss would carry the parent's high-water mark across exec
     peak = max(peak_steps, peak_warm or 0)
     np.savez(args.out, **first)
-    print(json.dumps({"times_ms": [1000 * t for t in times],
-                      "fwd_ms": 1000 * statistics.median(t_fwd), "bwd_ms": 1000 * statistics.median(t_bwd),
-                      "opt_ms": 1000 * statistics.median(t_opt),
-                      "rss_setup_mb": rss_setup / 1024, "peak_rss_mb": peak / 1024,
-                      "step_peak_delta_mb": (peak - rss_setup) / 1024,
-                      "step_peak_mb": (peak_steps - rss_setup) / 1024 if reset_ok else None}))
+    print(
+        json.dumps(
+            {
+                "times_ms": [1000 * t for t in times],
+                "fwd_ms": 1000 * statistics.median(t_fwd),
+                "bwd_ms": 1000 * statistics.median(t_bwd),
+                "opt_ms": 1000 * statistics.median(t_opt),
+                "rss_setup_mb": rss_setup / 1024,
+                "peak_rss_mb": peak / 1024,
+                "step_peak_delta_mb": (peak - rss_setup) / 1024,
+                "step_peak_mb": (peak_steps - rss_setup) / 1024 if reset_ok else None,
+            }
+        )
+    )
 
 
 def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
     """Export (or reuse) the MiniLM cut bundle; write the batch + factors every backend uses."""
     import torch
 
-    from server.export import export_bundle
-    from server.models import build_model, minilm_path
-    from server.split import LoraSpec, split_model
+    from splitwave.server.export import export_bundle
+    from splitwave.server.models import build_model, minilm_path
+    from splitwave.server.split import LoraSpec, split_model
 
     h = hashlib.sha256(f"minilm|cut={args.cut}|r={args.r}|v2".encode())
     for src in ("server/export.py", "server/split.py", "server/models.py"):  # editing the exporter re-exports
         h.update((ROOT / src).read_bytes())
     key = h.hexdigest()[:12]
     bundle = cache / f"minilm-{key}"
-    split = split_model(build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls")
+    split = split_model(
+        build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls"
+    )
     g = torch.Generator().manual_seed(0)
     factors = {k: (0.05 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()}
     export_s = None
     if not (bundle / "manifest.json").is_file():
         t0 = time.perf_counter()
-        export_bundle(split, bundle, model_id="sentence-transformers/all-MiniLM-L6-v2", tokenizer_dir=minilm_path(),
-                      trace_shape=(3, 11))
+        export_bundle(
+            split,
+            bundle,
+            model_id="sentence-transformers/all-MiniLM-L6-v2",
+            tokenizer_dir=minilm_path(),
+            trace_shape=(3, 11),
+        )
         export_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 30000, size=(args.batch, args.seq)).astype(np.int64)
@@ -139,7 +162,9 @@ def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
     for i, n in enumerate(lengths):
         mask[i, n:] = 0
         ids[i, n:] = 0
-    gh = rng.standard_normal((args.batch, args.seq, split.peft_model.base_model.model.config.hidden_size)).astype(np.float32)
+    gh = rng.standard_normal((args.batch, args.seq, split.peft_model.base_model.model.config.hidden_size)).astype(
+        np.float32
+    )
     data = cache / f"edge_step_data_{args.batch}x{args.seq}.npz"
     np.savez(data, input_ids=ids, attention_mask=mask, grad_h=gh, **{"f:" + k: v for k, v in factors.items()})
     return bundle, data, export_s
@@ -153,8 +178,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--runs", type=int, default=15, help="measured steps per worker (per round)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of all backends")
-    ap.add_argument("--no-spin", action="store_true", help="ORT workers sleep between kernels (default: spin while a run is in progress)")
-    ap.add_argument("--arena", action="store_true", help="ORT defaults: one arena per session + memory patterns (low_memory=False)")
+    ap.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="ORT workers sleep between kernels (default: spin while a run is in progress)",
+    )
+    ap.add_argument(
+        "--arena", action="store_true", help="ORT defaults: one arena per session + memory patterns (low_memory=False)"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--opt-level", default="all")
@@ -173,13 +204,35 @@ def main() -> None:
     bundle, data, export_s = _prepare(args, cache)
     backends = ("torch", "recompute", "saved")
     per_round: dict[str, list[dict]] = {b: [] for b in backends}
-    for rnd in range(args.rounds):
+    for _rnd in range(args.rounds):
         for backend in backends:
             out = cache / f"first_{backend}.npz"
-            cmd = [sys.executable, __file__, "--worker", backend, "--bundle", str(bundle), "--data", str(data),
-                   "--out", str(out), "--cut", str(args.cut), "--r", str(args.r), "--runs", str(args.runs),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--opt-level", args.opt_level,
-                   *(["--no-spin"] if args.no_spin else []), *(["--arena"] if args.arena else [])]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                backend,
+                "--bundle",
+                str(bundle),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--cut",
+                str(args.cut),
+                "--r",
+                str(args.r),
+                "--runs",
+                str(args.runs),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--opt-level",
+                args.opt_level,
+                *(["--no-spin"] if args.no_spin else []),
+                *(["--arena"] if args.arena else []),
+            ]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if p.returncode != 0:
                 raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
@@ -192,58 +245,103 @@ def main() -> None:
             vals = [r[key] for r in rounds if r[key] is not None]
             return statistics.median(vals) if vals else None
 
-        res[backend] = {"median_ms": statistics.median(times), "min_ms": min(times),
-                        "round_medians_ms": [statistics.median(r["times_ms"]) for r in rounds],
-                        **{k: med(k) for k in ("fwd_ms", "bwd_ms", "opt_ms", "rss_setup_mb", "peak_rss_mb",
-                                               "step_peak_delta_mb", "step_peak_mb")},
-                        "first": cache / f"first_{backend}.npz"}
+        res[backend] = {
+            "median_ms": statistics.median(times),
+            "min_ms": min(times),
+            "round_medians_ms": [statistics.median(r["times_ms"]) for r in rounds],
+            **{
+                k: med(k)
+                for k in (
+                    "fwd_ms",
+                    "bwd_ms",
+                    "opt_ms",
+                    "rss_setup_mb",
+                    "peak_rss_mb",
+                    "step_peak_delta_mb",
+                    "step_peak_mb",
+                )
+            },
+            "first": cache / f"first_{backend}.npz",
+        }
     ref = np.load(res["torch"].pop("first"))
     for backend in ("recompute", "saved"):
         got = np.load(res[backend].pop("first"))
         gkeys = [k for k in ref.files if k.startswith("g:")]
         abs_err = max(float(np.abs(got[k] - ref[k]).max()) for k in gkeys)
         rel_err = max(float(np.abs(got[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-12)) for k in gkeys)
-        res[backend].update({
-            "speedup_vs_torch": res["torch"]["median_ms"] / res[backend]["median_ms"],
-            "min_speedup_vs_torch": res["torch"]["min_ms"] / res[backend]["min_ms"],
-            # per round (the backends of one round ran back to back, under about the same outside load)
-            "round_speedups": [t / o for t, o in zip(res["torch"]["round_medians_ms"], res[backend]["round_medians_ms"])],
-            # each backend's least disturbed round (outside load comes and goes within a round, too)
-            "best_round_speedup": min(res["torch"]["round_medians_ms"]) / min(res[backend]["round_medians_ms"]),
-            "step_mem_ratio_vs_torch": res[backend]["step_peak_delta_mb"] / max(res["torch"]["step_peak_delta_mb"], 1e-9),
-            "steady_step_mem_ratio_vs_torch": (res[backend]["step_peak_mb"] / max(res["torch"]["step_peak_mb"], 1e-9)
-                                               if res[backend]["step_peak_mb"] is not None
-                                               and res["torch"]["step_peak_mb"] is not None else None),
-            "peak_rss_ratio_vs_torch": res[backend]["peak_rss_mb"] / res["torch"]["peak_rss_mb"],
-            "grad_max_abs_err": abs_err, "grad_max_rel_err": rel_err,
-            "h_max_abs_err": float(np.abs(got["h"] - ref["h"]).max()),
-        })
+        res[backend].update(
+            {
+                "speedup_vs_torch": res["torch"]["median_ms"] / res[backend]["median_ms"],
+                "min_speedup_vs_torch": res["torch"]["min_ms"] / res[backend]["min_ms"],
+                # per round (the backends of one round ran back to back, under about the same outside load)
+                "round_speedups": [
+                    t / o for t, o in zip(res["torch"]["round_medians_ms"], res[backend]["round_medians_ms"])
+                ],
+                # each backend's least disturbed round (outside load comes and goes within a round, too)
+                "best_round_speedup": min(res["torch"]["round_medians_ms"]) / min(res[backend]["round_medians_ms"]),
+                "step_mem_ratio_vs_torch": res[backend]["step_peak_delta_mb"]
+                / max(res["torch"]["step_peak_delta_mb"], 1e-9),
+                "steady_step_mem_ratio_vs_torch": (
+                    res[backend]["step_peak_mb"] / max(res["torch"]["step_peak_mb"], 1e-9)
+                    if res[backend]["step_peak_mb"] is not None and res["torch"]["step_peak_mb"] is not None
+                    else None
+                ),
+                "peak_rss_ratio_vs_torch": res[backend]["peak_rss_mb"] / res["torch"]["peak_rss_mb"],
+                "grad_max_abs_err": abs_err,
+                "grad_max_rel_err": rel_err,
+                "h_max_abs_err": float(np.abs(got["h"] - ref["h"]).max()),
+            }
+        )
     manifest = json.loads((bundle / "manifest.json").read_text())
-    result = {"model": "all-MiniLM-L6-v2", "cut": args.cut, "lora_r": args.r, "batch": args.batch, "seq": args.seq,
-              "runs": args.runs, "rounds": args.rounds, "threads": args.threads, "opt_level": args.opt_level,
-              "ort_spinning": not args.no_spin, "ort_arena": args.arena, "load_avg_1min": os.getloadavg()[0], "nice": os.nice(0), "backends": res,
-              "export_seconds": export_s if export_s is not None else manifest.get("export_seconds", {}).get("total"),
-              "export_breakdown_s": manifest.get("export_seconds"),
-              "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())}}
+    result = {
+        "model": "all-MiniLM-L6-v2",
+        "cut": args.cut,
+        "lora_r": args.r,
+        "batch": args.batch,
+        "seq": args.seq,
+        "runs": args.runs,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "opt_level": args.opt_level,
+        "ort_spinning": not args.no_spin,
+        "ort_arena": args.arena,
+        "load_avg_1min": os.getloadavg()[0],
+        "nice": os.nice(0),
+        "backends": res,
+        "export_seconds": export_s if export_s is not None else manifest.get("export_seconds", {}).get("total"),
+        "export_breakdown_s": manifest.get("export_seconds"),
+        "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
+    }
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(result, indent=2))
-    print(f"edge step, all-MiniLM-L6-v2 cut {args.cut}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.runs} steps (load avg {os.getloadavg()[0]:.1f})")
-    print(f"{'backend':<10} {'median ms':>9} {'min ms':>7} {'speedup':>8} {'min-spd':>7} {'fwd':>6} {'bwd':>6} {'opt':>5} "
-          f"{'step pk MB':>10} {'ratio':>5} {'steady pk':>9} {'ratio':>5} {'peak RSS':>8} {'ratio':>5} {'grad abs':>8} "
-          f"{'grad rel':>8}")
+    print(
+        f"edge step, all-MiniLM-L6-v2 cut {args.cut}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
+        f"{args.rounds} rounds x {args.runs} steps (load avg {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"{'backend':<10} {'median ms':>9} {'min ms':>7} {'speedup':>8} {'min-spd':>7} {'fwd':>6} {'bwd':>6} {'opt':>5} "
+        f"{'step pk MB':>10} {'ratio':>5} {'steady pk':>9} {'ratio':>5} {'peak RSS':>8} {'ratio':>5} {'grad abs':>8} "
+        f"{'grad rel':>8}"
+    )
     for b, r in res.items():
         st = r["step_peak_mb"]
         sr = r.get("steady_step_mem_ratio_vs_torch", 1.0)
-        print(f"{b:<10} {r['median_ms']:>9.1f} {r['min_ms']:>7.1f} {r.get('speedup_vs_torch', 1.0):>7.2f}x "
-              f"{r.get('min_speedup_vs_torch', 1.0):>6.2f}x {r['fwd_ms']:>6.1f} {r['bwd_ms']:>6.1f} {r['opt_ms']:>5.2f} "
-              f"{r['step_peak_delta_mb']:>10.1f} {r.get('step_mem_ratio_vs_torch', 1.0):>5.2f} "
-              f"{st if st is not None else float('nan'):>9.1f} {sr if sr is not None else float('nan'):>5.2f} "
-              f"{r['peak_rss_mb']:>8.1f} {r.get('peak_rss_ratio_vs_torch', 1.0):>5.2f} "
-              f"{r.get('grad_max_abs_err', 0.0):>8.1e} {r.get('grad_max_rel_err', 0.0):>8.1e}")
-    print("per-round medians ms: " + "; ".join(f"{b} " + "/".join(f"{t:.0f}" for t in r["round_medians_ms"])
-                                                for b, r in res.items()))
-    print("best round of each: " + ", ".join(f"{b} {r['best_round_speedup']:.2f}x" for b, r in res.items() if b != "torch"))
+        print(
+            f"{b:<10} {r['median_ms']:>9.1f} {r['min_ms']:>7.1f} {r.get('speedup_vs_torch', 1.0):>7.2f}x "
+            f"{r.get('min_speedup_vs_torch', 1.0):>6.2f}x {r['fwd_ms']:>6.1f} {r['bwd_ms']:>6.1f} {r['opt_ms']:>5.2f} "
+            f"{r['step_peak_delta_mb']:>10.1f} {r.get('step_mem_ratio_vs_torch', 1.0):>5.2f} "
+            f"{st if st is not None else float('nan'):>9.1f} {sr if sr is not None else float('nan'):>5.2f} "
+            f"{r['peak_rss_mb']:>8.1f} {r.get('peak_rss_ratio_vs_torch', 1.0):>5.2f} "
+            f"{r.get('grad_max_abs_err', 0.0):>8.1e} {r.get('grad_max_rel_err', 0.0):>8.1e}"
+        )
+    print(
+        "per-round medians ms: "
+        + "; ".join(f"{b} " + "/".join(f"{t:.0f}" for t in r["round_medians_ms"]) for b, r in res.items())
+    )
+    print(
+        "best round of each: "
+        + ", ".join(f"{b} {r['best_round_speedup']:.2f}x" for b, r in res.items() if b != "torch")
+    )
     print(f"result: {args.result}")
 
 

@@ -9,6 +9,7 @@ and after the guards (copy it into the older tree to run it there).
 
     .venv/bin/python benchmarks/hostile_probes.py
 """
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,12 @@ B, S, H = 8, 16, 32
 
 
 def main() -> None:
-    from edge.client import EdgeClient
     from net_helpers import final_factors, make_client, run_clients, serving, tiny_cfg
-    from protos import splitwave_pb2 as pb
-    from protos import splitwave_pb2_grpc as pb_grpc
-    from protos.codec import encode
+
+    from splitwave.edge.client import EdgeClient
+    from splitwave.protos import splitwave_pb2 as pb
+    from splitwave.protos import splitwave_pb2_grpc as pb_grpc
+    from splitwave.protos.codec import encode
 
     cache = ROOT / ".cache" / "edge-tests"
 
@@ -39,9 +41,11 @@ def main() -> None:
         return pb.Header(session_token=j.session_token, run_id=j.run_id, round=r, step=step)
 
     def train(stub, j, h):
-        msgs = [pb.TrainRequest(header=hdr(j), frame=f) for n, a in
-                (("h", h), ("attention_mask", np.ones((B, S), np.int64)), ("labels", np.zeros(B, np.int64)))
-                for f in encode(n, a)] + [pb.TrainRequest(header=hdr(j), end_step=pb.StepEnd(batch_size=B))]
+        msgs = [
+            pb.TrainRequest(header=hdr(j), frame=f)
+            for n, a in (("h", h), ("attention_mask", np.ones((B, S), np.int64)), ("labels", np.zeros(B, np.int64)))
+            for f in encode(n, a)
+        ] + [pb.TrainRequest(header=hdr(j), end_step=pb.StepEnd(batch_size=B))]
         try:
             for _ in stub.Train(iter(msgs), timeout=30):
                 pass
@@ -70,8 +74,13 @@ def main() -> None:
 
             def _record(self, rec):
                 super()._record(rec)
-                if attack and when[0] == "step" and rec.get("kind") == "step" and (rec["round"], rec["step"]) == (
-                        when[1], 1) and "status" not in box:
+                if (
+                    attack
+                    and when[0] == "step"
+                    and rec.get("kind") == "step"
+                    and (rec["round"], rec["step"]) == (when[1], 1)
+                    and "status" not in box
+                ):
                     self._fire()
 
             def _begin_round(self, r):
@@ -105,34 +114,60 @@ def main() -> None:
     probes = {
         "train_h_float64_1e300": (lambda s, j, app: train(s, j, np.full((B, S, H), 1e300)), {}),
         "train_h_float32_1e30": (lambda s, j, app: train(s, j, np.full((B, S, H), 1e30, np.float32)), {}),
-        "train_h_float32_1e20_alternating": (lambda s, j, app: train(s, j, (np.sign(
-            np.random.default_rng(0).standard_normal((B, S, H))) * 1e20).astype(np.float32)), {}),
+        "train_h_float32_1e20_alternating": (
+            lambda s, j, app: train(
+                s, j, (np.sign(np.random.default_rng(0).standard_normal((B, S, H))) * 1e20).astype(np.float32)
+            ),
+            {},
+        ),
         "push_adapter_1e30": (lambda s, j, app: push(s, j, 1e30), {}),
-        "push_metrics_12000_entries": (lambda s, j, app: push(s, j, metrics={
-            f"m{i:05d}".ljust(60, "x"): float(i) for i in range(12000)}), {}),
+        "push_metrics_12000_entries": (
+            lambda s, j, app: push(s, j, metrics={f"m{i:05d}".ljust(60, "x"): float(i) for i in range(12000)}),
+            {},
+        ),
         "push_before_training_round1": (lambda s, j, app: push(s, j, r=1), {"when": ("round", 1)}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         refs = {m: run(f"{tmp}/ref-{m}", mode=m) for m in ("sfl-v2", "sfl-v1")}
         for m, ref in refs.items():
-            print(json.dumps({"probe": "none (honest edge alone)", "mode": m, "honest_edge": ref[2],
-                              "final_sha256": digest(ref[0]), "final_max_abs": compare(ref[0], ref[0])[1]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "probe": "none (honest edge alone)",
+                        "mode": m,
+                        "honest_edge": ref[2],
+                        "final_sha256": digest(ref[0]),
+                        "final_max_abs": compare(ref[0], ref[0])[1],
+                    }
+                ),
+                flush=True,
+            )
         for name, (attack, kw) in probes.items():
             for mode in ("sfl-v2", "sfl-v1"):
                 got, status, honest, mbytes = run(f"{tmp}/{name}-{mode}", attack, mode=mode, **kw)
                 diff, top = compare(got, refs[mode][0])
-                print(json.dumps({"probe": name, "mode": mode, "attacker_status": (status or "")[:160],
-                                  "honest_edge": honest, "final_max_abs_diff_vs_no_attack": diff,
-                                  "final_max_abs": top if math.isfinite(top) else str(top),
-                                  "final_nonfinite_values": int(sum(np.count_nonzero(~np.isfinite(v))
-                                                                    for v in got.values())),
-                                  "metrics_file_bytes": mbytes, "metrics_file_bytes_no_attack": refs[mode][3]}),
-                      flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "probe": name,
+                            "mode": mode,
+                            "attacker_status": (status or "")[:160],
+                            "honest_edge": honest,
+                            "final_max_abs_diff_vs_no_attack": diff,
+                            "final_max_abs": top if math.isfinite(top) else str(top),
+                            "final_nonfinite_values": int(sum(np.count_nonzero(~np.isfinite(v)) for v in got.values())),
+                            "metrics_file_bytes": mbytes,
+                            "metrics_file_bytes_no_attack": refs[mode][3],
+                        }
+                    ),
+                    flush=True,
+                )
+
         # 2 clients, one claiming 2^64-1 samples (sfl-v1: a client's result does not depend on interleaving)
         class Liar(EdgeClient):
             def setup(self):
                 super().setup()
-                self.num_samples = 2 ** 64 - 1
+                self.num_samples = 2**64 - 1
 
         cfg = tiny_cfg(num_clients=2)
         outs = {}
@@ -140,8 +175,16 @@ def main() -> None:
             with serving(cfg, Path(tmp) / f"ns-{name}") as srv:
                 run_clients(srv.address, ["alice", "mallory"], cache, classes=classes)
                 outs[name] = final_factors(srv.app)
-        print(json.dumps({"probe": "push_num_samples_2^64-1", "mode": "sfl-v1",
-                          "final_max_abs_diff_vs_truthful": compare(outs["liar"], outs["truthful"])[0]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "probe": "push_num_samples_2^64-1",
+                    "mode": "sfl-v1",
+                    "final_max_abs_diff_vs_truthful": compare(outs["liar"], outs["truthful"])[0],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

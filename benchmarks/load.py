@@ -8,6 +8,7 @@ benchmarks/results/load.json.
 
     .venv/bin/python benchmarks/load.py [--clients 32 --duration 60 --mode sfl-v2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,33 +33,52 @@ def _rss() -> int:
     return 0
 
 
-def load_config(num_clients: int, mode: str = "sfl-v2", local_steps: int = 5, max_rounds: int = 100000,
-                max_workers: int | None = None, overrides: list[str] | None = None):
+def load_config(
+    num_clients: int,
+    mode: str = "sfl-v2",
+    local_steps: int = 5,
+    max_rounds: int = 100000,
+    max_workers: int | None = None,
+    overrides: list[str] | None = None,
+):
     """The load's tiny config; `overrides` (`a.b=value`, as `--set`) change it, e.g. the model or
     `training.server_batch`."""
-    from splitwave.config import parse_config
+    from splitwave.common.config import parse_config
 
-    return parse_config({
-        "seed": 0, "num_clients": num_clients,
-        "model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"dataset": "synthetic", "num_train": 16 * num_clients, "num_eval": 32, "max_seq_len": 16},
-        "training": {"mode": mode, "batch_size": 8, "local_steps": local_steps, "optim": {"lr": 0.003}},
-        "rounds": {"num_rounds": max_rounds, "deadline_s": 120, "eval_every": 1000000},
-        "server": {"max_workers": max_workers or 32},
-    }, overrides)
+    return parse_config(
+        {
+            "seed": 0,
+            "num_clients": num_clients,
+            "model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2},
+            "lora": {"r": 4, "alpha": 8},
+            "data": {"dataset": "synthetic", "num_train": 16 * num_clients, "num_eval": 32, "max_seq_len": 16},
+            "training": {"mode": mode, "batch_size": 8, "local_steps": local_steps, "optim": {"lr": 0.003}},
+            "rounds": {"num_rounds": max_rounds, "deadline_s": 120, "eval_every": 1000000},
+            "server": {"max_workers": max_workers or 32},
+        },
+        overrides,
+    )
 
 
-def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v2", local_steps: int = 5,
-             max_rounds: int = 100000, run_dir: Path | None = None, max_workers: int | None = None,
-             overrides: list[str] | None = None, min_rounds: int = 0, max_wait_s: float = 600.0) -> dict:
+def run_load(
+    num_clients: int = 32,
+    duration_s: float = 60.0,
+    mode: str = "sfl-v2",
+    local_steps: int = 5,
+    max_rounds: int = 100000,
+    run_dir: Path | None = None,
+    max_workers: int | None = None,
+    overrides: list[str] | None = None,
+    min_rounds: int = 0,
+    max_wait_s: float = 600.0,
+) -> dict:
     """Run the load for `duration_s` of training, and on until `min_rounds` rounds closed (a loaded host can
     be too slow to close one in a short run; bounded by `max_wait_s`)."""
     import tempfile
 
-    from edge.client import ClientOptions, EdgeClient
-    from server.app import SplitServer
-    from server.service import start_server
+    from splitwave.edge.client import ClientOptions, EdgeClient
+    from splitwave.server.app import SplitServer
+    from splitwave.server.service import start_server
 
     cfg = load_config(num_clients, mode, local_steps, max_rounds, max_workers, overrides)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="splitwave-load-"))
@@ -93,8 +113,10 @@ def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v
     while app.rounds.round_idx == 0 and not app.rounds.is_open and time.monotonic() - t0 < 120:
         time.sleep(0.1)
     t_train = time.monotonic()
-    while not app.rounds.stopped and (time.monotonic() - t_train < duration_s or (
-            app.rounds.round_idx < min_rounds and time.monotonic() - t_train < max_wait_s)):
+    while not app.rounds.stopped and (
+        time.monotonic() - t_train < duration_s
+        or (app.rounds.round_idx < min_rounds and time.monotonic() - t_train < max_wait_s)
+    ):
         time.sleep(0.2)
     app.rounds.stop("duration")
     for t in threads:
@@ -115,17 +137,25 @@ def run_load(num_clients: int = 32, duration_s: float = 60.0, mode: str = "sfl-v
     closed = {ln["round"] for ln in lines}
     lost = sorted(p for p in pushed - counted if p[1] in closed)
     return {
-        "clients": num_clients, "mode": mode, "duration_s": round(wall, 1), "rounds_closed": len(lines),
-        "steps": len(steps), "throughput_steps_per_s": round(len(steps) / wall, 1),
+        "clients": num_clients,
+        "mode": mode,
+        "duration_s": round(wall, 1),
+        "rounds_closed": len(lines),
+        "steps": len(steps),
+        "throughput_steps_per_s": round(len(steps) / wall, 1),
         "step_latency_p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
         "step_latency_p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2),
-        "adapters_pushed": len(pushed), "adapters_counted": len(counted), "adapters_lost": lost,
-        "rss_start_mb": round(rss[0] / 2**20), "rss_peak_mb": round(max(rss) / 2**20),
+        "adapters_pushed": len(pushed),
+        "adapters_counted": len(counted),
+        "adapters_lost": lost,
+        "rss_start_mb": round(rss[0] / 2**20),
+        "rss_peak_mb": round(max(rss) / 2**20),
         "rss_end_mb": round(rss[-1] / 2**20),
         # after every client's runtime is loaded and a few rounds ran: growth after this point would be a leak
-        "rss_after_10s_mb": round(next((r for r, t in zip(rss, rss_t) if t >= t_train + 10), rss[-1])
-                                  / 2**20), "errors": {k: repr(v)[:200] for k, v in errors.items()},
-        "deadlocked": deadlocked, "open_calls_after": {k: v for k, v in peak_active.items() if v},
+        "rss_after_10s_mb": round(next((r for r, t in zip(rss, rss_t) if t >= t_train + 10), rss[-1]) / 2**20),
+        "errors": {k: repr(v)[:200] for k, v in errors.items()},
+        "deadlocked": deadlocked,
+        "open_calls_after": {k: v for k, v in peak_active.items() if v},
         **({"server_batching": app.trainer.batcher.stats()} if app.trainer.batcher is not None else {}),
     }
 

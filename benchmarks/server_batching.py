@@ -9,6 +9,7 @@ real all-MiniLM-L6-v2 (cut 2, batch 16, SST-2, as benchmarks/split_throughput.py
 
     .venv/bin/python benchmarks/server_batching.py [--clients 8 --batches 1,8 --duration 10 --minilm]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,21 @@ import numpy as np  # noqa: E402
 from load import ROOT, load_config, run_load  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "server_batching.json"
-MINILM = ["model.family=minilm", "model.tiny=false", "lora.r=8", "lora.alpha=16", "data.dataset=sst2",
-          "data.max_seq_len=64", "training.batch_size=16", "training.optim.lr=1e-4"]
+MINILM = [
+    "model.family=minilm",
+    "model.tiny=false",
+    "lora.r=8",
+    "lora.alpha=16",
+    "data.dataset=sst2",
+    "data.max_seq_len=64",
+    "training.batch_size=16",
+    "training.optim.lr=1e-4",
+]
 
 
-def measure(clients: int, server_batch: int, duration_s: float, wait_ms: float, local_steps: int,
-            base: list[str]) -> dict:
+def measure(
+    clients: int, server_batch: int, duration_s: float, wait_ms: float, local_steps: int, base: list[str]
+) -> dict:
     overrides = base + [f"training.server_batch={server_batch}", f"training.server_batch_wait_ms={wait_ms}"]
     with tempfile.TemporaryDirectory(prefix="splitwave-batching-") as d:
         res = run_load(clients, duration_s, "sfl-v2", local_steps, run_dir=Path(d), overrides=overrides)
@@ -45,9 +55,9 @@ def measure(clients: int, server_batch: int, duration_s: float, wait_ms: float, 
 def server_compute(clients: int, values: list[int], base: list[str], reps: int = 30) -> dict[int, float]:
     """Seconds of one fused server step of K clients' full batches (batch_size x max_seq_len), K in values;
     timed on the server's compute thread, where its steps run."""
-    from server import compute
-    from server.app import build_split
-    from server.trainer import StepInput, TopTrainer
+    from splitwave.server import compute
+    from splitwave.server.app import build_split
+    from splitwave.server.trainer import StepInput, TopTrainer
 
     cfg = load_config(clients, overrides=base)
     split = compute.run(build_split, cfg)
@@ -65,10 +75,21 @@ def server_compute(clients: int, values: list[int], base: list[str], reps: int =
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    return {k: compute.run(timed, [StepInput(f"c{i}", rng.standard_normal(shape).astype(np.float32),
-                                             np.ones(shape[:2], np.int64),
-                                             rng.integers(0, cfg.model.num_labels, shape[0])) for i in range(k)])
-            for k in values}
+    return {
+        k: compute.run(
+            timed,
+            [
+                StepInput(
+                    f"c{i}",
+                    rng.standard_normal(shape).astype(np.float32),
+                    np.ones(shape[:2], np.int64),
+                    rng.integers(0, cfg.model.num_labels, shape[0]),
+                )
+                for i in range(k)
+            ],
+        )
+        for k in values
+    }
 
 
 def main() -> int:
@@ -100,29 +121,50 @@ def main() -> int:
 
     rows = []
     for v in values:
-        rows.append({"server_batch": v, "steps_per_s": med(v, "throughput_steps_per_s"),
-                     "p50_ms": med(v, "step_latency_p50_ms"), "p99_ms": med(v, "step_latency_p99_ms"),
-                     "mean_fused": round(med(v, "mean_fused"), 2),
-                     "ratio": round(med(v, "throughput_steps_per_s") / med(1, "throughput_steps_per_s"), 2),
-                     "runs": runs[v]})
+        rows.append(
+            {
+                "server_batch": v,
+                "steps_per_s": med(v, "throughput_steps_per_s"),
+                "p50_ms": med(v, "step_latency_p50_ms"),
+                "p99_ms": med(v, "step_latency_p99_ms"),
+                "mean_fused": round(med(v, "mean_fused"), 2),
+                "ratio": round(med(v, "throughput_steps_per_s") / med(1, "throughput_steps_per_s"), 2),
+                "runs": runs[v],
+            }
+        )
     model = "all-MiniLM-L6-v2 cut 2, batch 16 x <=64" if args.minilm else "tiny BERT cut 2, batch 8 x 16"
-    print(f"{args.clients} concurrent clients, sfl-v2, {model}, wait {args.wait_ms} ms, "
-          f"{args.duration:.0f} s x {args.repeats} runs each (medians)")
+    print(
+        f"{args.clients} concurrent clients, sfl-v2, {model}, wait {args.wait_ms} ms, "
+        f"{args.duration:.0f} s x {args.repeats} runs each (medians)"
+    )
     print(f"{'server_batch':>12} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'fused/step':>10} {'ratio':>6}")
     for r in rows:
-        print(f"{r['server_batch']:>12} {r['steps_per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['mean_fused']:>10.2f} {r['ratio']:>6.2f}x")
+        print(
+            f"{r['server_batch']:>12} {r['steps_per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['mean_fused']:>10.2f} {r['ratio']:>6.2f}x"
+        )
     compute_s = server_compute(args.clients, values, base)
     print("server compute alone (median of 30): K client steps fused into one server step")
     print(f"{'K':>12} {'ms/server step':>15} {'ms/client step':>15} {'speed-up':>9}")
     for k, t in compute_s.items():
         print(f"{k:>12} {t * 1e3:>15.2f} {t * 1e3 / k:>15.2f} {compute_s[1] * k / t:>8.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"clients": args.clients, "model": model, "wait_ms": args.wait_ms,
-                                          "duration_s": args.duration, "repeats": args.repeats,
-                                          "local_steps": args.local_steps, "results": rows,
-                                          "server_compute_ms": {k: t * 1e3 for k, t in compute_s.items()}},
-                                         indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "clients": args.clients,
+                "model": model,
+                "wait_ms": args.wait_ms,
+                "duration_s": args.duration,
+                "repeats": args.repeats,
+                "local_steps": args.local_steps,
+                "results": rows,
+                "server_compute_ms": {k: t * 1e3 for k, t in compute_s.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

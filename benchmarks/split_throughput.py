@@ -6,6 +6,7 @@ batches; the two alternate `--repeats` times (each ratio is of a pair measured b
 samples/s of each and their ratio, wire bytes / raw tensor bytes per step, and the bytes of
 each codec on real activations. Writes benchmarks/results/split_throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,27 +17,37 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from edge.data import Batcher
-from edge.shard import round_batch
-from protos.codec import encode, wire_size
-from server.reference import _data, _optimizer, _step
-from server.trainer import trainable_parameters
-from splitwave.config import parse_config
+from splitwave.common.config import parse_config
+from splitwave.common.data import Batcher
+from splitwave.common.shard import round_batch
 from splitwave.launch import ROOT, server_process, start_edge, wait_all, write_config
+from splitwave.protos.codec import encode, wire_size
+from splitwave.server.reference import _data, _optimizer, _step
+from splitwave.server.trainer import trainable_parameters
 
 OUT = ROOT / "benchmarks/results/split_throughput.json"
 
 
 def config(steps: int, edge_mode: str) -> dict:
-    return {"name": "throughput", "num_clients": 1, "seed": 0,
-            "model": {"family": "minilm", "tiny": False, "cut": 2}, "lora": {"r": 8, "alpha": 16},
-            "data": {"dataset": "sst2", "num_train": 16 * steps, "num_eval": 64, "max_seq_len": 64},
-            "training": {"mode": "sfl-v2", "batch_size": 16, "local_steps": steps, "edge_mode": edge_mode,
-                         "optim": {"lr": 1e-4}},
-            "rounds": {"num_rounds": 1, "deadline_s": 900}, "aggregation": {"strategy": "fedit"}}
+    return {
+        "name": "throughput",
+        "num_clients": 1,
+        "seed": 0,
+        "model": {"family": "minilm", "tiny": False, "cut": 2},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"dataset": "sst2", "num_train": 16 * steps, "num_eval": 64, "max_seq_len": 64},
+        "training": {
+            "mode": "sfl-v2",
+            "batch_size": 16,
+            "local_steps": steps,
+            "edge_mode": edge_mode,
+            "optim": {"lr": 1e-4},
+        },
+        "rounds": {"num_rounds": 1, "deadline_s": 900},
+        "aggregation": {"strategy": "fedit"},
+    }
 
 
 def split_run(raw: dict, tmp: Path) -> list[dict]:
@@ -44,12 +55,15 @@ def split_run(raw: dict, tmp: Path) -> list[dict]:
     # both sides get the 2 cores: with one client, edge and server compute in turn, never at once
     with server_process(cfg_path, tmp / "server", timeout=600, extra=["--threads", "2"]) as (_, port):
         wait_all([start_edge(port, "edge0", tmp / "cache", tmp, extra=["--threads", "2"])], timeout=900)
-    return [json.loads(line) for line in (tmp / "edge0.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == "step"]
+    return [
+        json.loads(line)
+        for line in (tmp / "edge0.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "step"
+    ]
 
 
 def centralized_times(raw: dict) -> list[float]:
-    from server.app import build_split
+    from splitwave.server.app import build_split
 
     cfg = parse_config(raw)
     split = build_split(cfg)
@@ -69,7 +83,7 @@ def centralized_times(raw: dict) -> list[float]:
 def torch_bottom_times(raw: dict) -> list[float]:
     """torch doing the edge's part (embeddings + blocks below the cut, forward + backward to the LoRA factors)
     on the same batches and gradients: what the ORT edge is set against."""
-    from server.app import build_split
+    from splitwave.server.app import build_split
 
     cfg = parse_config(raw)
     split = build_split(cfg)
@@ -89,11 +103,11 @@ def torch_bottom_times(raw: dict) -> list[float]:
 
 def codec_table(raw: dict, cache: Path) -> dict:
     """Serialized bytes of each codec for real MiniLM cut-2 activations of one SST-2 batch."""
-    from edge.runtime import EdgeRuntime
+    from splitwave.edge.runtime import EdgeRuntime
 
     bundle = next(p for p in cache.iterdir() if (p / "manifest.json").exists())
     rt = EdgeRuntime(bundle, mode="recompute")
-    from server.app import build_split
+    from splitwave.server.app import build_split
 
     cfg = parse_config(raw)
     data, shards = _data(cfg, build_split(cfg))
@@ -114,13 +128,18 @@ def breakdown(run: dict) -> dict:
     mean = lambda key: sum(s[key] for s in steps) / n  # noqa: E731
     edge, server = mean("edge_fwd_s") + mean("edge_bwd_s"), mean("server_s")
     central, bottom = sum(run["central"]) / n, sum(run["bottom"]) / n
-    return {"centralized_ms": 1e3 * central, "ort_edge_ms": 1e3 * edge, "server_ms": 1e3 * server,
-            "transport_ms": 1e3 * (mean("roundtrip_s") - server),
-            "edge_encode_and_rest_ms": 1e3 * (mean("step_s") - mean("edge_fwd_s") - mean("roundtrip_s") - mean("edge_bwd_s")),
-            "torch_bottom_ms": 1e3 * bottom,
-            "ratio_without_transport": central / (edge + server),
-            "ort_edge_over_torch_bottom": edge / bottom,
-            "server_over_centralized_minus_bottom": server / (central - bottom)}
+    return {
+        "centralized_ms": 1e3 * central,
+        "ort_edge_ms": 1e3 * edge,
+        "server_ms": 1e3 * server,
+        "transport_ms": 1e3 * (mean("roundtrip_s") - server),
+        "edge_encode_and_rest_ms": 1e3
+        * (mean("step_s") - mean("edge_fwd_s") - mean("roundtrip_s") - mean("edge_bwd_s")),
+        "torch_bottom_ms": 1e3 * bottom,
+        "ratio_without_transport": central / (edge + server),
+        "ort_edge_over_torch_bottom": edge / bottom,
+        "server_over_centralized_minus_bottom": server / (central - bottom),
+    }
 
 
 def main() -> None:
@@ -138,17 +157,26 @@ def main() -> None:
         for rep in range(args.repeats):
             tmp = Path(d) / f"rep{rep}"
             tmp.mkdir()
-            steps = split_run(raw, tmp)[args.warmup:]
-            central = centralized_times(raw)[args.warmup:]
-            bottom = torch_bottom_times(raw)[args.warmup:]
+            steps = split_run(raw, tmp)[args.warmup :]
+            central = centralized_times(raw)[args.warmup :]
+            bottom = torch_bottom_times(raw)[args.warmup :]
             samples = sum(s["batch"] for s in steps)
             split_s = sum(s["step_s"] for s in steps)  # wall time of the step on the edge, encoding included
-            runs.append({"steps": steps, "split_samples_per_s": samples / split_s,
-                         "centralized_samples_per_s": samples / sum(central), "central": central,
-                         "bottom": bottom})
-            print(f"repeat {rep}: split {runs[-1]['split_samples_per_s']:.1f} samples/s, centralized "
-                  f"{runs[-1]['centralized_samples_per_s']:.1f}: "
-                  f"{runs[-1]['split_samples_per_s'] / runs[-1]['centralized_samples_per_s']:.3f}x", flush=True)
+            runs.append(
+                {
+                    "steps": steps,
+                    "split_samples_per_s": samples / split_s,
+                    "centralized_samples_per_s": samples / sum(central),
+                    "central": central,
+                    "bottom": bottom,
+                }
+            )
+            print(
+                f"repeat {rep}: split {runs[-1]['split_samples_per_s']:.1f} samples/s, centralized "
+                f"{runs[-1]['centralized_samples_per_s']:.1f}: "
+                f"{runs[-1]['split_samples_per_s'] / runs[-1]['centralized_samples_per_s']:.3f}x",
+                flush=True,
+            )
         codecs = codec_table(raw, Path(d) / "rep0" / "cache")
     steps = [s for r in runs for s in r["steps"]]
     central = [t for r in runs for t in r["central"]]
@@ -162,35 +190,57 @@ def main() -> None:
     raw_step = [s["batch"] * s["seq"] * (384 * 4 + 8) + s["batch"] * 8 for s in steps]
     wire_up = [s["bytes_up"] for s in steps]
     result = {
-        "config": raw, "measured_steps": len(steps), "repeats": args.repeats,
-        "split_samples_per_s": sps_split, "centralized_samples_per_s": sps_central,
-        "ratio_split_over_centralized": statistics.median(ratios), "ratio_each_repeat": ratios,
+        "config": raw,
+        "measured_steps": len(steps),
+        "repeats": args.repeats,
+        "split_samples_per_s": sps_split,
+        "centralized_samples_per_s": sps_central,
+        "ratio_split_over_centralized": statistics.median(ratios),
+        "ratio_each_repeat": ratios,
         "split_step_ms_median": 1e3 * statistics.median(s["step_s"] for s in steps),
-        "split_breakdown_ms_median": {k: 1e3 * statistics.median(s[k] for s in steps)
-                                      for k in ("edge_fwd_s", "roundtrip_s", "server_s", "edge_bwd_s")},
+        "split_breakdown_ms_median": {
+            k: 1e3 * statistics.median(s[k] for s in steps)
+            for k in ("edge_fwd_s", "roundtrip_s", "server_s", "edge_bwd_s")
+        },
         "centralized_step_ms_median": 1e3 * statistics.median(central),
         "uplink_wire_over_raw_fp32": sum(wire_up) / sum(raw_step),
         "codecs_on_real_activations": codecs,
-        "breakdown_median": gap, "breakdown_each_repeat": gaps,
+        "breakdown_median": gap,
+        "breakdown_each_repeat": gaps,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2))
-    print(f"split over gRPC : {sps_split:8.1f} samples/s  (median step {result['split_step_ms_median']:.1f} ms: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in result["split_breakdown_ms_median"].items()) + ")")
-    print(f"centralized LoRA: {sps_central:8.1f} samples/s  (median step {result['centralized_step_ms_median']:.1f} ms)")
-    print(f"ratio split / centralized: {result['ratio_split_over_centralized']:.3f}x median of "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}   (target >= 0.9)")
-    print(f"per step (means; median over repeats): centralized {gap['centralized_ms']:.1f} ms; split = ORT edge "
-          f"{gap['ort_edge_ms']:.1f} + server {gap['server_ms']:.1f} + transport {gap['transport_ms']:.1f} + edge "
-          f"encoding etc. {gap['edge_encode_and_rest_ms']:.1f} ms")
+    print(
+        f"split over gRPC : {sps_split:8.1f} samples/s  (median step {result['split_step_ms_median']:.1f} ms: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result["split_breakdown_ms_median"].items())
+        + ")"
+    )
+    print(
+        f"centralized LoRA: {sps_central:8.1f} samples/s  (median step {result['centralized_step_ms_median']:.1f} ms)"
+    )
+    print(
+        f"ratio split / centralized: {result['ratio_split_over_centralized']:.3f}x median of "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}   (target >= 0.9)"
+    )
+    print(
+        f"per step (means; median over repeats): centralized {gap['centralized_ms']:.1f} ms; split = ORT edge "
+        f"{gap['ort_edge_ms']:.1f} + server {gap['server_ms']:.1f} + transport {gap['transport_ms']:.1f} + edge "
+        f"encoding etc. {gap['edge_encode_and_rest_ms']:.1f} ms"
+    )
     each = ", ".join(f"{g['ratio_without_transport']:.3f}" for g in gaps)
-    print(f"  compute alone (no transport): {gap['ratio_without_transport']:.3f}x (repeats {each}); ORT edge / torch doing the "
-          f"same part ({gap['torch_bottom_ms']:.1f} ms) = {gap['ort_edge_over_torch_bottom']:.2f}; server / its "
-          f"share of the centralized step = {gap['server_over_centralized_minus_bottom']:.2f}")
-    print(f"uplink wire bytes / raw tensor bytes (fp32, h + mask + labels): {result['uplink_wire_over_raw_fp32']:.4f}"
-          "   (target <= 1.02)")
+    print(
+        f"  compute alone (no transport): {gap['ratio_without_transport']:.3f}x (repeats {each}); ORT edge / torch doing the "
+        f"same part ({gap['torch_bottom_ms']:.1f} ms) = {gap['ort_edge_over_torch_bottom']:.2f}; server / its "
+        f"share of the centralized step = {gap['server_over_centralized_minus_bottom']:.2f}"
+    )
+    print(
+        f"uplink wire bytes / raw tensor bytes (fp32, h + mask + labels): {result['uplink_wire_over_raw_fp32']:.4f}"
+        "   (target <= 1.02)"
+    )
     for c in ("raw", "fp16", "bf16", "int8", "topk"):
-        print(f"  codec {c:5s}: {codecs[c]['wire_bytes']:9d} B on the wire, {codecs[c]['reduction']:.2f}x smaller than raw fp32")
+        print(
+            f"  codec {c:5s}: {codecs[c]['wire_bytes']:9d} B on the wire, {codecs[c]['reduction']:.2f}x smaller than raw fp32"
+        )
     print(f"wrote {OUT}")
 
 

@@ -7,6 +7,7 @@ and the eval accuracy. Writes benchmarks/results/update_norms-<config>.json.
 
     .venv/bin/python benchmarks/update_norms.py configs/quick.yaml [--set training.mode=sfl-v1 ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bundles"))
     args = ap.parse_args()
-    from edge.client import ClientOptions, EdgeClient
-    from server.aggregation.base import Strategy
-    from server.app import SplitServer
-    from server.service import start_server
-    from splitwave.config import load_config
+    from splitwave.common.config import load_config
+    from splitwave.edge.client import ClientOptions, EdgeClient
+    from splitwave.server.aggregation.base import Strategy
+    from splitwave.server.app import SplitServer
+    from splitwave.server.service import start_server
 
     cfg = load_config(args.config, ["channel.mode=none", "aggregation.robust.clip_norm=null", *args.set])
     top_norms: list[float] = []
@@ -47,6 +48,7 @@ def main() -> None:
         app = SplitServer(cfg, Path(tmp) / "run", cache_dir=Path(args.cache))
         errors = []
         with start_server(app) as srv:
+
             def go(i):
                 c = EdgeClient(srv.address, ClientOptions(name=f"e{i}", cache_dir=Path(tmp) / "edge", threads=1))
                 try:
@@ -62,10 +64,16 @@ def main() -> None:
         if errors:
             raise SystemExit(f"clients failed: {errors}")
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "server_metrics.jsonl").read_text().splitlines()]
-    rows = [{"round": ln["round"], "edge_update_norm_max": ln["aggregation"].get("update_norm_max"),
-             "edge_update_norm_mean": ln["aggregation"].get("update_norm_mean"),
-             "top_update_norm_max": top_norms[i] if i < len(top_norms) else None,
-             "eval_accuracy": ln.get("eval_accuracy")} for i, ln in enumerate(lines)]
+    rows = [
+        {
+            "round": ln["round"],
+            "edge_update_norm_max": ln["aggregation"].get("update_norm_max"),
+            "edge_update_norm_mean": ln["aggregation"].get("update_norm_mean"),
+            "top_update_norm_max": top_norms[i] if i < len(top_norms) else None,
+            "eval_accuracy": ln.get("eval_accuracy"),
+        }
+        for i, ln in enumerate(lines)
+    ]
     for r in rows:
         print(json.dumps(r))
     out = ROOT / "benchmarks" / "results" / f"update_norms-{cfg.name}-{cfg.training.mode}.json"

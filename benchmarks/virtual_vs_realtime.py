@@ -5,6 +5,7 @@ benchmarks/results/virtual_vs_realtime.json.
 
     .venv/bin/python benchmarks/virtual_vs_realtime.py [--set k=v ...] [--out runs/bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from splitwave.config import load_config  # noqa: E402
+from splitwave.common.config import load_config  # noqa: E402
 from splitwave.report import compare_runs  # noqa: E402
 from splitwave.runner import simulate  # noqa: E402
 
 # a slow link (uplink 0.25 Mbit/s, downlink 0.5 Mbit/s, 30 ms one way): communication dominates
-SLOW_LINK = ["num_clients=2", "rounds.num_rounds=3", "training.local_steps=8",
-             "channel.uplink={kind: static, rate_mbps: 0.25, latency_ms: 30}",
-             "channel.downlink={kind: static, rate_mbps: 0.5, latency_ms: 30}"]
+SLOW_LINK = [
+    "num_clients=2",
+    "rounds.num_rounds=3",
+    "training.local_steps=8",
+    "channel.uplink={kind: static, rate_mbps: 0.25, latency_ms: 30}",
+    "channel.downlink={kind: static, rate_mbps: 0.5, latency_ms: 30}",
+]
 
 
 def run(config: str = "configs/quick.yaml", overrides: list[str] | None = None, out: str | None = None) -> dict:
@@ -46,17 +51,24 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     res = run(args.config, args.set, args.out)
     print(f"{'round':>5} {'virtual sim (s)':>16} {'realtime measured (s)':>22} {'realtime replay (s)':>20}")
-    for i, (v, m, rp) in enumerate(zip(res["virtual_sim_round_s"], res["realtime_measured_round_s"],
-                                       res["realtime_replayed_round_s"])):
+    for i, (v, m, rp) in enumerate(
+        zip(res["virtual_sim_round_s"], res["realtime_measured_round_s"], res["realtime_replayed_round_s"])
+    ):
         print(f"{i:>5} {v:>16.3f} {m:>22.3f} {rp:>20.3f}" + ("   (start-up skew: not compared)" if i == 0 else ""))
     c, s = res["agreement_cross_run"], res["agreement_same_run_replay"] or {}
-    print(f"agreement, virtual run vs realtime run : mean |err| {c['mean_abs_rel_err']:.2%}, max {c['max_abs_rel_err']:.2%},"
-          f" total ratio {c['total_ratio']:.4f}")
+    print(
+        f"agreement, virtual run vs realtime run : mean |err| {c['mean_abs_rel_err']:.2%}, max {c['max_abs_rel_err']:.2%},"
+        f" total ratio {c['total_ratio']:.4f}"
+    )
     if s.get("rounds_compared"):
-        print(f"agreement, realtime replay vs measured : mean |err| {s['mean_abs_rel_err']:.2%}, "
-              f"max {s['max_abs_rel_err']:.2%}, total ratio {s['total_ratio']:.4f}")
-    print(f"wall time: virtual {res['wall_virtual_s']:.1f} s, realtime {res['wall_realtime_s']:.1f} s -> "
-          f"{res['wall_speedup']:.1f}x (training phase: {res['training_wall_speedup']:.1f}x)")
+        print(
+            f"agreement, realtime replay vs measured : mean |err| {s['mean_abs_rel_err']:.2%}, "
+            f"max {s['max_abs_rel_err']:.2%}, total ratio {s['total_ratio']:.4f}"
+        )
+    print(
+        f"wall time: virtual {res['wall_virtual_s']:.1f} s, realtime {res['wall_realtime_s']:.1f} s -> "
+        f"{res['wall_speedup']:.1f}x (training phase: {res['training_wall_speedup']:.1f}x)"
+    )
     dest = ROOT / "benchmarks" / "results" / "virtual_vs_realtime.json"
     dest.write_text(json.dumps(res, indent=1))
     print(f"written {dest}")

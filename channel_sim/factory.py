@@ -26,6 +26,7 @@ A pair: {"uplink": {...}, "downlink": {...}}; keys of the pair dict other than t
 defaults for both (e.g. a shared distance_m or seed).  Wireless links of several clients share
 bandwidth only if given the same `Cell` (see `make_link(spec, cell=...)`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,10 +42,32 @@ _COMMON = {"kind", "latency_ms", "seed", "jitter", "jitter_ms", "jitter_mean_ms"
 _KEYS = {
     "static": _COMMON | {"rate_mbps", "loss", "loss_model", "mss_bytes"},
     "trace": _COMMON | {"file", "timestamps_ms", "offset", "strict", "mtu"},
-    "wireless": _COMMON | {"direction", "distance_m", "r_cell_m", "d_min_m", "pathloss", "los", "fc_ghz",
-                           "h_bs_m", "h_ut_m", "p_tx_dbm", "nf_db", "g_tx_dbi", "g_rx_dbi", "bandwidth_mhz",
-                           "n_active", "allocation", "shadowing_db", "shadowing_period_ms", "fading",
-                           "rician_k", "coherence_ms", "snr_gap_db", "se_cap"},
+    "wireless": _COMMON
+    | {
+        "direction",
+        "distance_m",
+        "r_cell_m",
+        "d_min_m",
+        "pathloss",
+        "los",
+        "fc_ghz",
+        "h_bs_m",
+        "h_ut_m",
+        "p_tx_dbm",
+        "nf_db",
+        "g_tx_dbi",
+        "g_rx_dbi",
+        "bandwidth_mhz",
+        "n_active",
+        "allocation",
+        "shadowing_db",
+        "shadowing_period_ms",
+        "fading",
+        "rician_k",
+        "coherence_ms",
+        "snr_gap_db",
+        "se_cap",
+    },
 }
 
 
@@ -101,8 +124,15 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
     seed = spec.get("seed")
     jitter = _jitter(spec)
     if kind == "static":
-        return StaticLink(float(spec["rate_mbps"]) * 1e6, latency, jitter, float(spec.get("loss", 0.0)), seed,
-                          int(spec.get("mss_bytes", 1460)), spec.get("loss_model", "goodput"))
+        return StaticLink(
+            float(spec["rate_mbps"]) * 1e6,
+            latency,
+            jitter,
+            float(spec.get("loss", 0.0)),
+            seed,
+            int(spec.get("mss_bytes", 1460)),
+            spec.get("loss_model", "goodput"),
+        )
     if kind == "trace":
         if "timestamps_ms" in spec:
             trace = trace_from_timestamps(spec["timestamps_ms"])
@@ -136,17 +166,20 @@ def make_link(spec: dict, cell: Cell | None = None) -> Link:
         se_cap=spec.get("se_cap", 7.4),
     )
     if cell is None:
-        cell = Cell(float(spec.get("bandwidth_mhz", 20.0)) * 1e6, spec.get("allocation", "equal"),
-                    spec.get("n_active"))
+        cell = Cell(float(spec.get("bandwidth_mhz", 20.0)) * 1e6, spec.get("allocation", "equal"), spec.get("n_active"))
     sp = spec.get("shadowing_period_ms")
     return WirelessLink(
-        float(d), radio, cell,
+        float(d),
+        radio,
+        cell,
         shadowing_db=spec.get("shadowing_db"),
         shadowing_period_s=None if sp is None else float(sp) / 1e3,
         fading=spec.get("fading", "rayleigh"),
         rician_k=float(spec.get("rician_k", 0.0)),
         coherence_s=float(spec.get("coherence_ms", 10.0)) / 1e3,
-        latency_s=latency, jitter=jitter, seed=seed,
+        latency_s=latency,
+        jitter=jitter,
+        seed=seed,
     )
 
 
@@ -167,8 +200,9 @@ def make_link_pair(spec: dict, up_cell: Cell | None = None, down_cell: Cell | No
         if down.get("distance_m") is None and up.get("kind") == "wireless":
             # same client, same place: draw the distance once (from the uplink's seed)
             base = 0 if up.get("seed") is None else int(up["seed"])
-            up.setdefault("distance_m", float(place_clients(1, up.get("r_cell_m", 500.0),
-                                                            up.get("d_min_m", 35.0), [base, 1])[0]))
+            up.setdefault(
+                "distance_m", float(place_clients(1, up.get("r_cell_m", 500.0), up.get("d_min_m", 35.0), [base, 1])[0])
+            )
             down["distance_m"] = up["distance_m"]
     if down.get("seed") is not None and down.get("seed") == up.get("seed"):
         down["seed"] = int(down["seed"]) + 1_000_003

@@ -4,6 +4,7 @@ last delivery time) so back-to-back transfers queue; subclasses only say how lon
 
 Times are seconds on the caller's clock (simulated, or seconds since the proxy started).
 """
+
 from __future__ import annotations
 
 import math

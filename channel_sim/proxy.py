@@ -9,6 +9,7 @@ the monotonic clock, so timer lateness never accumulates; lateness is measured a
 
 All connections of one proxy share its two links (one proxy per client = one radio per client).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,13 @@ class TimingStats:
         def q(p: float) -> float:
             return s[min(len(s) - 1, int(p * len(s)))] * 1e3
 
-        return {"count": self.count, "mean_ms": self.total / self.count * 1e3, "p50_ms": q(0.5),
-                "p99_ms": q(0.99), "max_ms": self.max * 1e3}
+        return {
+            "count": self.count,
+            "mean_ms": self.total / self.count * 1e3,
+            "p50_ms": q(0.5),
+            "p99_ms": q(0.99),
+            "max_ms": self.max * 1e3,
+        }
 
 
 class _Direction:
@@ -80,7 +86,7 @@ class _Direction:
 class _Pump:
     """Bytes from `src` transport to `dst` transport, each segment released at its model time."""
 
-    def __init__(self, proxy: "ShapingProxy", direction: _Direction, src: asyncio.Transport | None):
+    def __init__(self, proxy: ShapingProxy, direction: _Direction, src: asyncio.Transport | None):
         self.proxy = proxy
         self.dir = direction
         self.src = src
@@ -101,7 +107,7 @@ class _Pump:
         self.dir.bytes_in += len(data)
         mv = memoryview(data)
         for o in range(0, len(data), MTU_BYTES):
-            seg = mv[o:o + MTU_BYTES]
+            seg = mv[o : o + MTU_BYTES]
             rel = max(self.dir.schedule(len(seg), t), self.last_release)
             self.last_release = rel
             self.queue.append((rel, seg))
@@ -189,7 +195,7 @@ class _Pump:
 class _Connection:
     """One accepted client connection and its upstream connection to the target."""
 
-    def __init__(self, proxy: "ShapingProxy"):
+    def __init__(self, proxy: ShapingProxy):
         self.proxy = proxy
         self.client: asyncio.Transport | None = None
         self.server: asyncio.Transport | None = None
@@ -231,15 +237,15 @@ class _Side(asyncio.Protocol):
 
     src_name = dst_name = ""
 
-    def __init__(self, conn: "_Connection"):
+    def __init__(self, conn: _Connection):
         self.conn = conn
 
     @property
-    def src(self) -> "_Pump":
+    def src(self) -> _Pump:
         return getattr(self.conn, self.src_name)
 
     @property
-    def dst(self) -> "_Pump":
+    def dst(self) -> _Pump:
         return getattr(self.conn, self.dst_name)
 
     def data_received(self, data):
@@ -271,7 +277,7 @@ class _ClientSide(_Side):
 
     src_name, dst_name = "up", "down"
 
-    def __init__(self, proxy: "ShapingProxy"):
+    def __init__(self, proxy: ShapingProxy):
         super().__init__(_Connection(proxy))
         self.proxy = proxy
 
@@ -292,7 +298,8 @@ class _ClientSide(_Side):
         c = self.conn
         try:
             server, _ = await self.proxy._loop.create_connection(
-                lambda: _ServerSide(c), self.proxy.target[0], self.proxy.target[1])
+                lambda: _ServerSide(c), self.proxy.target[0], self.proxy.target[1]
+            )
         except OSError as e:
             log.warning("proxy: cannot reach target %s: %s", self.proxy.target, e)
             c.close(abort=True)
@@ -321,9 +328,19 @@ class ShapingProxy:
     the links).  A link of None forwards that direction unshaped.
     """
 
-    def __init__(self, listen_host: str = "127.0.0.1", listen_port: int = 0, target: tuple[str, int] = ("127.0.0.1", 0),
-                 uplink: Link | None = None, downlink: Link | None = None, *, high_water: int = 4 << 20,
-                 low_water: int = 1 << 20, sndbuf: int | None = 128 << 10, early_s: float = 0.0002):
+    def __init__(
+        self,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        target: tuple[str, int] = ("127.0.0.1", 0),
+        uplink: Link | None = None,
+        downlink: Link | None = None,
+        *,
+        high_water: int = 4 << 20,
+        low_water: int = 1 << 20,
+        sndbuf: int | None = 128 << 10,
+        early_s: float = 0.0002,
+    ):
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.target = (target[0], int(target[1]))
@@ -348,7 +365,7 @@ class ShapingProxy:
         return time.monotonic() - self._epoch
 
     # --- lifecycle
-    def start(self) -> "ShapingProxy":
+    def start(self) -> ShapingProxy:
         if self._thread is not None:
             raise RuntimeError("proxy already started")
         ready = threading.Event()
@@ -359,8 +376,9 @@ class ShapingProxy:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._server = loop.run_until_complete(loop.create_server(
-                    lambda: _ClientSide(self), self.listen_host, self.listen_port, backlog=512))
+                self._server = loop.run_until_complete(
+                    loop.create_server(lambda: _ClientSide(self), self.listen_host, self.listen_port, backlog=512)
+                )
                 self.port = self._server.sockets[0].getsockname()[1]
                 self._epoch = time.monotonic()
             except BaseException as e:  # noqa: BLE001 - handed to start()
@@ -382,8 +400,14 @@ class ShapingProxy:
             self._thread.join()
             self._thread = None
             raise err[0]
-        log.info("shaping proxy %s:%d -> %s:%d up=%r down=%r", self.listen_host, self.port, *self.target,
-                 self.uplink, self.downlink)
+        log.info(
+            "shaping proxy %s:%d -> %s:%d up=%r down=%r",
+            self.listen_host,
+            self.port,
+            *self.target,
+            self.uplink,
+            self.downlink,
+        )
         return self
 
     def stop(self) -> None:
@@ -403,7 +427,7 @@ class ShapingProxy:
         self._thread.join(timeout=10)
         self._thread = None
 
-    def __enter__(self) -> "ShapingProxy":
+    def __enter__(self) -> ShapingProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -453,7 +477,11 @@ def measure_sleep_precision(n: int = 200, interval_s: float = 0.001) -> dict:
 
     def summ(x):
         s = sorted(x)
-        return {"mean_ms": sum(s) / len(s) * 1e3, "p50_ms": s[len(s) // 2] * 1e3,
-                "p99_ms": s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3, "max_ms": s[-1] * 1e3}
+        return {
+            "mean_ms": sum(s) / len(s) * 1e3,
+            "p50_ms": s[len(s) // 2] * 1e3,
+            "p99_ms": s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3,
+            "max_ms": s[-1] * 1e3,
+        }
 
     return {"time_sleep": summ(lates), "asyncio_call_at": summ(alates)}

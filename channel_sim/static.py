@@ -1,4 +1,5 @@
 """Fixed-rate link: rate, latency, jitter, and loss modelled as TCP goodput (loss costs time, not data)."""
+
 from __future__ import annotations
 
 import math
@@ -74,6 +75,8 @@ class StaticLink(Link):
         return self.effective_rate_bps
 
     def __repr__(self) -> str:
-        return (f"StaticLink(rate={self.rate_bps / 1e6:g} Mbit/s, eff={self.effective_rate_bps / 1e6:.3f} Mbit/s,"
-                f" latency={self.latency_s * 1e3:g} ms, jitter={self.jitter.dist},"
-                f" loss={self.loss:g} {self.loss_model})")
+        return (
+            f"StaticLink(rate={self.rate_bps / 1e6:g} Mbit/s, eff={self.effective_rate_bps / 1e6:.3f} Mbit/s,"
+            f" latency={self.latency_s * 1e3:g} ms, jitter={self.jitter.dist},"
+            f" loss={self.loss:g} {self.loss_model})"
+        )

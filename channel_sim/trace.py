@@ -4,6 +4,7 @@ The trace loops with period T = last timestamp.  Bytes are served FIFO; one oppo
 1500 bytes of whatever is queued (a partly used opportunity can still carry the next message's bytes
 if that message is queued by then); opportunities finding the queue empty are lost.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class Trace:
         nw = int(self.period_ms // 1000)
         counts = np.bincount(ts // 1000, minlength=nw + 1)[:nw]
         mbps = counts * MTU_BYTES * 8 / 1e6
-        p5, p50, p95 = (np.percentile(mbps, [5, 50, 95]) if nw else (0.0, 0.0, 0.0))
+        p5, p50, p95 = np.percentile(mbps, [5, 50, 95]) if nw else (0.0, 0.0, 0.0)
         return {
             "name": self.name,
             "packets": self.n,
@@ -190,6 +191,8 @@ class TraceLink(Link):
         return (-1, 0)
 
     def __repr__(self) -> str:
-        return (f"TraceLink({self.trace.name}, mean={self.trace.mean_bps / 1e6:.2f} Mbit/s,"
-                f" offset={self.offset_ms:.0f} ms, latency={self.latency_s * 1e3:g} ms"
-                f"{', strict' if self.strict else ''}, mtu={self.mtu})")
+        return (
+            f"TraceLink({self.trace.name}, mean={self.trace.mean_bps / 1e6:.2f} Mbit/s,"
+            f" offset={self.offset_ms:.0f} ms, latency={self.latency_s * 1e3:g} ms"
+            f"{', strict' if self.strict else ''}, mtu={self.mtu})"
+        )

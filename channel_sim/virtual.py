@@ -3,12 +3,13 @@ durations and by `link.done(nbytes, t)` for each message's exact serialized size
 FIFO resource on the simulated clock.  Also the closed-form round-latency model of channel.md section 5
 (what the `plan` command uses to predict per-round time of each cut).
 """
+
 from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from .link import Link, check_time
 
@@ -123,8 +124,9 @@ class RoundResult:
         return self.t_end - self.t_start
 
 
-def simulate_round(plans: Sequence[ClientRoundPlan], t_aggregate: float = 0.0, round_index: int = 0,
-                   server: ServerQueue | None = None) -> RoundResult:
+def simulate_round(
+    plans: Sequence[ClientRoundPlan], t_aggregate: float = 0.0, round_index: int = 0, server: ServerQueue | None = None
+) -> RoundResult:
     """Event-driven simulation of one round on the simulated clock: exact FIFO at the shared server,
     FIFO on each link; then aggregation and the broadcast of the new adapter (downlink)."""
     server = server or ServerQueue()
@@ -214,11 +216,16 @@ def round_latency_model(
         ul, dl = rates_ul_bps[k], rates_dl_bps[k]
         T.append(steps * (fwd[k] + 8 * act_bytes / ul + srv[k] + 8 * grad_bytes / dl + bwd[k]) + 8 * adapter_bytes / ul)
     bcast = max(8 * adapter_bytes / r for r in rates_dl_bps)
-    return {"T_k": T, "T_round": max(T) + t_aggregate + bcast, "broadcast": bcast,
-            "comm_share": [1 - steps * (fwd[k] + srv[k] + bwd[k]) / T[k] for k in range(K)]}
+    return {
+        "T_k": T,
+        "T_round": max(T) + t_aggregate + bcast,
+        "broadcast": bcast,
+        "comm_share": [1 - steps * (fwd[k] + srv[k] + bwd[k]) / T[k] for k in range(K)],
+    }
 
 
-def activation_bytes(batch: int, seq: int, hidden: int, bytes_per_element: float = 4, label_bytes: int = 0,
-                     framing_bytes: int = 0) -> int:
+def activation_bytes(
+    batch: int, seq: int, hidden: int, bytes_per_element: float = 4, label_bytes: int = 0, framing_bytes: int = 0
+) -> int:
     """S_act = batch x seq x hidden x bytes_per_element + labels + framing."""
     return int(round(batch * seq * hidden * bytes_per_element)) + label_bytes + framing_bytes

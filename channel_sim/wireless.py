@@ -5,6 +5,7 @@ A transfer that spans several coherence blocks sums bits block by block at each 
 link is FIFO-additive like the others.  Randomness is addressed by (seed, block index), not drawn in
 call order, so `rate_at(t)` and `done()` agree whatever order they are asked in.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,7 @@ def pl_uma_los(d2d_m: float, fc_ghz: float, h_bs: float = 25.0, h_ut: float = 1.
     dbp = breakpoint_uma(fc_ghz, h_bs, h_ut)
     if d2d_m <= dbp:
         return 28.0 + 22.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
-    return (28.0 + 40.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
-            - 9.0 * math.log10(dbp ** 2 + (h_bs - h_ut) ** 2))
+    return 28.0 + 40.0 * math.log10(d) + 20.0 * math.log10(fc_ghz) - 9.0 * math.log10(dbp**2 + (h_bs - h_ut) ** 2)
 
 
 def pl_uma_nlos(d2d_m: float, fc_ghz: float, h_bs: float = 25.0, h_ut: float = 1.5) -> float:
@@ -70,8 +70,7 @@ def pl_umi_los(d2d_m: float, fc_ghz: float, h_bs: float = 10.0, h_ut: float = 1.
     dbp = breakpoint_uma(fc_ghz, h_bs, h_ut)
     if d2d_m <= dbp:
         return 32.4 + 21.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
-    return (32.4 + 40.0 * math.log10(d) + 20.0 * math.log10(fc_ghz)
-            - 9.5 * math.log10(dbp ** 2 + (h_bs - h_ut) ** 2))
+    return 32.4 + 40.0 * math.log10(d) + 20.0 * math.log10(fc_ghz) - 9.5 * math.log10(dbp**2 + (h_bs - h_ut) ** 2)
 
 
 def pl_umi_nlos(d2d_m: float, fc_ghz: float, h_bs: float = 10.0, h_ut: float = 1.5) -> float:
@@ -92,12 +91,19 @@ def los_probability(model: str, d2d_m: float) -> float:
 
 
 # default shadowing sigma (dB) per (model, los); macro: 8 dB (TR 36.942 macro cell)
-SHADOW_SIGMA_DB = {("macro", True): 8.0, ("macro", False): 8.0, ("uma", True): 4.0, ("uma", False): 6.0,
-                   ("umi", True): 4.0, ("umi", False): 7.82}
+SHADOW_SIGMA_DB = {
+    ("macro", True): 8.0,
+    ("macro", False): 8.0,
+    ("uma", True): 4.0,
+    ("uma", False): 6.0,
+    ("umi", True): 4.0,
+    ("umi", False): 7.82,
+}
 
 
-def path_loss_db(model: str, d2d_m: float, fc_ghz: float = 3.5, los: bool = True,
-                 h_bs: float = 25.0, h_ut: float = 1.5) -> float:
+def path_loss_db(
+    model: str, d2d_m: float, fc_ghz: float = 3.5, los: bool = True, h_bs: float = 25.0, h_ut: float = 1.5
+) -> float:
     if model == "macro":
         return pl_macro(d2d_m)
     if model == "uma":
@@ -123,7 +129,7 @@ def place_clients(n: int, r_cell_m: float = 500.0, d_min_m: float = 35.0, seed: 
     """2-D distances of n clients drawn uniformly in the annulus d_min <= d <= r_cell (seeded)."""
     rng = np.random.default_rng(seed)
     u = rng.uniform(size=n)
-    return np.sqrt(u * (r_cell_m ** 2 - d_min_m ** 2) + d_min_m ** 2)
+    return np.sqrt(u * (r_cell_m**2 - d_min_m**2) + d_min_m**2)
 
 
 # ---------------------------------------------------------------- the cell
@@ -153,7 +159,7 @@ class Cell:
         self._n_active = k
         self.invalidate()
 
-    def attach(self, link: "WirelessLink") -> None:
+    def attach(self, link: WirelessLink) -> None:
         if link not in self.links:
             self.links.append(link)
             self.invalidate()
@@ -161,7 +167,7 @@ class Cell:
     def invalidate(self) -> None:
         self._shares = None
 
-    def bandwidth_for(self, link: "WirelessLink") -> float:
+    def bandwidth_for(self, link: WirelessLink) -> float:
         if self.allocation == "equal" or len(self.links) <= 1:
             return self.bandwidth_hz / self.n_active
         if self._shares is None:
@@ -170,7 +176,7 @@ class Cell:
 
     def _allocate(self) -> dict[int, float]:
         B = self.bandwidth_hz
-        rate_fns = [l.mean_rate_for_bandwidth for l in self.links]
+        rate_fns = [link.mean_rate_for_bandwidth for link in self.links]
         if self.allocation == "latency_balancing":
             # common rate r with sum_k B_k(r) = B, B_k(r) = bandwidth link k needs for rate r
             def need(fn, r):
@@ -181,12 +187,14 @@ class Cell:
                     mid = 0.5 * (lo + hi)
                     lo, hi = (mid, hi) if fn(mid) < r else (lo, mid)
                 return hi
+
             lo, hi = 0.0, max(fn(B) for fn in rate_fns)
             for _ in range(60):
                 r = 0.5 * (lo + hi)
                 lo, hi = (r, hi) if sum(need(fn, r) for fn in rate_fns) <= B else (lo, r)
             shares = [need(fn, lo) for fn in rate_fns]
         else:  # proportional fair: d/dB log r_k(B_k) = lambda for all k
+
             def dlog(fn, b):
                 h = 1e-6 * B
                 return (math.log(fn(b + h)) - math.log(fn(max(b - h, 1e-9 * B)))) / (b + h - max(b - h, 1e-9 * B))
@@ -197,13 +205,14 @@ class Cell:
                     mid = 0.5 * (lo + hi)
                     lo, hi = (mid, hi) if dlog(fn, mid) > lam else (lo, mid)
                 return 0.5 * (lo + hi)
+
             lo, hi = 1e-12, 1e3 / (1e-9 * B)
             for _ in range(80):
                 lam = math.sqrt(lo * hi)
                 lo, hi = (lam, hi) if sum(b_of(fn, lam) for fn in rate_fns) > B else (lo, lam)
             shares = [b_of(fn, hi) for fn in rate_fns]
         total = sum(shares)
-        return {id(l): B * s / total for l, s in zip(self.links, shares)}
+        return {id(link): B * s / total for link, s in zip(self.links, shares)}
 
 
 @dataclass(frozen=True)
@@ -254,8 +263,9 @@ class WirelessLink(Link):
         self.distance_m = float(distance_m)
         self.cell = cell or Cell()
         self.cell.attach(self)
-        self.shadowing_db = (SHADOW_SIGMA_DB[(self.radio.pathloss, self.radio.los)]
-                             if shadowing_db is None else float(shadowing_db))
+        self.shadowing_db = (
+            SHADOW_SIGMA_DB[(self.radio.pathloss, self.radio.los)] if shadowing_db is None else float(shadowing_db)
+        )
         self.shadowing_period_s = shadowing_period_s
         self.fading = fading
         self.rician_k = float(rician_k)
@@ -265,8 +275,14 @@ class WirelessLink(Link):
         if shadowing_period_s is not None and not (math.isfinite(shadowing_period_s) and shadowing_period_s > 0):
             raise ValueError(f"shadowing period must be > 0 s, got {shadowing_period_s!r}")
         self.round = 0
-        self.path_loss_db = path_loss_db(self.radio.pathloss, self.distance_m, self.radio.fc_ghz,
-                                         self.radio.los, self.radio.h_bs_m, self.radio.h_ut_m)
+        self.path_loss_db = path_loss_db(
+            self.radio.pathloss,
+            self.distance_m,
+            self.radio.fc_ghz,
+            self.radio.los,
+            self.radio.h_bs_m,
+            self.radio.h_ut_m,
+        )
         self._base = 0 if seed is None else int(seed)
         self._chunks: dict[int, np.ndarray] = {}
         self._shadow_cache: dict[int, float] = {}
@@ -301,7 +317,9 @@ class WirelessLink(Link):
             if self.fading == "none":
                 g = np.ones(_BLOCKS_PER_CHUNK)
             else:
-                h = (rng.standard_normal(_BLOCKS_PER_CHUNK) + 1j * rng.standard_normal(_BLOCKS_PER_CHUNK)) / math.sqrt(2)
+                h = (rng.standard_normal(_BLOCKS_PER_CHUNK) + 1j * rng.standard_normal(_BLOCKS_PER_CHUNK)) / math.sqrt(
+                    2
+                )
                 if self.fading == "rician":
                     k = self.rician_k
                     h = math.sqrt(k / (k + 1)) + math.sqrt(1 / (k + 1)) * h
@@ -339,8 +357,9 @@ class WirelessLink(Link):
 
     def mean_rate_for_bandwidth(self, bandwidth_hz: float) -> float:
         """Rate without fading at the current round's shadowing (what allocations plan with)."""
-        return shannon_rate(bandwidth_hz, self.snr_db(bandwidth_hz, self.shadowing_at(0.0)),
-                            self.radio.snr_gap_db, self.radio.se_cap)
+        return shannon_rate(
+            bandwidth_hz, self.snr_db(bandwidth_hz, self.shadowing_at(0.0)), self.radio.snr_gap_db, self.radio.se_cap
+        )
 
     @property
     def bandwidth_hz(self) -> float:
@@ -348,8 +367,12 @@ class WirelessLink(Link):
 
     def rate_at(self, t: float) -> float:
         b = self.bandwidth_hz
-        return shannon_rate(b, self.snr_db(b, self.shadowing_at(t), self.fading_gain(self.block_of(t))),
-                            self.radio.snr_gap_db, self.radio.se_cap)
+        return shannon_rate(
+            b,
+            self.snr_db(b, self.shadowing_at(t), self.fading_gain(self.block_of(t))),
+            self.radio.snr_gap_db,
+            self.radio.se_cap,
+        )
 
     def block_of(self, t: float) -> int:
         """The coherence block b with b*T_c <= t < (b+1)*T_c, exactly as the block walk computes the
@@ -363,8 +386,15 @@ class WirelessLink(Link):
         if r.direction == "down":
             p_tx += 10.0 * math.log10(bandwidth_hz / self.cell.bandwidth_hz)
         gain = self._gains(blocks)
-        snr = (p_tx + r.g_tx_dbi + r.g_rx_dbi - self.path_loss_db - shadow_db
-               + 10.0 * np.log10(np.maximum(gain, 1e-30)) - noise_dbm(bandwidth_hz, r.nf_db))
+        snr = (
+            p_tx
+            + r.g_tx_dbi
+            + r.g_rx_dbi
+            - self.path_loss_db
+            - shadow_db
+            + 10.0 * np.log10(np.maximum(gain, 1e-30))
+            - noise_dbm(bandwidth_hz, r.nf_db)
+        )
         se = np.log2(1.0 + 10.0 ** ((snr - r.snr_gap_db) / 10.0))
         if r.se_cap is not None:
             se = np.minimum(se, r.se_cap)
@@ -384,8 +414,9 @@ class WirelessLink(Link):
         b0, t = self.block_of(start), float(start)
         # fast path (the proxy asks per 1500-byte segment): the transfer ends in the current segment
         seg_end = (b0 + 1) * tc if sp is None else min((b0 + 1) * tc, (_index_of(t, sp) + 1) * sp)
-        r = shannon_rate(bw, self.snr_db(bw, self.shadowing_at(t), self.fading_gain(b0)), self.radio.snr_gap_db,
-                         self.radio.se_cap)
+        r = shannon_rate(
+            bw, self.snr_db(bw, self.shadowing_at(t), self.fading_gain(b0)), self.radio.snr_gap_db, self.radio.se_cap
+        )
         if r > 0.0 and r * (seg_end - t) >= bits:
             return min(t + bits / r, seg_end)
         window = 16
@@ -420,5 +451,7 @@ class WirelessLink(Link):
         raise RuntimeError(f"{self!r}: {nbytes} B did not cross in {_MAX_WINDOWS} windows of blocks from t={start}")
 
     def __repr__(self) -> str:
-        return (f"WirelessLink({self.radio.direction}, d={self.distance_m:.0f} m, PL={self.path_loss_db:.2f} dB,"
-                f" {self.radio.pathloss}{'' if self.radio.los else '-NLOS'}, fading={self.fading})")
+        return (
+            f"WirelessLink({self.radio.direction}, d={self.distance_m:.0f} m, PL={self.path_loss_db:.2f} dB,"
+            f" {self.radio.pathloss}{'' if self.radio.los else '-NLOS'}, fading={self.fading})"
+        )

@@ -7,6 +7,7 @@ through one retry policy (edge/retry.py). A session the server no longer knows (
 server restart) is resumed by a rejoin under the same name with the resume secret of the first Join, and the
 round in progress is redone from its start.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,22 +28,25 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from edge.data import Batcher
-from edge.paths import DataNotFound
-from edge.ranks import RankAdapter
-from edge.retry import Retrier, RetryPolicy
-from edge.shard import build_token_dataset, check_data, round_batch
-from protos import splitwave_pb2 as pb
-from protos.codec import CODECS, Assembler, encode, factor_codec
-from protos.metering import ByteMeter, MeteredStub
+from splitwave.common.data import Batcher
+from splitwave.common.paths import DataNotFound
+from splitwave.common.shard import build_token_dataset, check_data, round_batch
+from splitwave.edge.ranks import RankAdapter
+from splitwave.edge.retry import Retrier, RetryPolicy
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.metering import ByteMeter, MeteredStub
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 60.0
 MAX_REJOINS = 5  # in a row without a finished round: beyond that, someone else keeps taking the name
 # reconnect quickly to a server that comes back (gRPC's default backoff grows to 120 s between attempts)
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
-                   ("grpc.max_reconnect_backoff_ms", 5000)]
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 
 class EdgeError(RuntimeError):
@@ -76,7 +80,7 @@ class ClientOptions:
     enrollment_secret: str = ""
     metrics_path: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    data_dir: Path | None = None  # where the dataset files are (None: edge.paths' search order)
+    data_dir: Path | None = None  # where the dataset files are (None: splitwave.common.paths' search order)
     credentials: grpc.ChannelCredentials | None = None
     channel_options: list = field(default_factory=list)
 
@@ -128,8 +132,11 @@ class EdgeClient:
         self.meter = ByteMeter()
         self.opts.cache_dir = Path(self.opts.cache_dir)
         options = [*CHANNEL_OPTIONS, *self.opts.channel_options]
-        self._channel = (grpc.secure_channel(target, self.opts.credentials, options=options)
-                         if self.opts.credentials else grpc.insecure_channel(target, options=options))
+        self._channel = (
+            grpc.secure_channel(target, self.opts.credentials, options=options)
+            if self.opts.credentials
+            else grpc.insecure_channel(target, options=options)
+        )
         self.stub = MeteredStub(self._channel, self.meter, self.opts.name or "edge")
         self.retrier = Retrier(target, self.opts.retry, tls=self.opts.credentials is not None)
         self.runtime = None
@@ -174,8 +181,15 @@ class EdgeClient:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"server": self.target, "client_id": self.joined.client_id, "run_id": self.joined.run_id,
-                       "resume_secret": self._resume_secret}, f)
+            json.dump(
+                {
+                    "server": self.target,
+                    "client_id": self.joined.client_id,
+                    "run_id": self.joined.run_id,
+                    "resume_secret": self._resume_secret,
+                },
+                f,
+            )
         os.replace(tmp, path)
 
     def join(self) -> pb.JoinReply:
@@ -184,16 +198,25 @@ class EdgeClient:
         name = previous.client_id if previous is not None else self.opts.name
         secret = self._resume_secret or self._load_secret()
         cached = [p.parent.name for p in self.opts.cache_dir.glob("*/manifest.json")]  # complete bundles only
-        caps = pb.Capabilities(protocol_version=1, backend=self.opts.backend, codecs=list(CODECS),
-                               training_modes=["recompute", "saved"], cached_bundle_hashes=cached)
-        req = pb.JoinRequest(client_name=name, enrollment_secret=self.opts.enrollment_secret, capabilities=caps,
-                             resume_secret=secret)
+        caps = pb.Capabilities(
+            protocol_version=1,
+            backend=self.opts.backend,
+            codecs=list(CODECS),
+            training_modes=["recompute", "saved"],
+            cached_bundle_hashes=cached,
+        )
+        req = pb.JoinRequest(
+            client_name=name, enrollment_secret=self.opts.enrollment_secret, capabilities=caps, resume_secret=secret
+        )
         reached = self.retrier.reached
-        joined = self.retrier.call(lambda left: self.stub.Join(
-            req, timeout=JOIN_TIMEOUT_S if reached else min(left, JOIN_TIMEOUT_S)), "Join")
+        joined = self.retrier.call(
+            lambda left: self.stub.Join(req, timeout=JOIN_TIMEOUT_S if reached else min(left, JOIN_TIMEOUT_S)), "Join"
+        )
         if previous is not None and joined.run_id != previous.run_id:
-            raise EdgeError(f"{self.target} now runs another run ({joined.run_id}, was {previous.run_id}): "
-                            f"start the edge again to join it")
+            raise EdgeError(
+                f"{self.target} now runs another run ({joined.run_id}, was {previous.run_id}): "
+                f"start the edge again to join it"
+            )
         if previous is not None and joined.bundle_hash != previous.bundle_hash:
             raise EdgeError(f"{self.target} now serves another bundle: start the edge again")
         self.joined = joined
@@ -201,8 +224,14 @@ class EdgeClient:
         if joined.resume_secret:
             self._resume_secret = joined.resume_secret
             self._save_secret()
-        log.info("%s %s as %s (run %s, round %d)", "rejoined" if previous else "joined", self.target,
-                 joined.client_id, joined.run_id, joined.current_round)
+        log.info(
+            "%s %s as %s (run %s, round %d)",
+            "rejoined" if previous else "joined",
+            self.target,
+            joined.client_id,
+            joined.run_id,
+            joined.current_round,
+        )
         return joined
 
     def rejoin(self, why: str) -> pb.JoinReply:
@@ -211,8 +240,7 @@ class EdgeClient:
         return self.join()
 
     def _header(self, round_idx: int = 0, step: int = 0) -> pb.Header:
-        return pb.Header(session_token=self.joined.session_token, run_id=self.joined.run_id, round=round_idx,
-                         step=step)
+        return pb.Header(session_token=self.joined.session_token, run_id=self.joined.run_id, round=round_idx, step=step)
 
     def fetch_bundle(self) -> Path:
         """The bundle folder, downloaded once per bundle hash and verified file by file."""
@@ -222,8 +250,13 @@ class EdgeClient:
             return target
         t0 = time.perf_counter()
         self._call(lambda _: self._download(target), "GetBundle")
-        log.info("bundle %s downloaded to %s (%.1f MB in %.1f s)", self.joined.bundle_hash[:12], target,
-                 sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 1e6, time.perf_counter() - t0)
+        log.info(
+            "bundle %s downloaded to %s (%.1f MB in %.1f s)",
+            self.joined.bundle_hash[:12],
+            target,
+            sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 1e6,
+            time.perf_counter() - t0,
+        )
         return target
 
     def _download(self, target: Path) -> None:
@@ -232,8 +265,9 @@ class EdgeClient:
         try:
             handles, hashes, expect = {}, {}, {}
             try:
-                for chunk in self.stub.GetBundle(pb.BundleRequest(header=self._header(),
-                                                                  bundle_hash=self.joined.bundle_hash)):
+                for chunk in self.stub.GetBundle(
+                    pb.BundleRequest(header=self._header(), bundle_hash=self.joined.bundle_hash)
+                ):
                     name = chunk.file_name
                     path = (tmp / name).resolve()
                     if tmp.resolve() not in path.parents:
@@ -267,10 +301,10 @@ class EdgeClient:
         opt = cfg.optimizer
         kw = dict(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2), eps=opt.eps)
         if self.opts.backend == "torch":  # the reference backend, for comparisons only
-            from edge.torch_backend import TorchEdge
+            from splitwave.server.torch_edge import TorchEdge
 
             return TorchEdge.from_bundle(bundle, **kw)
-        from edge.runtime import EdgeRuntime
+        from splitwave.edge.runtime import EdgeRuntime
 
         return EdgeRuntime(bundle, mode=cfg.training_mode or "recompute", threads=self.opts.threads, **kw)
 
@@ -303,8 +337,13 @@ class EdgeClient:
         self.shapes = {f["name"]: tuple(f["shape"]) for f in manifest["factors"]}
         lora = manifest["lora"]
         self.ranks = RankAdapter(lora["r"], lora["alpha"], lora.get("rslora", False))
-        log.info("%d training samples (%s), batch %d, %d local steps per round", self.num_samples,
-                 spec["dataset"], cfg.batch_size, cfg.local_steps)
+        log.info(
+            "%d training samples (%s), batch %d, %d local steps per round",
+            self.num_samples,
+            spec["dataset"],
+            cfg.batch_size,
+            cfg.local_steps,
+        )
 
     # -- rounds --------------------------------------------------------------------------------------------
     def await_round(self, round_idx: int, no_wait: bool) -> pb.RoundDirectives:
@@ -328,8 +367,9 @@ class EdgeClient:
             self.runtime.set_base_deltas(deltas)
         factors = self.ranks.to_graph(factors, self.shapes)  # a smaller rank than the bundle's: zero-padded
         if d.reinit:  # FLoRA: a fresh adapter (at this client's rank) after the merge
-            fresh = fresh_lora(self.runtime.factors, seed=[self.joined.config.seed, self.batcher.client_id,
-                                                           d.next_round])
+            fresh = fresh_lora(
+                self.runtime.factors, seed=[self.joined.config.seed, self.batcher.client_id, d.next_round]
+            )
             self.ranks.set_rank([k for k in fresh if k not in factors], d.rank)
             self.runtime.set_factors(self.ranks.mask({k: v for k, v in fresh.items() if k not in factors}))
             self.runtime.reset_optimizer()
@@ -374,8 +414,9 @@ class EdgeClient:
                 t0 = time.perf_counter()
                 h = self.runtime.forward(ids, mask)
                 t_fwd = time.perf_counter() - t0
-                msgs = self._step_messages(pb.TrainRequest, round_idx, step, ids, mask, labels, h,
-                                           {"edge_fwd_s": t_fwd})
+                msgs = self._step_messages(
+                    pb.TrainRequest, round_idx, step, ids, mask, labels, h, {"edge_fwd_s": t_fwd}
+                )
                 up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
                 t1 = time.perf_counter()
                 tensors, res = self._call(lambda _: send(msgs), f"Train round {round_idx} step {step}")
@@ -391,11 +432,23 @@ class EdgeClient:
                 losses.append(res.loss)
                 correct += res.correct
                 count += res.count
-                rec = {"kind": "step", "client": self.joined.client_id, "round": round_idx, "step": step,
-                       "loss": res.loss, "batch": int(len(labels)), "seq": int(ids.shape[1]),
-                       "edge_fwd_s": t_fwd, "edge_bwd_s": t_bwd, "server_s": res.metrics.get("server_s", 0.0),
-                       "roundtrip_s": t_net, "step_s": t_end - t0, "bytes_up": self.meter.total(direction="up") - up0,
-                       "bytes_down": self.meter.total(direction="down") - down0, "time": time.time()}
+                rec = {
+                    "kind": "step",
+                    "client": self.joined.client_id,
+                    "round": round_idx,
+                    "step": step,
+                    "loss": res.loss,
+                    "batch": int(len(labels)),
+                    "seq": int(ids.shape[1]),
+                    "edge_fwd_s": t_fwd,
+                    "edge_bwd_s": t_bwd,
+                    "server_s": res.metrics.get("server_s", 0.0),
+                    "roundtrip_s": t_net,
+                    "step_s": t_end - t0,
+                    "bytes_up": self.meter.total(direction="up") - up0,
+                    "bytes_down": self.meter.total(direction="down") - down0,
+                    "time": time.time(),
+                }
                 self._record(rec)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
@@ -410,8 +463,12 @@ class EdgeClient:
         finally:
             if stream is not None:
                 stream.close()
-        return {"steps": steps_done, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                "train_accuracy": correct / max(count, 1), "closed": False}
+        return {
+            "steps": steps_done,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_accuracy": correct / max(count, 1),
+            "closed": False,
+        }
 
     def push_adapter(self, round_idx: int, upload: list[str], stats: dict) -> pb.AdapterReply | None:
         keys = upload or list(self.runtime.factors)
@@ -423,9 +480,14 @@ class EdgeClient:
             for k in keys:
                 for f in encode(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec):
                     yield pb.AdapterRequest(header=header, frame=f)
-            yield pb.AdapterRequest(header=header, end=pb.AdapterEnd(
-                num_samples=self.num_samples, local_steps=stats.get("steps", 0),
-                metrics={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}))
+            yield pb.AdapterRequest(
+                header=header,
+                end=pb.AdapterEnd(
+                    num_samples=self.num_samples,
+                    local_steps=stats.get("steps", 0),
+                    metrics={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+                ),
+            )
 
         t0 = time.perf_counter()
         up0 = self.meter.total(direction="up", method="PushAdapter")
@@ -436,9 +498,17 @@ class EdgeClient:
                 raise
             log.warning("adapter of round %d refused: %s", round_idx, e.details())
             return None
-        self._record({"kind": "push", "client": self.joined.client_id, "round": round_idx,
-                      "bytes_up": self.meter.total(direction="up", method="PushAdapter") - up0,
-                      "push_s": time.perf_counter() - t0, "time": time.time(), **stats})
+        self._record(
+            {
+                "kind": "push",
+                "client": self.joined.client_id,
+                "round": round_idx,
+                "bytes_up": self.meter.total(direction="up", method="PushAdapter") - up0,
+                "push_s": time.perf_counter() - t0,
+                "time": time.time(),
+                **stats,
+            }
+        )
         return reply
 
     def _record(self, rec: dict) -> None:
@@ -466,10 +536,16 @@ class EdgeClient:
                 stats = self.train_round(r)
                 if not stats.pop("closed"):
                     self.push_adapter(r, list(d.upload_factors), stats)
-                rec = {"kind": "round", "client": self.joined.client_id, "round": r,
-                       "wall_s": time.perf_counter() - t0, "time": time.time(),
-                       "bytes_up": self.meter.total(direction="up") - up0,
-                       "bytes_down": self.meter.total(direction="down") - down0, **stats}
+                rec = {
+                    "kind": "round",
+                    "client": self.joined.client_id,
+                    "round": r,
+                    "wall_s": time.perf_counter() - t0,
+                    "time": time.time(),
+                    "bytes_up": self.meter.total(direction="up") - up0,
+                    "bytes_down": self.meter.total(direction="down") - down0,
+                    **stats,
+                }
                 self._record(rec)
                 log.info("%s", round_line(rec))
                 last = rec
@@ -482,12 +558,20 @@ class EdgeClient:
                 self.rejoin(str(e))
                 r, no_wait = self.joined.current_round, True
         self.leave("done")
-        summary = {"client": self.joined.client_id, "server": self.target, "rounds": rounds,
-                   "stop_reason": d.stop_reason, "bytes_up": self.meter.total(direction="up"),
-                   "bytes_down": self.meter.total(direction="down"), "wall_s": time.perf_counter() - self._t0,
-                   "retries": self.retrier.retries, "rejoins": self.rejoins, "peak_rss_bytes": peak_rss_bytes(),
-                   "last_round": {k: last[k] for k in ("round", "steps", "train_loss", "train_accuracy") if k in last},
-                   "final_metrics": dict(d.metrics)}
+        summary = {
+            "client": self.joined.client_id,
+            "server": self.target,
+            "rounds": rounds,
+            "stop_reason": d.stop_reason,
+            "bytes_up": self.meter.total(direction="up"),
+            "bytes_down": self.meter.total(direction="down"),
+            "wall_s": time.perf_counter() - self._t0,
+            "retries": self.retrier.retries,
+            "rejoins": self.rejoins,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "last_round": {k: last[k] for k in ("round", "steps", "train_loss", "train_accuracy") if k in last},
+            "final_metrics": dict(d.metrics),
+        }
         self._record({"kind": "summary", "time": time.time(), **summary})
         return summary
 
@@ -505,8 +589,12 @@ class EdgeClient:
                 self.runtime.trainable = set(trainable)
             return
         opt_state = copy.deepcopy(opt.state_dict()) if hasattr(opt, "state_dict") else None
-        self._round_start = (round_idx, {k: np.array(v, copy=True) for k, v in self.runtime.factors.items()},
-                             opt_state, set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None)
+        self._round_start = (
+            round_idx,
+            {k: np.array(v, copy=True) for k, v in self.runtime.factors.items()},
+            opt_state,
+            set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None,
+        )
 
     def leave(self, reason: str) -> None:
         """Best effort, once: a server that is gone frees the slot by itself."""
@@ -531,8 +619,10 @@ def round_line(rec: dict) -> str:
     """One progress line per round: round, steps, loss, accuracy, bytes up/down, time."""
     loss, acc = rec.get("train_loss"), rec.get("train_accuracy")
     perf = f"loss {loss:.4f}, accuracy {acc:.3f}" if loss is not None else "round closed before its end"
-    return (f"round {rec['round']}: {rec.get('steps', 0)} steps, {perf}, up {_mb(rec['bytes_up'])}, "
-            f"down {_mb(rec['bytes_down'])}, {rec['wall_s']:.1f} s")
+    return (
+        f"round {rec['round']}: {rec.get('steps', 0)} steps, {perf}, up {_mb(rec['bytes_up'])}, "
+        f"down {_mb(rec['bytes_down'])}, {rec['wall_s']:.1f} s"
+    )
 
 
 def format_summary(s: dict) -> str:
@@ -540,8 +630,10 @@ def format_summary(s: dict) -> str:
     lines = [f"edge {s['client']} done: {s['rounds']} rounds with {s['server']} (stop: {s['stop_reason'] or '-'})"]
     lr = s.get("last_round") or {}
     if "train_loss" in lr:
-        lines.append(f"  last round ({lr['round']}): {lr['steps']} steps, train loss {lr['train_loss']:.4f}, "
-                     f"train accuracy {lr['train_accuracy']:.3f}")
+        lines.append(
+            f"  last round ({lr['round']}): {lr['steps']} steps, train loss {lr['train_loss']:.4f}, "
+            f"train accuracy {lr['train_accuracy']:.3f}"
+        )
     evals = {k: v for k, v in (s.get("final_metrics") or {}).items() if k.startswith("eval_")}
     if evals:  # the rest (aggregation details) is in --metrics / --json
         lines.append("  global model: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in sorted(evals.items())))

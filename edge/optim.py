@@ -12,9 +12,15 @@ import numpy as np
 class AdamW:
     """AdamW over a dict of float32 arrays, updated in place."""
 
-    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
+    def __init__(
+        self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2
+    ):
+        self.lr, self.betas, self.eps, self.weight_decay = (
+            float(lr),
+            (float(betas[0]), float(betas[1])),
+            float(eps),
+            float(weight_decay),
+        )
         self.state: dict[str, dict] = {}
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
@@ -34,17 +40,19 @@ class AdamW:
             m += (g - m) * np.float32(1.0 - b1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
             v *= np.float32(b2)
             v += np.float32(1.0 - b2) * g * g
-            bc1 = 1.0 - b1 ** t
-            bc2 = 1.0 - b2 ** t
+            bc1 = 1.0 - b1**t
+            bc2 = 1.0 - b2**t
             step_size = self.lr / bc1
-            denom = np.sqrt(v) / np.float32(bc2 ** 0.5) + np.float32(self.eps)
+            denom = np.sqrt(v) / np.float32(bc2**0.5) + np.float32(self.eps)
             p -= np.float32(step_size) * (m / denom)
 
     def state_dict(self) -> dict:
         return {
             "hparams": {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay},
-            "state": {k: {"step": v["step"], "exp_avg": v["exp_avg"].copy(), "exp_avg_sq": v["exp_avg_sq"].copy()}
-                      for k, v in self.state.items()},
+            "state": {
+                k: {"step": v["step"], "exp_avg": v["exp_avg"].copy(), "exp_avg_sq": v["exp_avg_sq"].copy()}
+                for k, v in self.state.items()
+            },
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -53,5 +61,11 @@ class AdamW:
         self.betas = tuple(hp.get("betas", self.betas))
         self.eps = float(hp.get("eps", self.eps))
         self.weight_decay = float(hp.get("weight_decay", self.weight_decay))
-        self.state = {k: {"step": int(v["step"]), "exp_avg": np.array(v["exp_avg"], dtype=np.float32),
-                          "exp_avg_sq": np.array(v["exp_avg_sq"], dtype=np.float32)} for k, v in sd["state"].items()}
+        self.state = {
+            k: {
+                "step": int(v["step"]),
+                "exp_avg": np.array(v["exp_avg"], dtype=np.float32),
+                "exp_avg_sq": np.array(v["exp_avg_sq"], dtype=np.float32),
+            }
+            for k, v in sd["state"].items()
+        }

@@ -6,6 +6,7 @@ and get no updates) and rescales B so that the graph computes exactly the client
 s * B_pad A_pad = s_k * B_k A_k with s_k = alpha / r_k. On the way back it uploads (A_k, B_k) at rank r_k.
 No re-export, one bundle for every rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,11 @@ class RankAdapter:
                 out[k] = v
                 continue
             r = v.shape[0] if k.endswith(A_SUFFIX) else v.shape[1] if v.ndim == 2 else -1
-            ok = v.ndim == 2 and 0 < r < self.graph_rank and (
-                v.shape[1] == full[1] if k.endswith(A_SUFFIX) else v.shape[0] == full[0])
+            ok = (
+                v.ndim == 2
+                and 0 < r < self.graph_rank
+                and (v.shape[1] == full[1] if k.endswith(A_SUFFIX) else v.shape[0] == full[0])
+            )
             if not ok:
                 raise ValueError(f"factor {k}: shape {v.shape} does not fit the graph's {full}")
             pad = np.zeros(full, np.float32)

@@ -7,13 +7,15 @@ broken past a short connect time) fails at once with ONE line naming the address
 Server answers that are not about the connection (INVALID_ARGUMENT, UNAUTHENTICATED, ...) are re-raised
 untouched for the caller to handle.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -57,15 +59,18 @@ def diagnose(e: grpc.RpcError, target: str, tls: bool, reached: bool) -> tuple[b
         return False, cause
     if "failed to connect" in d and "socket closed" in d and not tls:
         # a TLS server drops a plaintext HTTP/2 preface; a restarting server refuses instead
-        return (True if reached else False), (f"{target} closed the connection during the handshake: it probably "
-                                               f"expects TLS (give --ca CA.pem)")
+        return (True if reached else False), (
+            f"{target} closed the connection during the handshake: it probably expects TLS (give --ca CA.pem)"
+        )
     if "errors resolving" in d or "dns" in d or "domain name not found" in d or "name resolution" in d:
         return reached, f"cannot resolve the host of {target}: check the address"
     if "connection refused" in d:
         if reached:
             return True, f"{target} refused the connection (server restarting?)"
-        return True, (f"nothing is listening at {target} (connection refused): is the server running there? "
-                      f"(a first start exports the edge bundle before it listens)")
+        return True, (
+            f"nothing is listening at {target} (connection refused): is the server running there? "
+            f"(a first start exports the edge bundle before it listens)"
+        )
     if code == C.DEADLINE_EXCEEDED and not reached:
         return True, f"no answer from {target}: wrong address, a firewall, or the server is not up"
     if "connection reset" in d or "socket closed" in d or "broken pipe" in d or "goaway" in d:
@@ -76,8 +81,13 @@ def diagnose(e: grpc.RpcError, target: str, tls: bool, reached: bool) -> tuple[b
 class Retrier:
     """Runs calls under the policy; `reached` flips once the server has answered anything."""
 
-    def __init__(self, target: str, policy: RetryPolicy | None = None, tls: bool = False,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        target: str,
+        policy: RetryPolicy | None = None,
+        tls: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.target, self.policy, self.tls, self._sleep = target, policy or RetryPolicy(), tls, sleep
         self.reached = False
         self.retries = 0  # over the client's lifetime, for the summary
@@ -110,11 +120,19 @@ class Retrier:
                 pause = min(wait * (0.5 + random.random()), self.policy.max_wait_s)
                 budget = self.policy.total_s if self.reached else self.policy.connect_s
                 if elapsed + pause > budget:
-                    raise Unreachable(f"{what}: {cause} (gave up after {attempt} attempts in {elapsed:.0f} s; "
-                                      f"{'--connect-timeout' if not self.reached else '--retry-for'} "
-                                      f"{budget:g} s)") from None
-                log.warning("%s: %s; attempt %d failed, retrying in %.1f s (gives up after %g s)", what, cause,
-                            attempt, pause, budget)
+                    raise Unreachable(
+                        f"{what}: {cause} (gave up after {attempt} attempts in {elapsed:.0f} s; "
+                        f"{'--connect-timeout' if not self.reached else '--retry-for'} "
+                        f"{budget:g} s)"
+                    ) from None
+                log.warning(
+                    "%s: %s; attempt %d failed, retrying in %.1f s (gives up after %g s)",
+                    what,
+                    cause,
+                    attempt,
+                    pause,
+                    budget,
+                )
                 self.retries += 1
                 self._sleep(pause)
                 wait = min(wait * 2, self.policy.max_wait_s)

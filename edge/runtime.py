@@ -14,13 +14,13 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from edge.optim import AdamW
+from splitwave.edge.optim import AdamW
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def _env_arena() -> None:
         _ENV_ARENA = True
 
 
-def session_options(threads: int | None = None, opt_level: str = "all", spinning: bool = True,
-                    low_memory: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, opt_level: str = "all", spinning: bool = True, low_memory: bool = True
+) -> ort.SessionOptions:
     """ORT options for the edge graphs (numbers: MiniLM cut 2, 2 threads, quiet machine).
 
     spinning=True: intra-op threads busy-wait between the kernels of one run (no wake-up cost per kernel)
@@ -135,7 +136,7 @@ class _SharedWeights:
             off, n = int(e["offset"]), int(e["length"])
             if off + n > mm.shape[0]:
                 raise BundleError(f"initializer {name} lies past the end of {wpath.name}")
-            a = mm[off:off + n].view(np.dtype(e["dtype"])).reshape(e["shape"])
+            a = mm[off : off + n].view(np.dtype(e["dtype"])).reshape(e["shape"])
             self._arrays[name] = a
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(a)
 
@@ -157,10 +158,21 @@ class EdgeRuntime:
     passed to `session_options`.
     """
 
-    def __init__(self, bundle_dir: str | os.PathLike, mode: str = "recompute", threads: int | None = None,
-                 lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, trainable: set[str] | None = None, verify: bool = True,
-                 opt_level: str = "all", spinning: bool = True, low_memory: bool = True):
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        mode: str = "recompute",
+        threads: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        trainable: set[str] | None = None,
+        verify: bool = True,
+        opt_level: str = "all",
+        spinning: bool = True,
+        low_memory: bool = True,
+    ):
         self.bundle_dir = Path(bundle_dir)
         mpath = self.bundle_dir / "manifest.json"
         if not mpath.is_file():
@@ -177,7 +189,9 @@ class EdgeRuntime:
                 raise BundleError(f"missing weights file {wpath}")
             got = sha256_file(wpath)
             if got != self.manifest["weights_sha256"]:
-                raise BundleError(f"weights sha256 mismatch for {wpath}: manifest {self.manifest['weights_sha256']}, file {got}")
+                raise BundleError(
+                    f"weights sha256 mismatch for {wpath}: manifest {self.manifest['weights_sha256']}, file {got}"
+                )
         self.factor_names = [f["name"] for f in self.manifest["factors"]]
         self._shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
         self.factors: dict[str, np.ndarray] = {}
@@ -208,8 +222,7 @@ class EdgeRuntime:
             # add_initializer (measured: stale transposed weights in the VJP graph); with folded base weights
             # the folding pass must go
             extra = {"disabled_optimizers": ["ConstantFolding"]} if self._overrides else {}
-            return ort.InferenceSession(str(self.bundle_dir / fname), so, providers=["CPUExecutionProvider"],
-                                        **extra)
+            return ort.InferenceSession(str(self.bundle_dir / fname), so, providers=["CPUExecutionProvider"], **extra)
 
         self._fwd = session(fwd_file)
         self._bwd = session(bwd_file)

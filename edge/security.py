@@ -1,4 +1,5 @@
 """Transport security of an edge client: TLS (trust a CA) and mTLS (present a client certificate)."""
+
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,8 @@ def channel_credentials(ca: str | None, cert: str | None = None, key: str | None
             raise ValueError("a client certificate needs TLS: give --ca too")
         log.warning("connecting WITHOUT TLS: use --ca (and --cert/--key for mTLS) outside a lab")
         return None
-    return grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes(),
-                                        private_key=Path(key).read_bytes() if key else None,
-                                        certificate_chain=Path(cert).read_bytes() if cert else None)
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )

@@ -6,21 +6,30 @@ shorter than max_seq_len) for a few steps without waiting for each reply, half-c
 the loss and the gradient it gets back.
 Usage: python examples/minimal_client.py HOST:PORT [STEPS]
 """
+
 import json
 import sys
 
 import grpc
 import numpy as np
 
-from protos import splitwave_pb2 as pb, splitwave_pb2_grpc as rpc
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as rpc
 
 
 def frames(name, a, chunk=1 << 19):  # "raw": little-endian bytes, cut so each frame stays under 1 MiB
     data = a.astype(a.dtype.newbyteorder("<")).tobytes()
-    parts = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
+    parts = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
     for i, part in enumerate(parts):
-        yield pb.TensorFrame(name=name, dtype=str(a.dtype), shape=a.shape, codec="raw", frame_index=i,
-                             frame_count=len(parts), payload=part)
+        yield pb.TensorFrame(
+            name=name,
+            dtype=str(a.dtype),
+            shape=a.shape,
+            codec="raw",
+            frame_index=i,
+            frame_count=len(parts),
+            payload=part,
+        )
 
 
 def main(target, steps=3):
@@ -36,8 +45,11 @@ def main(target, steps=3):
     def requests():  # returning ends the iterator: gRPC then half-closes the stream
         for s in range(steps):
             h = rng.standard_normal((b, n, hidden), dtype=np.float32)
-            for name, a in (("h", h), ("attention_mask", np.ones((b, n), np.int64)),
-                            ("labels", rng.integers(0, 2, b).astype(np.int64))):
+            for name, a in (
+                ("h", h),
+                ("attention_mask", np.ones((b, n), np.int64)),
+                ("labels", rng.integers(0, 2, b).astype(np.int64)),
+            ):
                 yield from (pb.TrainRequest(header=hdr(r, s), frame=f) for f in frames(name, a))
             yield pb.TrainRequest(header=hdr(r, s), end_step=pb.StepEnd(batch_size=b))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,12 @@ def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     a = np.abs(flat)
     part = np.argpartition(a, n - k)
-    kept = part[n - k:]
+    kept = part[n - k :]
     t = a[part[n - k]]  # the k-th largest |x|
     if np.count_nonzero(a[kept] == t) == np.count_nonzero(a == t):
         return np.sort(kept)  # no element equal to the threshold was left out: nothing to break
     greater = np.flatnonzero(a > t)
-    ties = np.flatnonzero(a == t)[:k - greater.size]
+    ties = np.flatnonzero(a == t)[: k - greater.size]
     return np.sort(np.concatenate([greater, ties]))
 
 
@@ -314,9 +314,9 @@ def encode(
             name=name, dtype=dtype, shape=shape, codec=codec, topk_k=k, frame_index=i, frame_count=count
         )
         if lo < len(side):
-            setattr(frame, side_field, side[lo:min(hi, len(side))])
+            setattr(frame, side_field, side[lo : min(hi, len(side))])
         if hi > len(side):
-            frame.payload = values[max(lo - len(side), 0):hi - len(side)]
+            frame.payload = values[max(lo - len(side), 0) : hi - len(side)]
         frames.append(frame)
     return frames
 
@@ -462,21 +462,21 @@ class Assembler:
         if side:
             if p.filled + len(side) > p.side_len:
                 raise CodecError(f"tensor {p.name!r}: more {side_field} bytes than the declared shape implies")
-            p.buf[p.filled:p.filled + len(side)] = side
+            p.buf[p.filled : p.filled + len(side)] = side
             p.filled += len(side)
         if payload:
             if p.filled < p.side_len:
                 raise CodecError(f"tensor {p.name!r}: payload received before all {side_field} bytes")
             if p.filled + len(payload) > p.total:
                 raise CodecError(f"tensor {p.name!r}: more payload bytes than the declared shape implies")
-            p.buf[p.filled:p.filled + len(payload)] = payload
+            p.buf[p.filled : p.filled + len(payload)] = payload
             p.filled += len(payload)
 
     def _decode(self, p: _Pending) -> np.ndarray:
         name, dtype, shape, codec, k, _ = p.meta
         wire = DTYPES[dtype]
         mv = memoryview(p.buf)
-        side, values = mv[:p.side_len], mv[p.side_len:]
+        side, values = mv[: p.side_len], mv[p.side_len :]
         if codec == "raw":
             if dtype == "bool" and np.frombuffer(values, np.uint8).max(initial=0) > 1:
                 raise CodecError(f"tensor {name!r}: bool values must be 0 or 1")

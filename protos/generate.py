@@ -1,9 +1,8 @@
-"""Regenerate the committed Python stubs from ``splitwave.proto``: ``python -m protos.generate``.
+"""Regenerate the committed Python stubs from ``splitwave.proto``: ``python -m splitwave.protos.generate``.
 
 The stubs are committed so that edge devices need neither grpcio-tools nor a build step. protoc emits
 ``import splitwave_pb2`` in the grpc module, which only works with ``protos/`` itself on sys.path; we
-rewrite it to ``from protos import splitwave_pb2`` so the package works with the repository root on
-sys.path. A test regenerates into a temporary folder and fails when the committed files are stale.
+rewrite it to ``from splitwave.protos import splitwave_pb2`` so the package works installed as ``splitwave.protos``. A test regenerates into a temporary folder and fails when the committed files are stale.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ _IMPORT_RE = re.compile(r"^import splitwave_pb2 as (\w+)$", re.MULTILINE)
 
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     """Run protoc (from grpc_tools) into ``out_dir`` and fix the grpc module's import; returns the files."""
-    from grpc_tools import protoc  # only needed here; not a runtime dependency of protos/
     import importlib.resources
+
+    from grpc_tools import protoc  # only needed here; not a runtime dependency of protos/
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
         raise RuntimeError(f"protoc failed with exit code {rc}: {' '.join(args)}")
     grpc_file = out_dir / "splitwave_pb2_grpc.py"
     text = grpc_file.read_text()
-    fixed, n = _IMPORT_RE.subn(r"from protos import splitwave_pb2 as \1", text)
+    fixed, n = _IMPORT_RE.subn(r"from splitwave.protos import splitwave_pb2 as \1", text)
     if n != 1:
         raise RuntimeError(f"expected one 'import splitwave_pb2' line in {grpc_file}, found {n}")
     grpc_file.write_text(fixed)

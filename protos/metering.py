@@ -20,12 +20,12 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import defaultdict
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
-from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 
 __all__ = [
     "UP",
@@ -93,7 +93,9 @@ class ByteMeter:
         return sum(
             v
             for (c, d, m), v in table.items()
-            if (client is None or c == client) and (direction is None or d == direction) and (method is None or m == method)
+            if (client is None or c == client)
+            and (direction is None or d == direction)
+            and (method is None or m == method)
         )
 
     def total(self, client: str | None = None, direction: str | None = None, method: str | None = None) -> int:
@@ -246,25 +248,30 @@ def _wrap_async(kind: str, behavior, method: str, meter: ByteMeter, key_fn):
             yield _ToSend(resp, call.client())
 
     if kind == "unary_unary":
+
         async def wrapped(request, context):
             call = _Call(context, key_fn, meter, method)
             resp = await behavior(call.received(request), context)
             return None if resp is None else _ToSend(resp, call.client())
     elif kind == "unary_stream":
+
         async def wrapped(request, context):
             call = _Call(context, key_fn, meter, method)
             async for out in responses(call, behavior(call.received(request), context)):
                 yield out
     elif kind == "stream_unary":
+
         async def wrapped(request_iterator, context):
             call = _Call(context, key_fn, meter, method)
             resp = await behavior(requests(call, request_iterator), context)
             return None if resp is None else _ToSend(resp, call.client())
     else:
+
         async def wrapped(request_iterator, context):
             call = _Call(context, key_fn, meter, method)
             async for out in responses(call, behavior(requests(call, request_iterator), context)):
                 yield out
+
     return wrapped
 
 
@@ -280,28 +287,34 @@ def _wrap_handler(method: str, handler, meter: ByteMeter, key_fn):
         meter.add(out.client, DOWN, method, len(data))
         return data
 
-    kind = ("stream" if handler.request_streaming else "unary") + "_" + (
-        "stream" if handler.response_streaming else "unary"
+    kind = (
+        ("stream" if handler.request_streaming else "unary")
+        + "_"
+        + ("stream" if handler.response_streaming else "unary")
     )
     behavior = getattr(handler, kind)
 
     if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
         wrapped = _wrap_async(kind, behavior, method, meter, key_fn)
     elif kind == "unary_unary":
+
         def wrapped(request, context):
             call = _Call(context, key_fn, meter, method)
             resp = behavior(call.received(request), context)
             return None if resp is None else _ToSend(resp, call.client())
     elif kind == "unary_stream":
+
         def wrapped(request, context):
             call = _Call(context, key_fn, meter, method)
             yield from call.responses(behavior(call.received(request), context))
     elif kind == "stream_unary":
+
         def wrapped(request_iterator, context):
             call = _Call(context, key_fn, meter, method)
             resp = behavior(call.requests(request_iterator), context)
             return None if resp is None else _ToSend(resp, call.client())
     else:
+
         def wrapped(request_iterator, context):
             call = _Call(context, key_fn, meter, method)
             yield from call.responses(behavior(call.requests(request_iterator), context))
@@ -339,12 +352,12 @@ def metered_method_handlers(servicer, meter: ByteMeter, client_key_fn=default_cl
 
 def metered_handler(servicer, meter: ByteMeter, client_key_fn=default_client_key) -> grpc.GenericRpcHandler:
     """A ``grpc.GenericRpcHandler`` serving ``servicer`` with byte metering."""
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME, metered_method_handlers(servicer, meter, client_key_fn)
-    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, metered_method_handlers(servicer, meter, client_key_fn))
 
 
-def add_metered_servicer_to_server(servicer, server: grpc.Server, meter: ByteMeter, client_key_fn=default_client_key) -> None:
+def add_metered_servicer_to_server(
+    servicer, server: grpc.Server, meter: ByteMeter, client_key_fn=default_client_key
+) -> None:
     """Metered equivalent of ``add_SplitWaveServicer_to_server``."""
     handlers = metered_method_handlers(servicer, meter, client_key_fn)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

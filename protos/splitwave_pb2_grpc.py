@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import splitwave_pb2 as splitwave__pb2
+from splitwave.protos import splitwave_pb2 as splitwave__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

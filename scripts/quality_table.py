@@ -8,6 +8,7 @@ results/quality/TAG.json and a Markdown table (results/quality/TAG.md) that goes
 
     python scripts/quality_table.py [--rounds 8] [--local-steps 5] [--strategies fedit ffa-lora ...] [--tag quality]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.data import Batcher  # noqa: E402
-from edge.shard import build_token_dataset  # noqa: E402
-from server.app import build_split, data_spec  # noqa: E402
-from server.models import minilm_path  # noqa: E402
-from server.reference import _data, _optimizer, _step  # noqa: E402
-from server.trainer import trainable_parameters  # noqa: E402
-from splitwave.config import parse_config  # noqa: E402
+from splitwave.common.config import parse_config  # noqa: E402
+from splitwave.common.data import Batcher  # noqa: E402
+from splitwave.common.shard import build_token_dataset  # noqa: E402
 from splitwave.runner import simulate  # noqa: E402
+from splitwave.server.app import build_split, data_spec  # noqa: E402
+from splitwave.server.models import minilm_path  # noqa: E402
+from splitwave.server.reference import _data, _optimizer, _step  # noqa: E402
+from splitwave.server.trainer import trainable_parameters  # noqa: E402
 
 log = logging.getLogger("quality")
 OUT = ROOT / "results/quality"
@@ -41,13 +42,26 @@ LR = {"ffa-lora": 3e-3}  # FFA trains B only: the literature uses a larger step 
 
 def base_config(args, strategy: str, partition: str) -> dict:
     return {
-        "name": f"{args.tag}-{partition}-{strategy}", "seed": args.seed, "num_clients": args.clients,
+        "name": f"{args.tag}-{partition}-{strategy}",
+        "seed": args.seed,
+        "num_clients": args.clients,
         "model": {"family": "minilm", "tiny": False, "cut": 2, "num_labels": 2},
         "lora": {"r": 8, "alpha": 16},
-        "data": {"dataset": "sst2", "num_train": args.num_train, "num_eval": None, "max_seq_len": 64,
-                 "partition": "iid" if partition == "iid" else "dirichlet", "dirichlet_alpha": args.alpha},
-        "training": {"mode": "sfl-v2", "batch_size": args.batch_size, "local_steps": args.local_steps,
-                     "edge_mode": "saved", "optim": {"lr": LR.get(strategy, args.lr)}},
+        "data": {
+            "dataset": "sst2",
+            "num_train": args.num_train,
+            "num_eval": None,
+            "max_seq_len": 64,
+            "partition": "iid" if partition == "iid" else "dirichlet",
+            "dirichlet_alpha": args.alpha,
+        },
+        "training": {
+            "mode": "sfl-v2",
+            "batch_size": args.batch_size,
+            "local_steps": args.local_steps,
+            "edge_mode": "saved",
+            "optim": {"lr": LR.get(strategy, args.lr)},
+        },
         "rounds": {"num_rounds": args.rounds, "deadline_s": 1800},
         "aggregation": {"strategy": strategy, "params": STRATEGY_PARAMS.get(strategy, {})},
         "channel": {"mode": "none"},
@@ -74,8 +88,12 @@ def centralized(args) -> dict:
             _step(split, opt, data.batch(idx))
         acc.append(_accuracy(split, dev))
         log.info("centralized: %d/%d steps, dev accuracy %.4f", (r + 1) * per_round, args.rounds * per_round, acc[-1])
-    return {"accuracy_per_round": acc, "final_accuracy": acc[-1], "wall_s": time.time() - t0,
-            "steps": args.rounds * per_round}
+    return {
+        "accuracy_per_round": acc,
+        "final_accuracy": acc[-1],
+        "wall_s": time.time() - t0,
+        "steps": args.rounds * per_round,
+    }
 
 
 @torch.no_grad()
@@ -94,9 +112,15 @@ def federated(args, strategy: str, partition: str) -> dict:
     run = simulate(cfg, progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     acc = [r["eval_accuracy"] for r in rows]
-    return {"run_dir": str(run.relative_to(ROOT)), "accuracy_per_round": acc, "final_accuracy": acc[-1],
-            "best_accuracy": max(acc), "bytes_up_per_round": float(np.mean([r["bytes_up"] for r in rows])),
-            "bytes_down_per_round": float(np.mean([r["bytes_down"] for r in rows])), "wall_s": time.time() - t0}
+    return {
+        "run_dir": str(run.relative_to(ROOT)),
+        "accuracy_per_round": acc,
+        "final_accuracy": acc[-1],
+        "best_accuracy": max(acc),
+        "bytes_up_per_round": float(np.mean([r["bytes_up"] for r in rows])),
+        "bytes_down_per_round": float(np.mean([r["bytes_down"] for r in rows])),
+        "wall_s": time.time() - t0,
+    }
 
 
 def _acc(r: dict) -> str:
@@ -104,13 +128,18 @@ def _acc(r: dict) -> str:
 
 
 def table(results: dict, args) -> str:
-    lines = [f"all-MiniLM-L6-v2 (cut 2, LoRA r=8), SST-2 dev accuracy after {args.rounds} rounds of {args.clients} "
-             f"clients x {args.local_steps} local steps (batch {args.batch_size}, {args.num_train} training sentences); "
-             f"Dirichlet alpha = {args.alpha}. Bytes are exact transport bytes per round (all clients, training "
-             "traffic: activations, gradients, adapters).", "",
-             "Accuracy: final (mean of the last 4 evaluations): on the 872-sentence dev set one run's accuracy "
-             "swings by up to 2.6 points between consecutive evaluations, so compare the means.", "",
-             "| strategy | IID acc | Dirichlet acc | uplink MB/round | downlink MB/round |", "|---|---|---|---|---|"]
+    lines = [
+        f"all-MiniLM-L6-v2 (cut 2, LoRA r=8), SST-2 dev accuracy after {args.rounds} rounds of {args.clients} "
+        f"clients x {args.local_steps} local steps (batch {args.batch_size}, {args.num_train} training sentences); "
+        f"Dirichlet alpha = {args.alpha}. Bytes are exact transport bytes per round (all clients, training "
+        "traffic: activations, gradients, adapters).",
+        "",
+        "Accuracy: final (mean of the last 4 evaluations): on the 872-sentence dev set one run's accuracy "
+        "swings by up to 2.6 points between consecutive evaluations, so compare the means.",
+        "",
+        "| strategy | IID acc | Dirichlet acc | uplink MB/round | downlink MB/round |",
+        "|---|---|---|---|---|",
+    ]
     c = results.get("centralized")
     if c:
         lines.append(f"| centralized LoRA (same steps) | {_acc(c)} | — | — | — |")
@@ -158,8 +187,12 @@ def main() -> None:
             except Exception as err:  # keep the table going; the failure is recorded, not hidden
                 log.exception("%s/%s failed", part, s)
                 results[f"{part}/{s}"] = {"error": str(err)}
-            log.info("%s/%s: %s", part, s, {k: v for k, v in results[f"{part}/{s}"].items()
-                                            if k in ("final_accuracy", "error")})
+            log.info(
+                "%s/%s: %s",
+                part,
+                s,
+                {k: v for k, v in results[f"{part}/{s}"].items() if k in ("final_accuracy", "error")},
+            )
             path.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     md = table(results, args)
     (OUT / f"{args.tag}.md").write_text(md)

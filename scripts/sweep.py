@@ -7,6 +7,7 @@ Writes runs/<name>-sweep/<timestamp>/: sweep.json, sweep.md (table) and sweep.pn
 uplink bytes and vs simulated time). Sweeping `model.cut` also runs `splitwave plan` for those cuts and
 adds the predicted round time next to the measured (simulated) one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from splitwave.config import load_config  # noqa: E402
+from splitwave.common.config import load_config  # noqa: E402
 
 
 def _mean_round(recs: list[dict], key: str) -> float:
@@ -39,12 +40,24 @@ def sweep(config: str, param: str, values: list[str], overrides: list[str], out:
         run_dir = simulate(cfg, progress=False)
         summ = json.loads((run_dir / "summary.json").read_text())
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rows.append({"value": v, "run_dir": str(run_dir), "final_accuracy": summ["final_accuracy"],
-                     "final_loss": summ["final_loss"], "bytes_up": summ["total_bytes_up"],
-                     "bytes_down": summ["total_bytes_down"], "sim_time_s": summ["total_sim_time_s"],
-                     "mean_round_s": _mean_round(recs, "sim_round_s"), "wall_s": summ["wall_time_s"]})
-        print(f"{param}={v}: accuracy {summ['final_accuracy']:.3f}, up {summ['total_bytes_up'] / 1e6:.2f} MB, "
-              f"simulated {summ['total_sim_time_s']:.1f} s", flush=True)
+        rows.append(
+            {
+                "value": v,
+                "run_dir": str(run_dir),
+                "final_accuracy": summ["final_accuracy"],
+                "final_loss": summ["final_loss"],
+                "bytes_up": summ["total_bytes_up"],
+                "bytes_down": summ["total_bytes_down"],
+                "sim_time_s": summ["total_sim_time_s"],
+                "mean_round_s": _mean_round(recs, "sim_round_s"),
+                "wall_s": summ["wall_time_s"],
+            }
+        )
+        print(
+            f"{param}={v}: accuracy {summ['final_accuracy']:.3f}, up {summ['total_bytes_up'] / 1e6:.2f} MB, "
+            f"simulated {summ['total_sim_time_s']:.1f} s",
+            flush=True,
+        )
     if param == "model.cut":
         from splitwave.plan import plan
 
@@ -52,8 +65,11 @@ def sweep(config: str, param: str, values: list[str], overrides: list[str], out:
         by_cut = {r["cut"]: r for r in pl["cuts"]}
         for row in rows:
             p = by_cut[int(row["value"])]
-            row.update(predicted_model_s=p["model_s"], predicted_sim_s=p["sim_s"],
-                       prediction_err=p["sim_s"] / row["mean_round_s"] - 1.0)
+            row.update(
+                predicted_model_s=p["model_s"],
+                predicted_sim_s=p["sim_s"],
+                prediction_err=p["sim_s"] / row["mean_round_s"] - 1.0,
+            )
     res = {"config": config, "param": param, "values": values, "overrides": overrides, "rows": rows}
     (out / "sweep.json").write_text(json.dumps(res, indent=1))
     cols = ["value", "final_accuracy", "bytes_up", "bytes_down", "sim_time_s", "mean_round_s", "wall_s"]

@@ -5,6 +5,7 @@ PeftModel and calling `save_pretrained`: the folder loads with `PeftModel.from_p
 Strategies that fold aggregation residuals into base weights (FedEx-LoRA, FLoRA) also get those folded
 deltas written beside the adapter (`base_deltas.safetensors`), because an adapter alone cannot express them.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def write_final(run_dir: Path, cfg, edge: dict, top: dict, base_deltas: dict | N
     save_npz(final / TOP_FILE, top)
     if base_deltas:
         save_npz(final / BASE_DELTA_FILE, base_deltas)
-    from splitwave.config import dump_config
+    from splitwave.common.config import dump_config
 
     (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
     return final
@@ -50,7 +51,7 @@ def apply_to_split(split, edge: dict, top: dict, base_deltas: dict | None = None
     """Load final factors (and folded base deltas) into a freshly built split model."""
     import torch
 
-    from server.trainer import trainable_parameters
+    from splitwave.server.trainer import trainable_parameters
 
     split.set_edge_factors(edge)
     params = trainable_parameters(split.peft_model)
@@ -70,31 +71,42 @@ def apply_to_split(split, edge: dict, top: dict, base_deltas: dict | None = None
 
 def export_adapter(run_dir: Path, out_dir: Path) -> dict:
     """`splitwave export-adapter RUN_DIR OUT_DIR`."""
-    from server.app import build_split, model_source
-    from splitwave.config import load_config
+    from splitwave.common.config import load_config
+    from splitwave.server.app import build_split, model_source
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / FINAL_DIR).is_dir() and (run_dir / "server" / FINAL_DIR).is_dir():
         run_dir = run_dir / "server"  # the folder `splitwave simulate` prints holds the server's in server/
     final = run_dir / FINAL_DIR
     if not (final / EDGE_FILE).exists():
-        raise FileNotFoundError(f"{final / EDGE_FILE} not found: give the folder a finished `splitwave server` or "
-                                f"`splitwave simulate` run printed (runs/NAME/TIMESTAMP)")
+        raise FileNotFoundError(
+            f"{final / EDGE_FILE} not found: give the folder a finished `splitwave server` or "
+            f"`splitwave simulate` run printed (runs/NAME/TIMESTAMP)"
+        )
     cfg = load_config(run_dir / "config.yaml")
     split = build_split(cfg)
     deltas = load_npz(final / BASE_DELTA_FILE) if (final / BASE_DELTA_FILE).exists() else None
     apply_to_split(split, load_npz(final / EDGE_FILE), load_npz(final / TOP_FILE), deltas)
     out_dir.mkdir(parents=True, exist_ok=True)
     split.peft_model.save_pretrained(str(out_dir))
-    info = {"adapter": str(out_dir), "base_model": model_source(cfg), "seed": cfg.seed, "task": cfg.model.task,
-            "folded_base_deltas": bool(deltas)}
+    info = {
+        "adapter": str(out_dir),
+        "base_model": model_source(cfg),
+        "seed": cfg.seed,
+        "task": cfg.model.task,
+        "folded_base_deltas": bool(deltas),
+    }
     if deltas:
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in deltas.items()},
-                  str(out_dir / "base_deltas.safetensors"))
-        info["note"] = ("the strategy folded aggregation residuals into base weights: add base_deltas.safetensors "
-                        "(module -> dense delta, nn.Linear layout) to the base model's weights before loading")
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in deltas.items()},
+            str(out_dir / "base_deltas.safetensors"),
+        )
+        info["note"] = (
+            "the strategy folded aggregation residuals into base weights: add base_deltas.safetensors "
+            "(module -> dense delta, nn.Linear layout) to the base model's weights before loading"
+        )
     (out_dir / "splitwave.json").write_text(json.dumps(info, indent=2))
     log.info("wrote PEFT adapter to %s", out_dir)
     return info

@@ -3,6 +3,7 @@
 The gRPC servicer (`server/service.py`) only decodes messages and calls this object, so everything here is
 testable without a network. Errors are raised as `ServiceError(code, message)` with a gRPC status name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,18 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.data import IGNORE_INDEX
-from edge.shard import build_token_dataset, partition
-from server import compute
-from server.aggregation.registry import make_strategy
-from server.checkpoint import Checkpointer, config_digest, token_digest
-from server.models import build_model, minilm_path
-from server.errors import ServiceError
-from server.evaluation import evaluate
-from server.rounds import Assignment, RoundManager, RoundRecord
-from server.split import LoraSpec, split_model
-from server.trainer import TopTrainer
-from splitwave.config import ConfigError, ExperimentConfig
+from splitwave.common.config import ConfigError, ExperimentConfig
+from splitwave.common.data import IGNORE_INDEX
+from splitwave.common.shard import build_token_dataset, partition
+from splitwave.server import compute
+from splitwave.server.aggregation.registry import make_strategy
+from splitwave.server.checkpoint import Checkpointer, config_digest, token_digest
+from splitwave.server.errors import ServiceError
+from splitwave.server.evaluation import evaluate
+from splitwave.server.models import build_model, minilm_path
+from splitwave.server.rounds import Assignment, RoundManager, RoundRecord
+from splitwave.server.split import LoraSpec, split_model
+from splitwave.server.trainer import TopTrainer
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +73,31 @@ def model_vocab_size(cfg: ExperimentConfig) -> int | None:
     tok = tokenizer_source(cfg) if cfg.model.tiny else None
     if tok is None:
         return cfg.model.vocab_size
-    from edge.tokenizer import Tokenizer
+    from splitwave.common.tokenizer import Tokenizer
 
     need = Tokenizer.from_dir(tok).vocab_size
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < need:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {need} ids of tokenizer "
-                          f"{cfg.model.tokenizer!r}")
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {need} ids of tokenizer "
+            f"{cfg.model.tokenizer!r}"
+        )
     return cfg.model.vocab_size or need
 
 
 def build_split(cfg: ExperimentConfig):
     """The split model every party derives from the config (same seed: same weights, same LoRA init)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(model_source(cfg), cfg.model.task, cfg.model.num_labels, seed=cfg.seed,
-                        vocab_size=model_vocab_size(cfg), init_std=cfg.model.init_std)
-    lora = LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, dropout=cfg.lora.dropout,
-                    rslora=cfg.lora.rslora)
+    model = build_model(
+        model_source(cfg),
+        cfg.model.task,
+        cfg.model.num_labels,
+        seed=cfg.seed,
+        vocab_size=model_vocab_size(cfg),
+        init_std=cfg.model.init_std,
+    )
+    lora = LoraSpec(
+        r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora
+    )
     return split_model(model, cfg.model.cut, lora, cfg.model.task)
 
 
@@ -103,28 +113,37 @@ def bundle_key(cfg: ExperimentConfig) -> str:
 
 def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     """Export the edge bundle once per (model, cut, LoRA, seed); later runs reuse it from the cache."""
-    from server.export import export_bundle
+    from splitwave.server.export import export_bundle
 
     target = cache_dir / bundle_key(cfg)
     if (target / "manifest.json").exists():
         log.info("edge bundle found in the cache (%s)", target)
         return target
-    log.info("first start of this model/cut/LoRA: exporting the edge bundle (ONNX graphs + weights) to %s; "
-             "this takes a minute or more, and later starts reuse it", target)
+    log.info(
+        "first start of this model/cut/LoRA: exporting the edge bundle (ONNX graphs + weights) to %s; "
+        "this takes a minute or more, and later starts reuse it",
+        target,
+    )
     t0 = time.perf_counter()
     tmp = cache_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tok = tokenizer_source(cfg)
     flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
     try:
-        export_bundle(split, tmp, model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2",
-                      tokenizer_dir=tok)
+        export_bundle(
+            split, tmp, model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2", tokenizer_dir=tok
+        )
     finally:
         for p in split.peft_model.parameters():
             p.requires_grad_(flags[id(p)])
     manifest = json.loads((tmp / "manifest.json").read_text())
-    manifest["source"] = {"family": cfg.model.family, "tiny": cfg.model.tiny, "num_labels": cfg.model.num_labels,
-                          "seed": cfg.seed, "vocab_size": model_vocab_size(cfg),
-                          "init_std": cfg.model.init_std}  # what the torch reference backend rebuilds
+    manifest["source"] = {
+        "family": cfg.model.family,
+        "tiny": cfg.model.tiny,
+        "num_labels": cfg.model.num_labels,
+        "seed": cfg.seed,
+        "vocab_size": model_vocab_size(cfg),
+        "init_std": cfg.model.init_std,
+    }  # what the torch reference backend rebuilds
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         tmp.rename(target)
@@ -140,9 +159,16 @@ EVAL_SPLITS = {"sst2": "dev", "ag_news": "test", "e2e": "valid", "synthetic": "e
 def data_spec(cfg: ExperimentConfig, split: str, vocab_size: int) -> dict:
     """What an edge rebuilds its data from (sent as JSON at Join); split: "train" or "eval"."""
     limit = cfg.data.num_train if split == "train" else cfg.data.num_eval
-    return {"dataset": cfg.data.dataset, "split": split if split == "train" else EVAL_SPLITS[cfg.data.dataset],
-            "limit": limit, "seed": cfg.seed, "max_seq_len": cfg.data.max_seq_len, "vocab_size": vocab_size,
-            "num_labels": cfg.model.num_labels, "task": cfg.model.task}
+    return {
+        "dataset": cfg.data.dataset,
+        "split": split if split == "train" else EVAL_SPLITS[cfg.data.dataset],
+        "limit": limit,
+        "seed": cfg.seed,
+        "max_seq_len": cfg.data.max_seq_len,
+        "vocab_size": vocab_size,
+        "num_labels": cfg.model.num_labels,
+        "task": cfg.model.task,
+    }
 
 
 def checked_float32(name: str, arr: np.ndarray, bound: float) -> np.ndarray:
@@ -154,8 +180,9 @@ def checked_float32(name: str, arr: np.ndarray, bound: float) -> np.ndarray:
     if not np.isfinite(top):
         raise ServiceError("INVALID_ARGUMENT", f"{name} has NaN or Inf values (as float32)")
     if top > bound:
-        raise ServiceError("INVALID_ARGUMENT", f"{name} has |value| {top:.3g} > {bound:g} "
-                                               f"(server.security.max_abs_value)")
+        raise ServiceError(
+            "INVALID_ARGUMENT", f"{name} has |value| {top:.3g} > {bound:g} (server.security.max_abs_value)"
+        )
     return out
 
 
@@ -185,13 +212,22 @@ class SplitServer:
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
         self.bundle_files = self._index_bundle()
         self.bundle_hash = hashlib.sha256(
-            json.dumps(sorted((n, s) for n, (_, s, _) in self.bundle_files.items())).encode()).hexdigest()[:32]
+            json.dumps(sorted((n, s) for n, (_, s, _) in self.bundle_files.items())).encode()
+        ).hexdigest()[:32]
         log.info("model and bundle ready in %.1f s (%s)", time.perf_counter() - t0, self.bundle_dir)
 
         tr = cfg.training
-        self.trainer = TopTrainer(self.split, cfg.model.task, lr=tr.optim.lr, weight_decay=tr.optim.weight_decay,
-                                  betas=tr.optim.betas, eps=tr.optim.eps, personal=tr.mode == "sfl-v1",
-                                  server_batch=tr.server_batch, server_batch_wait_s=tr.server_batch_wait_ms / 1e3)
+        self.trainer = TopTrainer(
+            self.split,
+            cfg.model.task,
+            lr=tr.optim.lr,
+            weight_decay=tr.optim.weight_decay,
+            betas=tr.optim.betas,
+            eps=tr.optim.eps,
+            personal=tr.mode == "sfl-v1",
+            server_batch=tr.server_batch,
+            server_batch_wait_s=tr.server_batch_wait_ms / 1e3,
+        )
         self.strategy = self._make_strategy("edge")
         self.strategy.initialize(self.split.edge_factors())
         self.top_strategy = None
@@ -204,8 +240,14 @@ class SplitServer:
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
         train = build_token_dataset(self.train_spec, tok_dir)
-        self.shards = partition(train, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha,
-                                cfg.seed, min_size=cfg.training.batch_size)
+        self.shards = partition(
+            train,
+            cfg.num_clients,
+            cfg.data.partition,
+            cfg.data.dirichlet_alpha,
+            cfg.seed,
+            min_size=cfg.training.batch_size,
+        )
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
 
         self.base_deltas_total: dict[str, np.ndarray] = {}  # module -> running sum, torch weight layout
@@ -223,13 +265,22 @@ class SplitServer:
         # the global model before any training: round 0's line carries it (the accuracy curve's first point)
         self.pre_eval = self._timed_eval() if start_round == 0 else None
         self.rounds = RoundManager(
-            self.strategy, num_rounds=cfg.rounds.num_rounds,
-            expected_clients=cfg.num_clients, fraction=cfg.rounds.fraction, min_clients=cfg.rounds.min_clients,
-            deadline_s=cfg.rounds.deadline_s, sequential=tr.mode == "sl", seed=cfg.seed, on_close=self._on_close,
-            start_round=start_round, registered=sorted(self.by_client) or None, last_metrics=last_metrics,
+            self.strategy,
+            num_rounds=cfg.rounds.num_rounds,
+            expected_clients=cfg.num_clients,
+            fraction=cfg.rounds.fraction,
+            min_clients=cfg.rounds.min_clients,
+            deadline_s=cfg.rounds.deadline_s,
+            sequential=tr.mode == "sl",
+            seed=cfg.seed,
+            on_close=self._on_close,
+            start_round=start_round,
+            registered=sorted(self.by_client) or None,
+            last_metrics=last_metrics,
             on_checkpoint=self._checkpoint if self.checkpointer else None,
             max_metrics_entries=cfg.server.security.max_metrics_entries,
-            max_metric_name_bytes=cfg.server.security.max_metric_name_bytes)
+            max_metric_name_bytes=cfg.server.security.max_metric_name_bytes,
+        )
         if self._pending_reports:
             self.rounds.preload(start_round, self._pending_reports)
         if self.checkpointer:
@@ -243,9 +294,17 @@ class SplitServer:
             return 0, {}
         self.run_id = got.run_id
         for cid, c in got.clients.items():
-            s = Session(cid, "", int(c["shard"]), len(self.shards[int(c["shard"])]), time.time(),
-                        identity=c.get("identity", ""), resumed=True, resume_digest=c.get("resume_sha256", ""),
-                        trained=bool(c.get("trained", True)))
+            s = Session(
+                cid,
+                "",
+                int(c["shard"]),
+                len(self.shards[int(c["shard"])]),
+                time.time(),
+                identity=c.get("identity", ""),
+                resumed=True,
+                resume_digest=c.get("resume_sha256", ""),
+                trained=bool(c.get("trained", True)),
+            )
             self._restored[c["token_sha256"]] = s
             self.by_client[cid] = s
         if got.round_dir is not None:
@@ -261,34 +320,56 @@ class SplitServer:
             if b["top_slot"] is not None and self.trainer.personal:
                 self.trainer.restore_slot(c, b["top_slot"], 0)
         self._pending_reports = {c: (b["factors"], b["num_samples"], b["metrics"]) for c, b in pending.items()}
-        log.info("resumed run %s from %s: next round %d, %d clients, %d adapters already pushed to it", self.run_id,
-                 self.checkpointer.dir, got.next_round, len(got.clients), len(pending))
+        log.info(
+            "resumed run %s from %s: next round %d, %d clients, %d adapters already pushed to it",
+            self.run_id,
+            self.checkpointer.dir,
+            got.next_round,
+            len(got.clients),
+            len(pending),
+        )
         return got.next_round, got.last_metrics
 
     def _save_registry(self) -> None:
         clients = {}
         for s in self.by_client.values():
             digest = token_digest(s.token) if s.token else next(d for d, r in self._restored.items() if r is s)
-            clients[s.client_id] = {"token_sha256": digest, "shard": s.shard_index, "identity": s.identity,
-                                    "resume_sha256": s.resume_digest, "trained": s.trained}
+            clients[s.client_id] = {
+                "token_sha256": digest,
+                "shard": s.shard_index,
+                "identity": s.identity,
+                "resume_sha256": s.resume_digest,
+                "trained": s.trained,
+            }
         self.checkpointer.save_registry(self.run_id, clients, config_digest(self.cfg))
 
     def _checkpoint(self, next_round: int, last_metrics: dict) -> None:
         """Called by the round manager after a round closed and before the next opens."""
         t0 = time.perf_counter()
         path = self.checkpointer.save_round(
-            next_round, strategy=self.strategy, top_strategy=self.top_strategy, trainer_state=self.trainer.state_dict(),
-            base_deltas=self.base_deltas_total, last_metrics={k: v for k, v in last_metrics.items()
-                                                             if isinstance(v, (int, float))},
-            metrics_file=self.metrics_path)
+            next_round,
+            strategy=self.strategy,
+            top_strategy=self.top_strategy,
+            trainer_state=self.trainer.state_dict(),
+            base_deltas=self.base_deltas_total,
+            last_metrics={k: v for k, v in last_metrics.items() if isinstance(v, (int, float))},
+            metrics_file=self.metrics_path,
+        )
         log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
 
     def _make_strategy(self, scope: str):
         agg = self.cfg.aggregation
-        return make_strategy(agg.strategy, lora_alpha=self.cfg.lora.alpha, use_rslora=self.cfg.lora.rslora,
-                             fan_in_fan_out=self.split.family == "gpt2", robust=agg.robust, dp=agg.dp,
-                             server_opt=agg.server_opt, scope=scope,
-                             **{"max_abs_value": self.cfg.server.security.max_abs_value, **agg.params})
+        return make_strategy(
+            agg.strategy,
+            lora_alpha=self.cfg.lora.alpha,
+            use_rslora=self.cfg.lora.rslora,
+            fan_in_fan_out=self.split.family == "gpt2",
+            robust=agg.robust,
+            dp=agg.dp,
+            server_opt=agg.server_opt,
+            scope=scope,
+            **{"max_abs_value": self.cfg.server.security.max_abs_value, **agg.params},
+        )
 
     def _index_bundle(self) -> dict[str, tuple[Path, str, int]]:
         files = {}
@@ -298,9 +379,18 @@ class SplitServer:
         return files
 
     # -- sessions ------------------------------------------------------------------------------------------
-    def join(self, client_name: str, enrollment_secret: str, backend: str, codecs: list[str],
-             training_modes: list[str], protocol_version: int, identity: str = "", resume_secret: str = "",
-             identity_names: tuple[str, ...] = ()) -> tuple[Session, int, str]:
+    def join(
+        self,
+        client_name: str,
+        enrollment_secret: str,
+        backend: str,
+        codecs: list[str],
+        training_modes: list[str],
+        protocol_version: int,
+        identity: str = "",
+        resume_secret: str = "",
+        identity_names: tuple[str, ...] = (),
+    ) -> tuple[Session, int, str]:
         """Returns (session, open round, resume secret). `identity` is the peer's client-certificate identity
         under mTLS and `identity_names` every name of that certificate (CN, SANs): the client name must be one
         of them. Without a certificate, a rejoin under a name that has a session must present that session's
@@ -313,13 +403,19 @@ class SplitServer:
         if client_name and not CLIENT_NAME.fullmatch(client_name):
             raise ServiceError("INVALID_ARGUMENT", "client_name must be 1-64 characters of [A-Za-z0-9._-]")
         if identity_names and client_name not in identity_names:
-            raise ServiceError("PERMISSION_DENIED", f"client name {client_name!r} is not the name of the client "
-                                                    f"certificate ({', '.join(identity_names)[:200]})")
+            raise ServiceError(
+                "PERMISSION_DENIED",
+                f"client name {client_name!r} is not the name of the client "
+                f"certificate ({', '.join(identity_names)[:200]})",
+            )
         if protocol_version not in (0, PROTOCOL_VERSION):
-            raise ServiceError("FAILED_PRECONDITION", f"protocol version {protocol_version} unsupported "
-                                                      f"(server speaks {PROTOCOL_VERSION})")
-        if sec.enrollment_secret and not secrets.compare_digest(enrollment_secret.encode(),
-                                                                sec.enrollment_secret.encode()):
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"protocol version {protocol_version} unsupported (server speaks {PROTOCOL_VERSION})",
+            )
+        if sec.enrollment_secret and not secrets.compare_digest(
+            enrollment_secret.encode(), sec.enrollment_secret.encode()
+        ):
             raise ServiceError("UNAUTHENTICATED", "wrong enrollment secret")
         if sec.allow_list is not None and client_name not in sec.allow_list:
             raise ServiceError("PERMISSION_DENIED", f"client {client_name!r} is not on the allow list")
@@ -332,8 +428,9 @@ class SplitServer:
         evicted: list[Session] = []
         with self._lock:
             # an anonymous client gets a fresh name: never one that would take over another client's session
-            name = client_name or next(f"edge-{i}" for i in range(len(self.by_client) + 1)
-                                       if f"edge-{i}" not in self.by_client)
+            name = client_name or next(
+                f"edge-{i}" for i in range(len(self.by_client) + 1) if f"edge-{i}" not in self.by_client
+            )
             old = self.by_client.get(name)
             if old is not None:  # a rejoin after a crash: new token, same shard
                 self._check_rejoin(old, identity, resume_secret)
@@ -344,9 +441,17 @@ class SplitServer:
             else:
                 shard, evicted = self._free_slot()
                 secret = secrets.token_urlsafe(32)
-            s = Session(name, secrets.token_urlsafe(32), shard, len(self.shards[shard]), time.time(), identity=identity,
-                        resumed=old is not None and old.resumed, resume_digest=token_digest(secret),
-                        trained=old is not None and old.trained)
+            s = Session(
+                name,
+                secrets.token_urlsafe(32),
+                shard,
+                len(self.shards[shard]),
+                time.time(),
+                identity=identity,
+                resumed=old is not None and old.resumed,
+                resume_digest=token_digest(secret),
+                trained=old is not None and old.trained,
+            )
             self.sessions[s.token] = s
             self.by_client[name] = s
             if self.checkpointer:
@@ -356,20 +461,29 @@ class SplitServer:
         if old is not None:
             self._rollback_abandoned(old)
         self.rounds.register(name)
-        log.info("client %s %s (shard %d, %d samples)", name, "rejoined" if old is not None else "joined", shard,
-                 s.num_samples)
+        log.info(
+            "client %s %s (shard %d, %d samples)",
+            name,
+            "rejoined" if old is not None else "joined",
+            shard,
+            s.num_samples,
+        )
         return s, self.rounds.round_idx, secret
 
     def _check_rejoin(self, old: Session, identity: str, resume_secret: str) -> None:
         """A name that has a session is taken: only the same certificate, or its resume secret, gets it back."""
         if old.identity:
             if old.identity != identity:
-                raise ServiceError("PERMISSION_DENIED", f"client id {old.client_id!r} is bound to another client "
-                                                        f"certificate")
+                raise ServiceError(
+                    "PERMISSION_DENIED", f"client id {old.client_id!r} is bound to another client certificate"
+                )
             return
         if not resume_secret:
-            raise ServiceError("PERMISSION_DENIED", f"client name {old.client_id!r} is taken; rejoining under it "
-                                                    f"needs the resume secret of its earlier Join")
+            raise ServiceError(
+                "PERMISSION_DENIED",
+                f"client name {old.client_id!r} is taken; rejoining under it "
+                f"needs the resume secret of its earlier Join",
+            )
         if not old.resume_digest or not secrets.compare_digest(token_digest(resume_secret), old.resume_digest):
             raise ServiceError("PERMISSION_DENIED", f"wrong resume secret for client {old.client_id!r}")
 
@@ -391,8 +505,9 @@ class SplitServer:
             return free[0], []
         limit = self.cfg.server.limits.unused_slot_s
         now = time.time()
-        idle = sorted(((self._unused_since(s, now), s) for s in self.by_client.values() if not s.trained),
-                      key=lambda x: -x[0])
+        idle = sorted(
+            ((self._unused_since(s, now), s) for s in self.by_client.values() if not s.trained), key=lambda x: -x[0]
+        )
         if idle and idle[0][0] >= limit:
             victim = idle[0][1]
             log.warning("client %s held a slot for %.0f s without training: slot freed", victim.client_id, idle[0][0])
@@ -401,8 +516,11 @@ class SplitServer:
             self._restored = {d: r for d, r in self._restored.items() if r is not victim}
             return victim.shard_index, [victim]
         if idle:
-            raise ServiceError("UNAVAILABLE", f"all {len(self.shards)} client slots are taken; slots of clients that "
-                                              f"do not train are freed after {limit:g} s: retry later")
+            raise ServiceError(
+                "UNAVAILABLE",
+                f"all {len(self.shards)} client slots are taken; slots of clients that "
+                f"do not train are freed after {limit:g} s: retry later",
+            )
         raise ServiceError("RESOURCE_EXHAUSTED", f"all {len(self.shards)} client slots are taken")
 
     def session(self, token: str, run_id: str, identity: str | tuple[str, ...] = "") -> Session:
@@ -420,8 +538,9 @@ class SplitServer:
         if s is None:
             raise ServiceError("UNAUTHENTICATED", "unknown or expired session token")
         if s.identity not in names and not (not s.identity and names in ((), ("",))):
-            raise ServiceError("PERMISSION_DENIED", f"session of client {s.client_id!r} used with another client "
-                                                    f"certificate")
+            raise ServiceError(
+                "PERMISSION_DENIED", f"session of client {s.client_id!r} used with another client certificate"
+            )
         if run_id != self.run_id:
             raise ServiceError("FAILED_PRECONDITION", f"run id {run_id!r} is not this run ({self.run_id})")
         return s
@@ -455,12 +574,17 @@ class SplitServer:
         self.rounds.check_training(s.client_id, round_idx)
         last = s.last_step.get(round_idx, -1)
         if s.resumed and last < 0 and step != 0:
-            raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} was restarted (server resumed from a "
-                                                      f"checkpoint): redo it from step 0 after AwaitRound")
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"round {round_idx} was restarted (server resumed from a "
+                f"checkpoint): redo it from step 0 after AwaitRound",
+            )
         if step <= last:
-            raise ServiceError("ALREADY_EXISTS" if step == last else "FAILED_PRECONDITION",
-                               f"step {step} of round {round_idx} is {'a duplicate' if step == last else 'out of order'}"
-                               f" (last step done: {last})")
+            raise ServiceError(
+                "ALREADY_EXISTS" if step == last else "FAILED_PRECONDITION",
+                f"step {step} of round {round_idx} is {'a duplicate' if step == last else 'out of order'}"
+                f" (last step done: {last})",
+            )
 
     def _check_batch(self, tensors: dict, want_grad_shape: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         missing = {"h", "attention_mask", "labels"} - set(tensors)
@@ -472,27 +596,35 @@ class SplitServer:
         h, mask, labels = tensors["h"], tensors["attention_mask"], tensors["labels"]
         hidden = int(self.manifest.get("hidden_size") or self.split.peft_model.config.hidden_size)
         if h.ndim != 3 or h.shape[-1] != hidden or not np.issubdtype(h.dtype, np.floating):
-            raise ServiceError("INVALID_ARGUMENT", f"h must be float [batch, seq, {hidden}], got {h.dtype} {list(h.shape)}")
+            raise ServiceError(
+                "INVALID_ARGUMENT", f"h must be float [batch, seq, {hidden}], got {h.dtype} {list(h.shape)}"
+            )
         b, sq = h.shape[:2]
         if b == 0 or sq == 0:
             raise ServiceError("INVALID_ARGUMENT", "empty batch")
         if sq > self.cfg.data.max_seq_len:
             raise ServiceError("INVALID_ARGUMENT", f"sequence length {sq} > max_seq_len {self.cfg.data.max_seq_len}")
         if mask.shape != (b, sq) or not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
-            raise ServiceError("INVALID_ARGUMENT", f"attention_mask must be 0/1 integers of shape [{b}, {sq}], "
-                                                   f"got {mask.dtype} {list(mask.shape)}")
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"attention_mask must be 0/1 integers of shape [{b}, {sq}], got {mask.dtype} {list(mask.shape)}",
+            )
         if not (mask.sum(axis=1) > 0).all():
             raise ServiceError("INVALID_ARGUMENT", "attention_mask has a row with no tokens")
         if self.cfg.model.task == "seq-cls":
             if labels.shape != (b,) or not np.issubdtype(labels.dtype, np.integer):
-                raise ServiceError("INVALID_ARGUMENT", f"labels must be integers of shape [{b}], got {labels.dtype} "
-                                                       f"{list(labels.shape)}")
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"labels must be integers of shape [{b}], got {labels.dtype} {list(labels.shape)}",
+                )
             if labels.min() < 0 or labels.max() >= self.cfg.model.num_labels:
                 raise ServiceError("INVALID_ARGUMENT", f"labels must be in [0, {self.cfg.model.num_labels})")
         else:
             if labels.shape != (b, sq) or not np.issubdtype(labels.dtype, np.integer):
-                raise ServiceError("INVALID_ARGUMENT", f"labels must be integers of shape [{b}, {sq}], got "
-                                                       f"{labels.dtype} {list(labels.shape)}")
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"labels must be integers of shape [{b}, {sq}], got {labels.dtype} {list(labels.shape)}",
+                )
             vocab = int(self.split.peft_model.config.vocab_size)
             if not ((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab))).all():
                 raise ServiceError("INVALID_ARGUMENT", f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX}")
@@ -545,8 +677,13 @@ class SplitServer:
                 return
             exact = self.trainer.restore_slot(self._slot_of(old), old.round_mark[r], n)
             old.round_steps.pop(r, None)
-            log.warning("client %s rejoined during round %d: its %d server steps of that round rolled back (%s)",
-                        old.client_id, r, n, "exactly" if exact else "step count; the shared adapter keeps them")
+            log.warning(
+                "client %s rejoined during round %d: its %d server steps of that round rolled back (%s)",
+                old.client_id,
+                r,
+                n,
+                "exactly" if exact else "step count; the shared adapter keeps them",
+            )
 
     def eval_step(self, s: Session, tensors: dict):
         h, mask, labels = self._check_batch(tensors)
@@ -569,8 +706,10 @@ class SplitServer:
             else:
                 ok = v.shape == want
             if not ok:
-                raise ServiceError("INVALID_ARGUMENT", f"factor {k!r} has shape {list(v.shape)}, expected "
-                                                       f"{list(want)} (rank <= {rank})")
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"factor {k!r} has shape {list(v.shape)}, expected {list(want)} (rank <= {rank})",
+                )
             factors[k] = checked_float32(f"factor {k!r}", v, self.cfg.server.security.max_abs_value)
 
     def push_adapter(self, s: Session, round_idx: int, factors: dict, num_samples: float, metrics: dict):
@@ -578,13 +717,17 @@ class SplitServer:
         server assigned, never the client's `num_samples` (a claim of 2^64-1 would take all the weight)."""
         self._live(s)
         if round_idx not in s.last_step:
-            why = ("was restarted (server resumed from a checkpoint): train it again" if s.resumed else
-                   "has no training step of this client yet: train")
+            why = (
+                "was restarted (server resumed from a checkpoint): train it again"
+                if s.resumed
+                else "has no training step of this client yet: train"
+            )
             raise ServiceError("FAILED_PRECONDITION", f"round {round_idx} {why} before pushing")
         self._check_factors(s, factors)
         if num_samples != s.num_samples:
-            log.debug("client %s claims %s samples; weighting by its shard's %d", s.client_id, num_samples,
-                      s.num_samples)
+            log.debug(
+                "client %s claims %s samples; weighting by its shard's %d", s.client_id, num_samples, s.num_samples
+            )
         weight = float(s.num_samples)
         if self.checkpointer is None:
             return self.rounds.submit(s.client_id, round_idx, factors, weight, metrics)
@@ -609,10 +752,14 @@ class SplitServer:
         """After aggregation: update top adapters (sfl-v1), evaluate the global model, log the round."""
         t0 = time.perf_counter()
         if self.top_strategy is not None and rec.reported:
-            from server.aggregation.base import ClientUpdate
+            from splitwave.server.aggregation.base import ClientUpdate
 
-            ups = [ClientUpdate(c, self.trainer.factors(c), self.shard_indices(self.by_client[c]).size
-                                if c in self.by_client else 1) for c in rec.reported]
+            ups = [
+                ClientUpdate(
+                    c, self.trainer.factors(c), self.shard_indices(self.by_client[c]).size if c in self.by_client else 1
+                )
+                for c in rec.reported
+            ]
             try:
                 res = self.top_strategy.aggregate(rec.round_idx, ups)
             except ValueError as err:  # e.g. a non-finite aggregate: every client keeps its top adapter
@@ -630,9 +777,17 @@ class SplitServer:
             self._fold_base_deltas(rec.result.base_deltas)
         if rec.round_idx + 1 >= self.cfg.rounds.num_rounds:
             self.write_final()
-        line = {"round": rec.round_idx, "time": time.time(), "selected": rec.selected, "reported": rec.reported,
-                "late": rec.late, "round_wall_s": rec.closed_at - rec.opened_at, **out,
-                "aggregation": rec.result.metrics if rec.result is not None else {}, "clients": rec.client_metrics}
+        line = {
+            "round": rec.round_idx,
+            "time": time.time(),
+            "selected": rec.selected,
+            "reported": rec.reported,
+            "late": rec.late,
+            "round_wall_s": rec.closed_at - rec.opened_at,
+            **out,
+            "aggregation": rec.result.metrics if rec.result is not None else {},
+            "clients": rec.client_metrics,
+        }
         if rec.round_idx == 0 and self.pre_eval is not None:
             line["pre_eval"] = self.pre_eval  # in the line only: `out` goes to the clients as numbers
         if rec.refused:
@@ -642,13 +797,16 @@ class SplitServer:
             line["bytes"] = {f"{c}|{d}|{m}": n for (c, d, m), n in self.meter.snapshot().items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(line) + "\n")
-        log.info("round %d closed: %s", rec.round_idx,
-                 ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float)))
+        log.info(
+            "round %d closed: %s",
+            rec.round_idx,
+            ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float)),
+        )
         return out
 
     def _fold_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
         """FedEx-LoRA / FLoRA residuals: keep the running sum and fold it into the server's copy of the edge."""
-        from server.adapter_export import apply_to_split
+        from splitwave.server.adapter_export import apply_to_split
 
         for m, d in deltas.items():
             self.base_deltas_total[m] = self.base_deltas_total.get(m, 0) + np.asarray(d, np.float32)
@@ -662,18 +820,21 @@ class SplitServer:
 
     def write_final(self) -> Path:
         """Final global adapters of the run (edge + top), readable by `splitwave export-adapter`."""
-        from server.adapter_export import write_final
+        from splitwave.server.adapter_export import write_final
 
-        return write_final(self.run_dir, self.cfg, self.global_edge_factors(), self.final_top_factors(),
-                           self.base_deltas_total)
+        return write_final(
+            self.run_dir, self.cfg, self.global_edge_factors(), self.final_top_factors(), self.base_deltas_total
+        )
 
     def global_edge_factors(self) -> dict[str, np.ndarray]:
         g = self.strategy.global_output()
         if g is None:  # per-client views (FlexLoRA, HetLoRA, ...): evaluate the view at the model's own rank
             g = self.strategy.client_view("__eval__", self.cfg.lora.r)
         if not g:  # FLoRA: everything was merged into the base weights; the fresh adapters add nothing (B = 0)
-            g = {k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v)
-                 for k, v in self.split.edge_factors().items()}
+            g = {
+                k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v)
+                for k, v in self.split.edge_factors().items()
+            }
         return g
 
     def _timed_eval(self) -> dict[str, float]:

@@ -13,16 +13,18 @@ itself keeps serving. Steps are validated before they get here, so one client's 
 group; a step that passes validation and still makes the loss or gradients non-finite is refused on its
 own: `run` returns a `ServiceError` in that participant's place and the others get their results.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from server.errors import ServiceError
+from splitwave.server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,11 @@ class StepBatcher:
         """How many client steps went into how many server steps, and the histogram of fused sizes."""
         with self._lock:
             sizes = dict(sorted(self.sizes.items()))
-        return {"client_steps": sum(k * v for k, v in sizes.items()), "server_steps": sum(sizes.values()),
-                "sizes": sizes}
+        return {
+            "client_steps": sum(k * v for k, v in sizes.items()),
+            "server_steps": sum(sizes.values()),
+            "sizes": sizes,
+        }
 
     # -- leader --------------------------------------------------------------------------------------------
     def _pick(self) -> list[_Pending]:
@@ -119,8 +124,9 @@ class StepBatcher:
             error = e
         except Exception as e:  # noqa: BLE001 - becomes every participant's error; the batcher serves on
             log.exception("fused server step of %d client(s) %s failed", len(group), [p.client_id for p in group])
-            error = ServiceError("INTERNAL", f"server step (fused with {len(group)} client step(s)) failed: "
-                                             f"{type(e).__name__}: {e}")
+            error = ServiceError(
+                "INTERNAL", f"server step (fused with {len(group)} client step(s)) failed: {type(e).__name__}: {e}"
+            )
         finally:
             with self._lock:
                 for i, p in enumerate(group):
@@ -139,12 +145,18 @@ class StepBatcher:
 
     def _log(self, group: list[_Pending], seconds: float) -> None:
         """(lock held) One DEBUG line per server step; an INFO summary every SUMMARY_EVERY_S seconds."""
-        log.debug("server step fused %d client step(s) %s in %.1f ms", len(group), [p.client_id for p in group],
-                  seconds * 1e3)
+        log.debug(
+            "server step fused %d client step(s) %s in %.1f ms", len(group), [p.client_id for p in group], seconds * 1e3
+        )
         now = time.monotonic()
         if now - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = now
             n_server = sum(self.sizes.values())
             n_client = sum(k * v for k, v in self.sizes.items())
-            log.info("server batching: %d client steps in %d server steps (%.2f per step; sizes %s)", n_client,
-                     n_server, n_client / max(n_server, 1), dict(sorted(self.sizes.items())))
+            log.info(
+                "server batching: %d client steps in %d server steps (%.2f per step; sizes %s)",
+                n_client,
+                n_server,
+                n_client / max(n_server, 1),
+                dict(sorted(self.sizes.items())),
+            )

@@ -14,6 +14,7 @@ reader sees either the old or the new version, never half of one:
   the round metrics so far. The folder is built under a temporary name and renamed in one step; `LATEST`
   names the newest complete one. Older folders beyond `keep` are removed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.aggregation.state_io import load_state, save_state
+from splitwave.server.aggregation.state_io import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ def token_digest(token: str) -> str:
 
 def config_digest(cfg) -> str:
     """What a checkpoint's state depends on (not: server address, security, round count, output paths)."""
-    keep = cfg.model_dump(mode="json", include={"seed", "num_clients", "model", "lora", "data", "training",
-                                                "aggregation"})
+    keep = cfg.model_dump(
+        mode="json", include={"seed", "num_clients", "model", "lora", "data", "training", "aggregation"}
+    )
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -90,14 +92,23 @@ class Checkpointer:
     def _pending_path(self, round_idx: int, client_id: str) -> Path:
         return self.dir / "pending" / f"r{round_idx:06d}-{client_id}.pt"
 
-    def save_pending(self, round_idx: int, client_id: str, factors: dict, num_samples: float, metrics: dict,
-                     top_slot: dict | None) -> None:
+    def save_pending(
+        self, round_idx: int, client_id: str, factors: dict, num_samples: float, metrics: dict, top_slot: dict | None
+    ) -> None:
         path = self._pending_path(round_idx, client_id)
         path.parent.mkdir(exist_ok=True)
         buf = io.BytesIO()
-        torch.save({"round": round_idx, "client": client_id, "num_samples": float(num_samples),
-                    "metrics": dict(metrics), "top_slot": top_slot,
-                    "factors": {k: np.asarray(v) for k, v in factors.items()}}, buf)
+        torch.save(
+            {
+                "round": round_idx,
+                "client": client_id,
+                "num_samples": float(num_samples),
+                "metrics": dict(metrics),
+                "top_slot": top_slot,
+                "factors": {k: np.asarray(v) for k, v in factors.items()},
+            },
+            buf,
+        )
         _atomic_write(path, buf.getvalue())
 
     def drop_pending(self, round_idx: int, client_id: str) -> None:
@@ -121,8 +132,17 @@ class Checkpointer:
                 pass
 
     # -- rounds --------------------------------------------------------------------------------------------
-    def save_round(self, next_round: int, *, strategy, top_strategy, trainer_state: dict, base_deltas: dict,
-                   last_metrics: dict, metrics_file: Path | None) -> Path:
+    def save_round(
+        self,
+        next_round: int,
+        *,
+        strategy,
+        top_strategy,
+        trainer_state: dict,
+        base_deltas: dict,
+        last_metrics: dict,
+        metrics_file: Path | None,
+    ) -> Path:
         final = self.dir / f"round-{next_round:06d}"
         tmp = self.dir / f".tmp-round-{next_round:06d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -130,12 +150,15 @@ class Checkpointer:
         if top_strategy is not None:
             save_state(top_strategy, tmp / "top_strategy.npz")
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save({"trainer": trainer_state, "rng": rng,
-                    "base_deltas": {k: np.asarray(v) for k, v in base_deltas.items()}}, tmp / "trainer.pt")
+        torch.save(
+            {"trainer": trainer_state, "rng": rng, "base_deltas": {k: np.asarray(v) for k, v in base_deltas.items()}},
+            tmp / "trainer.pt",
+        )
         if metrics_file is not None and metrics_file.exists():
             shutil.copyfile(metrics_file, tmp / "server_metrics.jsonl")
-        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "next_round": next_round,
-                                                    "last_metrics": last_metrics}, default=float))
+        (tmp / "state.json").write_text(
+            json.dumps({"format": FORMAT, "next_round": next_round, "last_metrics": last_metrics}, default=float)
+        )
         for p in tmp.iterdir():  # the folder is complete on disk before it gets its real name
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -149,7 +172,7 @@ class Checkpointer:
 
     def _prune(self, newest: Path) -> None:
         rounds = sorted(p for p in self.dir.glob("round-*") if p.is_dir())
-        for p in rounds[:-self.keep]:
+        for p in rounds[: -self.keep]:
             if p != newest:
                 shutil.rmtree(p, ignore_errors=True)
         for p in self.dir.glob(".tmp-round-*"):  # left by a crash while writing
@@ -166,8 +189,10 @@ class Checkpointer:
         if reg.get("format") != FORMAT:
             raise ValueError(f"{reg_path}: unknown checkpoint format {reg.get('format')!r}")
         if config_sha256 and reg.get("config_sha256") and reg["config_sha256"] != config_sha256:
-            raise ValueError(f"{self.dir} holds the checkpoint of a run with another config; use a new "
-                             f"server.checkpoint_dir (or the original config) to go on")
+            raise ValueError(
+                f"{self.dir} holds the checkpoint of a run with another config; use a new "
+                f"server.checkpoint_dir (or the original config) to go on"
+            )
         out = Restored(run_id=reg["run_id"], clients=reg["clients"])
         latest = self.dir / LATEST
         if latest.exists():

@@ -8,11 +8,13 @@ took 85 ms when only one thread had ever run torch and 107-113 ms, on any thread
 in benchmarks/split_throughput.py the server's step went from 79.1 to 71.7-73.1 ms. Funnelling the work
 through one thread also gives the arrival-order serialization the trainer wants.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

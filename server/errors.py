@@ -1,4 +1,5 @@
 """The one error type of the server's plain logic: a refusal with the gRPC status that should answer it."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ One definition for training and evaluation: a batch contributes the (correct, co
 Causal LM: next-token accuracy over the labelled positions and mean loss per labelled token, so
 perplexity = exp(loss) and the figures do not depend on how the rows are batched.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from server.trainer import _accuracy
+from splitwave.server.trainer import _accuracy
 
 #: floats of logits per evaluation batch (64 MiB): a causal LM's [rows, seq, vocab] logits grow fast
 LOGITS_BUDGET = 1 << 24

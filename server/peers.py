@@ -21,6 +21,7 @@ ends; the client sees CANCELLED, which edges retry). Not covered: a unary call w
 arrives waits in gRPC itself before any handler runs (bounded by the pool's `maximum_concurrent_rpcs`); keep
 a proxy with per-address connection limits in front of a public server (docs/security.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ import threading
 import time
 from collections import Counter
 
-from server.errors import ServiceError
+from splitwave.server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def peer_address(peer: str) -> str:
     """The host part of a gRPC peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678", "unix:...")."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv6" and rest.startswith("["):
-        return rest[1:rest.find("]")] if "]" in rest else rest
+        return rest[1 : rest.find("]")] if "]" in rest else rest
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     return peer
@@ -119,8 +120,10 @@ class CallGuard:
         with self._lock:
             n = sum(1 for x in self._calls if x.client == client_id and not x.closed)
             if n >= self.limits.max_calls_per_client:
-                raise ServiceError("RESOURCE_EXHAUSTED", f"client {client_id!r} has {n} calls open (at most "
-                                                         f"{self.limits.max_calls_per_client} at once)")
+                raise ServiceError(
+                    "RESOURCE_EXHAUSTED",
+                    f"client {client_id!r} has {n} calls open (at most {self.limits.max_calls_per_client} at once)",
+                )
             c.client = client_id
         c.busy()
 

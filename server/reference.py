@@ -5,22 +5,24 @@
 (each client a full copy of the LoRA model and its own AdamW, FedAvg of edge and top adapters weighted by
 sample counts) computed in one process with torch only.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from edge.data import Batcher
-from edge.shard import build_token_dataset, partition, round_batch
-from server.app import build_split, data_spec, tokenizer_source
-from server.trainer import trainable_parameters
+from splitwave.common.data import Batcher
+from splitwave.common.shard import build_token_dataset, partition, round_batch
+from splitwave.server.app import build_split, data_spec, tokenizer_source
+from splitwave.server.trainer import trainable_parameters
 
 
 def _data(cfg, split):
     spec = data_spec(cfg, "train", int(split.peft_model.config.vocab_size))
     data = build_token_dataset(spec, tokenizer_source(cfg))
-    shards = partition(data, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed,
-                       min_size=cfg.training.batch_size)
+    shards = partition(
+        data, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed, min_size=cfg.training.batch_size
+    )
     return data, shards
 
 

@@ -6,6 +6,7 @@ when every selected client has pushed or at its deadline (late clients are left 
 later round), and then calls the strategy. `sl` (vanilla split learning) is the special case of one client
 per round, round robin, whose adapter is handed on to the next client.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,13 +14,13 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from server.aggregation.base import AggregateResult, ClientDirective, ClientUpdate, Strategy
-from server.errors import ServiceError
+from splitwave.server.aggregation.base import AggregateResult, ClientDirective, ClientUpdate, Strategy
+from splitwave.server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,18 @@ HISTORY_KEEP = 64  # closed rounds kept in memory (server_metrics.jsonl has them
 def check_metrics(metrics: dict, max_entries: int, max_name_bytes: int) -> dict[str, float]:
     """A client-sent metrics map, refused when it is larger than the server keeps (it is logged every round)."""
     if len(metrics) > max_entries:
-        raise ServiceError("INVALID_ARGUMENT", f"metrics map has {len(metrics)} entries; at most {max_entries} "
-                                               f"are accepted (server.security.max_metrics_entries)")
+        raise ServiceError(
+            "INVALID_ARGUMENT",
+            f"metrics map has {len(metrics)} entries; at most {max_entries} "
+            f"are accepted (server.security.max_metrics_entries)",
+        )
     long = [k for k in metrics if len(str(k).encode()) > max_name_bytes]
     if long:
-        raise ServiceError("INVALID_ARGUMENT", f"metric name {str(long[0])[:32]!r}... is longer than "
-                                               f"{max_name_bytes} bytes (server.security.max_metric_name_bytes)")
+        raise ServiceError(
+            "INVALID_ARGUMENT",
+            f"metric name {str(long[0])[:32]!r}... is longer than "
+            f"{max_name_bytes} bytes (server.security.max_metric_name_bytes)",
+        )
     return {str(k): float(v) for k, v in metrics.items()}
 
 
@@ -71,14 +78,26 @@ class RoundRecord:
 
 
 class RoundManager:
-    def __init__(self, strategy: Strategy, *, num_rounds: int, expected_clients: int, fraction: float = 1.0,
-                 min_clients: int = 1, deadline_s: float = 600.0, join_timeout_s: float | None = None,
-                 sequential: bool = False, seed: int = 0,
-                 on_close: Callable[[RoundRecord], dict[str, float] | None] | None = None,
-                 start_round: int = 0, registered: list[str] | None = None,
-                 on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
-                 last_metrics: dict[str, float] | None = None, max_metrics_entries: int = 64,
-                 max_metric_name_bytes: int = 64):
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        num_rounds: int,
+        expected_clients: int,
+        fraction: float = 1.0,
+        min_clients: int = 1,
+        deadline_s: float = 600.0,
+        join_timeout_s: float | None = None,
+        sequential: bool = False,
+        seed: int = 0,
+        on_close: Callable[[RoundRecord], dict[str, float] | None] | None = None,
+        start_round: int = 0,
+        registered: list[str] | None = None,
+        on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
+        last_metrics: dict[str, float] | None = None,
+        max_metrics_entries: int = 64,
+        max_metric_name_bytes: int = 64,
+    ):
         self.strategy = strategy
         self.num_rounds = num_rounds
         self.expected_clients = expected_clients
@@ -134,26 +153,42 @@ class RoundManager:
             self._cv.notify_all()
 
     # -- what clients ask ----------------------------------------------------------------------------------
-    def wait_assignment(self, client_id: str, min_round: int, timeout: float | None = None,
-                        alive: Callable[[], bool] | None = None) -> Assignment | None:
+    def wait_assignment(
+        self, client_id: str, min_round: int, timeout: float | None = None, alive: Callable[[], bool] | None = None
+    ) -> Assignment | None:
         """Block until an open round >= min_round selects `client_id` (or the run stops); None on timeout or
         when `alive()` turns false (the caller went away: its thread must not stay parked here)."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
                 if self.shutting_down:
-                    raise ServiceError("UNAVAILABLE", "the server is shutting down; retry (it resumes from its "
-                                                      "checkpoint)")
+                    raise ServiceError(
+                        "UNAVAILABLE", "the server is shutting down; retry (it resumes from its checkpoint)"
+                    )
                 if client_id not in self.registered:
                     raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} is not registered")
                 redo = self.redo_round is not None and self.round_idx == self.redo_round == min_round - 1
-                if (self.is_open and (self.round_idx >= min_round or redo) and client_id in self.selected
-                        and client_id not in self.reports):
-                    return Assignment(self.round_idx, self.directives[client_id], metrics=dict(self.last_metrics),
-                                      closed_round=self.round_idx - 1)
+                if (
+                    self.is_open
+                    and (self.round_idx >= min_round or redo)
+                    and client_id in self.selected
+                    and client_id not in self.reports
+                ):
+                    return Assignment(
+                        self.round_idx,
+                        self.directives[client_id],
+                        metrics=dict(self.last_metrics),
+                        closed_round=self.round_idx - 1,
+                    )
                 if self.stopped:
-                    return Assignment(self.round_idx, None, stop=True, stop_reason=self.stop_reason,
-                                      metrics=dict(self.last_metrics), closed_round=self.round_idx - 1)
+                    return Assignment(
+                        self.round_idx,
+                        None,
+                        stop=True,
+                        stop_reason=self.stop_reason,
+                        metrics=dict(self.last_metrics),
+                        closed_round=self.round_idx - 1,
+                    )
                 left = None if end is None else end - time.monotonic()
                 if (left is not None and left <= 0) or (alive is not None and not alive()):
                     return None
@@ -167,16 +202,23 @@ class RoundManager:
             if self.stopped:
                 raise ServiceError("FAILED_PRECONDITION", "training is over")
             if not self.is_open or round_idx != self.round_idx:
-                raise ServiceError("FAILED_PRECONDITION",
-                                 f"round {round_idx} is not open (open round: "
-                                 f"{self.round_idx if self.is_open else 'none'})")
+                raise ServiceError(
+                    "FAILED_PRECONDITION",
+                    f"round {round_idx} is not open (open round: {self.round_idx if self.is_open else 'none'})",
+                )
             if client_id not in self.selected:
                 raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} is not selected for round {round_idx}")
             if client_id in self.reports:
                 raise ServiceError("FAILED_PRECONDITION", f"client {client_id!r} already pushed round {round_idx}")
 
-    def submit(self, client_id: str, round_idx: int, factors: dict[str, np.ndarray], num_samples: float,
-               metrics: dict[str, float] | None = None) -> tuple[int, int]:
+    def submit(
+        self,
+        client_id: str,
+        round_idx: int,
+        factors: dict[str, np.ndarray],
+        num_samples: float,
+        metrics: dict[str, float] | None = None,
+    ) -> tuple[int, int]:
         """Accept a client's adapter for the open round; returns (reported, expected)."""
         with self._cv:
             self.check_training(client_id, round_idx)
@@ -186,9 +228,10 @@ class RoundManager:
             expected = set(self.directives[client_id].upload_keys)
             if set(factors) != expected:
                 missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
-                raise ServiceError("INVALID_ARGUMENT",
-                                 f"adapter keys do not match the round's upload list: missing {missing[:3]}, "
-                                 f"unexpected {extra[:3]}")
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"adapter keys do not match the round's upload list: missing {missing[:3]}, unexpected {extra[:3]}",
+                )
             self.reports[client_id] = _Report(factors, float(num_samples), metrics)
             reported, want = len(self.reports), len(self.selected)
             self._maybe_close()
@@ -209,7 +252,11 @@ class RoundManager:
             return
         enough = len(self.registered) >= self.expected_clients
         waited = self._first_join is not None and time.monotonic() - self._first_join >= self.join_timeout_s
-        if self.round_idx == 0 and not self.history and not (enough or (waited and len(self.registered) >= self.min_clients)):
+        if (
+            self.round_idx == 0
+            and not self.history
+            and not (enough or (waited and len(self.registered) >= self.min_clients))
+        ):
             return
         if len(self.registered) < self.min_clients:
             return
@@ -244,10 +291,23 @@ class RoundManager:
                 result = self.strategy.aggregate(self.round_idx, updates)
         except Exception as err:  # a bad aggregate must not kill the server: keep the previous adapter
             refused = f"{type(err).__name__}: {err}"
-            log.error("round %d: aggregate refused, the previous global adapter stays: %s", self.round_idx, refused,
-                      exc_info=not isinstance(err, ValueError))
-        record = RoundRecord(self.round_idx, list(self.selected), sorted(self.reports), late, self.opened_at,
-                             time.monotonic(), result, {c: r.metrics for c, r in self.reports.items()}, refused)
+            log.error(
+                "round %d: aggregate refused, the previous global adapter stays: %s",
+                self.round_idx,
+                refused,
+                exc_info=not isinstance(err, ValueError),
+            )
+        record = RoundRecord(
+            self.round_idx,
+            list(self.selected),
+            sorted(self.reports),
+            late,
+            self.opened_at,
+            time.monotonic(),
+            result,
+            {c: r.metrics for c, r in self.reports.items()},
+            refused,
+        )
         if late:
             log.warning("round %d closed without %s (deadline)", self.round_idx, ", ".join(late))
         extra = None
@@ -256,8 +316,11 @@ class RoundManager:
                 extra = self.on_close(record)
             except Exception:
                 log.exception("round %d: on_close hook failed", self.round_idx)
-        self.last_metrics = (dict(result.metrics if result else {}) | dict(extra or {})
-                             | ({"aggregate_refused": 1.0} if record.refused else {}))
+        self.last_metrics = (
+            dict(result.metrics if result else {})
+            | dict(extra or {})
+            | ({"aggregate_refused": 1.0} if record.refused else {})
+        )
         self.history.append(record)
         self.round_idx += 1
         self._closing = False

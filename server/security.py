@@ -3,6 +3,7 @@
 Plain TCP only when the config says `insecure: true`, and then with a warning, so that nobody runs an
 unencrypted federated server by accident.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ def server_credentials(sec) -> grpc.ServerCredentials | None:
         raise ValueError("server.security: TLS needs server_cert and server_key (or insecure: true)")
     key, cert = Path(sec.server_key).read_bytes(), Path(sec.server_cert).read_bytes()
     if sec.client_ca:
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=Path(sec.client_ca).read_bytes(),
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=Path(sec.client_ca).read_bytes(), require_client_auth=True
+        )
     return grpc.ssl_server_credentials([(key, cert)])

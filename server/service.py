@@ -3,6 +3,7 @@
 Every failure becomes a gRPC status with a message that names the problem; the servicer never lets an
 exception from one client's request touch another client's state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,13 +23,13 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
-from protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
-from protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
-from server.app import PROTOCOL_VERSION, Session, SplitServer
-from server.errors import ServiceError
-from server.peers import CallGuard
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
+from splitwave.protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
+from splitwave.server.app import PROTOCOL_VERSION, Session, SplitServer
+from splitwave.server.errors import ServiceError
+from splitwave.server.peers import CallGuard
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +67,32 @@ def check_capabilities(caps, codec_up: str, codec_down: str) -> None:
     """What the proto requires of `Capabilities`, checked before anything else of a Join: unset or unknown
     values are refused naming the accepted ones, never guessed."""
     if caps.protocol_version == 0:
-        raise ServiceError("INVALID_ARGUMENT", f"capabilities.protocol_version is unset (0); this server speaks "
-                                               f"version {PROTOCOL_VERSION}")
+        raise ServiceError(
+            "INVALID_ARGUMENT",
+            f"capabilities.protocol_version is unset (0); this server speaks version {PROTOCOL_VERSION}",
+        )
     if caps.protocol_version != PROTOCOL_VERSION:
-        raise ServiceError("FAILED_PRECONDITION", f"protocol version {caps.protocol_version} unsupported "
-                                                  f"(server speaks {PROTOCOL_VERSION})")
+        raise ServiceError(
+            "FAILED_PRECONDITION",
+            f"protocol version {caps.protocol_version} unsupported (server speaks {PROTOCOL_VERSION})",
+        )
     if caps.backend not in BACKENDS:
-        raise ServiceError("INVALID_ARGUMENT", f"capabilities.backend {caps.backend[:64]!r} unknown; expected one "
-                                               f"of {list(BACKENDS)}")
+        raise ServiceError(
+            "INVALID_ARGUMENT", f"capabilities.backend {caps.backend[:64]!r} unknown; expected one of {list(BACKENDS)}"
+        )
     unknown = sorted(set(caps.codecs) - set(CODECS)) or sorted(set(caps.training_modes) - set(TRAINING_MODES))
     if unknown:
-        raise ServiceError("INVALID_ARGUMENT", f"capabilities name unknown codecs/training modes {unknown[:3]}; "
-                                               f"codecs are {list(CODECS)}, training modes {list(TRAINING_MODES)}")
+        raise ServiceError(
+            "INVALID_ARGUMENT",
+            f"capabilities name unknown codecs/training modes {unknown[:3]}; "
+            f"codecs are {list(CODECS)}, training modes {list(TRAINING_MODES)}",
+        )
     need = sorted({codec_up, codec_down} - set(caps.codecs) - {"raw"})
     if need:  # an empty list means "raw only"
-        raise ServiceError("FAILED_PRECONDITION", f"this run needs codecs {need}, which the client does not "
-                                                  f"declare in capabilities.codecs")
+        raise ServiceError(
+            "FAILED_PRECONDITION",
+            f"this run needs codecs {need}, which the client does not declare in capabilities.codecs",
+        )
 
 
 def _codec_spec(name: str, fraction: float) -> pb.CodecSpec:
@@ -120,12 +131,16 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     def limits_message(self) -> pb.Limits:
         """The limits a client is told at Join (what exceeding them is answered with: see the proto)."""
         cfg = self.app.cfg
-        return pb.Limits(max_frame_bytes=MAX_FRAME_BYTES, min_frame_bytes=self.limits.min_frame_bytes,
-                         # what a step or an adapter upload may decode to (each <= server.max_tensor_bytes)
-                         max_tensor_bytes=max(self.step_bytes, self.adapter_bytes), max_message_bytes=MAX_MESSAGE_BYTES,
-                         # set by the metrics-cap and value-bound guards where the config has them (0: none)
-                         max_metrics_entries=cfg.server.security.max_metrics_entries,
-                         max_abs_value=cfg.server.security.max_abs_value)
+        return pb.Limits(
+            max_frame_bytes=MAX_FRAME_BYTES,
+            min_frame_bytes=self.limits.min_frame_bytes,
+            # what a step or an adapter upload may decode to (each <= server.max_tensor_bytes)
+            max_tensor_bytes=max(self.step_bytes, self.adapter_bytes),
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            # set by the metrics-cap and value-bound guards where the config has them (0: none)
+            max_metrics_entries=cfg.server.security.max_metrics_entries,
+            max_abs_value=cfg.server.security.max_abs_value,
+        )
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _session(self, header, context, call=None) -> Session:
@@ -158,9 +173,13 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         if frame.frame_index + 1 < frame.frame_count:
             size = len(frame.payload) + len(frame.scales) + len(frame.indices)
             if size < self.limits.min_frame_bytes:
-                _abort(context, "INVALID_ARGUMENT", f"frame {frame.frame_index} of tensor {frame.name[:64]!r} "
-                                                    f"carries {size} bytes; frames other than a tensor's last "
-                                                    f"must carry at least {self.limits.min_frame_bytes}")
+                _abort(
+                    context,
+                    "INVALID_ARGUMENT",
+                    f"frame {frame.frame_index} of tensor {frame.name[:64]!r} "
+                    f"carries {size} bytes; frames other than a tensor's last "
+                    f"must carry at least {self.limits.min_frame_bytes}",
+                )
         try:
             asm.add(frame)
         except CodecError as e:
@@ -182,26 +201,64 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             _abort(context, "UNAVAILABLE", "the server is shutting down; retry")
         caps = request.capabilities
         self._guard(context, check_capabilities, caps, self.app.cfg.training.codec_up, self.app.cfg.training.codec_down)
-        s, current, resume = self._guard(context, self.app.join, request.client_name, request.enrollment_secret,
-                                         caps.backend, list(caps.codecs), list(caps.training_modes),
-                                         caps.protocol_version, peer_identity(context), request.resume_secret,
-                                         peer_names(context))
+        s, current, resume = self._guard(
+            context,
+            self.app.join,
+            request.client_name,
+            request.enrollment_secret,
+            caps.backend,
+            list(caps.codecs),
+            list(caps.training_modes),
+            caps.protocol_version,
+            peer_identity(context),
+            request.resume_secret,
+            peer_names(context),
+        )
         cfg, tr = self.app.cfg, self.app.cfg.training
         idx = self.app.shard_indices(s)
-        shard = pb.DataShard(dataset=cfg.data.dataset, split=self.app.train_spec["split"], shard_index=s.shard_index,
-                             num_shards=len(self.app.shards), partition=cfg.data.partition,
-                             dirichlet_alpha=cfg.data.dirichlet_alpha, seed=cfg.seed, indices=idx.tolist(),
-                             num_samples=len(idx), spec_json=json.dumps(self.app.train_spec))
+        shard = pb.DataShard(
+            dataset=cfg.data.dataset,
+            split=self.app.train_spec["split"],
+            shard_index=s.shard_index,
+            num_shards=len(self.app.shards),
+            partition=cfg.data.partition,
+            dirichlet_alpha=cfg.data.dirichlet_alpha,
+            seed=cfg.seed,
+            indices=idx.tolist(),
+            num_samples=len(idx),
+            spec_json=json.dumps(self.app.train_spec),
+        )
         run = pb.RunConfig(
-            learning_mode=tr.mode, codec_up=_codec_spec(tr.codec_up, tr.topk_fraction), codec_down=self.codec_down,
-            batch_size=tr.batch_size, local_steps=tr.local_steps,
-            optimizer=pb.OptimizerConfig(lr=tr.optim.lr, beta1=tr.optim.betas[0], beta2=tr.optim.betas[1],
-                                         eps=tr.optim.eps, weight_decay=tr.optim.weight_decay),
-            seed=cfg.seed, max_seq_len=cfg.data.max_seq_len, shard=shard, training_mode=tr.edge_mode,
-            lora_rank=cfg.lora.r, num_rounds=cfg.rounds.num_rounds)
-        return pb.JoinReply(client_id=s.client_id, session_token=s.token, run_id=self.app.run_id, config=run,
-                            manifest_json=json.dumps(self.app.manifest), bundle_hash=self.app.bundle_hash,
-                            current_round=current, resume_secret=resume, limits=self.limits_message())
+            learning_mode=tr.mode,
+            codec_up=_codec_spec(tr.codec_up, tr.topk_fraction),
+            codec_down=self.codec_down,
+            batch_size=tr.batch_size,
+            local_steps=tr.local_steps,
+            optimizer=pb.OptimizerConfig(
+                lr=tr.optim.lr,
+                beta1=tr.optim.betas[0],
+                beta2=tr.optim.betas[1],
+                eps=tr.optim.eps,
+                weight_decay=tr.optim.weight_decay,
+            ),
+            seed=cfg.seed,
+            max_seq_len=cfg.data.max_seq_len,
+            shard=shard,
+            training_mode=tr.edge_mode,
+            lora_rank=cfg.lora.r,
+            num_rounds=cfg.rounds.num_rounds,
+        )
+        return pb.JoinReply(
+            client_id=s.client_id,
+            session_token=s.token,
+            run_id=self.app.run_id,
+            config=run,
+            manifest_json=json.dumps(self.app.manifest),
+            bundle_hash=self.app.bundle_hash,
+            current_round=current,
+            resume_secret=resume,
+            limits=self.limits_message(),
+        )
 
     def GetBundle(self, request, context):
         with self._track("GetBundle", context) as call:
@@ -224,8 +281,15 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 offset = 0
                 while True:
                     data = fh.read(BUNDLE_CHUNK)
-                    yield pb.BundleChunk(file_name=name, offset=offset, total_size=size, sha256=sha, data=data,
-                                         file_index=i, file_count=len(send))
+                    yield pb.BundleChunk(
+                        file_name=name,
+                        offset=offset,
+                        total_size=size,
+                        sha256=sha,
+                        data=data,
+                        file_index=i,
+                        file_count=len(send),
+                    )
                     offset += len(data)
                     if offset >= size:
                         break
@@ -246,13 +310,19 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             if current is None:
                 current = key
             elif key != current:
-                _abort(context, "INVALID_ARGUMENT", f"frames of step {key[1]} (round {key[0]}) arrived before "
-                                                    f"step {current[1]} ended")
+                _abort(
+                    context,
+                    "INVALID_ARGUMENT",
+                    f"frames of step {key[1]} (round {key[0]}) arrived before step {current[1]} ended",
+                )
             which = req.WhichOneof("body")
             if which == "frame":
                 if req.frame.name not in STEP_TENSORS:
-                    _abort(context, "INVALID_ARGUMENT", f"unexpected tensor {req.frame.name[:64]!r} in a step "
-                                                        f"(expected {sorted(STEP_TENSORS)})")
+                    _abort(
+                        context,
+                        "INVALID_ARGUMENT",
+                        f"unexpected tensor {req.frame.name[:64]!r} in a step (expected {sorted(STEP_TENSORS)})",
+                    )
                 self._add_frame(asm, req.frame, context)
                 call.idle()
                 continue
@@ -267,18 +337,28 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             if train:
                 for frame in encode("grad_h", res.grad_h, self.codec_down):
                     yield reply_cls(header=header, frame=frame)
-            yield reply_cls(header=header, end_step=pb.StepResult(
-                loss=res.loss, correct=res.correct, count=res.count,
-                metrics={"server_s": res.compute_s, "server_batch": float(res.server_batch)}))
+            yield reply_cls(
+                header=header,
+                end_step=pb.StepResult(
+                    loss=res.loss,
+                    correct=res.correct,
+                    count=res.count,
+                    metrics={"server_s": res.compute_s, "server_batch": float(res.server_batch)},
+                ),
+            )
             current = None
             call.idle()
         if s is None:
             _abort(context, "INVALID_ARGUMENT", "empty stream: no message carried a session")
         if asm.in_progress or current is not None:
-            log.warning("client %s: stream ended inside step %s; step discarded", s.client_id,
-                        current[1] if current else "?")
-            _abort(context, "INVALID_ARGUMENT", f"stream ended inside step {current[1] if current else '?'} "
-                                                f"(no end_step); the step was discarded")
+            log.warning(
+                "client %s: stream ended inside step %s; step discarded", s.client_id, current[1] if current else "?"
+            )
+            _abort(
+                context,
+                "INVALID_ARGUMENT",
+                f"stream ended inside step {current[1] if current else '?'} (no end_step); the step was discarded",
+            )
 
     def Train(self, request_iterator, context):
         with self._track("Train", context, stream=True) as call:
@@ -310,8 +390,11 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 if req.frame.name not in names:
                     _abort(context, "INVALID_ARGUMENT", f"unknown factor {req.frame.name[:200]!r}")
                 if req.frame.codec not in FACTOR_CODECS:
-                    _abort(context, "INVALID_ARGUMENT", f"factors travel as {list(FACTOR_CODECS)}, not "
-                                                        f"{req.frame.codec[:16]!r}")
+                    _abort(
+                        context,
+                        "INVALID_ARGUMENT",
+                        f"factors travel as {list(FACTOR_CODECS)}, not {req.frame.codec[:16]!r}",
+                    )
                 self._add_frame(asm, req.frame, context)
                 call.idle()
             elif which == "end":
@@ -319,10 +402,21 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 bad = [k for k, v in factors.items() if v.dtype != np.float32]
                 if bad:
                     _abort(context, "INVALID_ARGUMENT", f"factors must be float32: {bad[:3]}")
-                reported, expected = self._guard(context, self.app.push_adapter, s, header.round, factors,
-                                                 float(req.end.num_samples), dict(req.end.metrics))
-                return pb.AdapterReply(header=pb.Header(run_id=self.app.run_id, round=header.round), accepted=True,
-                                       clients_reported=reported, clients_expected=expected)
+                reported, expected = self._guard(
+                    context,
+                    self.app.push_adapter,
+                    s,
+                    header.round,
+                    factors,
+                    float(req.end.num_samples),
+                    dict(req.end.metrics),
+                )
+                return pb.AdapterReply(
+                    header=pb.Header(run_id=self.app.run_id, round=header.round),
+                    accepted=True,
+                    clients_reported=reported,
+                    clients_expected=expected,
+                )
             else:
                 _abort(context, "INVALID_ARGUMENT", "message has neither a frame nor end")
         _abort(context, "INVALID_ARGUMENT", "PushAdapter stream ended without `end`")
@@ -359,12 +453,20 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             trainable = [k for k in names if any(k.endswith(kinds[t]) for t in d.trainable)]
             upload = list(d.upload_keys)
         s.base_version = version
-        yield pb.RoundReply(header=header, directives=pb.RoundDirectives(
-            closed_round=max(a.closed_round, 0), next_round=a.round_idx, trainable_factors=trainable,
-            upload_factors=upload,
-            reinit=bool(d.reinit_lora) if d else False, rank=d.rank if d else 0, stop=a.stop,
-            stop_reason=a.stop_reason, metrics={k: float(v) for k, v in a.metrics.items()
-                                                if isinstance(v, (int, float))}))
+        yield pb.RoundReply(
+            header=header,
+            directives=pb.RoundDirectives(
+                closed_round=max(a.closed_round, 0),
+                next_round=a.round_idx,
+                trainable_factors=trainable,
+                upload_factors=upload,
+                reinit=bool(d.reinit_lora) if d else False,
+                rank=d.rank if d else 0,
+                stop=a.stop,
+                stop_reason=a.stop_reason,
+                metrics={k: float(v) for k, v in a.metrics.items() if isinstance(v, (int, float))},
+            ),
+        )
 
     def Leave(self, request, context):
         with self._track("Leave", context):
@@ -388,6 +490,7 @@ def _with_status(method: str, fn, streaming: bool):
         context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error: {type(e).__name__}: {e}"[:2000])
 
     if streaming:
+
         @functools.wraps(fn)
         def wrapped(self, request, context):
             try:
@@ -396,6 +499,7 @@ def _with_status(method: str, fn, streaming: bool):
                 internal(context, e)
                 raise
     else:
+
         @functools.wraps(fn)
         def wrapped(self, request, context):
             try:
@@ -403,6 +507,7 @@ def _with_status(method: str, fn, streaming: bool):
             except Exception as e:  # noqa: BLE001
                 internal(context, e)
                 raise
+
     return wrapped
 
 
@@ -441,11 +546,10 @@ def rpc_threads_needed(num_clients: int, limits=None) -> int:
     """Every registered client's calls at once, plus every stranger's call the guard lets wait, plus spares:
     strangers can never hold the threads registered clients need (server/peers.py)."""
     if limits is None:
-        from splitwave.config import LimitsConfig
+        from splitwave.common.config import LimitsConfig
 
         limits = LimitsConfig()
-    return (limits.max_calls_per_client * num_clients + limits.max_pending_calls + num_clients
-            + SPARE_RPC_THREADS)
+    return limits.max_calls_per_client * num_clients + limits.max_pending_calls + num_clients + SPARE_RPC_THREADS
 
 
 class BindError(RuntimeError):
@@ -474,8 +578,10 @@ def probe_bind(host: str, port: int) -> None:
                 s.bind(sockaddr)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    why = (f"port {port} is already in use (another server?); pick another --port, or --port 0 "
-                           f"for a free one")
+                    why = (
+                        f"port {port} is already in use (another server?); pick another --port, or --port 0 "
+                        f"for a free one"
+                    )
                 elif e.errno == errno.EACCES:
                     why = "permission denied (ports below 1024 need privileges); use a port above 1023"
                 elif e.errno == errno.EADDRNOTAVAIL:
@@ -485,8 +591,13 @@ def probe_bind(host: str, port: int) -> None:
                 raise BindError(f"cannot listen on {where}: {why}") from None
 
 
-def bind_server(cfg, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
-                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+def bind_server(
+    cfg,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
     """Create the gRPC server and hold its port, before the (slow) app is built: `start_server(..., bound=)`.
 
     The synchronous gRPC server parks one thread per open call (AwaitRound waits for a round that needs other
@@ -496,13 +607,16 @@ def bind_server(cfg, host: str = "127.0.0.1", port: int = 0, max_workers: int | 
     if max_workers is None:
         max_workers = max(cfg.server.max_workers, need)
     elif max_workers < need:
-        log.warning("max_workers=%d is below the %d threads %d clients can hold; raising it", max_workers, need,
-                    cfg.num_clients)
+        log.warning(
+            "max_workers=%d is below the %d threads %d clients can hold; raising it", max_workers, need, cfg.num_clients
+        )
         max_workers = need
     probe_bind(host, port)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-                         maximum_concurrent_rpcs=max_workers)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        maximum_concurrent_rpcs=max_workers,
+    )
     addr = _grpc_address(host, port)
     try:
         bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
@@ -513,9 +627,14 @@ def bind_server(cfg, host: str = "127.0.0.1", port: int = 0, max_workers: int | 
     return server, bound
 
 
-def start_server(app: SplitServer, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
-                 credentials: grpc.ServerCredentials | None = None,
-                 bound: tuple[grpc.Server, int] | None = None) -> RunningServer:
+def start_server(
+    app: SplitServer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    bound: tuple[grpc.Server, int] | None = None,
+) -> RunningServer:
     """Serve `app` on a server from `bind_server` (made here from host/port/credentials when not given)."""
     server, port = bound or bind_server(app.cfg, host, port, max_workers, credentials)
     meter = ByteMeter()

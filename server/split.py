@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
-from server.models import family_of
+from splitwave.server.models import family_of
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,9 @@ def split_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
     raise ValueError(f"unknown task {task!r}")
 
 
-def split_model(model: nn.Module, cut: int, lora: LoraSpec, task: str = "seq-cls", adapter: str = "default") -> SplitModel:
+def split_model(
+    model: nn.Module, cut: int, lora: LoraSpec, task: str = "seq-cls", adapter: str = "default"
+) -> SplitModel:
     """Apply LoRA to the whole model once, then expose edge (blocks < cut) and server (blocks >= cut) views."""
     family = family_of(model.config)
     n = len(_blocks(_base(model, family), family))
@@ -235,8 +237,12 @@ def split_model(model: nn.Module, cut: int, lora: LoraSpec, task: str = "seq-cls
         raise ValueError("bert supports task 'seq-cls' only")
     targets = list(lora.targets) if lora.targets else list(DEFAULT_TARGETS[family])
     cfg = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=lora.dropout,
-        use_rslora=lora.rslora, task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=targets,
+        lora_dropout=lora.dropout,
+        use_rslora=lora.rslora,
+        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
         fan_in_fan_out=family == "gpt2",
     )
     peft_model = get_peft_model(model, cfg, adapter_name=adapter)
@@ -262,5 +268,7 @@ def split_model(model: nn.Module, cut: int, lora: LoraSpec, task: str = "seq-cls
     server_params = {key: p for key, p in by_id.values() if key not in edge_params}
     if not edge_params:
         raise ValueError(f"no LoRA target {targets} found below cut {cut}")
-    log.debug("split %s at %d/%d: %d edge factors, %d server factors", family, cut, n, len(edge_params), len(server_params))
+    log.debug(
+        "split %s at %d/%d: %d edge factors, %d server factors", family, cut, n, len(edge_params), len(server_params)
+    )
     return SplitModel(peft_model, edge, server, family, task, cut, n, lora, edge_params, server_params, edge_local)

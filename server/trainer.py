@@ -21,22 +21,23 @@ No step is applied unless its loss, every adapter gradient and grad_h are finite
 not gets INVALID_ARGUMENT and the adapter and AdamW state stay bit-identical; the other members of a fused
 step get the fused step of the remaining members (`_train_locked`).
 """
+
 from __future__ import annotations
 
 import copy
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
 
-from server import compute
-from server.batching import StepBatcher
-from server.errors import ServiceError
+from splitwave.server import compute
+from splitwave.server.batching import StepBatcher
+from splitwave.server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,18 @@ class _Slot:
 
 
 class TopTrainer:
-    def __init__(self, split, task: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 eps: float = 1e-8, personal: bool = False, server_batch: int = 1, server_batch_wait_s: float = 0.002):
+    def __init__(
+        self,
+        split,
+        task: str,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        personal: bool = False,
+        server_batch: int = 1,
+        server_batch_wait_s: float = 0.002,
+    ):
         self.split = split
         self.task = task
         self.module = split.server
@@ -109,11 +120,17 @@ class TopTrainer:
         if server_batch > 1 and personal:
             raise ValueError("server_batch > 1 needs one shared top adapter (sfl-v2), not per-client ones (sfl-v1)")
         # server_batch 1: no batcher at all, every step goes straight to the compute thread as before
-        self.batcher = (StepBatcher(lambda steps: compute.run(self._train_fused, steps), server_batch, server_batch_wait_s)
-                        if server_batch > 1 else None)
+        self.batcher = (
+            StepBatcher(lambda steps: compute.run(self._train_fused, steps), server_batch, server_batch_wait_s)
+            if server_batch > 1
+            else None
+        )
         if self.batcher is not None:
-            log.info("server batching: up to %d clients' steps fused into one server step (waiting up to %.1f ms)",
-                     server_batch, server_batch_wait_s * 1e3)
+            log.info(
+                "server batching: up to %d clients' steps fused into one server step (waiting up to %.1f ms)",
+                server_batch,
+                server_batch_wait_s * 1e3,
+            )
 
     # -- adapter state -------------------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, torch.Tensor]:
@@ -167,8 +184,11 @@ class TopTrainer:
         """Everything needed to resume: adapters and optimizer moments of every slot."""
         with self.lock:
             active = {"values": self._snapshot(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-            return {"active": self._active, "current": active,
-                    "slots": {c: {"values": s.values, "optimizer": s.optimizer_state} for c, s in self._slots.items()}}
+            return {
+                "active": self._active,
+                "current": active,
+                "slots": {c: {"values": s.values, "optimizer": s.optimizer_state} for c, s in self._slots.items()},
+            }
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
@@ -233,14 +253,15 @@ class TopTrainer:
             if len(steps) == 1:
                 lg = logits
             else:
-                lg = logits[r0:r1] if self.task == "seq-cls" else logits[r0:r1, :s.h.shape[1]]
+                lg = logits[r0:r1] if self.task == "seq-cls" else logits[r0:r1, : s.h.shape[1]]
             labels_t = torch.from_numpy(np.ascontiguousarray(s.labels, dtype=np.int64))
             losses.append(self.split.loss(lg, labels_t))
             stats.append(_accuracy(lg, labels_t, self.task))
         return h_t, rows, losses, stats
 
-    def train_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
-                   labels: np.ndarray) -> StepResult:
+    def train_step(
+        self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> StepResult:
         step = StepInput(client_id, h, attention_mask, labels)
         if self.batcher is not None:
             return self.batcher.submit(client_id, step)
@@ -249,8 +270,9 @@ class TopTrainer:
             raise result
         return result
 
-    def eval_step(self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray,
-                  labels: np.ndarray) -> StepResult:
+    def eval_step(
+        self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> StepResult:
         return compute.run(self._eval_step, client_id, h, attention_mask, labels)
 
     def _train_fused(self, steps: Sequence[StepInput]) -> list[StepResult | ServiceError]:
@@ -285,14 +307,25 @@ class TopTrainer:
         and the others' step is computed again without them."""
         k = len(steps)
         grad, rows, losses, stats = self._backward(steps)
-        bad = [i for i, ((r0, r1), s, loss) in enumerate(zip(rows, steps, losses))
-               if not (torch.isfinite(loss) and np.isfinite(grad[r0:r1, :s.h.shape[1]]).all())]
+        bad = [
+            i
+            for i, ((r0, r1), s, loss) in enumerate(zip(rows, steps, losses))
+            if not (torch.isfinite(loss) and np.isfinite(grad[r0:r1, : s.h.shape[1]]).all())
+        ]
         if not bad and self._grads_finite():
             self.optimizer.step()
             dt = time.perf_counter() - t0
-            return [StepResult(grad if k == 1 else np.ascontiguousarray(grad[r0:r1, :s.h.shape[1]]),
-                               float(loss.detach()), correct, count, dt, k)
-                    for s, (r0, r1), loss, (correct, count) in zip(steps, rows, losses, stats)]
+            return [
+                StepResult(
+                    grad if k == 1 else np.ascontiguousarray(grad[r0:r1, : s.h.shape[1]]),
+                    float(loss.detach()),
+                    correct,
+                    count,
+                    dt,
+                    k,
+                )
+                for s, (r0, r1), loss, (correct, count) in zip(steps, rows, losses, stats)
+            ]
         self.optimizer.zero_grad(set_to_none=True)
         if not bad and k > 1:  # only the summed adapter gradient overflowed: find who makes it so alone
             for i, s in enumerate(steps):
@@ -302,10 +335,16 @@ class TopTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
         if not bad:
             bad = list(range(k))
-        refusal = ServiceError("INVALID_ARGUMENT", "server step refused: the loss, adapter gradients or grad_h of "
-                                                   "this client's step are not finite (NaN/Inf); nothing was applied")
-        log.warning("server step refused for client(s) %s: non-finite loss/gradients (fused with %d)",
-                    [steps[i].client_id for i in bad], k)
+        refusal = ServiceError(
+            "INVALID_ARGUMENT",
+            "server step refused: the loss, adapter gradients or grad_h of "
+            "this client's step are not finite (NaN/Inf); nothing was applied",
+        )
+        log.warning(
+            "server step refused for client(s) %s: non-finite loss/gradients (fused with %d)",
+            [steps[i].client_id for i in bad],
+            k,
+        )
         good = [i for i in range(k) if i not in bad]
         done = dict(zip(good, self._train_locked([steps[i] for i in good], t0))) if good else {}
         return [done.get(i, refusal) for i in range(k)]
@@ -331,8 +370,11 @@ def _pad_concat(steps: Sequence[StepInput]) -> tuple[np.ndarray, np.ndarray, lis
     """Steps stacked along the batch, right-padded (h = 0, mask = 0) to the longest; each step's row range."""
     if len(steps) == 1:
         s = steps[0]
-        return (np.ascontiguousarray(s.h, dtype=np.float32), np.ascontiguousarray(s.attention_mask, dtype=np.int64),
-                [(0, s.h.shape[0])])
+        return (
+            np.ascontiguousarray(s.h, dtype=np.float32),
+            np.ascontiguousarray(s.attention_mask, dtype=np.int64),
+            [(0, s.h.shape[0])],
+        )
     seq = max(s.h.shape[1] for s in steps)
     total = sum(s.h.shape[0] for s in steps)
     h = np.zeros((total, seq, steps[0].h.shape[2]), np.float32)
@@ -340,8 +382,8 @@ def _pad_concat(steps: Sequence[StepInput]) -> tuple[np.ndarray, np.ndarray, lis
     rows, r = [], 0
     for s in steps:
         b, sq = s.h.shape[:2]
-        h[r:r + b, :sq] = s.h
-        mask[r:r + b, :sq] = s.attention_mask
+        h[r : r + b, :sq] = s.h
+        mask[r : r + b, :sq] = s.attention_mask
         rows.append((r, r + b))
         r += b
     return h, mask, rows

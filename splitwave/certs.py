@@ -7,6 +7,7 @@ should use its own PKI.
 Files: ca.pem (+ ca.key, needed only to sign more clients later), server.pem/server.key, <name>.pem/<name>.key.
 Private keys are written with mode 0600.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,7 +15,6 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # `cryptography` is a server extra: imported where used, so the CLI parser stays light
@@ -43,9 +43,16 @@ def san_entry(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def make_cert(common_name: str, key, issuer_cert: x509.Certificate | None = None, issuer_key=None, ca: bool = False,
-              hosts: list[str] | tuple[str, ...] = (), client: bool = False,
-              days: int = DEFAULT_DAYS) -> x509.Certificate:
+def make_cert(
+    common_name: str,
+    key,
+    issuer_cert: x509.Certificate | None = None,
+    issuer_key=None,
+    ca: bool = False,
+    hosts: list[str] | tuple[str, ...] = (),
+    client: bool = False,
+    days: int = DEFAULT_DAYS,
+) -> x509.Certificate:
     """A certificate for `key`, self-signed when no issuer is given. `hosts` become SANs (server use)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -53,15 +60,31 @@ def make_cert(common_name: str, key, issuer_cert: x509.Certificate | None = None
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(name)
-         .issuer_name(issuer_cert.subject if issuer_cert is not None else name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if ca:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     if hosts:
         b = b.add_extension(x509.SubjectAlternativeName([san_entry(h) for h in hosts]), critical=False)
     if not ca:
@@ -81,8 +104,9 @@ def write_key(path: Path, key) -> Path:
     """PKCS#8 PEM, unencrypted, readable by the owner only (created 0600, never world-readable in between)."""
     from cryptography.hazmat.primitives import serialization
 
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -129,8 +153,13 @@ def _sans(cert_path: Path) -> list[str]:
     return [str(n.value) for n in names]
 
 
-def make_pki(out_dir: str | Path, hosts: list[str] | tuple[str, ...] | None = None,
-             clients: list[str] | tuple[str, ...] = (), days: int = DEFAULT_DAYS, reuse_ca: bool = True) -> Pki:
+def make_pki(
+    out_dir: str | Path,
+    hosts: list[str] | tuple[str, ...] | None = None,
+    clients: list[str] | tuple[str, ...] = (),
+    days: int = DEFAULT_DAYS,
+    reuse_ca: bool = True,
+) -> Pki:
     """Write a CA (or reuse the one in out_dir), a server certificate for `hosts` and one certificate per client.
 
     Reusing the CA lets a later call add clients that the running server (trusting ca.pem) accepts; such a call
@@ -162,6 +191,8 @@ def make_pki(out_dir: str | Path, hosts: list[str] | tuple[str, ...] | None = No
     made = {}
     for n in names:
         k = new_key()
-        made[n] = (write_cert(out / f"{n}.pem", make_cert(n, k, ca_cert, ca_key, client=True, days=days)),
-                   write_key(out / f"{n}.key", k))
+        made[n] = (
+            write_cert(out / f"{n}.pem", make_cert(n, k, ca_cert, ca_key, client=True, days=days)),
+            write_key(out / f"{n}.key", k),
+        )
     return Pki(out, out / "ca.pem", out / "server.pem", out / "server.key", made, hosts, keep_server)

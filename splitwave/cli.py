@@ -3,6 +3,7 @@
 Heavy imports happen inside each command, so `splitwave edge` runs on a device that has only the `edge`
 extra (no torch, no pydantic).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,18 @@ from pathlib import Path
 log = logging.getLogger("splitwave")
 
 #: loggers of libraries that narrate ONNX export and model loading at WARNING; quiet unless -v
-THIRD_PARTY_LOGGERS = ("onnx_ir", "onnxscript", "torch", "torch.onnx", "torch._dynamo", "torch.fx", "torch._export",
-                       "transformers", "peft", "huggingface_hub")
+THIRD_PARTY_LOGGERS = (
+    "onnx_ir",
+    "onnxscript",
+    "torch",
+    "torch.onnx",
+    "torch._dynamo",
+    "torch.fx",
+    "torch._export",
+    "transformers",
+    "peft",
+    "huggingface_hub",
+)
 #: errors a user fixes (config, files, addresses): one line on stderr instead of a traceback, unless -v
 USER_ERRORS = ("ConfigError", "FileNotFoundError", "ValueError", "BindError", "PermissionError")
 
@@ -42,14 +53,14 @@ def _quiet_third_party(verbose: int) -> None:
 
 
 def _load_cfg(args):
-    from splitwave.config import load_config
+    from splitwave.common.config import load_config
 
     return load_config(args.config, args.set)
 
 
 def _set_arg(item: str) -> str:
     """argparse type of `--set`: `key=value` in one argument."""
-    from splitwave.config import ConfigError, check_override
+    from splitwave.common.config import ConfigError, check_override
 
     try:
         return check_override(item)
@@ -59,8 +70,8 @@ def _set_arg(item: str) -> str:
 
 def cmd_export(args) -> int:
     """Export the edge bundle of a config (model, cut, LoRA) to a folder."""
-    from server.app import build_split, model_source, tokenizer_source
-    from server.export import export_bundle
+    from splitwave.server.app import build_split, model_source, tokenizer_source
+    from splitwave.server.export import export_bundle
 
     _quiet_third_party(args.verbose)
     cfg = _load_cfg(args)
@@ -74,20 +85,29 @@ def cmd_export(args) -> int:
 
 def server_results(app, run_dir: Path) -> list[str]:
     """What a finished (or stopped) server tells its user: rounds done, the last evaluation, where the files are."""
-    from server.adapter_export import FINAL_DIR
+    from splitwave.server.adapter_export import FINAL_DIR
 
-    lines = [json.loads(x) for x in app.metrics_path.read_text().splitlines() if x.strip()] \
-        if app.metrics_path.exists() else []
+    lines = (
+        [json.loads(x) for x in app.metrics_path.read_text().splitlines() if x.strip()]
+        if app.metrics_path.exists()
+        else []
+    )
     total = app.cfg.rounds.num_rounds
-    head = f"finished {len(lines)} of {total} rounds" if len(lines) >= total else \
-        f"stopped after {len(lines)} of {total} rounds"
+    head = (
+        f"finished {len(lines)} of {total} rounds"
+        if len(lines) >= total
+        else f"stopped after {len(lines)} of {total} rounds"
+    )
     evals = [x for x in lines if "eval_accuracy" in x]
     if evals:
         last = evals[-1]
-        figs = ", ".join(f"{k[5:]} {last[k]:.4f}" for k in ("eval_accuracy", "eval_loss", "eval_perplexity")
-                         if k in last)
-        head += f"; global model after round {last['round']}: {figs} on {last.get('eval_count', '?')} eval " \
-                f"{'tokens' if app.cfg.model.task == 'causal-lm' else 'rows'}"
+        figs = ", ".join(
+            f"{k[5:]} {last[k]:.4f}" for k in ("eval_accuracy", "eval_loss", "eval_perplexity") if k in last
+        )
+        head += (
+            f"; global model after round {last['round']}: {figs} on {last.get('eval_count', '?')} eval "
+            f"{'tokens' if app.cfg.model.task == 'causal-lm' else 'rows'}"
+        )
     out = [head, f"results in {run_dir}/: server_metrics.jsonl (one line per round)"]
     if (run_dir / FINAL_DIR).exists():
         out.append(f"  {FINAL_DIR}/ (final adapters; `splitwave export-adapter {run_dir} OUT_DIR` makes a PEFT folder)")
@@ -96,10 +116,10 @@ def server_results(app, run_dir: Path) -> list[str]:
 
 def cmd_server(args) -> int:
     """Run a server until SIGTERM or until every round is done and every client has left."""
-    from server.app import SplitServer
-    from server.security import server_credentials
-    from server.service import bind_server, serve_forever, start_server
     from splitwave.runner import make_run_dir
+    from splitwave.server.app import SplitServer
+    from splitwave.server.security import server_credentials
+    from splitwave.server.service import bind_server, serve_forever, start_server
 
     _quiet_third_party(args.verbose)
     if args.config and args.config_opt and args.config != args.config_opt:
@@ -117,13 +137,19 @@ def cmd_server(args) -> int:
     credentials = server_credentials(cfg.server.security)
     bound = bind_server(cfg, host, port, credentials=credentials)  # a taken port fails now, not after the export
     run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(cfg)
-    print(f"splitwave server: run folder {run_dir}; holding {host}:{bound[1]} while the model and the edge bundle "
-          f"are prepared", flush=True)
+    print(
+        f"splitwave server: run folder {run_dir}; holding {host}:{bound[1]} while the model and the edge bundle "
+        f"are prepared",
+        flush=True,
+    )
     app = SplitServer(cfg, run_dir, cache_dir=Path(args.cache_dir))
     running = start_server(app, host=host, bound=bound)
     tls = "plaintext, no TLS" if credentials is None else "mTLS" if cfg.server.security.client_ca else "TLS"
-    print(f"splitwave server listening on {host}:{running.port} ({tls}, run {app.run_id}): waiting for "
-          f"{cfg.num_clients} client(s), {cfg.rounds.num_rounds} round(s)", flush=True)
+    print(
+        f"splitwave server listening on {host}:{running.port} ({tls}, run {app.run_id}): waiting for "
+        f"{cfg.num_clients} client(s), {cfg.rounds.num_rounds} round(s)",
+        flush=True,
+    )
     serve_forever(running, Path(args.ready_file) if args.ready_file else None)
     for line in server_results(app, run_dir):
         print(line, flush=True)
@@ -134,17 +160,22 @@ def cmd_edge(args) -> int:
     """Run one torch-free edge client against a server."""
     import grpc
 
-    from edge.client import ClientOptions, EdgeClient, EdgeError, format_summary
-    from edge.paths import DataNotFound
-    from edge.retry import RetryPolicy
-    from edge.security import channel_credentials
+    from splitwave.common.paths import DataNotFound
+    from splitwave.edge.client import ClientOptions, EdgeClient, EdgeError, format_summary
+    from splitwave.edge.retry import RetryPolicy
+    from splitwave.edge.security import channel_credentials
 
-    opts = ClientOptions(name=args.name, cache_dir=Path(args.cache_dir), backend=args.backend, threads=args.threads,
-                         enrollment_secret=args.secret or os.environ.get("SPLITWAVE_SECRET", ""),
-                         metrics_path=Path(args.metrics) if args.metrics else None,
-                         retry=RetryPolicy(connect_s=args.connect_timeout, total_s=args.retry_for),
-                         data_dir=Path(args.data_dir) if args.data_dir else None,
-                         credentials=channel_credentials(args.ca, args.cert, args.key))
+    opts = ClientOptions(
+        name=args.name,
+        cache_dir=Path(args.cache_dir),
+        backend=args.backend,
+        threads=args.threads,
+        enrollment_secret=args.secret or os.environ.get("SPLITWAVE_SECRET", ""),
+        metrics_path=Path(args.metrics) if args.metrics else None,
+        retry=RetryPolicy(connect_s=args.connect_timeout, total_s=args.retry_for),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        credentials=channel_credentials(args.ca, args.cert, args.key),
+    )
     if opts.metrics_path:
         opts.metrics_path.parent.mkdir(parents=True, exist_ok=True)
     client = EdgeClient(args.server, opts)
@@ -181,7 +212,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export_adapter(args) -> int:
-    from server.adapter_export import export_adapter
+    from splitwave.server.adapter_export import export_adapter
 
     info = export_adapter(Path(args.run_dir), Path(args.out_dir))
     print(json.dumps(info, indent=2))
@@ -193,16 +224,23 @@ def cmd_certs(args) -> int:
     from splitwave.certs import make_pki
 
     pki = make_pki(args.out_dir, hosts=args.hosts, clients=args.clients, days=args.days, reuse_ca=not args.new_ca)
-    files = ["ca.pem + ca.key (the CA; ca.key stays private)",
-             f"server.pem + server.key ({'kept, ' if pki.kept_server else ''}valid for {', '.join(pki.hosts)})",
-             *(f"{n}.pem + {n}.key" for n in pki.clients)]
+    files = [
+        "ca.pem + ca.key (the CA; ca.key stays private)",
+        f"server.pem + server.key ({'kept, ' if pki.kept_server else ''}valid for {', '.join(pki.hosts)})",
+        *(f"{n}.pem + {n}.key" for n in pki.clients),
+    ]
     print(f"{pki.dir}/: {'; '.join(files)}; keys are mode 0600, new certificates valid {args.days} days")
     sec = "--set server.security."
-    print(f"server: {sec}insecure=false {sec}server_cert={pki.server_cert} {sec}server_key={pki.server_key}"
-          + (f" {sec}client_ca={pki.ca}" if pki.clients else ""))
+    print(
+        f"server: {sec}insecure=false {sec}server_cert={pki.server_cert} {sec}server_key={pki.server_key}"
+        + (f" {sec}client_ca={pki.ca}" if pki.clients else "")
+    )
     first = next(iter(pki.clients.items()), None)
-    print(f"edge:   --ca {pki.ca}" + (f" --cert {first[1][0]} --key {first[1][1]}" if first else "")
-          + ("   (each device its own pair)" if first else ""))
+    print(
+        f"edge:   --ca {pki.ca}"
+        + (f" --cert {first[1][0]} --key {first[1][1]}" if first else "")
+        + ("   (each device its own pair)" if first else "")
+    )
     return 0
 
 
@@ -218,11 +256,21 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _verbosity(p: argparse.ArgumentParser, default) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=default,
-                   help="more output: -v shows third-party warnings (torch, ONNX export, transformers), -vv debug "
-                        "logs and tracebacks (default: neither)")
-    p.add_argument("-q", "--quiet", action="store_true", default=default if default is argparse.SUPPRESS else False,
-                   help="warnings and errors only")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="more output: -v shows third-party warnings (torch, ONNX export, transformers), -vv debug "
+        "logs and tracebacks (default: neither)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="warnings and errors only",
+    )
 
 
 class _SubParser(argparse.ArgumentParser):
@@ -240,64 +288,114 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser, metavar="COMMAND")
 
     def with_config(sp, optional=False):
-        sp.add_argument("config", nargs="?" if optional else None, metavar="CONFIG",
-                        help="YAML experiment config (configs/*.yaml)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_set_arg,
-                        help="override a config field, e.g. --set training.batch_size=32 (repeatable; one argument "
-                             "each, no space around =; default: none)")
+        sp.add_argument(
+            "config", nargs="?" if optional else None, metavar="CONFIG", help="YAML experiment config (configs/*.yaml)"
+        )
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            type=_set_arg,
+            help="override a config field, e.g. --set training.batch_size=32 (repeatable; one argument "
+            "each, no space around =; default: none)",
+        )
 
     sp = sub.add_parser("export", help="export the edge bundle (ONNX graphs + weights + manifest)")
     with_config(sp)
     sp.add_argument("--out", required=True, help="folder to write the bundle to (required)")
-    sp.add_argument("--modes", nargs="+", default=["recompute", "saved"], choices=["recompute", "saved"],
-                    help="edge training graphs to export: recompute (low memory) and/or saved (faster backward)")
+    sp.add_argument(
+        "--modes",
+        nargs="+",
+        default=["recompute", "saved"],
+        choices=["recompute", "saved"],
+        help="edge training graphs to export: recompute (low memory) and/or saved (faster backward)",
+    )
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("server", help="run the split-learning server")
     with_config(sp, optional=True)
     sp.add_argument("--config", dest="config_opt", metavar="CONFIG", help="deprecated spelling of CONFIG")
-    sp.add_argument("--host", help="address to listen on, 0.0.0.0 for every interface (default: server.host of the "
-                                   "config, 127.0.0.1)")
-    sp.add_argument("--port", type=int, help="port to listen on, 0 = a free port (printed, and in --ready-file) "
-                                             "(default: server.port of the config, 0)")
-    sp.add_argument("--run-dir", help="folder for this run's metrics and final adapters (default: a new "
-                                      "OUTPUT_DIR/NAME/YYYYmmdd-HHMMSS from the config's output_dir and name)")
-    sp.add_argument("--cache-dir", default=".cache/bundles",
-                    help="where exported edge bundles are kept (the first start of a model exports one)")
+    sp.add_argument(
+        "--host",
+        help="address to listen on, 0.0.0.0 for every interface (default: server.host of the config, 127.0.0.1)",
+    )
+    sp.add_argument(
+        "--port",
+        type=int,
+        help="port to listen on, 0 = a free port (printed, and in --ready-file) "
+        "(default: server.port of the config, 0)",
+    )
+    sp.add_argument(
+        "--run-dir",
+        help="folder for this run's metrics and final adapters (default: a new "
+        "OUTPUT_DIR/NAME/YYYYmmdd-HHMMSS from the config's output_dir and name)",
+    )
+    sp.add_argument(
+        "--cache-dir",
+        default=".cache/bundles",
+        help="where exported edge bundles are kept (the first start of a model exports one)",
+    )
     sp.add_argument("--ready-file", help="write {port, run_id} here once serving (default: none)")
     sp.add_argument("--threads", type=int, help="torch intra-op threads for the top model (default: torch's)")
     sp.set_defaults(fn=cmd_server)
 
-    from edge.retry import RetryPolicy  # light (grpc only): the defaults shown in --help are the policy's
+    from splitwave.edge.retry import RetryPolicy  # light (grpc only): the defaults shown in --help are the policy's
 
     sp = sub.add_parser("edge", help="run a torch-free edge client")
     sp.add_argument("--server", required=True, help="HOST:PORT of the server")
     sp.add_argument("--name", default="", help="requested client id (default: the server picks edge-N)")
-    sp.add_argument("--cache-dir", default=os.environ.get("SPLITWAVE_EDGE_CACHE", ".cache/edge"),
-                    help="bundle cache and resume secrets (env SPLITWAVE_EDGE_CACHE; default: %(default)s)")
-    sp.add_argument("--data-dir", help="folder with this device's dataset files, e.g. DIR/sst2/train.tsv (default: "
-                                       "env SPLITWAVE_DATA_DIR, else $SPLITWAVE_SHARED/data, else ./data, else "
-                                       "../shared/data beside the checkout)")
-    sp.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],
-                    help="edge runtime (default: %(default)s; torch is the reference, for comparisons)")
+    sp.add_argument(
+        "--cache-dir",
+        default=os.environ.get("SPLITWAVE_EDGE_CACHE", ".cache/edge"),
+        help="bundle cache and resume secrets (env SPLITWAVE_EDGE_CACHE; default: %(default)s)",
+    )
+    sp.add_argument(
+        "--data-dir",
+        help="folder with this device's dataset files, e.g. DIR/sst2/train.tsv (default: "
+        "env SPLITWAVE_DATA_DIR, else $SPLITWAVE_SHARED/data, else ./data, else "
+        "../shared/data beside the checkout)",
+    )
+    sp.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "torch"],
+        help="edge runtime (default: %(default)s; torch is the reference, for comparisons)",
+    )
     sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     sp.add_argument("--secret", help="enrollment secret (default: env SPLITWAVE_SECRET)")
     sp.add_argument("--metrics", help="append per-step, per-round and summary JSON lines here (default: none)")
-    sp.add_argument("--connect-timeout", type=float, default=RetryPolicy.connect_s, metavar="S",
-                    help="how long to keep trying a server not reached yet (default: %(default)g s)")
-    sp.add_argument("--retry-for", type=float, default=RetryPolicy.total_s, metavar="S",
-                    help="after the first contact, how long to retry a lost or restarting server "
-                         "(default: %(default)g s)")
-    sp.add_argument("--json", action="store_true", help="print the final summary as one JSON line (default: a readable summary)")
-    sp.add_argument("--ca", help="CA certificate (PEM) that signed the server certificate: enables TLS (default: plaintext)")
+    sp.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=RetryPolicy.connect_s,
+        metavar="S",
+        help="how long to keep trying a server not reached yet (default: %(default)g s)",
+    )
+    sp.add_argument(
+        "--retry-for",
+        type=float,
+        default=RetryPolicy.total_s,
+        metavar="S",
+        help="after the first contact, how long to retry a lost or restarting server (default: %(default)g s)",
+    )
+    sp.add_argument(
+        "--json", action="store_true", help="print the final summary as one JSON line (default: a readable summary)"
+    )
+    sp.add_argument(
+        "--ca", help="CA certificate (PEM) that signed the server certificate: enables TLS (default: plaintext)"
+    )
     sp.add_argument("--cert", help="client certificate (PEM) for mTLS (default: none)")
     sp.add_argument("--key", help="client private key (PEM) for mTLS (default: none)")
     sp.set_defaults(fn=cmd_edge)
 
     sp = sub.add_parser("simulate", help="run a simulated wireless experiment (server + N edge processes)")
     with_config(sp)
-    sp.add_argument("--virtual-only", action="store_true",
-                    help="replay the links on a simulated clock even if channel.mode is realtime (default: off)")
+    sp.add_argument(
+        "--virtual-only",
+        action="store_true",
+        help="replay the links on a simulated clock even if channel.mode is realtime (default: off)",
+    )
     sp.set_defaults(fn=cmd_simulate)
 
     sp = sub.add_parser("plan", help="predict the round time of every cut for a link and pick the best")
@@ -311,18 +409,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_export_adapter)
 
     sp = sub.add_parser("certs", help="make a development CA, a server certificate and client certificates")
-    sp.add_argument("out_dir", metavar="OUT_DIR",
-                    help="folder for ca.pem/ca.key, server.pem/server.key and NAME.pem/NAME.key per client")
-    sp.add_argument("--hosts", nargs="+", metavar="HOST",
-                    help="host names and IP addresses the server certificate is valid for: every name or address "
-                         "the edges use in --server HOST:PORT (default: localhost 127.0.0.1 ::1; a server "
-                         "certificate already in OUT_DIR from its CA is kept unless --hosts is given)")
-    sp.add_argument("--clients", nargs="+", default=[], metavar="NAME",
-                    help="client certificates to make, for mTLS; the name becomes the client id (default: none)")
+    sp.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="folder for ca.pem/ca.key, server.pem/server.key and NAME.pem/NAME.key per client",
+    )
+    sp.add_argument(
+        "--hosts",
+        nargs="+",
+        metavar="HOST",
+        help="host names and IP addresses the server certificate is valid for: every name or address "
+        "the edges use in --server HOST:PORT (default: localhost 127.0.0.1 ::1; a server "
+        "certificate already in OUT_DIR from its CA is kept unless --hosts is given)",
+    )
+    sp.add_argument(
+        "--clients",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="client certificates to make, for mTLS; the name becomes the client id (default: none)",
+    )
     sp.add_argument("--days", type=int, default=365, help="validity of the certificates in days")
-    sp.add_argument("--new-ca", action="store_true",
-                    help="make a new CA even if OUT_DIR has one (default: reuse it, so that new client "
-                         "certificates work with a server that already trusts ca.pem)")
+    sp.add_argument(
+        "--new-ca",
+        action="store_true",
+        help="make a new CA even if OUT_DIR has one (default: reuse it, so that new client "
+        "certificates work with a server that already trusts ca.pem)",
+    )
     sp.set_defaults(fn=cmd_certs)
     return p
 

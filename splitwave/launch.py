@@ -1,4 +1,5 @@
 """Launch real `splitwave server` / `splitwave edge` processes (tests, benchmarks) and always clean them up."""
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,32 @@ def server_process(config: Path, run_dir: Path, timeout: float = 300.0, extra: l
     ready = run_dir / "ready.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "server.log", "w")
-    proc = subprocess.Popen([*CLI, "server", str(config), "--run-dir", str(run_dir), "--ready-file",
-                             str(ready), "--cache-dir", str(ROOT / ".cache/bundles"), *(extra or [])],
-                            cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "server",
+            str(config),
+            "--run-dir",
+            str(run_dir),
+            "--ready-file",
+            str(ready),
+            "--cache-dir",
+            str(ROOT / ".cache/bundles"),
+            *(extra or []),
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         end = time.monotonic() + timeout
         while not ready.exists():
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {(run_dir / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}: {(run_dir / 'server.log').read_text()[-3000:]}"
+                )
             if time.monotonic() > end:
                 raise TimeoutError("server did not become ready")
             time.sleep(0.2)
@@ -59,9 +78,26 @@ def server_process(config: Path, run_dir: Path, timeout: float = 300.0, extra: l
 
 def start_edge(port: int, name: str, cache: Path, log_dir: Path, extra: list[str] | None = None) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "w")
-    return subprocess.Popen([*CLI, "edge", "--server", f"127.0.0.1:{port}", "--name", name, "--cache-dir", str(cache),
-                             "--metrics", str(log_dir / f"{name}.jsonl"), *(extra or [])],
-                            cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [
+            *CLI,
+            "edge",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--name",
+            name,
+            "--cache-dir",
+            str(cache),
+            "--metrics",
+            str(log_dir / f"{name}.jsonl"),
+            *(extra or []),
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 300.0) -> None:

@@ -12,6 +12,7 @@ PushAdapter messages). Two predictions per cut:
 Note: torch on the server machine stands in for the edge runtime; scale with `--edge-slowdown` for a
 slower device.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitwave.config import ExperimentConfig
+from splitwave.common.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def _median_time(fn, reps: int) -> float:
 
 def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, int]:
     """Serialized bytes per step up (h + mask + labels), per step down (grad_h) and of the adapter push."""
-    from protos import splitwave_pb2 as pb
-    from protos.codec import encode, factor_codec
+    from splitwave.protos import splitwave_pb2 as pb
+    from splitwave.protos.codec import encode, factor_codec
 
     tr = cfg.training
     b, s = h.shape[:2]
@@ -56,21 +57,26 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
     up += [pb.TrainRequest(header=hdr, frame=f) for f in encode("labels", np.zeros(b, np.int64), "raw")]
     up.append(pb.TrainRequest(header=hdr, end_step=pb.StepEnd(batch_size=b, metrics={"edge_fwd_s": 0.01})))
     down = [pb.TrainReply(header=hdr, frame=f) for f in encode("grad_h", h, spec(tr.codec_down))]
-    down.append(pb.TrainReply(header=hdr, end_step=pb.StepResult(loss=0.5, correct=1, count=b,
-                                                                  metrics={"server_s": 0.01})))
+    down.append(
+        pb.TrainReply(header=hdr, end_step=pb.StepResult(loss=0.5, correct=1, count=b, metrics={"server_s": 0.01}))
+    )
     push_codec = factor_codec(tr.codec_up)
     push = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v, push_codec)]
     bcast = [pb.RoundReply(header=hdr, factor=f) for k, v in factors.items() for f in encode(k, v, "raw")]
-    return {"act_bytes": sum(m.ByteSize() for m in up), "grad_bytes": sum(m.ByteSize() for m in down),
-            "adapter_bytes": sum(m.ByteSize() for m in push) + 64, "broadcast_bytes": sum(m.ByteSize() for m in bcast)}
+    return {
+        "act_bytes": sum(m.ByteSize() for m in up),
+        "grad_bytes": sum(m.ByteSize() for m in down),
+        "adapter_bytes": sum(m.ByteSize() for m in push) + 64,
+        "broadcast_bytes": sum(m.ByteSize() for m in bcast),
+    }
 
 
 def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     """Measured compute times (s) and message sizes (bytes) of one training step at `cut`."""
     import torch
 
-    from server.app import build_split
-    from server.trainer import TopTrainer
+    from splitwave.server.app import build_split
+    from splitwave.server.trainer import TopTrainer
 
     torch.set_num_threads(1)  # an edge runs one thread (simulate starts them so); steadier timings too
     c = cfg.model_copy(deep=True)
@@ -98,42 +104,63 @@ def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     h_np = h.numpy()
     t_srv = _median_time(lambda: trainer.train_step(None, h_np, mask.numpy(), labels), reps)
     sizes = message_sizes(cfg, h_np, split.edge_factors())
-    return {"cut": cut, "n_blocks": split.n_blocks, "t_edge_fwd": t_fwd, "t_edge_bwd": t_vjp, "t_server": t_srv,
-            **sizes}
+    return {
+        "cut": cut,
+        "n_blocks": split.n_blocks,
+        "t_edge_fwd": t_fwd,
+        "t_edge_bwd": t_vjp,
+        "t_server": t_srv,
+        **sizes,
+    }
 
 
 def predict(cfg: ExperimentConfig, prof: dict, edge_slowdown: float = 1.0) -> dict:
     """Round time predictions (s) for one profiled cut on the configured links."""
-    from channel_sim import round_latency_model
-    from channel_sim.factory import rate_summary
+    from splitwave.channel import round_latency_model
+    from splitwave.channel.factory import rate_summary
     from splitwave.runner import build_links
-    from splitwave.timeline import CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, ClientRound, StepTimes, \
-        simulate_timeline
+    from splitwave.timeline import CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, ClientRound, StepTimes, simulate_timeline
 
     E, K = cfg.training.local_steps, cfg.num_clients
     fwd, bwd = prof["t_edge_fwd"] * edge_slowdown, prof["t_edge_bwd"] * edge_slowdown
     links = build_links(cfg)
     ul = [rate_summary(p.uplink, 0.0, 10.0, 1001)["mean_bps"] for p in links]
     dl = [rate_summary(p.downlink, 0.0, 10.0, 1001)["mean_bps"] for p in links]
-    m = round_latency_model(ul, dl, E, fwd, bwd, prof["t_server"], prof["act_bytes"], prof["grad_bytes"],
-                            prof["adapter_bytes"])
-    lat = [(E + 1) * (p.uplink.latency_s + p.uplink.jitter.mean) + (E + 1) * (p.downlink.latency_s + p.downlink.jitter.mean)
-           for p in links]
-    model_s = max(t + l for t, l in zip(m["T_k"], lat)) + (m["T_round"] - max(m["T_k"]))
+    m = round_latency_model(
+        ul, dl, E, fwd, bwd, prof["t_server"], prof["act_bytes"], prof["grad_bytes"], prof["adapter_bytes"]
+    )
+    lat = [
+        (E + 1) * (p.uplink.latency_s + p.uplink.jitter.mean)
+        + (E + 1) * (p.downlink.latency_s + p.downlink.jitter.mean)
+        for p in links
+    ]
+    model_s = max(t + lat_k for t, lat_k in zip(m["T_k"], lat)) + (m["T_round"] - max(m["T_k"]))
     # the simulated steady-state round (round 1: starts with a broadcast, like every round but the first)
     step = StepTimes(fwd, bwd, prof["t_server"], prof["act_bytes"], prof["grad_bytes"])
-    cr = ClientRound([step] * E, prof["adapter_bytes"], 0.0, CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES,
-                     prof["broadcast_bytes"])
+    cr = ClientRound(
+        [step] * E, prof["adapter_bytes"], 0.0, CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, prof["broadcast_bytes"]
+    )
     tl = simulate_timeline(build_links(cfg), [{k: cr for k in range(K)}] * 2, [0.0, 0.0])
-    return {"model_s": model_s, "sim_s": tl[1].duration, "comm_share": max(m["comm_share"]),
-            "mean_uplink_mbps": float(np.mean(ul)) / 1e6, "mean_downlink_mbps": float(np.mean(dl)) / 1e6,
-            "breakdown": tl[1].breakdown}
+    return {
+        "model_s": model_s,
+        "sim_s": tl[1].duration,
+        "comm_share": max(m["comm_share"]),
+        "mean_uplink_mbps": float(np.mean(ul)) / 1e6,
+        "mean_downlink_mbps": float(np.mean(dl)) / 1e6,
+        "breakdown": tl[1].breakdown,
+    }
 
 
-def plan(cfg: ExperimentConfig, cuts: list[int] | None = None, out: Path | None = None, reps: int = 10,
-         edge_slowdown: float = 1.0, quiet: bool = False) -> dict:
+def plan(
+    cfg: ExperimentConfig,
+    cuts: list[int] | None = None,
+    out: Path | None = None,
+    reps: int = 10,
+    edge_slowdown: float = 1.0,
+    quiet: bool = False,
+) -> dict:
     """Profile and predict every cut; print a table and the best cut; write plan.json."""
-    from server.app import build_split
+    from splitwave.server.app import build_split
 
     if not cuts:
         n = build_split(cfg).n_blocks
@@ -143,20 +170,33 @@ def plan(cfg: ExperimentConfig, cuts: list[int] | None = None, out: Path | None 
         prof = profile_cut(cfg, cut, reps)
         rows.append({**prof, **predict(cfg, prof, edge_slowdown)})
     best = min(rows, key=lambda r: r["sim_s"])
-    res = {"name": cfg.name, "num_clients": cfg.num_clients, "local_steps": cfg.training.local_steps,
-           "batch": cfg.training.batch_size, "seq": cfg.data.max_seq_len, "codec_up": cfg.training.codec_up,
-           "codec_down": cfg.training.codec_down, "edge_slowdown": edge_slowdown, "cuts": rows,
-           "best_cut": best["cut"], "best_by_model": min(rows, key=lambda r: r["model_s"])["cut"]}
+    res = {
+        "name": cfg.name,
+        "num_clients": cfg.num_clients,
+        "local_steps": cfg.training.local_steps,
+        "batch": cfg.training.batch_size,
+        "seq": cfg.data.max_seq_len,
+        "codec_up": cfg.training.codec_up,
+        "codec_down": cfg.training.codec_down,
+        "edge_slowdown": edge_slowdown,
+        "cuts": rows,
+        "best_cut": best["cut"],
+        "best_by_model": min(rows, key=lambda r: r["model_s"])["cut"],
+    }
     out = Path(out) if out else Path(cfg.output_dir) / cfg.name / "plan.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     res["path"] = str(out)
     if not quiet:
-        print(f"{'cut':>4} {'fwd ms':>8} {'vjp ms':>8} {'srv ms':>8} {'act KB':>9} {'grad KB':>9} "
-              f"{'model s':>9} {'sim s':>9} {'comm':>6}")
+        print(
+            f"{'cut':>4} {'fwd ms':>8} {'vjp ms':>8} {'srv ms':>8} {'act KB':>9} {'grad KB':>9} "
+            f"{'model s':>9} {'sim s':>9} {'comm':>6}"
+        )
         for r in rows:
-            print(f"{r['cut']:>4} {r['t_edge_fwd'] * 1e3:>8.2f} {r['t_edge_bwd'] * 1e3:>8.2f} {r['t_server'] * 1e3:>8.2f} "
-                  f"{r['act_bytes'] / 1e3:>9.1f} {r['grad_bytes'] / 1e3:>9.1f} {r['model_s']:>9.3f} {r['sim_s']:>9.3f} "
-                  f"{r['comm_share']:>6.0%}")
+            print(
+                f"{r['cut']:>4} {r['t_edge_fwd'] * 1e3:>8.2f} {r['t_edge_bwd'] * 1e3:>8.2f} {r['t_server'] * 1e3:>8.2f} "
+                f"{r['act_bytes'] / 1e3:>9.1f} {r['grad_bytes'] / 1e3:>9.1f} {r['model_s']:>9.3f} {r['sim_s']:>9.3f} "
+                f"{r['comm_share']:>6.0%}"
+            )
         print(f"best cut: {best['cut']} (predicted round {best['sim_s']:.3f} s); plan written to {out}")
     return res

@@ -5,15 +5,22 @@ byte counts), the measured wall-clock round time, and the simulated round time w
 (virtual timeline of `splitwave.timeline`). In realtime mode the same replay is compared with the measured
 round times: that is the agreement figure.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from splitwave.timeline import PARTS, estimate_close_times, eval_times, measured_round_times, \
-    rounds_from_records, simulate_timeline
+from splitwave.timeline import (
+    PARTS,
+    estimate_close_times,
+    eval_times,
+    measured_round_times,
+    rounds_from_records,
+    simulate_timeline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +56,28 @@ def agreement(sim: list[float], real: list[float], first: int = 1) -> dict:
     if not pairs:
         return {"rounds_compared": 0}
     errs = [s / r - 1.0 for s, r in pairs]
-    return {"rounds_compared": len(pairs), "mean_abs_rel_err": sum(abs(e) for e in errs) / len(errs),
-            "max_abs_rel_err": max(abs(e) for e in errs), "per_round_rel_err": errs,
-            "total_ratio": sum(s for s, _ in pairs) / sum(r for _, r in pairs)}
+    return {
+        "rounds_compared": len(pairs),
+        "mean_abs_rel_err": sum(abs(e) for e in errs) / len(errs),
+        "max_abs_rel_err": max(abs(e) for e in errs),
+        "per_round_rel_err": errs,
+        "total_ratio": sum(s for s, _ in pairs) / sum(r for _, r in pairs),
+    }
 
 
 def _no_phase(name: str, detail: str = "") -> None:
     pass
 
 
-def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, list[dict]], lines: list[dict],
-                 links_factory: Callable | None,
-                 phase: Callable = _no_phase) -> tuple[list[dict], list | None, list[float]]:
+def merge_rounds(
+    cfg,
+    mode: str,
+    clients: list[str],
+    edge_records: dict[str, list[dict]],
+    lines: list[dict],
+    links_factory: Callable | None,
+    phase: Callable = _no_phase,
+) -> tuple[list[dict], list | None, list[float]]:
     """(per-round records, virtual timeline or None, measured round times)."""
     real = measured_round_times(clients, edge_records, lines)
     close = estimate_close_times(lines, edge_records)
@@ -75,11 +92,20 @@ def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, lis
         cm = line.get("clients", {}) or {}
         losses = [m["train_loss"] for m in cm.values() if "train_loss" in m]
         real_t += real[r]
-        rec = {"round": r, "eval_accuracy": line.get("eval_accuracy"), "eval_loss": line.get("eval_loss"),
-               "train_loss": sum(losses) / len(losses) if losses else None, "reported": line.get("reported"),
-               "late": line.get("late"), **byts[r], "real_round_s": real[r], "real_time_s": real_t,
-               "server_round_wall_s": line.get("round_wall_s"), "server_close_s": close[r],
-               "server_eval_s": line.get("eval_s")}
+        rec = {
+            "round": r,
+            "eval_accuracy": line.get("eval_accuracy"),
+            "eval_loss": line.get("eval_loss"),
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "reported": line.get("reported"),
+            "late": line.get("late"),
+            **byts[r],
+            "real_round_s": real[r],
+            "real_time_s": real_t,
+            "server_round_wall_s": line.get("round_wall_s"),
+            "server_close_s": close[r],
+            "server_eval_s": line.get("eval_s"),
+        }
         if line.get("pre_eval"):  # the global model before training (round 0's line only)
             rec["pre_eval_accuracy"] = line["pre_eval"].get("eval_accuracy")
             rec["pre_eval_loss"] = line["pre_eval"].get("eval_loss")
@@ -87,15 +113,17 @@ def merge_rounds(cfg, mode: str, clients: list[str], edge_records: dict[str, lis
             rec["eval_perplexity"] = line["eval_perplexity"]
         if timeline is not None:
             tl = timeline[r]
-            rec.update(sim_round_s=tl.duration, sim_time_s=tl.close, breakdown=tl.breakdown,
-                       critical_client=clients[tl.critical_client] if tl.critical_client >= 0 else None,
-                       per_client={clients[p["client"]]: {k: v for k, v in p.items() if k != "client"}
-                                   for p in tl.per_client})
+            rec.update(
+                sim_round_s=tl.duration,
+                sim_time_s=tl.close,
+                breakdown=tl.breakdown,
+                critical_client=clients[tl.critical_client] if tl.critical_client >= 0 else None,
+                per_client={clients[p["client"]]: {k: v for k, v in p.items() if k != "client"} for p in tl.per_client},
+            )
         else:  # no channel: simulated time is the measured time
             rec.update(sim_round_s=real[r], sim_time_s=real_t, breakdown=None)
         recs.append(rec)
     return recs, timeline, real
-
 
 
 def _save(fig, run_dir: Path, name: str) -> str:
@@ -122,8 +150,9 @@ def _legend_outside(ax, reverse: bool = False) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if reverse:
         handles, labels = handles[::-1], labels[::-1]
-    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-              frameon=False)
+    ax.legend(
+        handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False
+    )
 
 
 def critical_summary(recs: list[dict]) -> str:
@@ -135,8 +164,10 @@ def critical_summary(recs: list[dict]) -> str:
             by.setdefault(r["critical_client"], []).append(r["round"] + 1)
     if len(by) == 1:
         return next(iter(by))
-    return ", ".join(f"{c} (round{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
-                     for c, rs in sorted(by.items(), key=lambda kv: -len(kv[1])))
+    return ", ".join(
+        f"{c} (round{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+        for c, rs in sorted(by.items(), key=lambda kv: -len(kv[1]))
+    )
 
 
 def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
@@ -201,9 +232,17 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     return files
 
 
-def write_report(run_dir: Path, cfg, mode: str, clients: list[str], edge_records: dict[str, list[dict]],
-                 lines: list[dict], links_factory: Callable | None, wall_s: float,
-                 phase: Callable = _no_phase) -> dict:
+def write_report(
+    run_dir: Path,
+    cfg,
+    mode: str,
+    clients: list[str],
+    edge_records: dict[str, list[dict]],
+    lines: list[dict],
+    links_factory: Callable | None,
+    wall_s: float,
+    phase: Callable = _no_phase,
+) -> dict:
     """metrics.jsonl, summary.json and the plots; `phase(name, detail)` hears of the replay and report phases."""
     run_dir = Path(run_dir)
     recs, timeline, real = merge_rounds(cfg, mode, clients, edge_records, lines, links_factory, phase)
@@ -213,13 +252,21 @@ def write_report(run_dir: Path, cfg, mode: str, clients: list[str], edge_records
             f.write(json.dumps(rec) + "\n")
     last = recs[-1] if recs else {}
     summary = {
-        "name": cfg.name, "mode": mode, "num_clients": cfg.num_clients, "rounds": len(recs),
+        "name": cfg.name,
+        "mode": mode,
+        "num_clients": cfg.num_clients,
+        "rounds": len(recs),
         "initial_accuracy": recs[0].get("pre_eval_accuracy") if recs else None,
-        "final_accuracy": last.get("eval_accuracy"), "final_loss": last.get("eval_loss"),
-        "total_bytes_up": sum(r["bytes_up"] for r in recs), "total_bytes_down": sum(r["bytes_down"] for r in recs),
+        "final_accuracy": last.get("eval_accuracy"),
+        "final_loss": last.get("eval_loss"),
+        "total_bytes_up": sum(r["bytes_up"] for r in recs),
+        "total_bytes_down": sum(r["bytes_down"] for r in recs),
         "setup_bytes_down": sum(r["bytes_setup_down"] for r in recs),
-        "total_sim_time_s": last.get("sim_time_s"), "total_real_time_s": last.get("real_time_s"),
-        "wall_time_s": wall_s, "agreement": None, "run_dir": str(run_dir),
+        "total_sim_time_s": last.get("sim_time_s"),
+        "total_real_time_s": last.get("real_time_s"),
+        "wall_time_s": wall_s,
+        "agreement": None,
+        "run_dir": str(run_dir),
     }
     if "eval_perplexity" in last:
         summary["final_perplexity"] = last["eval_perplexity"]
@@ -228,13 +275,16 @@ def write_report(run_dir: Path, cfg, mode: str, clients: list[str], edge_records
         summary["agreement"] = {
             "round_time": agreement(sim, real),
             # the same without the server's close work (identical on both sides by construction)
-            "open_to_last_push": agreement([t.duration - r["server_close_s"] for t, r in zip(timeline, recs)],
-                                           [r["server_round_wall_s"] or 0.0 for r in recs]),
+            "open_to_last_push": agreement(
+                [t.duration - r["server_close_s"] for t, r in zip(timeline, recs)],
+                [r["server_round_wall_s"] or 0.0 for r in recs],
+            ),
         }
         try:
             stats = json.loads((run_dir / "proxy_stats.json").read_text())
-            summary["proxy_timing_error_ms"] = [{d: s[d]["timing_error"] for d in ("uplink", "downlink")}
-                                                for s in stats]
+            summary["proxy_timing_error_ms"] = [
+                {d: s[d]["timing_error"] for d in ("uplink", "downlink")} for s in stats
+            ]
         except (OSError, ValueError, KeyError):
             pass
     try:
@@ -259,14 +309,17 @@ def compare_runs(virtual_dir: Path, realtime_dir: Path) -> dict:
     r_recs, r_sum = _load_run(realtime_dir)
     cross = agreement([r["sim_round_s"] for r in v_recs], [r["real_round_s"] for r in r_recs])
     return {
-        "virtual_run": str(virtual_dir), "realtime_run": str(realtime_dir),
+        "virtual_run": str(virtual_dir),
+        "realtime_run": str(realtime_dir),
         "virtual_sim_round_s": [r["sim_round_s"] for r in v_recs],
         "realtime_measured_round_s": [r["real_round_s"] for r in r_recs],
         "realtime_replayed_round_s": [r["sim_round_s"] for r in r_recs],
         "agreement_cross_run": cross,
         "agreement_same_run_replay": (r_sum.get("agreement") or {}).get("round_time"),
-        "wall_virtual_s": v_sum["wall_time_s"], "wall_realtime_s": r_sum["wall_time_s"],
+        "wall_virtual_s": v_sum["wall_time_s"],
+        "wall_realtime_s": r_sum["wall_time_s"],
         "wall_speedup": r_sum["wall_time_s"] / v_sum["wall_time_s"],
-        "training_wall_virtual_s": v_sum["total_real_time_s"], "training_wall_realtime_s": r_sum["total_real_time_s"],
+        "training_wall_virtual_s": v_sum["total_real_time_s"],
+        "training_wall_realtime_s": r_sum["total_real_time_s"],
         "training_wall_speedup": r_sum["total_real_time_s"] / v_sum["total_real_time_s"],
     }

@@ -6,6 +6,7 @@ the same link models on a simulated clock, see `splitwave.timeline`). Child proc
 process groups and are always terminated on the way out (Ctrl-C, errors, timeouts), and they die with
 this process (PR_SET_PDEATHSIG) even if it is killed outright.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,13 +22,22 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from channel_sim import Cell, LinkPair, ShapingProxy, make_link_pair, place_clients
-from splitwave.config import ConfigError, ExperimentConfig, dump_config
+from splitwave.channel import Cell, LinkPair, ShapingProxy, make_link_pair, place_clients
+from splitwave.common.config import ConfigError, ExperimentConfig, dump_config
 
 log = logging.getLogger(__name__)
 
-CELL_KEYS = {"r_cell_m", "d_min_m", "bandwidth_mhz", "allocation", "n_active", "distances_m", "seed",
-             "uplink", "downlink"}
+CELL_KEYS = {
+    "r_cell_m",
+    "d_min_m",
+    "bandwidth_mhz",
+    "allocation",
+    "n_active",
+    "distances_m",
+    "seed",
+    "uplink",
+    "downlink",
+}
 
 
 class SimulationError(RuntimeError):
@@ -73,8 +83,10 @@ def link_specs(cfg: ExperimentConfig) -> list[dict]:
         pc = ch.per_client[k % len(ch.per_client)] if ch.per_client else {}
         unknown = set(pc) - {"uplink", "downlink"}
         if unknown:
-            raise ConfigError(f"channel.per_client[{k % len(ch.per_client)}]: unknown keys {sorted(unknown)} "
-                              "(expected uplink, downlink)")
+            raise ConfigError(
+                f"channel.per_client[{k % len(ch.per_client)}]: unknown keys {sorted(unknown)} "
+                "(expected uplink, downlink)"
+            )
         up, down = _merge(ch.uplink, pc.get("uplink")), _merge(ch.downlink, pc.get("downlink"))
         up.setdefault("seed", cfg.seed * 1000 + 2 * k)
         down.setdefault("seed", cfg.seed * 1000 + 2 * k + 1)
@@ -120,8 +132,15 @@ class ProcessGroup:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log_path, "wb")
         try:
-            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, preexec_fn=_pdeathsig, env=env)
+            p = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,
+                env=env,
+            )
         finally:
             fh.close()
         self.procs[name], self.logs[name] = p, log_path
@@ -184,8 +203,14 @@ class _Progress:
 
             console = Console(stderr=True)
             if console.is_terminal:
-                self.bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+                self.bar = Progress(
+                    TextColumn(f"[bold]{name}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(),
+                    console=console,
+                )
                 self.task = self.bar.add_task("rounds", total=total, info="starting")
                 self.bar.start()
 
@@ -228,9 +253,16 @@ def make_run_dir(cfg: ExperimentConfig) -> Path:
     return d
 
 
-def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | None = None,
-             startup_timeout_s: float = 900.0, round_timeout_s: float | None = None,
-             progress: bool = True, edge_threads: int | None = 1, exit_timeout_s: float = 60.0) -> Path:
+def simulate(
+    cfg: ExperimentConfig,
+    virtual_only: bool = False,
+    run_dir: Path | None = None,
+    startup_timeout_s: float = 900.0,
+    round_timeout_s: float | None = None,
+    progress: bool = True,
+    edge_threads: int | None = 1,
+    exit_timeout_s: float = 60.0,
+) -> Path:
     """Run the experiment of `cfg`; returns the run directory (config.yaml, metrics.jsonl, summary.json, plots).
 
     Phases, each announced on the progress bar and in the log: training (server start, edges, rounds),
@@ -257,23 +289,39 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
     bar = _Progress(cfg.rounds.num_rounds, cfg.name, progress)
     old_term = None
     if threading.current_thread() is threading.main_thread():
+
         def _on_term(*_):
             raise KeyboardInterrupt("SIGTERM")
+
         old_term = signal.signal(signal.SIGTERM, _on_term)
     t_wall0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     try:
         ready = run_dir / "server.ready.json"
         cache = _cache_root()
-        server = procs.start("server", _cli("server", str(run_dir / "config.yaml"), "--run-dir",
-                                            str(run_dir / "server"), "--ready-file", str(ready),
-                                            "--cache-dir", str(cache / "bundles")), run_dir / "logs" / "server.log", env)
+        server = procs.start(
+            "server",
+            _cli(
+                "server",
+                str(run_dir / "config.yaml"),
+                "--run-dir",
+                str(run_dir / "server"),
+                "--ready-file",
+                str(ready),
+                "--cache-dir",
+                str(cache / "bundles"),
+            ),
+            run_dir / "logs" / "server.log",
+            env,
+        )
         bar.phase("training", "starting the server (the first run of a model exports its edge bundle)")
         end = time.monotonic() + startup_timeout_s
         while not ready.exists():
             if server.poll() is not None:
-                raise SimulationError(f"server exited with code {server.returncode} before serving; log "
-                                      f"{procs.logs['server']}:\n{procs.tail('server')}")
+                raise SimulationError(
+                    f"server exited with code {server.returncode} before serving; log "
+                    f"{procs.logs['server']}:\n{procs.tail('server')}"
+                )
             if time.monotonic() > end:
                 raise SimulationError(f"server not ready after {startup_timeout_s:.0f} s; log {procs.logs['server']}")
             time.sleep(0.1)
@@ -287,8 +335,19 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
             targets = [f"127.0.0.1:{px.port}" for px in proxies]
         edge_dir = run_dir / "edges"
         for name, target in zip(clients, targets):
-            argv = _cli("edge", "--server", target, "--name", name, "--cache-dir", str(cache / "edge"),
-                        "--metrics", str(edge_dir / f"{name}.jsonl"), "--backend", cfg.training.edge_backend)
+            argv = _cli(
+                "edge",
+                "--server",
+                target,
+                "--name",
+                name,
+                "--cache-dir",
+                str(cache / "edge"),
+                "--metrics",
+                str(edge_dir / f"{name}.jsonl"),
+                "--backend",
+                cfg.training.edge_backend,
+            )
             if edge_threads:
                 argv += ["--threads", str(edge_threads)]
             procs.start(name, argv, run_dir / "logs" / f"{name}.log", env)
@@ -310,18 +369,23 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
             rc = server.poll()
             if rc is not None:
                 if rc != 0:
-                    raise SimulationError(f"server exited with code {rc}; log {procs.logs['server']}:\n"
-                                          f"{procs.tail('server')}")
+                    raise SimulationError(
+                        f"server exited with code {rc}; log {procs.logs['server']}:\n{procs.tail('server')}"
+                    )
                 running = [n for n in clients if procs.procs[n].poll() is None]
                 if not running:
                     break
                 server_done = server_done or time.monotonic()
                 if time.monotonic() - server_done > exit_timeout_s:
-                    raise SimulationError(f"the server finished but {', '.join(running)} did not exit within "
-                                          f"{exit_timeout_s:.0f} s; logs in {run_dir / 'logs'}")
+                    raise SimulationError(
+                        f"the server finished but {', '.join(running)} did not exit within "
+                        f"{exit_timeout_s:.0f} s; logs in {run_dir / 'logs'}"
+                    )
             if time.monotonic() - last_progress > round_timeout_s:
-                raise SimulationError(f"no round finished for {round_timeout_s:.0f} s (round {seen} of "
-                                      f"{cfg.rounds.num_rounds}); logs in {run_dir / 'logs'}")
+                raise SimulationError(
+                    f"no round finished for {round_timeout_s:.0f} s (round {seen} of "
+                    f"{cfg.rounds.num_rounds}); logs in {run_dir / 'logs'}"
+                )
             time.sleep(0.2)
         wall = time.time() - t_wall0
         log.info("training done in %.1f s", wall)
@@ -339,13 +403,20 @@ def simulate(cfg: ExperimentConfig, virtual_only: bool = False, run_dir: Path | 
     try:
         lines = _read_jsonl(run_dir / "server" / "server_metrics.jsonl")
         if len(lines) < cfg.rounds.num_rounds:
-            raise SimulationError(f"server finished after {len(lines)} of {cfg.rounds.num_rounds} rounds; logs in "
-                                  f"{run_dir / 'logs'}")
+            raise SimulationError(
+                f"server finished after {len(lines)} of {cfg.rounds.num_rounds} rounds; logs in {run_dir / 'logs'}"
+            )
         edge_records = {n: _read_jsonl(edge_dir / f"{n}.jsonl") for n in clients}
-        summary = report.write_report(run_dir, cfg, mode, clients, edge_records, lines,
-                                      lambda: build_links(cfg, specs), wall, phase=bar.phase)
+        summary = report.write_report(
+            run_dir, cfg, mode, clients, edge_records, lines, lambda: build_links(cfg, specs), wall, phase=bar.phase
+        )
     finally:
         bar.close()
-    log.info("run %s: final accuracy %s, simulated %.1f s, wall %.1f s", run_dir, summary.get("final_accuracy"),
-             summary.get("total_sim_time_s") or 0.0, wall)
+    log.info(
+        "run %s: final accuracy %s, simulated %.1f s, wall %.1f s",
+        run_dir,
+        summary.get("final_accuracy"),
+        summary.get("total_sim_time_s") or 0.0,
+        wall,
+    )
     return run_dir

@@ -14,13 +14,14 @@ The latency breakdown of a round is that of its critical client (the last adapte
 server's close time, split into `evaluation` (the global evaluation's measured `eval_s`) and `aggregation`
 (the rest), so the parts add up to the round duration exactly.
 """
+
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
-from channel_sim import LinkPair, ServerQueue
+from splitwave.channel import LinkPair, ServerQueue
 
 PARTS = ("edge_compute", "uplink", "server_wait", "server_compute", "downlink", "aggregation", "evaluation")
 
@@ -65,8 +66,12 @@ def _zero() -> dict[str, float]:
     return {p: 0.0 for p in PARTS}
 
 
-def simulate_timeline(links: Sequence[LinkPair], rounds: Sequence[dict[int, ClientRound]],
-                      t_close: Sequence[float], t_eval: Sequence[float] | None = None) -> list[RoundTiming]:
+def simulate_timeline(
+    links: Sequence[LinkPair],
+    rounds: Sequence[dict[int, ClientRound]],
+    t_close: Sequence[float],
+    t_eval: Sequence[float] | None = None,
+) -> list[RoundTiming]:
     """Virtual timeline of a run. `rounds[r]` maps client index -> its measured work in round r (clients
     absent from a round did not take part); `t_close[r]` is the server's measured close time of round r,
     `t_eval[r]` the part of it spent on the global evaluation (default 0)."""
@@ -143,8 +148,17 @@ def simulate_timeline(links: Sequence[LinkPair], rounds: Sequence[dict[int, Clie
         bd = dict(parts[last]) if last >= 0 else _zero()
         bd["evaluation"] = min(float(t_close[r]), float(t_eval[r]) if t_eval is not None else 0.0)
         bd["aggregation"] = float(t_close[r]) - bd["evaluation"]
-        out.append(RoundTiming(r, prev_close, close, close - prev_close, last, bd,
-                               [{"client": k, **parts[k], "push_arrival": push_arrival[k]} for k in sorted(work)]))
+        out.append(
+            RoundTiming(
+                r,
+                prev_close,
+                close,
+                close - prev_close,
+                last,
+                bd,
+                [{"client": k, **parts[k], "push_arrival": push_arrival[k]} for k in sorted(work)],
+            )
+        )
         prev_close = close
     return out
 
@@ -176,7 +190,9 @@ def estimate_close_times(lines: list[dict], edge_records: dict[str, list[dict]])
     if later:
         tc[0] = later[len(later) // 2]
     elif lines:
-        pushes = [rec for recs in edge_records.values() for rec in recs if rec.get("kind") == "push" and rec["round"] == 0]
+        pushes = [
+            rec for recs in edge_records.values() for rec in recs if rec.get("kind") == "push" and rec["round"] == 0
+        ]
         tc[0] = max((p["push_s"] for p in pushes), default=0.0)
     if lines:
         measured = float(lines[0].get("aggregate_s") or 0.0) + float(lines[0].get("eval_s") or 0.0)
@@ -189,8 +205,9 @@ def eval_times(lines: list[dict]) -> list[float]:
     return [max(0.0, float(line.get("eval_s") or 0.0)) for line in lines]
 
 
-def rounds_from_records(clients: list[str], edge_records: dict[str, list[dict]],
-                        lines: list[dict]) -> list[dict[int, ClientRound]]:
+def rounds_from_records(
+    clients: list[str], edge_records: dict[str, list[dict]], lines: list[dict]
+) -> list[dict[int, ClientRound]]:
     """Per round, per client index: the measured work (ClientRound) from edge JSON lines and server lines."""
     out: list[dict[int, ClientRound]] = []
     for r in range(len(lines)):
@@ -206,20 +223,37 @@ def rounds_from_records(clients: list[str], edge_records: dict[str, list[dict]],
             st_list = []
             for s in steps:
                 busy = s["edge_fwd_s"] + s["roundtrip_s"] + s["edge_bwd_s"]
-                st_list.append(StepTimes(s["edge_fwd_s"], s["edge_bwd_s"], s["server_s"], int(s["bytes_up"]),
-                                         int(s["bytes_down"]), max(0.0, s["time"] - t - busy)))
+                st_list.append(
+                    StepTimes(
+                        s["edge_fwd_s"],
+                        s["edge_bwd_s"],
+                        s["server_s"],
+                        int(s["bytes_up"]),
+                        int(s["bytes_down"]),
+                        max(0.0, s["time"] - t - busy),
+                    )
+                )
                 t = s["time"]
-            work[k] = ClientRound(st_list, int(push["bytes_up"]), max(0.0, push["time"] - push["push_s"] - t),
-                                  CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES,
-                                  _bytes_diff(lines, r, f"{name}|down|AwaitRound") if r > 0 else 0)
+            work[k] = ClientRound(
+                st_list,
+                int(push["bytes_up"]),
+                max(0.0, push["time"] - push["push_s"] - t),
+                CONTROL_REPLY_BYTES,
+                CONTROL_REQUEST_BYTES,
+                _bytes_diff(lines, r, f"{name}|down|AwaitRound") if r > 0 else 0,
+            )
         out.append(work)
     return out
 
 
 def measured_round_times(clients: list[str], edge_records: dict[str, list[dict]], lines: list[dict]) -> list[float]:
     """Wall-clock round durations of the real run: L(r) - L(r-1) (round 0: from the first edge's start)."""
-    starts = [rec["time"] - rec["wall_s"] for name in clients for rec in edge_records.get(name, [])
-              if rec.get("kind") == "round" and rec["round"] == 0]
+    starts = [
+        rec["time"] - rec["wall_s"]
+        for name in clients
+        for rec in edge_records.get(name, [])
+        if rec.get("kind") == "round" and rec["round"] == 0
+    ]
     prev = min(starts) if starts else (lines[0]["time"] - lines[0]["round_wall_s"] if lines else 0.0)
     out = []
     for line in lines:

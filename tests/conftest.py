@@ -37,13 +37,17 @@ def make_split(family: str, task: str = "seq-cls", cut: int = 2, r: int = 4, alp
     """Deterministic tiny split with non-zero random LoRA factors (B = 0 would zero the lora_A grads)."""
     import torch
 
-    from server.models import build_model
-    from server.split import LoraSpec, split_model
+    from splitwave.server.models import build_model
+    from splitwave.server.split import LoraSpec, split_model
 
     split = split_model(build_model(family, task, seed=seed), cut, LoraSpec(r=r, alpha=alpha), task)
     g = torch.Generator().manual_seed(seed + 1)
-    split.set_edge_factors({k: (0.2 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()})
-    split.set_server_factors({k: (0.2 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.server_factors().items()})
+    split.set_edge_factors(
+        {k: (0.2 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()}
+    )
+    split.set_server_factors(
+        {k: (0.2 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.server_factors().items()}
+    )
     return split
 
 
@@ -57,12 +61,15 @@ def _config_key(cfg: dict) -> str:
 def require_shared(rel: str) -> Path:
     """A file of ../shared (data, traces) that a test needs: missing is a failure with the fix, never a skip,
     so a checkout without the shared folder cannot go green on fewer tests."""
-    from edge.paths import SHARED_ENV, shared_dir
+    from splitwave.common.paths import SHARED_ENV, shared_dir
 
     path = shared_dir() / rel
     if not path.exists():
-        pytest.fail(f"{path} is missing: these tests need the shared folder (datasets, traces) beside the "
-                    f"checkout as ../shared, or ${SHARED_ENV} pointing at it", pytrace=False)
+        pytest.fail(
+            f"{path} is missing: these tests need the shared folder (datasets, traces) beside the "
+            f"checkout as ../shared, or ${SHARED_ENV} pointing at it",
+            pytrace=False,
+        )
     return path
 
 
@@ -81,7 +88,7 @@ def shared_traces():
 @pytest.fixture(scope="session")
 def edge_bundle():
     """edge_bundle(family, task="seq-cls", cut=2, modes=("recompute","saved")) -> Bundle (cached)."""
-    from server.export import export_bundle
+    from splitwave.server.export import export_bundle
 
     memo: dict[str, Bundle] = {}
 

@@ -4,6 +4,7 @@ Every test uses the same model, LoRA and seed (so the exported bundle is built o
 .cache/bundles) and sfl-v1 (a top adapter per client), which makes a client's result independent of how
 its steps interleave with other clients' steps: runs can then be compared bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_CACHE = ROOT / ".cache" / "bundles"
@@ -38,7 +39,7 @@ def tiny_cfg(overrides: list[str] | None = None, **sections):
     """The shared tiny config; `sections` replace/extend top-level entries, `overrides` are a.b=value."""
     import copy
 
-    from splitwave.config import parse_config
+    from splitwave.common.config import parse_config
 
     raw = copy.deepcopy(BASE)
     for k, v in sections.items():
@@ -58,8 +59,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(cfg, run_dir: Path, credentials=None):
     """An in-process server (app + gRPC) that is always stopped."""
-    from server.app import SplitServer
-    from server.service import start_server
+    from splitwave.server.app import SplitServer
+    from splitwave.server.service import start_server
 
     app = SplitServer(cfg, Path(run_dir), cache_dir=BUNDLE_CACHE)
     running = start_server(app, credentials=credentials)
@@ -70,14 +71,15 @@ def serving(cfg, run_dir: Path, credentials=None):
 
 
 def make_client(address: str, name: str, cache_dir: Path, cls=None, **opts):
-    from edge.client import ClientOptions, EdgeClient
+    from splitwave.edge.client import ClientOptions, EdgeClient
 
     cls = cls or EdgeClient
     return cls(address, ClientOptions(name=name, cache_dir=Path(cache_dir), threads=1, **opts))
 
 
-def run_clients(address: str, names: list[str], cache_dir: Path, timeout: float = 120.0, classes: dict | None = None,
-                **opts) -> dict:
+def run_clients(
+    address: str, names: list[str], cache_dir: Path, timeout: float = 120.0, classes: dict | None = None, **opts
+) -> dict:
     """Run edge clients in threads until the server stops them; returns {name: summary or exception}.
     `classes` maps a name to an EdgeClient subclass to run under that name (default EdgeClient)."""
     out: dict = {}
@@ -102,8 +104,10 @@ def run_clients(address: str, names: list[str], cache_dir: Path, timeout: float 
 
 def final_factors(app) -> dict[str, np.ndarray]:
     """The run's result: the global edge adapter and the (aggregated) top adapter."""
-    return {**{f"edge/{k}": np.array(v) for k, v in app.global_edge_factors().items()},
-            **{f"top/{k}": np.array(v) for k, v in app.final_top_factors().items()}}
+    return {
+        **{f"edge/{k}": np.array(v) for k, v in app.global_edge_factors().items()},
+        **{f"top/{k}": np.array(v) for k, v in app.final_top_factors().items()},
+    }
 
 
 def assert_same_factors(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -143,8 +147,8 @@ def run_with_attack(tmp_path: Path, cfg, cache_dir: Path, attack=None, when=("st
     """One honest edge trains `cfg` (2 rounds); `attack(stub, joined, app)` fires once at `when`: ("step",
     round, step) after that step, ("round", round, None) before that round's training. Returns (final factors,
     the attack's result, the server) so a test can compare with a run without the attacker."""
-    from edge.client import EdgeClient
-    from protos import splitwave_pb2_grpc as pb_grpc
+    from splitwave.edge.client import EdgeClient
+    from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 
     box: dict = {}
 

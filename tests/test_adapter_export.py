@@ -1,4 +1,5 @@
 """`splitwave export-adapter` writes one standard PEFT folder that peft itself loads on the base model."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,21 +10,27 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edge.client import ClientOptions, EdgeClient
-from server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, apply_to_split, export_adapter, load_npz
-from server.app import SplitServer, build_split
-from server.models import build_model
-from server.service import start_server
 from splitwave.cli import main as cli_main
-from splitwave.config import parse_config
+from splitwave.common.config import parse_config
+from splitwave.edge.client import ClientOptions, EdgeClient
 from splitwave.launch import ROOT
+from splitwave.server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, apply_to_split, load_npz
+from splitwave.server.app import SplitServer, build_split
+from splitwave.server.models import build_model
+from splitwave.server.service import start_server
 
 
 def _train(tmp_path, raw):
     app = SplitServer(parse_config(raw), tmp_path / "run", cache_dir=ROOT / ".cache/bundles")
     with start_server(app) as srv:
-        threads = [threading.Thread(target=lambda i=i: EdgeClient(srv.address, ClientOptions(
-            name=f"e{i}", cache_dir=tmp_path / "cache")).run()) for i in range(raw["num_clients"])]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: EdgeClient(
+                    srv.address, ClientOptions(name=f"e{i}", cache_dir=tmp_path / "cache")
+                ).run()
+            )
+            for i in range(raw["num_clients"])
+        ]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
     return app
@@ -31,11 +38,15 @@ def _train(tmp_path, raw):
 
 @pytest.mark.parametrize("family,mode", [("bert", "sfl-v2"), ("gpt2", "sfl-v1")])
 def test_exported_adapter_loads_in_peft_and_matches_split_logits(tmp_path, family, mode):
-    raw = {"num_clients": 2, "seed": 3, "model": {"family": family, "tiny": True, "cut": 2},
-           "lora": {"r": 4, "alpha": 8}, "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32,
-                                                  "max_seq_len": 16},
-           "training": {"mode": mode, "batch_size": 8, "local_steps": 3, "optim": {"lr": 0.02}},
-           "rounds": {"num_rounds": 2}}
+    raw = {
+        "num_clients": 2,
+        "seed": 3,
+        "model": {"family": family, "tiny": True, "cut": 2},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32, "max_seq_len": 16},
+        "training": {"mode": mode, "batch_size": 8, "local_steps": 3, "optim": {"lr": 0.02}},
+        "rounds": {"num_rounds": 2},
+    }
     app = _train(tmp_path, raw)
     run = tmp_path / "run"
     assert cli_main(["-q", "export-adapter", str(run), str(tmp_path / "adapter")]) == 0
@@ -44,8 +55,9 @@ def test_exported_adapter_loads_in_peft_and_matches_split_logits(tmp_path, famil
     # the folder `splitwave simulate` prints (runs/NAME/TS) holds the server's run in server/: accepted as is
     shutil.copytree(run, tmp_path / "sim" / "server")
     assert cli_main(["-q", "export-adapter", str(tmp_path / "sim"), str(tmp_path / "adapter2")]) == 0
-    assert ((tmp_path / "adapter2/adapter_model.safetensors").read_bytes()
-            == (tmp_path / "adapter/adapter_model.safetensors").read_bytes())
+    assert (tmp_path / "adapter2/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "adapter/adapter_model.safetensors"
+    ).read_bytes()
 
     cfg = parse_config(raw)
     base = build_model(family, "seq-cls", 2, seed=cfg.seed)

@@ -1,9 +1,10 @@
 """Aggregation strategies checked against the math of shared/specs/aggregation.md (§1-10, §17)."""
+
 import numpy as np
 import pytest
 
-from server.aggregation import (STRATEGIES, ClientUpdate, load_state, make_strategy, save_state)
-from server.aggregation import lora_math as lm
+from splitwave.server.aggregation import STRATEGIES, ClientUpdate, load_state, make_strategy, save_state
+from splitwave.server.aggregation import lora_math as lm
 
 MODS = ("base_model.model.enc.layer.0.attn.query", "base_model.model.enc.layer.1.attn.value")
 D_OUT, D_IN, R, ALPHA = 12, 10, 3, 6.0
@@ -35,8 +36,13 @@ def directed_updates(st, t, rng, ranks=(R, R, R)):
         cid = f"c{k}"
         d = st.configure_round(t, [cid])[cid]
         f = adapter(rng, r)
-        out.append(ClientUpdate(cid, {key: f[key] if key in f else rng.normal(size=d.load_factors[key].shape)
-                                      for key in d.upload_keys}, 2 + k))
+        out.append(
+            ClientUpdate(
+                cid,
+                {key: f[key] if key in f else rng.normal(size=d.load_factors[key].shape) for key in d.upload_keys},
+                2 + k,
+            )
+        )
     return out
 
 
@@ -121,8 +127,10 @@ def test_rolora_alternates_starting_with_b_and_both_phases_are_exact():
         start = d.load_factors
         ups = []
         for k in range(3):
-            f = {lm.b_key(m) if phase == "B" else lm.a_key(m):
-                 rng.normal(size=(D_OUT, R) if phase == "B" else (R, D_IN)) for m in MODS}
+            f = {
+                lm.b_key(m) if phase == "B" else lm.a_key(m): rng.normal(size=(D_OUT, R) if phase == "B" else (R, D_IN))
+                for m in MODS
+            }
             ups.append(ClientUpdate(f"c{k}", f, 3 + 4 * k))
         with pytest.raises(ValueError):  # uploading the frozen factor changed is refused
             wrong = {**ups[0].factors, **{lm.a_key(m) if phase == "B" else lm.b_key(m): np.ones(1) for m in MODS}}
@@ -169,14 +177,16 @@ def test_flora_stacking_equals_weighted_sum_with_heterogeneous_ranks_and_scaling
     d = st.configure_round(0, ["c0"])["c0"]
     assert d.reinit_lora and d.load_factors is None
     ranks, alphas = [1, 3, 5], [2.0, 6.0, 16.0]
-    ups = [ClientUpdate(f"c{k}", adapter(rng, r), 7 * (k + 1), lora_alpha=a)
-           for k, (r, a) in enumerate(zip(ranks, alphas))]
+    ups = [
+        ClientUpdate(f"c{k}", adapter(rng, r), 7 * (k + 1), lora_alpha=a) for k, (r, a) in enumerate(zip(ranks, alphas))
+    ]
     res = st.aggregate(0, ups)
     p = weights(ups)
     assert res.global_factors is None
     for m in MODS:
-        ideal = sum(pk * (a / r) * u.factors[lm.b_key(m)] @ u.factors[lm.a_key(m)]
-                    for pk, a, r, u in zip(p, alphas, ranks, ups))
+        ideal = sum(
+            pk * (a / r) * u.factors[lm.b_key(m)] @ u.factors[lm.a_key(m)] for pk, a, r, u in zip(p, alphas, ranks, ups)
+        )
         np.testing.assert_allclose(res.base_deltas[m], ideal, atol=1e-12)
         Bf, Af = res.base_delta_factors[m]
         assert Bf.shape == (D_OUT, sum(ranks)) and Af.shape == (sum(ranks), D_IN)
@@ -188,14 +198,18 @@ def test_flexlora_full_rank_reproduces_mean_product_and_truncates_optimally():
     rng = np.random.default_rng(5)
     st = make("flexlora", client_ranks={"big": 6, "small": 2})
     st.initialize(adapter(rng, r=6, b_zero=True))
-    ups = [ClientUpdate("c0", adapter(rng, 2), 3, lora_alpha=4.0),
-           ClientUpdate("c1", adapter(rng, 3), 5, lora_alpha=ALPHA)]
+    ups = [
+        ClientUpdate("c0", adapter(rng, 2), 3, lora_alpha=4.0),
+        ClientUpdate("c1", adapter(rng, 3), 5, lora_alpha=ALPHA),
+    ]
     res = st.aggregate(0, ups)
     p = weights(ups)
     dirs = st.configure_round(1, ["big", "small"])
     for m in MODS:
-        dW = sum(pk * (u.lora_alpha / u.factors[lm.a_key(m)].shape[0]) * u.factors[lm.b_key(m)] @ u.factors[lm.a_key(m)]
-                 for pk, u in zip(p, ups))
+        dW = sum(
+            pk * (u.lora_alpha / u.factors[lm.a_key(m)].shape[0]) * u.factors[lm.b_key(m)] @ u.factors[lm.a_key(m)]
+            for pk, u in zip(p, ups)
+        )
         A, B = AB(dirs["big"].load_factors, m)  # rank 6 >= rank(dW) = 5
         assert A.shape == (6, D_IN) and B.shape == (D_OUT, 6)
         np.testing.assert_allclose((ALPHA / 6) * B @ A, dW, atol=1e-10)
@@ -280,7 +294,9 @@ def test_fedsa_averages_a_and_keeps_b_per_client():
     res = st.aggregate(0, ups)
     p = weights(ups)
     for m in MODS:
-        np.testing.assert_allclose(res.global_factors[lm.a_key(m)], sum(pk * u.factors[lm.a_key(m)] for pk, u in zip(p, ups)))
+        np.testing.assert_allclose(
+            res.global_factors[lm.a_key(m)], sum(pk * u.factors[lm.a_key(m)] for pk, u in zip(p, ups))
+        )
         assert lm.b_key(m) not in res.global_factors
         for u in ups:
             np.testing.assert_array_equal(res.client_factors[u.client_id][lm.b_key(m)], u.factors[lm.b_key(m)])
@@ -299,8 +315,11 @@ def test_server_opt_avgm_without_momentum_is_plain_and_adam_differs():
     rng = np.random.default_rng(10)
     init = adapter(rng, b_zero=True)
     ups = updates(rng)
-    plain, avgm, adam = make("fedit"), make("fedit", server_opt={"name": "avgm", "momentum": 0.0, "lr": 1.0}), \
-        make("fedit", server_opt={"name": "adam", "lr": 0.1, "betas": (0.9, 0.99), "tau": 1e-3})
+    plain, avgm, adam = (
+        make("fedit"),
+        make("fedit", server_opt={"name": "avgm", "momentum": 0.0, "lr": 1.0}),
+        make("fedit", server_opt={"name": "adam", "lr": 0.1, "betas": (0.9, 0.99), "tau": 1e-3}),
+    )
     outs = []
     for st in (plain, avgm, adam):
         st.initialize(init)
@@ -309,15 +328,18 @@ def test_server_opt_avgm_without_momentum_is_plain_and_adam_differs():
         np.testing.assert_allclose(outs[1][k], outs[0][k], atol=1e-12)
     k = lm.b_key(MODS[0])  # FedAdam's first step (no bias correction, Reddi et al.)
     delta = outs[0][k] - init[k]
-    want = init[k] + 0.1 * (0.1 * delta) / (np.sqrt(0.01 * delta ** 2) + 1e-3)
+    want = init[k] + 0.1 * (0.1 * delta) / (np.sqrt(0.01 * delta**2) + 1e-3)
     np.testing.assert_allclose(outs[2][k], want, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- state survives save/restore
 CASES = [(n, {}) for n in STRATEGIES] + [
-    ("fedit", {"server_opt": {"name": "yogi"}}), ("rbla", {"server_opt": {"name": "avgm"}}),
+    ("fedit", {"server_opt": {"name": "yogi"}}),
+    ("rbla", {"server_opt": {"name": "avgm"}}),
     ("ffa-lora", {"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0, "seed": 3}}),
-    ("fedsa-lora", {"keep_local_on_server": True}), ("fedex-lora", {"robust": {"method": "median"}})]
+    ("fedsa-lora", {"keep_local_on_server": True}),
+    ("fedex-lora", {"robust": {"method": "median"}}),
+]
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{'+'.join(kw) or 'plain'}" for n, kw in CASES])
@@ -343,27 +365,30 @@ def test_state_survives_save_restore(tmp_path, name, kw):
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("name,kw,match", [
-    ("fedit", {"lr": 1.0}, "lr"),
-    ("nope", {}, "unknown strategy"),
-    ("fedit", {"lora_alpha": -1}, "lora_alpha"),
-    ("fedit", {"robust": {"method": "mode"}}, "robust.method"),
-    ("fedit", {"robust": {"clip": 1}}, "clip"),
-    ("fedit", {"robust": {"method": "trimmed_mean", "trim_ratio": 0.5}}, "trim_ratio"),
-    ("fedit", {"server_opt": {"name": "adam", "beta": 0.9}}, "beta"),
-    ("fedit", {"server_opt": {"name": "sgdx"}}, "server_opt.name"),
-    ("fedit", {"server_opt": {"name": "adam", "tau": 0}}, "tau"),
-    ("fedit", {"dp": {"noise_multiplier": 1.0}}, "dp.clip_norm"),
-    ("fedit", {"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}, "robust": {"method": "median"}}, "dp requires"),
-    ("fedex-lora", {"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "dp"),
-    ("fedex-lora", {"server_opt": {"name": "adam"}}, "server_opt"),
-    ("flora", {"robust": {"method": "median"}}, "robust.method"),
-    ("fedit", {"client_ranks": {"a": 2}}, "client_ranks"),
-    ("hetlora", {"client_ranks": {"a": 0}}, "client_ranks"),
-    ("hetlora", {"weighting": "magic"}, "weighting"),
-    ("rolora", {"start_phase": "C"}, "start_phase"),
-    ("flexlora", {"max_rank": 0}, "max_rank"),
-])
+@pytest.mark.parametrize(
+    "name,kw,match",
+    [
+        ("fedit", {"lr": 1.0}, "lr"),
+        ("nope", {}, "unknown strategy"),
+        ("fedit", {"lora_alpha": -1}, "lora_alpha"),
+        ("fedit", {"robust": {"method": "mode"}}, "robust.method"),
+        ("fedit", {"robust": {"clip": 1}}, "clip"),
+        ("fedit", {"robust": {"method": "trimmed_mean", "trim_ratio": 0.5}}, "trim_ratio"),
+        ("fedit", {"server_opt": {"name": "adam", "beta": 0.9}}, "beta"),
+        ("fedit", {"server_opt": {"name": "sgdx"}}, "server_opt.name"),
+        ("fedit", {"server_opt": {"name": "adam", "tau": 0}}, "tau"),
+        ("fedit", {"dp": {"noise_multiplier": 1.0}}, "dp.clip_norm"),
+        ("fedit", {"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}, "robust": {"method": "median"}}, "dp requires"),
+        ("fedex-lora", {"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "dp"),
+        ("fedex-lora", {"server_opt": {"name": "adam"}}, "server_opt"),
+        ("flora", {"robust": {"method": "median"}}, "robust.method"),
+        ("fedit", {"client_ranks": {"a": 2}}, "client_ranks"),
+        ("hetlora", {"client_ranks": {"a": 0}}, "client_ranks"),
+        ("hetlora", {"weighting": "magic"}, "weighting"),
+        ("rolora", {"start_phase": "C"}, "start_phase"),
+        ("flexlora", {"max_rank": 0}, "max_rank"),
+    ],
+)
 def test_bad_params_raise_clear_value_error(name, kw, match):
     with pytest.raises(ValueError, match=match):
         make_strategy(name, **kw)

@@ -5,6 +5,7 @@ bad message sequence with a raw stub (often using the honest client's own token:
 for a peer that stole it) and checks the status code and message. The honest client's final adapters must
 equal those of a run with no bad traffic, bit for bit.
 """
+
 from __future__ import annotations
 
 import threading
@@ -13,10 +14,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 from net_helpers import CAPS, ROOT, assert_same_factors, run_with_attack, tiny_cfg
-from protos import splitwave_pb2 as pb
-from protos.codec import encode
+
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import encode
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 B, S, H = 8, 16, 32  # batch, sequence, hidden of the tiny config
@@ -24,7 +25,9 @@ B, S, H = 8, 16, 32  # batch, sequence, hidden of the tiny config
 
 def _run(tmp_path, attack=None):
     """Run the honest client; `attack(stub, joined)` fires after step 1 of round 0. Returns (factors, result, srv)."""
-    return run_with_attack(tmp_path, tiny_cfg(), EDGE_CACHE, attack and (lambda stub, joined, app: attack(stub, joined)))
+    return run_with_attack(
+        tmp_path, tiny_cfg(), EDGE_CACHE, attack and (lambda stub, joined, app: attack(stub, joined))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,12 @@ def reference(tmp_path_factory):
 
 
 def _hdr(j, round_idx=0, step=2, token=None, run_id=None):
-    return pb.Header(session_token=j.session_token if token is None else token,
-                     run_id=j.run_id if run_id is None else run_id, round=round_idx, step=step)
+    return pb.Header(
+        session_token=j.session_token if token is None else token,
+        run_id=j.run_id if run_id is None else run_id,
+        round=round_idx,
+        step=step,
+    )
 
 
 def _step(j, h=None, mask=None, labels=None, **hk):
@@ -44,8 +51,11 @@ def _step(j, h=None, mask=None, labels=None, **hk):
     mask = np.ones((B, S), np.int64) if mask is None else mask
     labels = np.zeros(B, np.int64) if labels is None else labels
     hdr = _hdr(j, **hk)
-    msgs = [pb.TrainRequest(header=hdr, frame=f) for name, a in (("h", h), ("attention_mask", mask),
-                                                                  ("labels", labels)) for f in encode(name, a)]
+    msgs = [
+        pb.TrainRequest(header=hdr, frame=f)
+        for name, a in (("h", h), ("attention_mask", mask), ("labels", labels))
+        for f in encode(name, a)
+    ]
     return msgs + [pb.TrainRequest(header=hdr, end_step=pb.StepEnd(batch_size=B))]
 
 
@@ -77,20 +87,29 @@ def frame_missing(stub, j):
 
 
 def oversized_message(stub, j):
-    big = pb.TensorFrame(name="h", dtype="uint8", shape=[3 << 20], codec="raw", frame_index=0, frame_count=1,
-                         payload=b"\0" * (3 << 20))
+    big = pb.TensorFrame(
+        name="h", dtype="uint8", shape=[3 << 20], codec="raw", frame_index=0, frame_count=1, payload=b"\0" * (3 << 20)
+    )
     return _train(stub, [pb.TrainRequest(header=_hdr(j), frame=big)])
 
 
 def huge_shape(stub, j):
-    f = pb.TensorFrame(name="h", dtype="float32", shape=[1 << 20, 1 << 20, H], codec="raw", frame_index=0,
-                       frame_count=1, payload=b"\0" * 64)
+    f = pb.TensorFrame(
+        name="h",
+        dtype="float32",
+        shape=[1 << 20, 1 << 20, H],
+        codec="raw",
+        frame_index=0,
+        frame_count=1,
+        payload=b"\0" * 64,
+    )
     return _train(stub, [pb.TrainRequest(header=_hdr(j), frame=f)])
 
 
 def negative_shape(stub, j):
-    f = pb.TensorFrame(name="h", dtype="float32", shape=[B, -1, H], codec="raw", frame_index=0, frame_count=1,
-                       payload=b"\0" * 64)
+    f = pb.TensorFrame(
+        name="h", dtype="float32", shape=[B, -1, H], codec="raw", frame_index=0, frame_count=1, payload=b"\0" * 64
+    )
     return _train(stub, [pb.TrainRequest(header=_hdr(j), frame=f)])
 
 
@@ -103,8 +122,9 @@ def wrong_dtype(stub, j):
 
 
 def unknown_dtype(stub, j):
-    f = pb.TensorFrame(name="h", dtype="complex64", shape=[2], codec="raw", frame_index=0, frame_count=1,
-                       payload=b"\0" * 16)
+    f = pb.TensorFrame(
+        name="h", dtype="complex64", shape=[2], codec="raw", frame_index=0, frame_count=1, payload=b"\0" * 16
+    )
     return _train(stub, [pb.TrainRequest(header=_hdr(j), frame=f)])
 
 

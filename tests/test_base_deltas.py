@@ -1,12 +1,13 @@
 """Base-weight deltas (FedEx-LoRA, FLoRA) folded into the ONNX edge equal the same fold in torch."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from edge.runtime import EdgeRuntime
-from edge.torch_backend import TorchEdge
+from splitwave.edge.runtime import EdgeRuntime
+from splitwave.server.torch_edge import TorchEdge
 
 
 @pytest.mark.parametrize("family,mode", [("bert", "saved"), ("bert", "recompute"), ("gpt2", "saved")])

@@ -3,6 +3,7 @@
 The exactness of causal-LM split training over gRPC is in test_grpc_exactness.py, the end-to-end runner on
 configs/e2e-gpt2-tiny.yaml in test_runner.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,28 +13,33 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from edge import data as D
-from edge.shard import build_token_dataset, partition
 from net_helpers import ROOT, run_clients, serving
-from server.app import build_split, data_spec, tokenizer_source
-from server.errors import ServiceError
-from server.evaluation import evaluate
-from server.models import minilm_path
-from server.reference import centralized_train
-from server.trainer import _accuracy
-from splitwave.config import ConfigError, parse_config
+
+from splitwave.common import data as D
+from splitwave.common.config import ConfigError, parse_config
+from splitwave.common.shard import build_token_dataset, partition
+from splitwave.server.app import build_split, data_spec, tokenizer_source
+from splitwave.server.errors import ServiceError
+from splitwave.server.evaluation import evaluate
+from splitwave.server.models import minilm_path
+from splitwave.server.reference import centralized_train
+from splitwave.server.trainer import _accuracy
 
 E2E_CONFIG = ROOT / "configs" / "e2e-gpt2-tiny.yaml"
 
 
 def _synthetic_cfg(family: str = "gpt2", **data):
-    return parse_config({
-        "seed": 0, "num_clients": 1,
-        "model": {"family": family, "tiny": True, "task": "causal-lm", "cut": 2, "init_std": 0.18},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"dataset": "synthetic", "num_train": 256, "num_eval": 64, "max_seq_len": 16, **data},
-        "training": {"batch_size": 16, "local_steps": 10, "optim": {"lr": 0.03}}, "rounds": {"num_rounds": 3}})
+    return parse_config(
+        {
+            "seed": 0,
+            "num_clients": 1,
+            "model": {"family": family, "tiny": True, "task": "causal-lm", "cut": 2, "init_std": 0.18},
+            "lora": {"r": 4, "alpha": 8},
+            "data": {"dataset": "synthetic", "num_train": 256, "num_eval": 64, "max_seq_len": 16, **data},
+            "training": {"batch_size": 16, "local_steps": 10, "optim": {"lr": 0.03}},
+            "rounds": {"num_rounds": 3},
+        }
+    )
 
 
 def _e2e_raw(**overrides) -> dict:
@@ -44,6 +50,7 @@ def _e2e_raw(**overrides) -> dict:
 
 
 # -- data --------------------------------------------------------------------------------------------------
+
 
 def test_synthetic_causal_lm_follows_one_successor_rule_and_batches_trim_labels():
     train = D.synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
@@ -56,7 +63,7 @@ def test_synthetic_causal_lm_follows_one_successor_rule_and_batches_trim_labels(
             assert (lab[n:] == D.IGNORE_INDEX).all() and (ids[n:] == 0).all()
             first = int(np.flatnonzero(lab != D.IGNORE_INDEX)[0])
             assert 1 <= first <= 3 and (lab[first:n] == ids[first:n]).all()  # prompt unlabelled, target labelled
-            for prev, tok in zip(ids[first - 1:n - 1], ids[first:n]):
+            for prev, tok in zip(ids[first - 1 : n - 1], ids[first:n]):
                 assert succ.setdefault(int(prev), int(tok)) == tok  # train and eval share one rule
     assert len(succ) == 16 and sorted(succ.values()) == sorted(succ)  # a permutation of the 16-token alphabet
     again = D.synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
@@ -64,14 +71,14 @@ def test_synthetic_causal_lm_follows_one_successor_rule_and_batches_trim_labels(
 
     ids, mask, labels = train.batch([3, 1, 4])
     assert labels.shape == ids.shape == (3, mask.sum(1).max())
-    assert np.array_equal(labels, train.labels[[3, 1, 4], :ids.shape[1]])
-    assert (train.labels[[3, 1, 4], ids.shape[1]:] == D.IGNORE_INDEX).all()  # only unlabelled columns dropped
+    assert np.array_equal(labels, train.labels[[3, 1, 4], : ids.shape[1]])
+    assert (train.labels[[3, 1, 4], ids.shape[1] :] == D.IGNORE_INDEX).all()  # only unlabelled columns dropped
 
 
 def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
     spec = {"dataset": "e2e", "split": "valid", "limit": 16, "seed": 0, "max_seq_len": 64, "task": "causal-lm"}
     ds = build_token_dataset(spec, minilm_path())
-    from edge.tokenizer import Tokenizer
+    from splitwave.common.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(minilm_path())
     raw = D.load_e2e("valid", limit=16, seed=0)
@@ -100,14 +107,17 @@ def test_causal_lm_is_partitioned_iid_only():
         partition(data, 4, "dirichlet", 0.3, seed=0)
 
 
-@pytest.mark.parametrize("raw, field", [
-    ({"model": {"task": "causal-lm"}, "data": {"partition": "dirichlet"}}, "data.partition"),
-    ({"model": {"family": "gpt2", "task": "causal-lm"}, "data": {"dataset": "e2e"}}, "model.tokenizer"),
-    ({"data": {"dataset": "sst2"}}, "model.tokenizer"),
-    ({"model": {"family": "minilm", "tiny": False, "vocab_size": 500}}, "model.vocab_size"),
-    ({"model": {"family": "minilm", "tiny": False, "init_std": 0.1}}, "model.init_std"),
-    ({"model": {"init_std": 0}}, "model.init_std"),
-])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"model": {"task": "causal-lm"}, "data": {"partition": "dirichlet"}}, "data.partition"),
+        ({"model": {"family": "gpt2", "task": "causal-lm"}, "data": {"dataset": "e2e"}}, "model.tokenizer"),
+        ({"data": {"dataset": "sst2"}}, "model.tokenizer"),
+        ({"model": {"family": "minilm", "tiny": False, "vocab_size": 500}}, "model.vocab_size"),
+        ({"model": {"family": "minilm", "tiny": False, "init_std": 0.1}}, "model.init_std"),
+        ({"model": {"init_std": 0}}, "model.init_std"),
+    ],
+)
 def test_config_errors_name_the_field(raw, field):
     with pytest.raises(ConfigError) as e:
         parse_config(raw)
@@ -115,7 +125,7 @@ def test_config_errors_name_the_field(raw, field):
 
 
 def test_tiny_model_takes_the_tokenizers_vocabulary():
-    from server.app import model_vocab_size
+    from splitwave.server.app import model_vocab_size
 
     cfg = parse_config(_e2e_raw())
     assert tokenizer_source(cfg) == minilm_path() and model_vocab_size(cfg) == 30522
@@ -126,6 +136,7 @@ def test_tiny_model_takes_the_tokenizers_vocabulary():
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_evaluation_is_hf_loss_per_token_and_next_token_accuracy_at_any_batch_size(family):
@@ -157,12 +168,17 @@ def test_synthetic_causal_lm_is_learnable(family):
 
 # -- server ------------------------------------------------------------------------------------------------
 
+
 def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
     """Two edges on E2E text whose steps the server fuses (server_batch 2); per-token labels are checked."""
-    cfg = parse_config(_e2e_raw(
-        data={"num_train": 64, "num_eval": 16}, rounds={"num_rounds": 1},
-        training={"batch_size": 8, "local_steps": 3, "server_batch": 2, "server_batch_wait_ms": 200},
-        channel={"mode": "none"}))
+    cfg = parse_config(
+        _e2e_raw(
+            data={"num_train": 64, "num_eval": 16},
+            rounds={"num_rounds": 1},
+            training={"batch_size": 8, "local_steps": 3, "server_batch": 2, "server_batch_wait_ms": 200},
+            channel={"mode": "none"},
+        )
+    )
     with serving(cfg, tmp_path / "run") as srv:
         out = run_clients(srv.address, ["e0", "e1"], ROOT / ".cache" / "edge-tests")
         stats = srv.app.trainer.batcher.stats()
@@ -173,11 +189,18 @@ def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
         assert np.isfinite(line["eval_loss"]) and line["eval_perplexity"] == pytest.approx(math.exp(line["eval_loss"]))
 
         b, s = 2, 5
-        good = {"h": np.zeros((b, s, 32), np.float32), "attention_mask": np.ones((b, s), np.int64),
-                "labels": np.full((b, s), D.IGNORE_INDEX, np.int64)}
+        good = {
+            "h": np.zeros((b, s, 32), np.float32),
+            "attention_mask": np.ones((b, s), np.int64),
+            "labels": np.full((b, s), D.IGNORE_INDEX, np.int64),
+        }
         app._check_batch(good)
-        for labels, msg in [(np.full((b, s), 30522, np.int64), "token ids"), (np.full((b, s), -1, np.int64), "token ids"),
-                            (np.zeros((b, s + 1), np.int64), "shape"), (np.zeros((b, s), np.float32), "integers")]:
+        for labels, msg in [
+            (np.full((b, s), 30522, np.int64), "token ids"),
+            (np.full((b, s), -1, np.int64), "token ids"),
+            (np.zeros((b, s + 1), np.int64), "shape"),
+            (np.zeros((b, s), np.float32), "integers"),
+        ]:
             with pytest.raises(ServiceError, match=msg) as e:
                 app._check_batch({**good, "labels": labels})
             assert e.value.code == "INVALID_ARGUMENT"

@@ -1,12 +1,12 @@
 """Link models against every expected number in specs/channel.md sections 1-3, plus FIFO behaviour."""
+
 import math
 
 import numpy as np
 import pytest
 
-import channel_sim as cs
-from channel_sim.wireless import breakpoint_uma, d3d
-
+import splitwave.channel as cs
+from splitwave.channel.wireless import breakpoint_uma, d3d
 
 
 # ------------------------------------------------------------------------------------ 1. static link
@@ -137,8 +137,9 @@ def test_snr_gap_lowers_rate():
 
 
 def test_transfer_sums_bits_block_by_block():
-    link = cs.WirelessLink(200, cs.RadioParams(), cs.Cell(20e6), shadowing_db=0, fading="rayleigh",
-                           coherence_s=0.01, seed=5)
+    link = cs.WirelessLink(
+        200, cs.RadioParams(), cs.Cell(20e6), shadowing_db=0, fading="rayleigh", coherence_s=0.01, seed=5
+    )
     n = 2_000_000
     t_end = link.done(n, 0.003)
     # independent integration: bits carried per block at each block's rate
@@ -194,9 +195,11 @@ def test_allocations():
     a = cs.WirelessLink(100, cs.RadioParams(se_cap=None), pf, shadowing_db=0, fading="none")
     b = cs.WirelessLink(450, cs.RadioParams(se_cap=None), pf, shadowing_db=0, fading="none")
     assert a.bandwidth_hz + b.bandwidth_hz == pytest.approx(20e6)
+
     # PF optimum: no small bandwidth move raises sum log rate
     def util(ba):
         return math.log(a.mean_rate_for_bandwidth(ba)) + math.log(b.mean_rate_for_bandwidth(20e6 - ba))
+
     u0 = util(a.bandwidth_hz)
     assert u0 >= util(a.bandwidth_hz + 2e5) - 1e-9 and u0 >= util(a.bandwidth_hz - 2e5) - 1e-9
     # downlink (power follows bandwidth) PF = equal shares
@@ -216,8 +219,7 @@ def test_place_clients_uniform_in_annulus():
 
 
 # ------------------------------------------------------------------------------------ 3. traces
-@pytest.mark.parametrize("n,t0,expect_ms", [(4500, 0, 3), (6000, 0, 4), (4500, 0.002, 4), (1, 0.005, 6),
-                                            (1, 0.003, 3)])
+@pytest.mark.parametrize("n,t0,expect_ms", [(4500, 0, 3), (6000, 0, 4), (4500, 0.002, 4), (1, 0.005, 6), (1, 0.003, 3)])
 def test_trace_spec_checks_113(n, t0, expect_ms):
     link = cs.TraceLink(cs.trace_from_timestamps([1, 1, 3]))
     assert link.done(n, t0) == pytest.approx(expect_ms / 1e3, abs=1e-12)
@@ -307,8 +309,13 @@ def test_make_link_static_and_pair():
         cs.make_link({"kind": "static", "rate_mbps": 10, "latncy_ms": 20})
     with pytest.raises(ValueError):
         cs.make_link({"kind": "carrier-pigeon"})
-    pair = cs.make_link_pair({"uplink": {"kind": "static", "rate_mbps": 5}, "downlink": {"kind": "static", "rate_mbps": 50},
-                              "latency_ms": 10})
+    pair = cs.make_link_pair(
+        {
+            "uplink": {"kind": "static", "rate_mbps": 5},
+            "downlink": {"kind": "static", "rate_mbps": 50},
+            "latency_ms": 10,
+        }
+    )
     assert pair.uplink.rate_bps == 5e6 and pair.downlink.rate_bps == 50e6 and pair.uplink.latency_s == 0.01
 
 
@@ -323,8 +330,9 @@ def test_make_link_trace_inline_and_file(shared_traces):
 def test_make_link_wireless_and_pair_share_distance():
     up = cs.make_link({"kind": "wireless", "distance_m": 200, "shadowing_db": 0, "fading": "none", "se_cap": None})
     assert up.rate_at(0) / 1e6 == pytest.approx(114.63, abs=0.005)
-    pair = cs.make_link_pair({"kind": "wireless", "seed": 7, "pathloss": "uma", "los": "auto",
-                              "uplink": {}, "downlink": {}})
+    pair = cs.make_link_pair(
+        {"kind": "wireless", "seed": 7, "pathloss": "uma", "los": "auto", "uplink": {}, "downlink": {}}
+    )
     assert pair.uplink.radio.direction == "up" and pair.downlink.radio.direction == "down"
     assert pair.uplink.distance_m == pair.downlink.distance_m
     assert 35 <= pair.uplink.distance_m <= 500
@@ -332,8 +340,12 @@ def test_make_link_wireless_and_pair_share_distance():
     assert pair.downlink.seed != pair.uplink.seed
     # clients sharing a cell
     cell = cs.Cell(20e6)
-    links = [cs.make_link({"kind": "wireless", "distance_m": 200, "shadowing_db": 0, "fading": "none",
-                           "se_cap": None}, cell=cell) for _ in range(4)]
+    links = [
+        cs.make_link(
+            {"kind": "wireless", "distance_m": 200, "shadowing_db": 0, "fading": "none", "se_cap": None}, cell=cell
+        )
+        for _ in range(4)
+    ]
     assert links[0].rate_at(0) / 1e6 == pytest.approx(38.55, abs=0.005)
 
 
@@ -343,11 +355,18 @@ def test_stall_loss_model_adds_retransmission_delays():
     assert base == pytest.approx(0.82)
     link = cs.StaticLink(10e6, latency_s=0.02, loss=0.01, loss_model="stall", seed=4)
     assert link.effective_rate_bps == 10e6  # loss costs time per segment, not rate
-    runs = np.array([cs.StaticLink(10e6, latency_s=0.02, loss=0.01, loss_model="stall", seed=seed).done(10**6, 0.0)
-                     for seed in range(200)]) - base
+    runs = (
+        np.array(
+            [
+                cs.StaticLink(10e6, latency_s=0.02, loss=0.01, loss_model="stall", seed=seed).done(10**6, 0.0)
+                for seed in range(200)
+            ]
+        )
+        - base
+    )
     assert (runs >= -1e-12).all()
     # every extra delay is a whole number of RTTs (40 ms; the 200 ms RTO is 5 of them here)
     assert np.allclose(runs / 0.04, np.round(runs / 0.04), atol=1e-6)
     assert link.predict(10**6, 0.0) == link.predict(10**6, 0.0)  # seeded, and predict leaves the stream alone
-    segs = -(-10**6 // 1460)  # 685 segments, p = 0.01: about 6.8 losses on average
+    segs = -(-(10**6) // 1460)  # 685 segments, p = 0.01: about 6.8 losses on average
     assert runs.mean() / 0.04 == pytest.approx((segs - 1) * 0.01 + 0.01 * 0.2 / 0.04, rel=0.15)

@@ -1,5 +1,6 @@
 """Real-time shaping through ShapingProxy on loopback: delivery times of real byte streams (plain TCP and
 gRPC) agree with the link model's done() within 5%."""
+
 import copy
 import socket
 import threading
@@ -9,7 +10,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-import channel_sim as cs
+import splitwave.channel as cs
 
 MB = 1 << 20
 
@@ -155,10 +156,12 @@ def test_many_concurrent_connections_share_the_link():
     results = [None] * n_conn
     try:
         with cs.ShapingProxy("127.0.0.1", 0, srv.addr, up, down) as px:
+
             def client(i):
                 with socket.create_connection(("127.0.0.1", px.port)) as s:
                     s.sendall(bytes([i]) * size)
                     results[i] = _recv_exactly(s, size)
+
             w0 = time.monotonic()
             ths = [threading.Thread(target=client, args=(i,)) for i in range(n_conn)]
             for t in ths:
@@ -189,12 +192,16 @@ def _grpc_server():
         for _ in range(n // len(chunk)):
             yield chunk
 
-    handler = grpc.method_handlers_generic_handler("sw.Test", {
-        "Up": grpc.unary_unary_rpc_method_handler(up),
-        "Down": grpc.unary_stream_rpc_method_handler(down),
-    })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         options=[("grpc.max_receive_message_length", 64 * MB)])
+    handler = grpc.method_handlers_generic_handler(
+        "sw.Test",
+        {
+            "Up": grpc.unary_unary_rpc_method_handler(up),
+            "Down": grpc.unary_stream_rpc_method_handler(down),
+        },
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.max_receive_message_length", 64 * MB)]
+    )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -210,8 +217,7 @@ def test_grpc_unary_upload_and_streaming_download(kind, request):
     server, port = _grpc_server()
     try:
         with cs.ShapingProxy("127.0.0.1", 0, ("127.0.0.1", port), up, down) as px:
-            ch = grpc.insecure_channel(f"127.0.0.1:{px.port}",
-                                       options=[("grpc.max_receive_message_length", 64 * MB)])
+            ch = grpc.insecure_channel(f"127.0.0.1:{px.port}", options=[("grpc.max_receive_message_length", 64 * MB)])
             call_up = ch.unary_unary("/sw.Test/Up")
             call_down = ch.unary_stream("/sw.Test/Down")
             assert int.from_bytes(call_up(b"warm-up", timeout=10), "big") == 7

@@ -3,6 +3,7 @@
 Tolerances are the spec's: 1e-6 relative unless the table says otherwise (2 decimals for the analytic
 link budget, +-0.01 for the fading statistics); trace times are exact milliseconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-import channel_sim as cs
-from channel_sim.wireless import breakpoint_uma, d3d, los_probability
+import splitwave.channel as cs
+from splitwave.channel.wireless import breakpoint_uma, d3d, los_probability
 
 REL = 1e-6
 
@@ -59,8 +60,9 @@ def test_static_loss_model_is_selectable_by_config():
 # ------------------------------------------------------------------------------------------- analytic
 def _macro(d=200.0, direction="up", n_active=None, **kw):
     p_tx, nf = (23.0, 5.0) if direction == "up" else (46.0, 9.0)
-    radio = cs.RadioParams(direction=direction, p_tx_dbm=p_tx, nf_db=nf, pathloss="macro",
-                           se_cap=kw.pop("se_cap", None), **kw)
+    radio = cs.RadioParams(
+        direction=direction, p_tx_dbm=p_tx, nf_db=nf, pathloss="macro", se_cap=kw.pop("se_cap", None), **kw
+    )
     return cs.WirelessLink(d, radio, cs.Cell(20e6, n_active=n_active), shadowing_db=0.0, fading="none")
 
 
@@ -148,10 +150,19 @@ def _trace(ts, strict=False, **kw):
     return cs.TraceLink(cs.trace_from_timestamps(ts), strict=strict, **kw)
 
 
-@pytest.mark.parametrize("n,t_ms,expect,expect_strict", [
-    (4500, 0, 3, 3), (6000, 0, 4, 4), (4500, 2, 4, 4),
-    (1, 5, 6, 6), (1, 3, 3, 4), (3000, 3, 4, 4), (1, 6, 6, 7), (10500, 0, 7, 7),
-])
+@pytest.mark.parametrize(
+    "n,t_ms,expect,expect_strict",
+    [
+        (4500, 0, 3, 3),
+        (6000, 0, 4, 4),
+        (4500, 2, 4, 4),
+        (1, 5, 6, 6),
+        (1, 3, 3, 4),
+        (3000, 3, 4, 4),
+        (1, 6, 6, 7),
+        (10500, 0, 7, 7),
+    ],
+)
 def test_trace_113_single_transfers(n, t_ms, expect, expect_strict):
     assert _trace(T113).done(n, t_ms / 1e3) == pytest.approx(expect / 1e3, rel=REL)
     assert _trace(T113, strict=True).done(n, t_ms / 1e3) == pytest.approx(expect_strict / 1e3, rel=REL)
@@ -177,8 +188,9 @@ def test_trace_02_wrap(k, expect):
 
 
 @pytest.mark.usefixtures("shared_traces")
-@pytest.mark.parametrize("n,t_ms,expect", [(10**6, 0, 884), (10**6, 70_000, 72_669), (10**7, 130_000, 140_875),
-                                           (1_572_864, 0, 1_473)])
+@pytest.mark.parametrize(
+    "n,t_ms,expect", [(10**6, 0, 884), (10**6, 70_000, 72_669), (10**7, 130_000, 140_875), (1_572_864, 0, 1_473)]
+)
 def test_trace_verizon_up(n, t_ms, expect):
     link = cs.TraceLink(cs.load_trace("Verizon-LTE-short.up"))
     assert link.done(n, t_ms / 1e3) == pytest.approx(expect / 1e3, rel=REL)
@@ -206,20 +218,29 @@ def test_trace_strict_and_mtu_selectable_by_config():
     link = cs.make_link({"kind": "trace", "timestamps_ms": T113, "strict": True, "mtu": 1448})
     assert link.strict and link.mtu == 1448
     assert link.done(1, 0.003) == pytest.approx(0.004, rel=REL)
-    assert cs.make_link({"kind": "trace", "timestamps_ms": T113, "mtu": 1448}).done(2 * 1448, 0.0) == \
-        pytest.approx(0.001, rel=REL)
+    assert cs.make_link({"kind": "trace", "timestamps_ms": T113, "mtu": 1448}).done(2 * 1448, 0.0) == pytest.approx(
+        0.001, rel=REL
+    )
 
 
 def test_conventions_in_the_config_schema():
-    from splitwave.config import ConfigError, ExperimentConfig, parse_config
+    from splitwave.common.config import ConfigError, ExperimentConfig, parse_config
 
-    cfg = ExperimentConfig.model_validate({"channel": {
-        "mode": "virtual", "uplink": {"kind": "trace", "timestamps_ms": T113, "strict": True, "mtu": 1448},
-        "downlink": {"kind": "static", "rate_mbps": 10, "loss": 0.01, "loss_model": "stall", "latency_ms": 20}}})
+    cfg = ExperimentConfig.model_validate(
+        {
+            "channel": {
+                "mode": "virtual",
+                "uplink": {"kind": "trace", "timestamps_ms": T113, "strict": True, "mtu": 1448},
+                "downlink": {"kind": "static", "rate_mbps": 10, "loss": 0.01, "loss_model": "stall", "latency_ms": 20},
+            }
+        }
+    )
     assert cfg.channel.uplink["strict"] is True
-    for bad, msg in [({"kind": "trace", "timestamps_ms": T113, "strict": "yes"}, "strict"),
-                     ({"kind": "trace", "timestamps_ms": T113, "mtu": 0}, "mtu"),
-                     ({"kind": "static", "rate_mbps": 1, "loss_model": "mathis"}, "loss_model"),
-                     ({"kind": "static", "rate_mbps": 1, "stict": True}, "stict")]:
+    for bad, msg in [
+        ({"kind": "trace", "timestamps_ms": T113, "strict": "yes"}, "strict"),
+        ({"kind": "trace", "timestamps_ms": T113, "mtu": 0}, "mtu"),
+        ({"kind": "static", "rate_mbps": 1, "loss_model": "mathis"}, "loss_model"),
+        ({"kind": "static", "rate_mbps": 1, "stict": True}, "stict"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             parse_config({"channel": {"uplink": bad}})

@@ -1,4 +1,5 @@
 """The command line: one style for every subcommand, clear one-line errors, a server that says what it does."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from net_helpers import BASE
+
 from splitwave.cli import _Help, build_parser, main
 from splitwave.launch import ROOT, child_env
 
@@ -47,8 +48,12 @@ def test_every_flag_has_help_and_shows_its_default(command):
         name = "/".join(action.option_strings) or action.dest
         assert action.help, f"{command} {name} has no help text"
         shown = fmt._get_help_string(action)
-        if action.option_strings and action.default is not argparse.SUPPRESS and not action.required \
-                and "deprecated" not in action.help:
+        if (
+            action.option_strings
+            and action.default is not argparse.SUPPRESS
+            and not action.required
+            and "deprecated" not in action.help
+        ):
             assert "default" in shown, f"{command} {name}: help does not say the default: {shown!r}"
 
 
@@ -88,15 +93,21 @@ def test_server_needs_exactly_one_config(capsys, cli_env):
 
 
 def test_python_dash_m_splitwave_is_the_cli():
-    out = subprocess.run([sys.executable, "-m", "splitwave", "--help"], cwd=ROOT, env=child_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "splitwave", "--help"],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     for command in _subparsers():
         assert command in out.stdout
 
 
 def test_probe_bind_names_the_cause():
-    from server.service import BindError, probe_bind
+    from splitwave.server.service import BindError, probe_bind
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -114,7 +125,7 @@ def test_probe_bind_names_the_cause():
 def test_probe_bind_accepts_the_port_of_a_server_that_just_exited():
     """A restarted server takes its old port back while the old connections linger in TIME_WAIT (gRPC binds
     with SO_REUSEADDR; the probe must not call that port "in use")."""
-    from server.service import probe_bind
+    from splitwave.server.service import probe_bind
 
     with socket.socket() as old:
         old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listener
@@ -129,7 +140,7 @@ def test_probe_bind_accepts_the_port_of_a_server_that_just_exited():
 
 
 def test_run_dirs_are_timestamped_and_never_shared(tmp_path):
-    from splitwave.config import parse_config
+    from splitwave.common.config import parse_config
     from splitwave.runner import make_run_dir
 
     cfg = parse_config({"name": "x", "output_dir": str(tmp_path)})
@@ -140,8 +151,14 @@ def test_run_dirs_are_timestamped_and_never_shared(tmp_path):
 
 def _server(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     env = {**child_env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "splitwave", "server", *args], cwd=cwd, env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitwave", "server", *args],
+        cwd=cwd,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _until(cond, proc, log: Path, timeout: float, what: str) -> None:
@@ -172,8 +189,11 @@ def test_taken_port_fails_in_one_line_before_any_export(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         log = tmp_path / "server.log"
-        proc = _server([str(cfg), "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
-                        "--run-dir", str(tmp_path / "run")], tmp_path, log)
+        proc = _server(
+            [str(cfg), "--port", str(port), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")],
+            tmp_path,
+            log,
+        )
         try:
             rc = proc.wait(300)
         finally:
@@ -181,8 +201,10 @@ def test_taken_port_fails_in_one_line_before_any_export(tmp_path):
     out = log.read_text()
     assert rc == 2, out
     errors = [line for line in out.splitlines() if "error" in line]
-    assert errors == [f"splitwave server: error: cannot listen on 127.0.0.1:{port}: port {port} is already in use "
-                      f"(another server?); pick another --port, or --port 0 for a free one"], out
+    assert errors == [
+        f"splitwave server: error: cannot listen on 127.0.0.1:{port}: port {port} is already in use "
+        f"(another server?); pick another --port, or --port 0 for a free one"
+    ], out
     assert "Traceback" not in out
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing built, nothing written
 

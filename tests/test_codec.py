@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from protos import codec
-from protos import splitwave_pb2 as pb
-from protos.codec import Assembler, CodecError, decode, encode
+from splitwave.protos import codec
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import Assembler, CodecError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def test_bf16_round_to_nearest_even_and_specials():
     one = np.float32(1.0)
     ulp = np.float32(2.0**-7)
     x = np.array(
-        [1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-8 + 2.0**-20, -(1 + 2.0**-8), np.inf, -np.inf, 0.0, -0.0,
-         3.3e38],
+        [1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-8 + 2.0**-20, -(1 + 2.0**-8), np.inf, -np.inf, 0.0, -0.0, 3.3e38],
         dtype=np.float32,
     )
     frames = encode("x", x, "bf16")

@@ -2,6 +2,7 @@
 and the result is either within the codec's documented error bound or an exact "raw" fallback that was
 needed (the lossy form would not have been finite). The bounds and rules are the ones splitwave.proto states.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protos import codec
-from protos.codec import decode, encode
+from splitwave.protos import codec
+from splitwave.protos.codec import decode, encode
 
 F32_MAX = float(np.finfo(np.float32).max)
 BF16_OVERFLOW = (2 - 2.0**-8) * 2.0**127  # bf16's largest finite value + half an ulp: RNE rounds up to inf
@@ -133,8 +134,10 @@ def test_int8_falls_back_for_float32_only_at_the_top_of_its_range(x):
 
 
 @settings(max_examples=150, deadline=None)
-@given(values=hnp.arrays(np.float32, st.integers(1, 40), elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, 0.5])),
-       k=st.integers(1, 40))
+@given(
+    values=hnp.arrays(np.float32, st.integers(1, 40), elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, 0.5])),
+    k=st.integers(1, 40),
+)
 def test_topk_ties_go_to_the_lower_index(values, k):
     k = min(k, values.size)
     frames = encode("t", values, "topk", topk_k=k)

@@ -1,11 +1,12 @@
 """Config schema: errors name the bad field; every shipped config (and its links) validates."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from splitwave.config import ConfigError, load_config
+from splitwave.common.config import ConfigError, load_config
 from splitwave.runner import build_links, link_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +28,16 @@ def test_every_shipped_config_validates(path):
         assert pair.uplink.done(1000, 0.0) > 0 and pair.downlink.done(1000, 0.0) > 0
 
 
-@pytest.mark.parametrize("override, field", [
-    ("training.batch_size=-1", "training.batch_size"),
-    ("rounds.num_rounds=0", "rounds.num_rounds"),
-    ("channel.mode=warp", "channel.mode"),
-    ("training.codec_up=zip", "training.codec_up"),
-    ("training.bogus=1", "training.bogus"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("training.batch_size=-1", "training.batch_size"),
+        ("rounds.num_rounds=0", "rounds.num_rounds"),
+        ("channel.mode=warp", "channel.mode"),
+        ("training.codec_up=zip", "training.codec_up"),
+        ("training.bogus=1", "training.bogus"),
+    ],
+)
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "quick.yaml", [override])
@@ -58,9 +62,14 @@ def test_bad_link_spec_names_the_channel_section():
 
 
 def test_per_client_overrides_and_cell_placement():
-    cfg = load_config(ROOT / "configs" / "quick.yaml", [
-        "num_clients=3", "channel.per_client=[{}, {uplink: {rate_mbps: 1}}, "
-        "{uplink: {kind: trace, file: Verizon-LTE-short.up, offset: random}}]"])
+    cfg = load_config(
+        ROOT / "configs" / "quick.yaml",
+        [
+            "num_clients=3",
+            "channel.per_client=[{}, {uplink: {rate_mbps: 1}}, "
+            "{uplink: {kind: trace, file: Verizon-LTE-short.up, offset: random}}]",
+        ],
+    )
     specs = link_specs(cfg)
     assert specs[0]["uplink"]["rate_mbps"] == 10 and specs[1]["uplink"]["rate_mbps"] == 1
     assert specs[1]["uplink"]["latency_ms"] == 20  # merged over the default
@@ -73,14 +82,17 @@ def test_per_client_overrides_and_cell_placement():
     assert specs == link_specs(cell)  # seeded: the same placement every time
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("training.batchsize=8", "training.batchsize: unknown key; did you mean training.batch_size?"),
-    ("trainng.batch_size=8", "trainng: unknown key; did you mean training?"),
-    ("training.optim.lrr=0.1", "training.optim.lrr: unknown key; did you mean training.optim.lr?"),
-    ("server.security.insecur=true", "did you mean server.security.insecure?"),
-    ("batch_size=8", "batch_size: unknown key; did you mean training.batch_size?"),  # right name, wrong section
-    ("zzz=1", "zzz: unknown key; valid keys: name, seed"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("training.batchsize=8", "training.batchsize: unknown key; did you mean training.batch_size?"),
+        ("trainng.batch_size=8", "trainng: unknown key; did you mean training?"),
+        ("training.optim.lrr=0.1", "training.optim.lrr: unknown key; did you mean training.optim.lr?"),
+        ("server.security.insecur=true", "did you mean server.security.insecure?"),
+        ("batch_size=8", "batch_size: unknown key; did you mean training.batch_size?"),  # right name, wrong section
+        ("zzz=1", "zzz: unknown key; valid keys: name, seed"),
+    ],
+)
 def test_unknown_keys_suggest_the_closest_valid_one(override, hint):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "quick.yaml", [override])

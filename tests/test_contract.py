@@ -2,6 +2,7 @@
 unset or unknown capabilities by name, a gradient too big for the fp16 downlink still arrives (raw), adapters
 never travel int8/top-k, a retried step gets the cached reply, and an unexpected server exception is a
 status with a message (INTERNAL), never gRPC's bare UNKNOWN."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ import json
 import grpc
 import numpy as np
 import pytest
-
 from net_helpers import rpc_status, serving, tiny_cfg
-from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
-from protos.codec import decode, encode
+
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos.codec import decode, encode
 
 C = grpc.StatusCode
 CAPS = dict(protocol_version=1, backend="custom", codecs=["raw", "fp16"])
@@ -48,19 +49,23 @@ def _train(stub, msgs):
     return frames, [r.end_step for r in replies if r.WhichOneof("body") == "end_step"]
 
 
-@pytest.mark.parametrize("caps, code, words", [
-    (dict(CAPS, protocol_version=0), C.INVALID_ARGUMENT, ["protocol_version", "version 1"]),
-    (dict(CAPS, protocol_version=2), C.FAILED_PRECONDITION, ["protocol version 2", "speaks 1"]),
-    (dict(CAPS, backend=""), C.INVALID_ARGUMENT, ["backend", "'onnxruntime', 'torch', 'custom'"]),
-    (dict(CAPS, backend="tensorflow"), C.INVALID_ARGUMENT, ["'tensorflow'", "'custom'"]),
-    (dict(CAPS, codecs=["raw", "zstd"]), C.INVALID_ARGUMENT, ["'zstd'", "'fp16'"]),
-    (dict(CAPS, training_modes=["fast"]), C.INVALID_ARGUMENT, ["'fast'", "'recompute'"]),
-    (dict(CAPS, codecs=[]), C.FAILED_PRECONDITION, ["['fp16']"]),  # empty = raw only; this run sends fp16
-])
+@pytest.mark.parametrize(
+    "caps, code, words",
+    [
+        (dict(CAPS, protocol_version=0), C.INVALID_ARGUMENT, ["protocol_version", "version 1"]),
+        (dict(CAPS, protocol_version=2), C.FAILED_PRECONDITION, ["protocol version 2", "speaks 1"]),
+        (dict(CAPS, backend=""), C.INVALID_ARGUMENT, ["backend", "'onnxruntime', 'torch', 'custom'"]),
+        (dict(CAPS, backend="tensorflow"), C.INVALID_ARGUMENT, ["'tensorflow'", "'custom'"]),
+        (dict(CAPS, codecs=["raw", "zstd"]), C.INVALID_ARGUMENT, ["'zstd'", "'fp16'"]),
+        (dict(CAPS, training_modes=["fast"]), C.INVALID_ARGUMENT, ["'fast'", "'recompute'"]),
+        (dict(CAPS, codecs=[]), C.FAILED_PRECONDITION, ["['fp16']"]),  # empty = raw only; this run sends fp16
+    ],
+)
 def test_join_refuses_unset_or_unknown_capabilities_by_name(server, caps, code, words):
     _, stub, _ = server
-    got, details = rpc_status(lambda: stub.Join(pb.JoinRequest(client_name="probe",
-                                                           capabilities=pb.Capabilities(**caps)), timeout=10))
+    got, details = rpc_status(
+        lambda: stub.Join(pb.JoinRequest(client_name="probe", capabilities=pb.Capabilities(**caps)), timeout=10)
+    )
     assert got == code, details
     assert all(w in details for w in words), details
 
@@ -102,8 +107,10 @@ def test_adapters_never_travel_int8_or_topk(server):
     name, shape = factors[0]["name"], factors[0]["shape"]
     hdr = pb.Header(session_token=me.session_token, run_id=me.run_id, round=0, step=3)
     for codec_name in ("topk", "int8"):
-        msgs = [pb.AdapterRequest(header=hdr, frame=f)
-                for f in encode(name, np.ones(shape, np.float32), codec_name, topk_fraction=0.1)]
+        msgs = [
+            pb.AdapterRequest(header=hdr, frame=f)
+            for f in encode(name, np.ones(shape, np.float32), codec_name, topk_fraction=0.1)
+        ]
         msgs.append(pb.AdapterRequest(header=hdr, end=pb.AdapterEnd(num_samples=8, local_steps=3)))
         code, details = rpc_status(lambda: stub.PushAdapter(iter(msgs), timeout=10))
         assert code == C.INVALID_ARGUMENT and codec_name in details and "'raw', 'fp16', 'bf16'" in details
@@ -131,12 +138,12 @@ def test_an_unexpected_exception_is_internal_with_a_message_never_unknown(server
 def test_the_proto_names_the_values_the_server_accepts():
     """The accepted backends, codecs and training modes are written in the proto, so the contract and the
     server cannot drift apart silently."""
-    from protos.codec import CODECS, FACTOR_CODECS
-    from server.service import BACKENDS, TRAINING_MODES
     from splitwave.launch import ROOT
+    from splitwave.protos.codec import CODECS, FACTOR_CODECS
+    from splitwave.server.service import BACKENDS, TRAINING_MODES
 
     text = (ROOT / "protos" / "splitwave.proto").read_text()
-    backend_doc = text[text.index("message Capabilities"):text.index("string backend = 2;")]
+    backend_doc = text[text.index("message Capabilities") : text.index("string backend = 2;")]
     assert all(f'"{b}"' in backend_doc for b in BACKENDS)
     assert all(f'"{m}"' in text for m in TRAINING_MODES) and all(f'"{c}"' in text for c in CODECS)
     factor_codecs = ", ".join(f'"{c}"' for c in FACTOR_CODECS[:-1]) + f' or "{FACTOR_CODECS[-1]}"'

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import data as D
-from edge.tokenizer import Tokenizer
+from splitwave.common import data as D
+from splitwave.common.tokenizer import Tokenizer
 
 
 def _minilm_dir():
@@ -23,12 +23,16 @@ def _minilm_dir():
 
 # ----------------------------------------------------------------------------------------- loaders
 
+
 @pytest.mark.usefixtures("shared_data")
-@pytest.mark.parametrize("split,n,counts", [
-    ("train", 67349, [29780, 37569]),
-    ("dev", 872, [428, 444]),
-    ("test_unofficial", 1821, [917, 904]),
-])
+@pytest.mark.parametrize(
+    "split,n,counts",
+    [
+        ("train", 67349, [29780, 37569]),
+        ("dev", 872, [428, 444]),
+        ("test_unofficial", 1821, [917, 904]),
+    ],
+)
 def test_sst2_counts(split, n, counts):
     ds = D.load_sst2(split)
     assert len(ds) == n == len(ds.labels)
@@ -38,11 +42,14 @@ def test_sst2_counts(split, n, counts):
 
 
 @pytest.mark.usefixtures("shared_data")
-@pytest.mark.parametrize("split,n,counts", [
-    ("train", 10001, [2509, 2458, 2496, 2538]),  # World, Sports, Business, Sci/Tech
-    ("test", 7600, [1900] * 4),
-    ("test_official", 7600, [1900] * 4),
-])
+@pytest.mark.parametrize(
+    "split,n,counts",
+    [
+        ("train", 10001, [2509, 2458, 2496, 2538]),  # World, Sports, Business, Sci/Tech
+        ("test", 7600, [1900] * 4),
+        ("test_official", 7600, [1900] * 4),
+    ],
+)
 def test_ag_news_counts(split, n, counts):
     ds = D.load_ag_news(split)
     assert len(ds) == n and ds.num_labels == 4
@@ -86,6 +93,7 @@ def test_shared_dir_env_override(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ partitioning
+
 
 def _assert_exact_cover(parts, n):
     allidx = np.concatenate(parts)
@@ -143,6 +151,7 @@ def test_partition_report_json():
 
 # ---------------------------------------------------------------------------------------- batching
 
+
 def test_batches_deterministic_and_cover():
     idx = np.arange(100, 203)
     b = D.Batcher(idx, 16, seed=5, client_id=2)
@@ -188,15 +197,22 @@ def test_causal_lm_labels():
 
 def _tiny_bpe_dir(tmp_path, corpus):
     """A GPT-2-style byte-level BPE (no pad token, eos = <|endoftext|>) trained in-process."""
-    from tokenizers import Tokenizer as T, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer as T
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     tok = T(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|endoftext|>", "model_max_length": 1024}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "model_max_length": 1024})
+    )
     return tmp_path
 
 
@@ -205,25 +221,27 @@ def test_encode_prompt_target_e2e(tmp_path):
     e2e = D.load_e2e("valid", limit=64, seed=0)
     tok = Tokenizer.from_dir(_tiny_bpe_dir(tmp_path, e2e.prompts + e2e.targets))
     assert tok.eos_id is not None and tok.pad_id == tok.eos_id and tok.model_max_length == 1024
-    ids, mask, labels = D.encode_prompt_target(tok, e2e.prompts[:8], e2e.targets[:8], max_len=512,
-                                               sep_id=tok.eos_id)
+    ids, mask, labels = D.encode_prompt_target(tok, e2e.prompts[:8], e2e.targets[:8], max_len=512, sep_id=tok.eos_id)
     for i in range(8):
         n = int(mask[i].sum())
         p = tok.encode_lists([e2e.prompts[i]], add_special_tokens=False)[0]
         assert ids[i, len(p)] == tok.eos_id and ids[i, n - 1] == tok.eos_id
-        assert np.all(labels[i, :len(p) + 1] == -100) and np.all(labels[i, n:] == -100)
-        assert np.array_equal(labels[i, len(p) + 1:n], ids[i, len(p) + 1:n])
-        assert tok.decode(ids[i, len(p) + 1:n - 1]).strip() == e2e.targets[i]
+        assert np.all(labels[i, : len(p) + 1] == -100) and np.all(labels[i, n:] == -100)
+        assert np.array_equal(labels[i, len(p) + 1 : n], ids[i, len(p) + 1 : n])
+        assert tok.decode(ids[i, len(p) + 1 : n - 1]).strip() == e2e.targets[i]
     ids2, mask2, _ = D.encode_prompt_target(tok, e2e.prompts[:8], e2e.targets[:8], max_len=20, pad_to=None)
     assert ids2.shape == (8, 20) and mask2.all()
 
 
 # --------------------------------------------------------------------------------------- tokenizer
 
+
 def test_tokenizer_module_is_torch_free():
-    code = ("import sys, edge.tokenizer, edge.data; "
-            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, splitwave.common.tokenizer, splitwave.common.data; "
+        "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -245,8 +263,7 @@ def test_tokenizer_matches_transformers_minilm(monkeypatch):
             np.testing.assert_array_equal(ids, np.array(want["input_ids"]))
             np.testing.assert_array_equal(mask, np.array(want["attention_mask"]))
     # pairs (longest-first truncation) and token type ids
-    ids, mask, tti = tok.encode_batch(texts[:100], 24, "longest", text_pairs=texts[100:],
-                                      return_token_type_ids=True)
+    ids, mask, tti = tok.encode_batch(texts[:100], 24, "longest", text_pairs=texts[100:], return_token_type_ids=True)
     want = ref(texts[:100], texts[100:], padding="longest", truncation=True, max_length=24)
     for got, key in [(ids, "input_ids"), (mask, "attention_mask"), (tti, "token_type_ids")]:
         np.testing.assert_array_equal(got, np.array(want[key]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BLOCKER = r'''
+BLOCKER = r"""
 import sys
 class _Block:
     BANNED = ("torch", "transformers", "peft", "functorch")
@@ -18,14 +18,16 @@ class _Block:
             raise ImportError(f"{name} is blocked on the edge")
         return None
 sys.meta_path.insert(0, _Block())
-'''
+"""
 
-SCRIPT = BLOCKER + r'''
+SCRIPT = (
+    BLOCKER
+    + r"""
 import json, sys
 import numpy as np
 sys.path.insert(0, ROOT)
-import edge, edge.runtime, edge.optim
-from edge.runtime import EdgeRuntime
+import splitwave.edge, splitwave.edge.runtime, splitwave.edge.optim
+from splitwave.edge.runtime import EdgeRuntime
 out = {}
 for mode in ("recompute", "saved"):
     rt = EdgeRuntime(BUNDLE, mode=mode, threads=1, lr=1e-2)
@@ -45,7 +47,8 @@ except ImportError:
     out["torch_importable"] = False
 out["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))
 print(json.dumps(out))
-'''
+"""
+)
 
 
 def test_edge_runs_without_torch(edge_bundle):

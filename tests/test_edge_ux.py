@@ -2,6 +2,7 @@
 a device that finds (or clearly misses) its data before the bundle download, progress per round, and a
 session the server lost (UNAUTHENTICATED) resumed by a rejoin.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from edge.client import EdgeClient, format_summary, round_line
-from edge.paths import DataNotFound, data_dirs, find_data_file
-from edge.retry import Retrier, RetryPolicy, Unreachable, diagnose
-from edge.security import channel_credentials
 from net_helpers import BUNDLE_CACHE, ROOT, free_port, make_client, run_clients, serving, tiny_cfg
-from server.security import server_credentials
-from splitwave.cli import main
 from test_security import _sec_cfg, pki  # noqa: F401 - the PKI fixture (CA, server and client certificates)
+
+from splitwave.cli import main
+from splitwave.common.paths import DataNotFound, data_dirs, find_data_file
+from splitwave.edge.client import EdgeClient, format_summary, round_line
+from splitwave.edge.retry import Retrier, RetryPolicy, Unreachable, diagnose
+from splitwave.server.security import server_credentials
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 CLI = [sys.executable, "-m", "splitwave.cli"]
@@ -38,11 +38,17 @@ def _edge_cli(capsys, *argv) -> tuple[int, list[str]]:
 
 # -- connection failures -----------------------------------------------------------------------------------
 
+
 def test_nothing_listening_fails_within_the_connect_time_naming_the_address(tmp_path):
     port = free_port()
     t0 = time.monotonic()
-    p = subprocess.run([*CLI, "edge", "--server", f"127.0.0.1:{port}", "--name", "e0", "--cache-dir",
-                        str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [*CLI, "edge", "--server", f"127.0.0.1:{port}", "--name", "e0", "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     wall = time.monotonic() - t0
     assert p.returncode == 1
     lines = [ln for ln in p.stderr.splitlines() if "error:" in ln]
@@ -58,28 +64,32 @@ def test_nothing_listening_fails_within_the_connect_time_naming_the_address(tmp_
 def test_tls_mismatch_fails_at_once_both_ways(tmp_path, pki, capsys):  # noqa: F811
     """--ca against a plaintext server, and plaintext against a TLS server: one line each, no retries."""
     plain_cfg, tls_cfg = tiny_cfg(), _sec_cfg(pki)
-    with serving(plain_cfg, tmp_path / "plain") as plain, \
-            serving(tls_cfg, tmp_path / "tls", credentials=server_credentials(tls_cfg.server.security)) as tls:
+    with (
+        serving(plain_cfg, tmp_path / "plain") as plain,
+        serving(tls_cfg, tmp_path / "tls", credentials=server_credentials(tls_cfg.server.security)) as tls,
+    ):
         cache = str(tmp_path / "cache")
-        rc, err = _edge_cli(capsys, "--server", plain.address, "--cache-dir", cache, "--ca", pki["ca"],
-                            "--connect-timeout", "60")
+        rc, err = _edge_cli(
+            capsys, "--server", plain.address, "--cache-dir", cache, "--ca", pki["ca"], "--connect-timeout", "60"
+        )
         assert rc == 1 and len(err) == 1, err
         assert plain.address in err[0] and "does not speak TLS" in err[0] and "drop --ca" in err[0], err
         rc, err = _edge_cli(capsys, "--server", tls.address, "--cache-dir", cache, "--connect-timeout", "60")
         assert rc == 1 and len(err) == 1, err
         assert tls.address in err[0] and "expects TLS" in err[0] and "--ca" in err[0], err
-        rc, err = _edge_cli(capsys, "--server", tls.address, "--cache-dir", cache, "--ca", pki["rogue_cert"],
-                            "--connect-timeout", "60")
+        rc, err = _edge_cli(
+            capsys, "--server", tls.address, "--cache-dir", cache, "--ca", pki["rogue_cert"], "--connect-timeout", "60"
+        )
         assert rc == 1 and len(err) == 1 and "not signed by the CA" in err[0], err
         assert not plain.app.by_client and not tls.app.by_client
 
 
 def test_a_server_that_comes_up_late_is_reached_by_retries(tmp_path, caplog):
-    from server.app import SplitServer
-    from server.service import start_server
+    from splitwave.server.app import SplitServer
+    from splitwave.server.service import start_server
 
     port = free_port()
-    caplog.set_level(logging.WARNING, logger="edge.retry")
+    caplog.set_level(logging.WARNING, logger="splitwave.edge.retry")
     out = {}
 
     def edge():
@@ -124,19 +134,30 @@ class _Err(grpc.RpcError):
 
 def test_only_healable_failures_are_retried_and_the_budget_holds():
     """The policy itself, with the error strings gRPC gives (taken from real failed calls)."""
-    refused = _Err(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: "
-                   "ipv4:127.0.0.1:9: Failed to connect to remote host: Connection refused")
+    refused = _Err(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: "
+        "ipv4:127.0.0.1:9: Failed to connect to remote host: Connection refused",
+    )
     assert diagnose(refused, "h:9", False, reached=False)[0] is True
-    wrong_tls = _Err(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: "
-                     "ipv4:127.0.0.1:9: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:"
-                     "SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER")
+    wrong_tls = _Err(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: "
+        "ipv4:127.0.0.1:9: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:"
+        "SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+    )
     assert diagnose(wrong_tls, "h:9", True, reached=True)[0] is False
-    closed = _Err(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNAVAILABLE: "
-                  "ipv4:127.0.0.1:9: Socket closed")
+    closed = _Err(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Socket closed",
+    )
     assert diagnose(closed, "h:9", False, reached=False)[0] is False  # a TLS server, before first contact
     assert diagnose(closed, "h:9", False, reached=True)[0] is True  # a server going down, later
-    dns = _Err(grpc.StatusCode.UNAVAILABLE, "errors resolving x.invalid:1: [field:hostname lookup error:address "
-               "lookup failed for x.invalid:1: Domain name not found]")
+    dns = _Err(
+        grpc.StatusCode.UNAVAILABLE,
+        "errors resolving x.invalid:1: [field:hostname lookup error:address "
+        "lookup failed for x.invalid:1: Domain name not found]",
+    )
     assert diagnose(dns, "x.invalid:1", False, reached=False)[0] is False
     assert diagnose(_Err(grpc.StatusCode.INVALID_ARGUMENT, "bad h"), "h:9", False, True)[0] is None
     assert diagnose(_Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded"), "h", False, True)[0]
@@ -174,10 +195,11 @@ def test_only_healable_failures_are_retried_and_the_budget_holds():
 
 # -- data on the device ------------------------------------------------------------------------------------
 
-SST2_CFG = {"model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2,
-                      "tokenizer": "minilm"},
-            "data": {"dataset": "sst2", "num_train": 32, "num_eval": 16, "max_seq_len": 16},
-            "rounds": {"num_rounds": 2, "deadline_s": 300}}
+SST2_CFG = {
+    "model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2, "tokenizer": "minilm"},
+    "data": {"dataset": "sst2", "num_train": 32, "num_eval": 16, "max_seq_len": 16},
+    "rounds": {"num_rounds": 2, "deadline_s": 300},
+}
 
 
 def _tiny_sst2(root: Path) -> Path:
@@ -216,8 +238,17 @@ def test_missing_data_is_reported_after_join_before_the_bundle_download(tmp_path
     cfg = tiny_cfg(**SST2_CFG)
     with serving(cfg, tmp_path / "run") as srv:
         cache = tmp_path / "cache"
-        rc, err = _edge_cli(capsys, "--server", srv.address, "--name", "e0", "--cache-dir", str(cache),
-                            "--data-dir", str(tmp_path / "empty"))
+        rc, err = _edge_cli(
+            capsys,
+            "--server",
+            srv.address,
+            "--name",
+            "e0",
+            "--cache-dir",
+            str(cache),
+            "--data-dir",
+            str(tmp_path / "empty"),
+        )
         assert rc == 1 and len(err) == 1, err
         assert "sst2/train.tsv" in err[0] and str(tmp_path / "empty" / "sst2" / "train.tsv") in err[0], err
         assert not [p for p in cache.glob("*") if p.is_dir() and p.name != "sessions"]  # no bundle downloaded
@@ -230,8 +261,9 @@ def test_missing_data_is_reported_after_join_before_the_bundle_download(tmp_path
 
 # -- progress ----------------------------------------------------------------------------------------------
 
+
 def test_progress_line_per_round_and_a_readable_summary(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="edge.client")
+    caplog.set_level(logging.INFO, logger="splitwave.edge.client")
     metrics = tmp_path / "e0.jsonl"
     with serving(tiny_cfg(), tmp_path / "run") as srv:
         res = run_clients(srv.address, ["e0"], EDGE_CACHE, metrics_path=metrics)
@@ -250,6 +282,7 @@ def test_progress_line_per_round_and_a_readable_summary(tmp_path, caplog):
 
 
 # -- a session the server lost -----------------------------------------------------------------------------
+
 
 def test_session_lost_mid_round_rejoins_and_redoes_the_round(tmp_path):
     """What an edge meets after a server restart that does not keep session tokens: UNAUTHENTICATED in the middle
@@ -293,7 +326,7 @@ def test_session_lost_mid_round_rejoins_and_redoes_the_round(tmp_path):
 def test_peak_rss_is_this_process_not_the_parent_that_forked_it():
     """ru_maxrss survives fork + exec: an edge started by a big process (a test runner, the simulator) would
     report the parent's size. The summary's figure must be the edge's own."""
-    from edge.client import peak_rss_bytes
+    from splitwave.edge.client import peak_rss_bytes
 
     ballast = bytearray(300 << 20)  # touch 300 MiB in this (parent) process
     ballast[::4096] = b"x" * len(ballast[::4096])

@@ -7,18 +7,26 @@ eval mode, so dropout is already decided (off) before the exporter sees it. This
 dropout p = 0.1 (MiniLM's own figure): the ONNX graphs have no random op, and the same trace with the model in
 training mode would have them (so the check can fail).
 """
+
 from __future__ import annotations
 
 import onnx
 from torch import nn
 
-RANDOM_OPS = ("Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli",
-              "Multinomial")
+RANDOM_OPS = (
+    "Dropout",
+    "RandomUniform",
+    "RandomUniformLike",
+    "RandomNormal",
+    "RandomNormalLike",
+    "Bernoulli",
+    "Multinomial",
+)
 
 
 def _split_with_dropout(p: float = 0.1):
-    from server.models import build_model
-    from server.split import LoraSpec, split_model
+    from splitwave.server.models import build_model
+    from splitwave.server.split import LoraSpec, split_model
 
     model = build_model("bert", "seq-cls", seed=0)
     for m in model.modules():
@@ -31,19 +39,22 @@ def _split_with_dropout(p: float = 0.1):
 def _random_aten_ops(split) -> list[str]:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from server.export import _EdgeFn, _example_inputs
+    from splitwave.server.export import _EdgeFn, _example_inputs
 
     fn = _EdgeFn(split)
     params = split.edge_factor_params()
     fs = [params[k].detach().clone() for k in fn.names]
     ids, mask, _ = _example_inputs(split, 3, 11)
     gm = make_fx(fn, _allow_non_fake_inputs=True)(fs, ids, mask)
-    return [str(n.target) for n in gm.graph.nodes
-            if n.op == "call_function" and any(w in str(n.target) for w in ("dropout", "bernoulli", "rand"))]
+    return [
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and any(w in str(n.target) for w in ("dropout", "bernoulli", "rand"))
+    ]
 
 
 def test_exported_graphs_have_no_dropout(tmp_path):
-    from server.export import export_bundle
+    from splitwave.server.export import export_bundle
 
     split = _split_with_dropout()
     assert split.edge.trunk.blocks[0].output.dropout.p == 0.1

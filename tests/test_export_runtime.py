@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge.optim import AdamW
-from edge.runtime import BundleError, EdgeRuntime, sha256_file
-from edge.torch_backend import TorchEdge
+from splitwave.edge.optim import AdamW
+from splitwave.edge.runtime import BundleError, EdgeRuntime, sha256_file
+from splitwave.server.torch_edge import TorchEdge
 
 FAMILIES = ["bert", "gpt2", "llama"]
 MODES = ["recompute", "saved"]
@@ -23,7 +23,7 @@ def _batch(batch, seq, hidden, seed=0):
     rng = np.random.default_rng(seed + 100 * batch + seq)
     ids = rng.integers(1, 100, size=(batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
-    mask[0, max(1, seq // 2):] = 0  # right padding
+    mask[0, max(1, seq // 2) :] = 0  # right padding
     ids[mask == 0] = 0
     gh = rng.standard_normal((batch, seq, hidden)).astype(np.float32)
     return ids, mask, gh
@@ -111,7 +111,7 @@ def test_adamw_matches_torch():
         p_np = {k: v.copy() for k, v in params.items()}
         t = {k: v.detach().clone().requires_grad_(True) for k, v in tparams.items()}
         opt_np, opt_t = AdamW(**kw), torch.optim.AdamW(list(t.values()), **kw)
-        for step in range(5):
+        for _step in range(5):
             grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
             opt_np.step(p_np, grads)
             for k in t:
@@ -158,13 +158,15 @@ def test_train_steps_match_torch_edge(edge_bundle, mode, tmp_path):
 
 def test_minilm_cut2_forward_matches_torch(tmp_path):
     """Real all-MiniLM-L6-v2, cut 2: ORT forward == torch (1e-4) and relative grad error small (~16 s)."""
-    from server.export import export_bundle
-    from server.models import build_model, minilm_path
-    from server.split import LoraSpec, split_model
+    from splitwave.server.export import export_bundle
+    from splitwave.server.models import build_model, minilm_path
+    from splitwave.server.split import LoraSpec, split_model
 
     split = split_model(build_model(minilm_path(), "seq-cls"), 2, LoraSpec(r=8, alpha=16), "seq-cls")
     g = torch.Generator().manual_seed(0)
-    split.set_edge_factors({k: (0.05 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()})
+    split.set_edge_factors(
+        {k: (0.05 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()}
+    )
     export_bundle(split, tmp_path, modes=("recompute",), tokenizer_dir=minilm_path())
     rt = EdgeRuntime(tmp_path, mode="recompute")
     rng = np.random.default_rng(0)
@@ -193,15 +195,18 @@ def test_runtime_options_and_shared_weights(edge_bundle, tmp_path):
     for p in b.path.iterdir():
         if p.name != "manifest.json":
             os.symlink(p, old / p.name)
-    (old / "manifest.json").write_text(json.dumps({k: v for k, v in m.items()
-                                                   if k not in ("initializers", "graph_initializers")}))
+    (old / "manifest.json").write_text(
+        json.dumps({k: v for k, v in m.items() if k not in ("initializers", "graph_initializers")})
+    )
     ids, mask, gh = _batch(2, 9, m["hidden_size"])
     for mode in MODES:
         ref = EdgeRuntime(b.path, mode=mode, threads=1)
         assert ref._weights.values
         h_ref, g_ref = ref.forward(ids, mask), ref.backward(gh)
-        for rt in (EdgeRuntime(b.path, mode=mode, threads=1, spinning=True, low_memory=False),
-                   EdgeRuntime(old, mode=mode, threads=1)):
+        for rt in (
+            EdgeRuntime(b.path, mode=mode, threads=1, spinning=True, low_memory=False),
+            EdgeRuntime(old, mode=mode, threads=1),
+        ):
             np.testing.assert_allclose(rt.forward(ids, mask), h_ref, atol=1e-6, rtol=0)
             grads = rt.backward(gh)
             for k in g_ref:

@@ -3,6 +3,7 @@
 The flaky link and the server crash must not change the result: the final adapters equal those of an
 undisturbed run with the same seeds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,15 +20,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from net_helpers import (BASE, ROOT, assert_same_factors, final_factors, free_port, make_client, run_clients,
-                         serving, tiny_cfg, wait_until)
+from net_helpers import (
+    BASE,
+    ROOT,
+    assert_same_factors,
+    final_factors,
+    free_port,
+    make_client,
+    run_clients,
+    serving,
+    tiny_cfg,
+    wait_until,
+)
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 SPLITWAVE = [sys.executable, "-m", "splitwave.cli"]
 
 
 # -- a TCP proxy that resets the connection once -----------------------------------------------------------
+
 
 class ResettingProxy:
     """Forwards 127.0.0.1:port -> upstream; after `reset_after` client->server bytes it resets (RST) every
@@ -137,10 +148,28 @@ def test_connection_reset_mid_train_is_retried_exactly_once(tmp_path, reference,
 
 # -- an edge process killed mid-round ----------------------------------------------------------------------
 
+
 def _edge_proc(address: str, name: str, metrics: Path, log: Path):
-    return subprocess.Popen(SPLITWAVE + ["-q", "edge", "--server", address, "--name", name, "--cache-dir",
-                                         str(EDGE_CACHE), "--threads", "1", "--metrics", str(metrics)],
-                            cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        SPLITWAVE
+        + [
+            "-q",
+            "edge",
+            "--server",
+            address,
+            "--name",
+            name,
+            "--cache-dir",
+            str(EDGE_CACHE),
+            "--threads",
+            "1",
+            "--metrics",
+            str(metrics),
+        ],
+        cwd=ROOT,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _lines(path: Path) -> list[dict]:
@@ -160,12 +189,17 @@ def test_edge_killed_mid_round_rejoins_next_round(tmp_path):
     with serving(cfg, tmp_path / "run") as srv:
         app, metrics_path = srv.app, tmp_path / "run" / "server_metrics.jsonl"
         vm = tmp_path / "victim.jsonl"
-        procs = [_edge_proc(srv.address, "victim", vm, tmp_path / "victim.log"),
-                 _edge_proc(srv.address, "steady", tmp_path / "steady.jsonl", tmp_path / "steady.log")]
+        procs = [
+            _edge_proc(srv.address, "victim", vm, tmp_path / "victim.log"),
+            _edge_proc(srv.address, "steady", tmp_path / "steady.jsonl", tmp_path / "steady.log"),
+        ]
         try:
             # kill the victim in the middle of round 1's local steps
-            wait_until(lambda: any(r.get("kind") == "step" and r["round"] == 1 and r["step"] >= 3 for r in _lines(vm)),
-                  90, "the victim to train in round 1")
+            wait_until(
+                lambda: any(r.get("kind") == "step" and r["round"] == 1 and r["step"] >= 3 for r in _lines(vm)),
+                90,
+                "the victim to train in round 1",
+            )
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
             wait_until(lambda: any(r["round"] == 1 for r in _lines(metrics_path)), 30, "round 1 to close")
@@ -193,20 +227,40 @@ def test_edge_killed_mid_round_rejoins_next_round(tmp_path):
 
 # -- the server killed mid-run and resumed from its checkpoint ---------------------------------------------
 
-CRASH_CFG = {**BASE, "num_clients": 2, "rounds": {"num_rounds": 5, "deadline_s": 60},
-             "training": {**BASE["training"], "local_steps": 6}}
+CRASH_CFG = {
+    **BASE,
+    "num_clients": 2,
+    "rounds": {"num_rounds": 5, "deadline_s": 60},
+    "training": {**BASE["training"], "local_steps": 6},
+}
 
 
 def _server_proc(cfg_path: Path, port: int, run_dir: Path, ckpt: Path, ready: Path, log: Path):
-    return subprocess.Popen(SPLITWAVE + ["server", str(cfg_path), "--port", str(port), "--run-dir",
-                                         str(run_dir), "--ready-file", str(ready), "--cache-dir",
-                                         str(ROOT / ".cache" / "bundles"), "--set", f"server.checkpoint_dir={ckpt}"],
-                            cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        SPLITWAVE
+        + [
+            "server",
+            str(cfg_path),
+            "--port",
+            str(port),
+            "--run-dir",
+            str(run_dir),
+            "--ready-file",
+            str(ready),
+            "--cache-dir",
+            str(ROOT / ".cache" / "bundles"),
+            "--set",
+            f"server.checkpoint_dir={ckpt}",
+        ],
+        cwd=ROOT,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.fixture(scope="module")
 def crash_reference(tmp_path_factory):
-    from splitwave.config import parse_config
+    from splitwave.common.config import parse_config
 
     with serving(parse_config(CRASH_CFG), tmp_path_factory.mktemp("crashref") / "run") as srv:
         res = run_clients(srv.address, ["e0", "e1"], EDGE_CACHE)
@@ -246,14 +300,23 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
         ems = [tmp_path / f"e{i}.jsonl" for i in range(2)]
         edges = [_edge_proc(f"127.0.0.1:{port}", f"e{i}", ems[i], tmp_path / f"e{i}.log") for i in range(2)]
         # rounds 0 and 1 are checkpointed; kill in the middle of round 2's steps, or while edges await round 3
-        wait_until(lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() == "round-000002", 120,
-              "round 1 to be checkpointed")
+        wait_until(
+            lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() == "round-000002",
+            120,
+            "round 1 to be checkpointed",
+        )
         if kill_at.startswith("train"):
-            wait_until(lambda: any(r.get("kind") == "step" and r["round"] == 2 and r["step"] >= 2 for r in _lines(ems[0])),
-                  60, "round 2 steps")
+            wait_until(
+                lambda: any(r.get("kind") == "step" and r["round"] == 2 and r["step"] >= 2 for r in _lines(ems[0])),
+                60,
+                "round 2 steps",
+            )
         else:
-            wait_until(lambda: all(any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(m)) for m in ems), 60,
-                  "round 2 pushes")
+            wait_until(
+                lambda: all(any(r.get("kind") == "push" and r["round"] == 2 for r in _lines(m)) for m in ems),
+                60,
+                "round 2 pushes",
+            )
         server.send_signal(signal.SIGKILL)
         server.wait()
         done = (ckpt / "LATEST").read_text()
@@ -281,7 +344,7 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
 
 
 def test_checkpoint_restores_state_and_refuses_another_config(tmp_path):
-    from server.app import SplitServer
+    from splitwave.server.app import SplitServer
 
     ckpt = tmp_path / "ckpt"
     cfg = tiny_cfg(server={"checkpoint_dir": str(ckpt)})

@@ -7,6 +7,7 @@ is not open, oversized streams). Every hostile call must end with an error statu
 which would mean an unhandled server exception); server memory stays bounded; the honest client ends with
 exactly the adapters it gets alone.
 """
+
 from __future__ import annotations
 
 import gc
@@ -16,23 +17,28 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
+from net_helpers import ROOT, assert_same_factors, final_factors, make_client, rss_bytes, serving, tiny_cfg
 
-from net_helpers import (ROOT, assert_same_factors, final_factors, make_client, rss_bytes, serving,
-                         tiny_cfg)
-from protos import splitwave_pb2 as pb
-from protos.codec import encode
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import encode
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 SECRET = "fuzz-secret"
 METHODS = {  # name -> (kind, request class)
-    "Join": ("uu", pb.JoinRequest), "GetBundle": ("us", pb.BundleRequest), "Train": ("ss", pb.TrainRequest),
-    "PushAdapter": ("su", pb.AdapterRequest), "AwaitRound": ("us", pb.RoundRequest),
-    "Evaluate": ("ss", pb.EvalRequest), "Leave": ("uu", pb.LeaveRequest),
+    "Join": ("uu", pb.JoinRequest),
+    "GetBundle": ("us", pb.BundleRequest),
+    "Train": ("ss", pb.TrainRequest),
+    "PushAdapter": ("su", pb.AdapterRequest),
+    "AwaitRound": ("us", pb.RoundRequest),
+    "Evaluate": ("ss", pb.EvalRequest),
+    "Leave": ("uu", pb.LeaveRequest),
 }
 
 
 def _cfg():
-    return tiny_cfg(training={"local_steps": 20}, rounds={"num_rounds": 3}, server={"security": {"enrollment_secret": SECRET}})
+    return tiny_cfg(
+        training={"local_steps": 20}, rounds={"num_rounds": 3}, server={"security": {"enrollment_secret": SECRET}}
+    )
 
 
 def _honest_run(tmp_path, fuzz=None):
@@ -64,8 +70,12 @@ class Fuzzer:
         self.raw = {}
         for m, (kind, _) in METHODS.items():
             path = f"/splitwave.v1.SplitWave/{m}"
-            make = {"uu": self.ch.unary_unary, "us": self.ch.unary_stream, "su": self.ch.stream_unary,
-                    "ss": self.ch.stream_stream}[kind]
+            make = {
+                "uu": self.ch.unary_unary,
+                "us": self.ch.unary_stream,
+                "su": self.ch.stream_unary,
+                "ss": self.ch.stream_stream,
+            }[kind]
             self.raw[m] = (kind, make(path, request_serializer=ident, response_deserializer=ident))
 
     # -- message makers ------------------------------------------------------------------------------------
@@ -79,8 +89,12 @@ class Fuzzer:
         if r == 2:
             return pb.Header()
         # the honest client's (stolen) token, but for a round that is never open: nothing may train
-        return pb.Header(session_token=tok, run_id=run, round=int(self.rng.integers(99, 1 << 31)),
-                         step=int(self.rng.integers(0, 1 << 62)))
+        return pb.Header(
+            session_token=tok,
+            run_id=run,
+            round=int(self.rng.integers(99, 1 << 31)),
+            step=int(self.rng.integers(0, 1 << 62)),
+        )
 
     def frame(self):
         rng = self.rng
@@ -113,8 +127,12 @@ class Fuzzer:
     def structured(self, method):
         rng = self.rng
         if method == "Join":
-            return [pb.JoinRequest(client_name=rng.choice(["", "honest", "x" * 100, "a/b", "edge-9"]),
-                                   enrollment_secret=rng.choice(["", "guess", SECRET[:-1]]))]
+            return [
+                pb.JoinRequest(
+                    client_name=rng.choice(["", "honest", "x" * 100, "a/b", "edge-9"]),
+                    enrollment_secret=rng.choice(["", "guess", SECRET[:-1]]),
+                )
+            ]
         if method == "GetBundle":
             return [pb.BundleRequest(header=self.header(), bundle_hash=rng.bytes(8).hex(), files=["../../etc/passwd"])]
         if method == "AwaitRound":
@@ -132,7 +150,7 @@ class Fuzzer:
             n = 200
         hdr = self.header()
         msgs = []
-        for i in range(n):
+        for _i in range(n):
             if method == "PushAdapter":
                 end = pb.AdapterEnd(num_samples=int(rng.integers(0, 9)))
                 body = {"frame": self.frame()} if rng.integers(4) else {"end": end}
@@ -186,6 +204,7 @@ def fuzz(n: int, seed: int = 0):
         f.ch.close()
         gc.collect()
         stats.update(codes=dict(codes), bad=bad, rss_after=rss_bytes(), n=n)
+
     return run
 
 
@@ -195,8 +214,10 @@ def alone(tmp_path_factory):
 
 
 def _check(stats, n):
-    print(f"fuzz: {stats['n']} hostile calls, statuses {stats['codes']}, "
-          f"RSS {stats['rss_before'] / 2**20:.0f} -> {stats['rss_after'] / 2**20:.0f} MiB")
+    print(
+        f"fuzz: {stats['n']} hostile calls, statuses {stats['codes']}, "
+        f"RSS {stats['rss_before'] / 2**20:.0f} -> {stats['rss_after'] / 2**20:.0f} MiB"
+    )
     assert stats["n"] == n and sum(stats["codes"].values()) == n
     assert not stats["bad"], stats["bad"][:10]
     assert stats["rss_after"] - stats["rss_before"] < 200 * 2**20

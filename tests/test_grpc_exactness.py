@@ -1,5 +1,6 @@
 """Split training across real processes over loopback gRPC equals the same training in one process
 (classification, and causal LM on E2E text)."""
+
 from __future__ import annotations
 
 import logging
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, load_npz
-from server.reference import centralized_train, federated_train
-from server.trainer import trainable_parameters
-from splitwave.config import parse_config
+from splitwave.common.config import parse_config
 from splitwave.launch import server_process, start_edge, wait_all, write_config
+from splitwave.server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, load_npz
+from splitwave.server.reference import centralized_train, federated_train
+from splitwave.server.trainer import trainable_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +23,13 @@ BASE = {
     "model": {"family": "bert", "tiny": True, "cut": 2},
     "lora": {"r": 4, "alpha": 8},
     "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32, "max_seq_len": 16},
-    "training": {"batch_size": 8, "local_steps": 3, "codec_up": "raw", "codec_down": "raw",
-                 "optim": {"lr": 0.01, "weight_decay": 0.01}},
+    "training": {
+        "batch_size": 8,
+        "local_steps": 3,
+        "codec_up": "raw",
+        "codec_down": "raw",
+        "optim": {"lr": 0.01, "weight_decay": 0.01},
+    },
     "rounds": {"num_rounds": 2, "deadline_s": 120},
     "aggregation": {"strategy": "fedit"},
 }
@@ -47,8 +53,14 @@ def _max_diff(a: dict, b: dict) -> float:
 def _e2e_gpt2() -> dict:
     """configs/e2e-gpt2-tiny.yaml's model, LoRA and data (so the same cached bundle), trained like BASE."""
     raw = yaml.safe_load((ROOT / "configs" / "e2e-gpt2-tiny.yaml").read_text())
-    return {**raw, "data": {**raw["data"], "num_train": 96, "num_eval": 16}, "training": BASE["training"],
-            "rounds": BASE["rounds"], "aggregation": BASE["aggregation"], "channel": {"mode": "none"}}
+    return {
+        **raw,
+        "data": {**raw["data"], "num_train": 96, "num_eval": 16},
+        "training": BASE["training"],
+        "rounds": BASE["rounds"],
+        "aggregation": BASE["aggregation"],
+        "channel": {"mode": "none"},
+    }
 
 
 @pytest.mark.parametrize("raw", [BASE, _e2e_gpt2()], ids=["bert-cls", "gpt2-e2e-causal-lm"])
@@ -59,18 +71,22 @@ def test_one_edge_process_equals_centralized_lora(tmp_path, raw):
     ref = {k: p.detach().numpy() for k, p in trainable_parameters(split.peft_model).items()}
     ref_edge = {k: v for k, v in ref.items() if k in edge}
     ref_top = {k: v for k, v in ref.items() if k not in edge}
-    moved = max(float(np.abs(ref_edge[k] - split_init).max()) for k, split_init in
-                _initial_edge(raw).items())
+    moved = max(float(np.abs(ref_edge[k] - split_init).max()) for k, split_init in _initial_edge(raw).items())
     assert moved > 1e-3  # training really changed the edge factors: the comparison below is not vacuous
-    logging.getLogger(__name__).info("%s: edge max error %.2e, top %.2e, edge moved %.2e, losses %s", raw["model"],
-                                     _max_diff(edge, ref_edge), _max_diff(top, ref_top), moved,
-                                     [round(x, 4) for x in losses])
+    logging.getLogger(__name__).info(
+        "%s: edge max error %.2e, top %.2e, edge moved %.2e, losses %s",
+        raw["model"],
+        _max_diff(edge, ref_edge),
+        _max_diff(top, ref_top),
+        moved,
+        [round(x, 4) for x in losses],
+    )
     assert _max_diff(edge, ref_edge) < 1e-5
     assert _max_diff(top, ref_top) < 1e-5
 
 
 def _initial_edge(raw):
-    from server.app import build_split
+    from splitwave.server.app import build_split
 
     return build_split(parse_config(raw)).edge_factors()
 

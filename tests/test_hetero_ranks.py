@@ -1,4 +1,5 @@
 """Heterogeneous LoRA ranks on real edges: a rank-r_k client inside a rank-r ONNX graph."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-from edge.client import ClientOptions, EdgeClient
-from edge.ranks import RankAdapter
-from server.app import SplitServer
-from server.service import start_server
-from splitwave.config import parse_config
+from splitwave.common.config import parse_config
+from splitwave.edge.client import ClientOptions, EdgeClient
+from splitwave.edge.ranks import RankAdapter
 from splitwave.launch import ROOT
+from splitwave.server.app import SplitServer
+from splitwave.server.service import start_server
 
 
 def test_rank_adapter_preserves_the_client_update():
@@ -34,11 +35,16 @@ def test_rank_adapter_preserves_the_client_update():
 
 @pytest.mark.parametrize("strategy", ["rbla", "hetlora", "flexlora", "flora"])
 def test_clients_of_different_ranks_train_together(tmp_path, strategy):
-    raw = {"num_clients": 2, "seed": 3, "model": {"family": "bert", "tiny": True, "cut": 2},
-           "lora": {"r": 4, "alpha": 8}, "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 64,
-                                                  "max_seq_len": 16},
-           "training": {"batch_size": 8, "local_steps": 4, "optim": {"lr": 0.02}}, "rounds": {"num_rounds": 3},
-           "aggregation": {"strategy": strategy, "params": {"client_ranks": {"e0": 2, "e1": 4}}}}
+    raw = {
+        "num_clients": 2,
+        "seed": 3,
+        "model": {"family": "bert", "tiny": True, "cut": 2},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 64, "max_seq_len": 16},
+        "training": {"batch_size": 8, "local_steps": 4, "optim": {"lr": 0.02}},
+        "rounds": {"num_rounds": 3},
+        "aggregation": {"strategy": strategy, "params": {"client_ranks": {"e0": 2, "e1": 4}}},
+    }
     app = SplitServer(parse_config(raw), tmp_path / "run", cache_dir=ROOT / ".cache/bundles")
     with start_server(app) as srv:
         errors = []
@@ -49,8 +55,12 @@ def test_clients_of_different_ranks_train_together(tmp_path, strategy):
             except Exception as e:  # surfaced below
                 errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(c,)) for c in (
-            EdgeClient(srv.address, ClientOptions(name=f"e{i}", cache_dir=tmp_path / "cache")) for i in range(2))]
+        threads = [
+            threading.Thread(target=run, args=(c,))
+            for c in (
+                EdgeClient(srv.address, ClientOptions(name=f"e{i}", cache_dir=tmp_path / "cache")) for i in range(2)
+            )
+        ]
         [t.start() for t in threads]
         [t.join(180) for t in threads]
     assert not errors, errors

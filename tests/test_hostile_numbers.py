@@ -6,6 +6,7 @@ The refusal's status and message are checked, and the honest client's final adap
 run without the attack, bit for bit. Trainer and aggregation guards are also checked directly: a refused
 step or aggregate leaves the adapter, AdamW and strategy state bit-identical.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,20 +19,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from net_helpers import (
+    ROOT,
+    assert_same_factors,
+    final_factors,
+    rss_bytes,
+    run_clients,
+    run_with_attack,
+    serving,
+    tiny_cfg,
+)
 
-from edge.client import EdgeClient
-from net_helpers import (ROOT, assert_same_factors, final_factors, rss_bytes, run_clients, run_with_attack,
-                         serving, tiny_cfg)
-from protos import splitwave_pb2 as pb
-from protos.codec import encode
-from server.aggregation import ClientUpdate, make_strategy
-from server.aggregation import lora_math as lm
-from server.aggregation.robust import Combiner, min_clients_for
-from server.app import checked_float32
-from server.errors import ServiceError
-from server.rounds import HISTORY_KEEP, RoundManager
-from server.trainer import StepInput, TopTrainer
-from splitwave.config import DEFAULT_CLIP_NORM, ConfigError
+from splitwave.common.config import DEFAULT_CLIP_NORM, ConfigError
+from splitwave.edge.client import EdgeClient
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import encode
+from splitwave.server.aggregation import ClientUpdate, make_strategy
+from splitwave.server.aggregation import lora_math as lm
+from splitwave.server.aggregation.robust import Combiner, min_clients_for
+from splitwave.server.app import checked_float32
+from splitwave.server.errors import ServiceError
+from splitwave.server.rounds import HISTORY_KEEP, RoundManager
+from splitwave.server.trainer import StepInput, TopTrainer
 from tests.conftest import make_split
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
@@ -61,9 +70,11 @@ def _hdr(j, round_idx=0, step=2):
 
 def _train(stub, j, h, step=2):
     hdr = _hdr(j, step=step)
-    msgs = [pb.TrainRequest(header=hdr, frame=f) for name, a in
-            (("h", h), ("attention_mask", np.ones((B, S), np.int64)), ("labels", np.zeros(B, np.int64)))
-            for f in encode(name, a)]
+    msgs = [
+        pb.TrainRequest(header=hdr, frame=f)
+        for name, a in (("h", h), ("attention_mask", np.ones((B, S), np.int64)), ("labels", np.zeros(B, np.int64)))
+        for f in encode(name, a)
+    ]
     msgs.append(pb.TrainRequest(header=hdr, end_step=pb.StepEnd(batch_size=B)))
     try:
         for _ in stub.Train(iter(msgs), timeout=20):
@@ -80,8 +91,9 @@ def _factors(j, value=0.0) -> dict[str, np.ndarray]:
 def _push(stub, j, factors, num_samples=8, metrics=None, round_idx=0):
     hdr = _hdr(j, round_idx=round_idx)
     msgs = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v)]
-    msgs.append(pb.AdapterRequest(header=hdr, end=pb.AdapterEnd(num_samples=num_samples, local_steps=1,
-                                                                 metrics=metrics or {})))
+    msgs.append(
+        pb.AdapterRequest(header=hdr, end=pb.AdapterEnd(num_samples=num_samples, local_steps=1, metrics=metrics or {}))
+    )
     try:
         stub.PushAdapter(iter(msgs), timeout=20)
     except grpc.RpcError as e:
@@ -114,11 +126,13 @@ def _assert_same_state(a, b, where="state"):
 # ----------------------------------------------------------------------------- Train steps, live
 def _step_probe(h):
     """Send `h` as step 2; the trainer's adapters and AdamW moments must be exactly as before."""
+
     def attack(stub, j, app):
         before = _trainer_state(app)
         got = _train(stub, j, h)
         _assert_same_state(_trainer_state(app), before, "trainer")
         return got
+
     return attack
 
 
@@ -144,8 +158,7 @@ STEP_PROBES = [
 
 @pytest.mark.parametrize("mode", ["sfl-v1", "sfl-v2"])
 @pytest.mark.parametrize("make_h,overrides,code,text", STEP_PROBES, ids=[p[0].__name__ for p in STEP_PROBES])
-def test_hostile_step_is_refused_and_changes_nothing(tmp_path, tmp_path_factory, mode, make_h, overrides, code,
-                                                     text):
+def test_hostile_step_is_refused_and_changes_nothing(tmp_path, tmp_path_factory, mode, make_h, overrides, code, text):
     factors, (got, details) = _run(tmp_path, _step_probe(make_h()), overrides=overrides, training={"mode": mode})
     assert got == code and text.lower() in details.lower(), (got, details)
     assert_same_factors(factors, reference(tmp_path_factory, mode))
@@ -155,8 +168,15 @@ def test_hostile_step_is_refused_and_changes_nothing(tmp_path, tmp_path_factory,
 def _steps(split, n, seed=0):
     rng = np.random.default_rng(seed)
     hidden = split.peft_model.config.hidden_size
-    return [StepInput(f"c{i}", rng.standard_normal((4, 8, hidden)).astype(np.float32), np.ones((4, 8), np.int64),
-                      rng.integers(0, 2, 4).astype(np.int64)) for i in range(n)]
+    return [
+        StepInput(
+            f"c{i}",
+            rng.standard_normal((4, 8, hidden)).astype(np.float32),
+            np.ones((4, 8), np.int64),
+            rng.integers(0, 2, 4).astype(np.int64),
+        )
+        for i in range(n)
+    ]
 
 
 def _poison(step):
@@ -244,8 +264,7 @@ PUSH_PROBES = [
 ]
 
 
-@pytest.mark.parametrize("attack,when,code,text", PUSH_PROBES,
-                         ids=[f"{p[0].__name__}-r{p[1][1]}" for p in PUSH_PROBES])
+@pytest.mark.parametrize("attack,when,code,text", PUSH_PROBES, ids=[f"{p[0].__name__}-r{p[1][1]}" for p in PUSH_PROBES])
 def test_hostile_push_is_refused_and_changes_nothing(tmp_path, tmp_path_factory, attack, when, code, text):
     factors, (got, details) = _run(tmp_path, attack, when=when)
     assert got == code and text.lower() in details.lower(), (got, details)
@@ -254,10 +273,11 @@ def test_hostile_push_is_refused_and_changes_nothing(tmp_path, tmp_path_factory,
 
 def test_claimed_num_samples_do_not_weigh(tmp_path):
     """A client claiming 2^64-1 samples gets the same weight as when it tells the truth: its shard's size."""
+
     class Liar(EdgeClient):
         def setup(self):
             super().setup()
-            self.num_samples = 2 ** 64 - 1
+            self.num_samples = 2**64 - 1
 
     cfg = tiny_cfg(num_clients=2)
     results = {}
@@ -274,8 +294,10 @@ MOD = "base_model.model.enc.layer.0.attn.query"
 
 
 def _adapter(rng, r=2, d_in=6, d_out=8):
-    return {lm.a_key(MOD): rng.normal(size=(r, d_in)).astype(np.float32),
-            lm.b_key(MOD): np.zeros((d_out, r), np.float32)}
+    return {
+        lm.a_key(MOD): rng.normal(size=(r, d_in)).astype(np.float32),
+        lm.b_key(MOD): np.zeros((d_out, r), np.float32),
+    }
 
 
 def test_aggregate_beyond_the_bound_is_not_committed():
@@ -323,8 +345,13 @@ def test_round_history_is_bounded():
         rm.register("c0")
         for r in range(n):
             a = rm.wait_assignment("c0", r, timeout=5)
-            rm.submit("c0", a.round_idx, {k: np.asarray(v) for k, v in a.directive.load_factors.items()}, 8.0,
-                      {f"m{i}": 1.0 for i in range(64)})
+            rm.submit(
+                "c0",
+                a.round_idx,
+                {k: np.asarray(v) for k, v in a.directive.load_factors.items()},
+                8.0,
+                {f"m{i}": 1.0 for i in range(64)},
+            )
         assert rm.stopped and len(rm.history) == HISTORY_KEEP
     finally:
         rm.stop()
@@ -349,21 +376,29 @@ def test_metrics_map_over_the_cap_is_refused():
 def test_update_clipping_is_on_by_default_and_can_be_switched_off():
     assert tiny_cfg().aggregation.robust == {"clip_norm": DEFAULT_CLIP_NORM}
     assert tiny_cfg(["aggregation.robust.method=median"], num_clients=3).aggregation.robust == {
-        "clip_norm": DEFAULT_CLIP_NORM, "method": "median"}
+        "clip_norm": DEFAULT_CLIP_NORM,
+        "method": "median",
+    }
     assert tiny_cfg(["aggregation.robust.clip_norm=null"]).aggregation.robust == {}
     assert tiny_cfg(["aggregation.robust.clip_norm=2.5"]).aggregation.robust == {"clip_norm": 2.5}
 
 
-@pytest.mark.parametrize("robust,clients,need", [
-    ({"method": "median"}, 2, 3), ({"method": "trimmed_mean", "trim_ratio": 0.1}, 9, 10),
-    ({"method": "trimmed_mean", "trim_ratio": 0.25}, 3, 4)])
+@pytest.mark.parametrize(
+    "robust,clients,need",
+    [
+        ({"method": "median"}, 2, 3),
+        ({"method": "trimmed_mean", "trim_ratio": 0.1}, 9, 10),
+        ({"method": "trimmed_mean", "trim_ratio": 0.25}, 3, 4),
+    ],
+)
 def test_robust_methods_need_enough_clients_at_config_load(robust, clients, need):
     with pytest.raises(ConfigError, match=f"needs at least {need} clients"):
         tiny_cfg(num_clients=clients, aggregation={"strategy": "fedit", "robust": robust})
     tiny_cfg(num_clients=need, aggregation={"strategy": "fedit", "robust": robust})
     with pytest.raises(ConfigError, match="trim_ratio"):
-        tiny_cfg(num_clients=4, aggregation={"strategy": "fedit", "robust": {"method": "trimmed_mean",
-                                                                             "trim_ratio": 0.0}})
+        tiny_cfg(
+            num_clients=4, aggregation={"strategy": "fedit", "robust": {"method": "trimmed_mean", "trim_ratio": 0.0}}
+        )
 
 
 @pytest.mark.parametrize("robust,n", [({"method": "median"}, 2), ({"method": "trimmed_mean", "trim_ratio": 0.25}, 3)])
@@ -409,8 +444,11 @@ def test_min_clients_is_the_first_count_where_the_robust_rule_drops_someone(meth
 
 
 @settings(max_examples=200, deadline=None)
-@given(arrays(np.float64, (3, 4), elements=st.floats(-1e6, 1e6)),
-       arrays(np.float64, (3, 4), elements=st.floats(-1e6, 1e6)), st.floats(1e-3, 1e3))
+@given(
+    arrays(np.float64, (3, 4), elements=st.floats(-1e6, 1e6)),
+    arrays(np.float64, (3, 4), elements=st.floats(-1e6, 1e6)),
+    st.floats(1e-3, 1e3),
+)
 def test_clipped_update_never_exceeds_the_bound_and_honest_ones_are_untouched(new, start, c):
     out, norm = Combiner({"clip_norm": c}).clip({"k": new}, {"k": start})
     got = float(np.linalg.norm(out["k"] - start))

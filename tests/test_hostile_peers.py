@@ -6,6 +6,7 @@ answers UNAVAILABLE and the server exits; pushed adapters survive a restart; an 
 steps are rolled back before the redo). The honest edges' result must equal an undisturbed run's bit for bit
 (sfl-v1 makes a client's result independent of how its steps interleave with others').
 """
+
 from __future__ import annotations
 
 import gc
@@ -25,20 +26,33 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from edge.client import EdgeClient
-from edge.retry import RetryPolicy
-from edge.security import channel_credentials
-from net_helpers import (BASE, CAPS, ROOT, assert_same_factors, final_factors, free_port, make_client, rpc_status,
-                         rss_bytes, run_clients, serving, tiny_cfg, wait_until)
-from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
-from protos.codec import encode
-from server.peers import CallGuard, peer_address
-from server.security import server_credentials
-from test_faults import CRASH_CFG, _edge_proc, _lines, _load_final, crash_reference  # noqa: F401 - fixture
+from net_helpers import (
+    BASE,
+    CAPS,
+    ROOT,
+    assert_same_factors,
+    final_factors,
+    free_port,
+    make_client,
+    rpc_status,
+    rss_bytes,
+    run_clients,
+    serving,
+    tiny_cfg,
+    wait_until,
+)
+from test_faults import CRASH_CFG, _edge_proc, _lines, _load_final, crash_reference  # noqa: F401, F811 - fixture
 from test_faults import _server_proc as _faults_server
 from test_security import pki  # noqa: F401 - the module's certificate fixture
+
+from splitwave.edge.client import EdgeClient
+from splitwave.edge.retry import RetryPolicy
+from splitwave.edge.security import channel_credentials
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos.codec import encode
+from splitwave.server.peers import CallGuard, peer_address
+from splitwave.server.security import server_credentials
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 SPLITWAVE = [sys.executable, "-m", "splitwave.cli"]
@@ -72,8 +86,9 @@ class _Runner:
 
     def __init__(self, address, names, **opts):
         self.out: dict = {}
-        self.thread = threading.Thread(target=lambda: self.out.update(run_clients(address, names, EDGE_CACHE, **opts)),
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=lambda: self.out.update(run_clients(address, names, EDGE_CACHE, **opts)), daemon=True
+        )
         self.thread.start()
 
     def result(self, timeout=180):
@@ -83,6 +98,7 @@ class _Runner:
 
 
 # -- identities ------------------------------------------------------------------------------------------
+
 
 def test_name_theft_refused_without_and_with_enrollment_secret(tmp_path, reference):
     """A stranger, and an insider who knows the enrollment secret, join under a live client's name: refused
@@ -126,8 +142,12 @@ def test_resume_secret_rejoins_and_survives_a_restart(tmp_path):
 
 def test_mtls_certificate_cannot_claim_another_name(tmp_path, pki):  # noqa: F811
     """A certificate named e1 claims the name e0 before e0 has joined: refused; e0 then trains normally."""
-    sec = {"insecure": False, "server_cert": pki["server_cert"], "server_key": pki["server_key"],
-           "client_ca": pki["ca"]}
+    sec = {
+        "insecure": False,
+        "server_cert": pki["server_cert"],
+        "server_key": pki["server_key"],
+        "client_ca": pki["ca"],
+    }
     cfg = tiny_cfg(num_clients=1, server={"security": sec})
     with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
         mallory = channel_credentials(pki["ca"], pki["e1_cert"], pki["e1_key"])
@@ -153,11 +173,15 @@ def test_strangers_holding_every_slot_do_not_lock_out_honest_edges(tmp_path, ref
         for j in strangers:  # their sessions are gone
             req = pb.RoundRequest(header=pb.Header(session_token=j.session_token, run_id=j.run_id), no_wait=True)
             with grpc.insecure_channel(srv.address) as ch:
-                assert rpc_status(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))[0] == C.UNAUTHENTICATED
+                assert (
+                    rpc_status(lambda: list(pb_grpc.SplitWaveStub(ch).AwaitRound(req, timeout=5)))[0]
+                    == C.UNAUTHENTICATED
+                )
         assert_same_factors(final_factors(srv.app), reference)
 
 
 # -- bounded resources -----------------------------------------------------------------------------------
+
 
 class SilentStreams:
     """`n` token-less Train streams that send nothing; each one closed by the server is reopened."""
@@ -230,9 +254,11 @@ def test_silent_streams_do_not_starve_training_or_health(tmp_path, reference):
         gc.collect()
         rss1 = rss_bytes()
         closed = dict(srv.servicer.guard.closed)
-        print(f"silent streams: closed by the server {closed}, seen by the attacker {attack.ended}, health "
-              f"{sum(h is True for h in health)}/{len(health)} SERVING, "
-              f"RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB")
+        print(
+            f"silent streams: closed by the server {closed}, seen by the attacker {attack.ended}, health "
+            f"{sum(h is True for h in health)}/{len(health)} SERVING, "
+            f"RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB"
+        )
         assert all(r["rounds"] == 2 for r in res.values()), res
         assert health and all(h is True for h in health), health
         assert sum(closed.values()) >= 32 and attack.ended.get("CANCELLED", 0) >= 32
@@ -290,8 +316,15 @@ def test_tiny_frames_refused_at_the_first(tmp_path):
                     released.wait(30)
                     return
                 sent.append(i)
-                yield pb.TensorFrame(name="h", dtype="float32", shape=list(h.shape), codec="raw", frame_index=i,
-                                     frame_count=len(raw), payload=raw[i:i + 1])
+                yield pb.TensorFrame(
+                    name="h",
+                    dtype="float32",
+                    shape=list(h.shape),
+                    codec="raw",
+                    frame_index=i,
+                    frame_count=len(raw),
+                    payload=raw[i : i + 1],
+                )
 
         code, details = rpc_status(lambda: list(stub.Train((m for m in _step_msgs(j, h, frames=frames())), timeout=30)))
         released.set()
@@ -315,8 +348,14 @@ def test_calls_per_client_are_bounded(tmp_path):
             q: queue.Queue = queue.Queue()
             q.put(msg)
             calls.append((q, stub.Train(iter(q.get, None), timeout=30)))
-            wait_until(lambda: srv.servicer.guard.open_calls().get("client:e0", 0) == min(i + 1, 2)
-                  and (i < 2 or calls[-1][1].done()), 10, f"call {i} to be counted")
+            wait_until(
+                lambda: (
+                    srv.servicer.guard.open_calls().get("client:e0", 0) == min(i + 1, 2)
+                    and (i < 2 or calls[-1][1].done())
+                ),
+                10,
+                f"call {i} to be counted",
+            )
         assert calls[2][1].code() == C.RESOURCE_EXHAUSTED, calls[2][1].details()
         for q, c in calls[:2]:
             q.put(None)
@@ -329,7 +368,7 @@ def test_calls_per_client_are_bounded(tmp_path):
 def test_guard_bounds_pending_calls_per_peer_and_in_all(peers, per_peer, total):
     """Whatever order calls from which peers open in, the silent ones never exceed the limits; the newest
     always gets in (the oldest is closed)."""
-    from splitwave.config import LimitsConfig
+    from splitwave.common.config import LimitsConfig
 
     class Ctx:
         def __init__(self, peer):
@@ -341,8 +380,11 @@ def test_guard_bounds_pending_calls_per_peer_and_in_all(peers, per_peer, total):
         def cancel(self):
             self.cancelled = True
 
-    guard = CallGuard(LimitsConfig(max_pending_per_peer=per_peer, max_pending_calls=total,
-                                   first_message_timeout_s=3600), num_clients=0, tick_s=3600)
+    guard = CallGuard(
+        LimitsConfig(max_pending_per_peer=per_peer, max_pending_calls=total, first_message_timeout_s=3600),
+        num_clients=0,
+        tick_s=3600,
+    )
     try:
         open_ = []
         for p in peers:
@@ -366,16 +408,33 @@ def test_peer_address():
 
 # -- shutdown and crashes --------------------------------------------------------------------------------
 
+
 def _server_proc(cfg: dict, tmp_path: Path, port: int):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     ready = tmp_path / "ready.json"
     ready.unlink(missing_ok=True)
-    p = subprocess.Popen(SPLITWAVE + ["server", "--config", str(cfg_path), "--port", str(port), "--run-dir",
-                                      str(tmp_path / "run"), "--ready-file", str(ready), "--cache-dir",
-                                      str(ROOT / ".cache" / "bundles"), "--set",
-                                      f"server.checkpoint_dir={tmp_path / 'ckpt'}"],
-                         cwd=ROOT, stdout=open(tmp_path / "server.log", "ab"), stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        SPLITWAVE
+        + [
+            "server",
+            "--config",
+            str(cfg_path),
+            "--port",
+            str(port),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--ready-file",
+            str(ready),
+            "--cache-dir",
+            str(ROOT / ".cache" / "bundles"),
+            "--set",
+            f"server.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
+        cwd=ROOT,
+        stdout=open(tmp_path / "server.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
     wait_until(ready.exists, 120, "the server to start")
     return p
 
@@ -427,7 +486,7 @@ def test_pushed_adapter_survives_a_restart(tmp_path):
     c.close()
     t.join(30)
     assert list((ckpt / "pending").glob("r000000-e0.pt"))
-    from server.app import SplitServer
+    from splitwave.server.app import SplitServer
 
     app = SplitServer(cfg, tmp_path / "run2", cache_dir=ROOT / ".cache" / "bundles")
     try:

@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) of every link model and of the virtual clock: for any t >= 0 and any
 size, `done` answers in bounded time, is >= t, is monotone in size and in t, and transfers stay FIFO."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import channel_sim as cs
+import splitwave.channel as cs
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMIT_S = 20  # generous: a hang, not a slow machine, is what this catches
@@ -21,8 +22,10 @@ TOL = 1e-9  # relative slack for float sums across coherence blocks
 @contextlib.contextmanager
 def bounded(seconds: int = LIMIT_S):
     """Fail (instead of hanging the suite) if the body runs longer than `seconds`."""
+
     def _alarm(*_):
         raise TimeoutError(f"link model did not answer within {seconds} s")
+
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(seconds)
     try:
@@ -77,19 +80,34 @@ def wireless_links(draw):
     period = draw(st.sampled_from([None, 0.01, 0.05, 1.0]))
     seed = draw(st.integers(min_value=0, max_value=1000))
     n_active = draw(st.integers(min_value=1, max_value=8))
-    radio = cs.RadioParams(direction=direction, p_tx_dbm=23.0 if direction == "up" else 46.0,
-                           nf_db=5.0 if direction == "up" else 9.0, pathloss=pathloss, los=los,
-                           h_bs_m=10.0 if pathloss == "umi" else 25.0, se_cap=draw(st.sampled_from([None, 7.4])))
-    return lambda: cs.WirelessLink(d, radio, cs.Cell(20e6, n_active=n_active), fading=fading, rician_k=3.0,
-                                   coherence_s=coherence, shadowing_period_s=period, seed=seed)
+    radio = cs.RadioParams(
+        direction=direction,
+        p_tx_dbm=23.0 if direction == "up" else 46.0,
+        nf_db=5.0 if direction == "up" else 9.0,
+        pathloss=pathloss,
+        los=los,
+        h_bs_m=10.0 if pathloss == "umi" else 25.0,
+        se_cap=draw(st.sampled_from([None, 7.4])),
+    )
+    return lambda: cs.WirelessLink(
+        d,
+        radio,
+        cs.Cell(20e6, n_active=n_active),
+        fading=fading,
+        rician_k=3.0,
+        coherence_s=coherence,
+        shadowing_period_s=period,
+        seed=seed,
+    )
 
 
 deterministic_links = st.one_of(static_links(), trace_links(), wireless_links())
 
 
 @SETTINGS
-@given(make=deterministic_links, n1=sizes, n2=sizes, t1=times, t2=times,
-       warm=st.lists(st.tuples(sizes, times), max_size=3))
+@given(
+    make=deterministic_links, n1=sizes, n2=sizes, t1=times, t2=times, warm=st.lists(st.tuples(sizes, times), max_size=3)
+)
 def test_done_bounded_at_least_t_and_monotone(make, n1, n2, t1, t2, warm):
     n1, n2 = sorted((n1, n2))
     t1, t2 = sorted((t1, t2))
@@ -108,8 +126,10 @@ def test_done_bounded_at_least_t_and_monotone(make, n1, n2, t1, t2, warm):
 
 
 @SETTINGS
-@given(make=st.one_of(deterministic_links, static_links(deterministic=False)),
-       msgs=st.lists(st.tuples(sizes, times), min_size=1, max_size=8))
+@given(
+    make=st.one_of(deterministic_links, static_links(deterministic=False)),
+    msgs=st.lists(st.tuples(sizes, times), min_size=1, max_size=8),
+)
 def test_fifo_deliveries_never_reorder(make, msgs):
     link = make()
     msgs = sorted(msgs, key=lambda m: m[1])  # offered in time order, as a sender does
@@ -120,8 +140,11 @@ def test_fifo_deliveries_never_reorder(make, msgs):
 
 
 @SETTINGS
-@given(make=deterministic_links, parts=st.lists(st.integers(min_value=1, max_value=5_000_000), min_size=2, max_size=5),
-       t=times)
+@given(
+    make=deterministic_links,
+    parts=st.lists(st.integers(min_value=1, max_value=5_000_000), min_size=2, max_size=5),
+    t=times,
+)
 def test_fifo_back_to_back_equals_one_transfer(make, parts, t):
     """FIFO byte stream: messages queued together leave when one message of their total size would."""
     a, b = make(), make()
@@ -186,13 +209,19 @@ def test_virtual_clock_and_server_reject_bad_durations(bad):
 
 
 @settings(SETTINGS, max_examples=200)  # ~4% of boundaries hit the trap: a hang is found almost surely
-@given(k=st.integers(min_value=0, max_value=10**8), tc=st.sampled_from([0.0005, 0.001, 0.003, 0.01, 0.0435]),
-       period=st.sampled_from([None, 0.01, 0.07]), n=sizes, fading=st.sampled_from(["rayleigh", "none"]))
+@given(
+    k=st.integers(min_value=0, max_value=10**8),
+    tc=st.sampled_from([0.0005, 0.001, 0.003, 0.01, 0.0435]),
+    period=st.sampled_from([None, 0.01, 0.07]),
+    n=sizes,
+    fading=st.sampled_from(["rayleigh", "none"]),
+)
 def test_wireless_answers_on_block_boundaries(k, tc, period, n, fading):
     """Times on (float) block boundaries k*T_c, where t/T_c rounds below k: the case that hung."""
     t = k * tc
-    link = cs.WirelessLink(200, cs.RadioParams(), cs.Cell(20e6), fading=fading, coherence_s=tc,
-                           shadowing_period_s=period, seed=k % 97)
+    link = cs.WirelessLink(
+        200, cs.RadioParams(), cs.Cell(20e6), fading=fading, coherence_s=tc, shadowing_period_s=period, seed=k % 97
+    )
     with bounded():
         d = link.done(n, t)
     assert d >= t and math.isfinite(d)
@@ -206,7 +235,7 @@ def _brute_force_done_ms(ts: list[int], n: int, t_ms: float, strict: bool, mtu: 
     while True:
         for tau in ts:
             at = tau + m * T
-            if (at > t_ms if strict else at >= t_ms - 1e-9):
+            if at > t_ms if strict else at >= t_ms - 1e-9:
                 need -= 1
                 if need == 0:
                     return at
@@ -214,9 +243,14 @@ def _brute_force_done_ms(ts: list[int], n: int, t_ms: float, strict: bool, mtu: 
 
 
 @SETTINGS
-@given(gaps=st.lists(st.integers(min_value=0, max_value=7), min_size=1, max_size=8),
-       n=st.integers(min_value=1, max_value=60_000), k=st.integers(min_value=0, max_value=10**6),
-       frac=st.sampled_from([0.0, 0.25, 0.999]), strict=st.booleans(), mtu=st.sampled_from([1000, 1448, 1500]))
+@given(
+    gaps=st.lists(st.integers(min_value=0, max_value=7), min_size=1, max_size=8),
+    n=st.integers(min_value=1, max_value=60_000),
+    k=st.integers(min_value=0, max_value=10**6),
+    frac=st.sampled_from([0.0, 0.25, 0.999]),
+    strict=st.booleans(),
+    mtu=st.sampled_from([1000, 1448, 1500]),
+)
 def test_trace_matches_brute_force_on_and_off_period_boundaries(gaps, n, k, frac, strict, mtu):
     ts = list(itertools.accumulate(gaps))
     assume(ts[-1] > 0)

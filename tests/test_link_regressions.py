@@ -1,12 +1,13 @@
 """Regressions of link models that failed to answer (issue 11)."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
-import channel_sim as cs
-from channel_sim.wireless import _index_of
+import splitwave.channel as cs
+from splitwave.channel.wireless import _index_of
 
 
 def test_block_boundary_equal_to_t_in_floating_point_terminates():
@@ -17,8 +18,9 @@ def test_block_boundary_equal_to_t_in_floating_point_terminates():
     assert _index_of(t, tc) == 25658
     for fading in ("rayleigh", "none"):
         for period in (None, 0.01, 0.05):
-            link = cs.WirelessLink(200, cs.RadioParams(), cs.Cell(20e6), fading=fading, coherence_s=tc,
-                                   shadowing_period_s=period, seed=3)
+            link = cs.WirelessLink(
+                200, cs.RadioParams(), cs.Cell(20e6), fading=fading, coherence_s=tc, shadowing_period_s=period, seed=3
+            )
             d = link.predict(1_000_000, t)
             assert t < d < t + 10.0
             assert link.block_of(t) == 25658

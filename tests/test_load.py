@@ -3,12 +3,12 @@
 The default test runs 32 clients for a few seconds with a deliberately small `max_workers` (the server
 must size its pool for 32 clients' parked calls rather than deadlock); the slow one runs for 60 s.
 """
+
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
-
 from net_helpers import ROOT
 
 
@@ -29,8 +29,7 @@ def _check(res):
 
 
 def test_32_clients_short(tmp_path):
-    res = _load_module().run_load(32, duration_s=3.0, local_steps=2, run_dir=tmp_path, max_workers=4,
-                                      min_rounds=1)
+    res = _load_module().run_load(32, duration_s=3.0, local_steps=2, run_dir=tmp_path, max_workers=4, min_rounds=1)
     _check(res)
 
 

@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from protos import codec, metering
-from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos import codec, metering
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOS = REPO / "protos"
@@ -27,11 +27,11 @@ PROTOS = REPO / "protos"
 
 def test_committed_stubs_match_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
-    from protos import generate
+    from splitwave.protos import generate
 
     written = generate.generate(tmp_path)
     stale = [p.name for p in written if p.read_bytes() != (PROTOS / p.name).read_bytes()]
-    assert not stale, f"stale generated files {stale}: run `python -m protos.generate`"
+    assert not stale, f"stale generated files {stale}: run `python -m splitwave.protos.generate`"
 
 
 def test_protos_import_from_repo_root_without_torch():
@@ -52,7 +52,9 @@ def test_every_message_field_and_rpc_is_documented(tmp_path):
     from grpc_tools import protoc
 
     out = tmp_path / "set.pb"
-    rc = protoc.main(["protoc", f"-I{PROTOS}", "--include_source_info", f"--descriptor_set_out={out}", "splitwave.proto"])
+    rc = protoc.main(
+        ["protoc", f"-I{PROTOS}", "--include_source_info", f"--descriptor_set_out={out}", "splitwave.proto"]
+    )
     assert rc == 0
     fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     (f,) = fds.file
@@ -100,7 +102,9 @@ class _EchoServicer(pb_grpc.SplitWaveServicer):
     def GetBundle(self, request, context):
         data = bytes(range(256)) * 40
         for off in range(0, len(data), 4000):
-            yield pb.BundleChunk(file_name="forward.onnx", offset=off, total_size=len(data), data=data[off:off + 4000])
+            yield pb.BundleChunk(
+                file_name="forward.onnx", offset=off, total_size=len(data), data=data[off : off + 4000]
+            )
 
     def Train(self, request_iterator, context):
         asm = codec.Assembler()
@@ -112,7 +116,9 @@ class _EchoServicer(pb_grpc.SplitWaveServicer):
             hdr = pb.Header(run_id=req.header.run_id, round=req.header.round, step=req.header.step)
             for frame in codec.encode("grad_h", 2 * tensors["h"]):
                 yield pb.TrainReply(header=hdr, frame=frame)
-            yield pb.TrainReply(header=hdr, end_step=pb.StepResult(loss=1.5, correct=1, count=int(tensors["labels"].size)))
+            yield pb.TrainReply(
+                header=hdr, end_step=pb.StepResult(loss=1.5, correct=1, count=int(tensors["labels"].size))
+            )
 
     def PushAdapter(self, request_iterator, context):
         n = sum(1 for _ in request_iterator)
@@ -248,7 +254,9 @@ def test_reflection_and_health_can_serve_the_descriptor():
             assert {metering.SERVICE_NAME, metering.HEALTH_SERVICE_NAME} <= set(db.get_services())
             svc = DescriptorPool(db).FindServiceByName(metering.SERVICE_NAME)
             assert {m.name for m in svc.methods} >= {"Join", "Train", "AwaitRound"}
-            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=metering.SERVICE_NAME))
+            check = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=metering.SERVICE_NAME)
+            )
             assert check.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(None)
@@ -310,9 +318,7 @@ def test_metering_works_with_grpc_aio_servers():
 
     async def serve():
         server = grpc.aio.server()
-        metering.add_metered_servicer_to_server(
-            _AsyncServicer(), server, server_meter, lambda req, ctx: "edge-0"
-        )
+        metering.add_metered_servicer_to_server(_AsyncServicer(), server, server_meter, lambda req, ctx: "edge-0")
         state["port"] = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         state["server"], state["stop"] = server, asyncio.Event()
@@ -342,7 +348,8 @@ def test_metering_works_with_grpc_aio_servers():
         thread.join(30)
         loop.close()
     assert client_meter.snapshot() == server_meter.snapshot()
-    assert client_meter.total(direction="up", method="Train") + client_meter.total(
-        direction="up", method="PushAdapter"
-    ) == sent
+    assert (
+        client_meter.total(direction="up", method="Train") + client_meter.total(direction="up", method="PushAdapter")
+        == sent
+    )
     assert client_meter.total(direction="down", method="Train") == sum(r.ByteSize() for r in replies)

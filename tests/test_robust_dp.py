@@ -1,11 +1,18 @@
 """Robust aggregation (clipping, median, trimmed mean), Gaussian-mechanism DP and RDP accounting."""
+
 import math
 
 import numpy as np
 import pytest
 
-from server.aggregation import ClientUpdate, compute_epsilon, make_strategy, rdp_subsampled_gaussian, rdp_to_epsilon
-from server.aggregation import lora_math as lm
+from splitwave.server.aggregation import (
+    ClientUpdate,
+    compute_epsilon,
+    make_strategy,
+    rdp_subsampled_gaussian,
+    rdp_to_epsilon,
+)
+from splitwave.server.aggregation import lora_math as lm
 
 MOD = "base_model.model.enc.layer.0.attn.query"
 D_OUT, D_IN, R = 8, 6, 2
@@ -18,8 +25,12 @@ def init_adapter(rng):
 def honest_round(rng, init, n=9, noise=0.05):
     """Clients that all move B by a common direction plus small noise (FFA-style, A frozen)."""
     direction = rng.normal(size=(D_OUT, R))
-    ups = [ClientUpdate(f"c{k}", {lm.b_key(MOD): init[lm.b_key(MOD)] + direction + noise * rng.normal(size=(D_OUT, R))}, 10)
-           for k in range(n)]
+    ups = [
+        ClientUpdate(
+            f"c{k}", {lm.b_key(MOD): init[lm.b_key(MOD)] + direction + noise * rng.normal(size=(D_OUT, R))}, 10
+        )
+        for k in range(n)
+    ]
     return ups, direction
 
 
@@ -43,8 +54,8 @@ def test_median_shrugs_off_a_scaled_poisoned_update_that_wrecks_fedavg():
     attacked_median, _ = aggregate_b(init, poison(ups), robust={"method": "median"})
     attacked_trim, _ = aggregate_b(init, poison(ups), robust={"method": "trimmed_mean", "trim_ratio": 0.2})
     scale = np.linalg.norm(direction)
-    assert np.linalg.norm(attacked_mean - clean) > 5 * scale        # FedAvg is wrecked
-    assert np.linalg.norm(attacked_median - clean) < 0.1 * scale    # median barely moves
+    assert np.linalg.norm(attacked_mean - clean) > 5 * scale  # FedAvg is wrecked
+    assert np.linalg.norm(attacked_median - clean) < 0.1 * scale  # median barely moves
     assert np.linalg.norm(attacked_trim - clean) < 0.1 * scale
 
 
@@ -100,7 +111,7 @@ def test_dp_uses_uniform_weights_and_clips():
     rng = np.random.default_rng(4)
     init = init_adapter(rng)
     ups, _ = honest_round(rng, init, n=3)
-    ups = [ClientUpdate(u.client_id, u.factors, 10 ** k) for k, u in enumerate(ups)]
+    ups = [ClientUpdate(u.client_id, u.factors, 10**k) for k, u in enumerate(ups)]
     got, _ = aggregate_b(init, ups, dp={"noise_multiplier": 1e-12, "clip_norm": 1e3})
     want = np.mean([u.factors[lm.b_key(MOD)] for u in ups], axis=0)
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -130,9 +141,9 @@ def test_subsampled_rdp_matches_numerical_renyi_divergence(q, z, alpha):
     """Independent check: RDP = 1/(a-1) log E_{x~N(0,z^2)}[(mu(x)/mu0(x))^a] for the mixture
     mu = (1-q) N(0, z^2) + q N(1, z^2), computed by quadrature (Mironov et al. 2019, Sec. 3)."""
     x = np.linspace(-40, 40, 400001)
-    mu0 = np.exp(-x ** 2 / (2 * z * z))
+    mu0 = np.exp(-(x**2) / (2 * z * z))
     ratio = (1 - q) + q * np.exp((2 * x - 1) / (2 * z * z))
-    integral = np.trapezoid(mu0 * ratio ** alpha, x) / (z * math.sqrt(2 * math.pi))
+    integral = np.trapezoid(mu0 * ratio**alpha, x) / (z * math.sqrt(2 * math.pi))
     assert rdp_subsampled_gaussian(q, z, alpha) == pytest.approx(math.log(integral) / (alpha - 1), rel=1e-6)
 
 
@@ -167,8 +178,12 @@ def test_dp_clips_each_update_before_the_uniform_mean():
     np.testing.assert_allclose(got, want, atol=1e-9)
 
 
-@pytest.mark.parametrize("robust", [{"method": "median", "clip_norm": 1.0}, {"method": "trimmed_mean", "trim_ratio": 0.25}])
-@pytest.mark.parametrize("name", ["fedit", "ffa-lora", "rolora", "fedex-lora", "flexlora", "fedsa-lora", "hetlora", "rbla"])
+@pytest.mark.parametrize(
+    "robust", [{"method": "median", "clip_norm": 1.0}, {"method": "trimmed_mean", "trim_ratio": 0.25}]
+)
+@pytest.mark.parametrize(
+    "name", ["fedit", "ffa-lora", "rolora", "fedex-lora", "flexlora", "fedsa-lora", "hetlora", "rbla"]
+)
 def test_robust_methods_compose_with_every_strategy(name, robust):
     rng = np.random.default_rng(6)
     hetero = name in ("flexlora", "hetlora", "rbla")

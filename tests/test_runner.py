@@ -1,5 +1,6 @@
 """The experiment runner: virtual time on synthetic records, a minimal real run (classification and causal
 LM), process hygiene, and (slow) real-time vs virtual agreement."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from channel_sim import LinkPair, StaticLink
-from splitwave.config import load_config
+from splitwave.channel import LinkPair, StaticLink
+from splitwave.common.config import load_config
 from splitwave.runner import ProcessGroup, simulate
 from splitwave.timeline import ClientRound, StepTimes, simulate_timeline
 
@@ -30,8 +31,10 @@ def _links():
 def test_virtual_time_matches_hand_computation():
     step = StepTimes(edge_fwd_s=0.1, edge_bwd_s=0.2, server_s=0.5, bytes_up=1000, bytes_down=2000)
     r0 = {k: ClientRound([step], push_bytes=8000, push_reply_bytes=32, await_request_bytes=64) for k in (0, 1)}
-    r1 = {k: ClientRound([], push_bytes=8000, push_reply_bytes=32, await_request_bytes=64, broadcast_bytes=4000)
-          for k in (0, 1)}
+    r1 = {
+        k: ClientRound([], push_bytes=8000, push_reply_bytes=32, await_request_bytes=64, broadcast_bytes=4000)
+        for k in (0, 1)
+    }
     tl = simulate_timeline(_links(), [r0, r1], [0.3, 0.3])
     # round 0: both activations arrive at 0.1 + 0.001 + 0.01 = 0.111; the server takes client 0 first
     # (0.111 -> 0.611), client 1 waits 0.5 s (0.611 -> 1.111); grads +0.012, backward 0.2, push +0.018
@@ -40,9 +43,17 @@ def test_virtual_time_matches_hand_computation():
     assert c1["push_arrival"] == pytest.approx(1.341)
     assert tl[0].critical_client == 1
     assert tl[0].close == pytest.approx(1.641) and tl[0].duration == pytest.approx(1.641)
-    assert tl[0].breakdown == pytest.approx({"edge_compute": 0.3, "uplink": 0.029, "server_wait": 0.5,
-                                             "server_compute": 0.5, "downlink": 0.012, "aggregation": 0.3,
-                                             "evaluation": 0.0})
+    assert tl[0].breakdown == pytest.approx(
+        {
+            "edge_compute": 0.3,
+            "uplink": 0.029,
+            "server_wait": 0.5,
+            "server_compute": 0.5,
+            "downlink": 0.012,
+            "aggregation": 0.3,
+            "evaluation": 0.0,
+        }
+    )
     assert sum(tl[0].breakdown.values()) == pytest.approx(tl[0].duration)
     # round 1: client 0 already asked for work: broadcast at the close, 1.641 + 0.004 + 0.01 = 1.655, push
     # at 1.673. Client 1 (the last pusher) gets its push reply after the close (1.641 + 32 us + 10 ms), asks
@@ -96,9 +107,16 @@ def test_simulate_minimal_virtual_run(tmp_path, caplog):
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         before = _children(os.getpid())
-        cfg = load_config(ROOT / "configs" / "quick.yaml", [
-            "num_clients=2", "rounds.num_rounds=2", "training.local_steps=3", "channel.mode=virtual",
-            f"output_dir={tmp_path}"])
+        cfg = load_config(
+            ROOT / "configs" / "quick.yaml",
+            [
+                "num_clients=2",
+                "rounds.num_rounds=2",
+                "training.local_steps=3",
+                "channel.mode=virtual",
+                f"output_dir={tmp_path}",
+            ],
+        )
         with caplog.at_level(logging.INFO, logger="splitwave.runner"):
             run_dir = simulate(cfg, progress=False)
         phases = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("phase ")]
@@ -135,9 +153,16 @@ def test_simulate_minimal_virtual_run(tmp_path, caplog):
 def test_simulate_causal_lm_e2e_run_learns(tmp_path):
     """configs/e2e-gpt2-tiny.yaml, shortened: a causal-LM run over gRPC finishes, writes its results, and its
     eval loss (per labelled token) falls."""
-    cfg = load_config(ROOT / "configs" / "e2e-gpt2-tiny.yaml", [
-        "rounds.num_rounds=3", "training.local_steps=4", "data.num_train=256", "data.num_eval=64",
-        f"output_dir={tmp_path}"])
+    cfg = load_config(
+        ROOT / "configs" / "e2e-gpt2-tiny.yaml",
+        [
+            "rounds.num_rounds=3",
+            "training.local_steps=4",
+            "data.num_train=256",
+            "data.num_eval=64",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_dir = simulate(cfg, progress=False)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [0, 1, 2]
@@ -162,8 +187,9 @@ def test_process_group_stop_ends_children_and_their_children(tmp_path):
     pg.stop(grace_s=3)
     assert p.poll() is not None and time.monotonic() - t0 < 10
     time.sleep(0.2)
-    assert not any(Path(f"/proc/{g}").exists() and "Z" not in Path(f"/proc/{g}/stat").read_text().split()[2]
-                   for g in grandchildren)
+    assert not any(
+        Path(f"/proc/{g}").exists() and "Z" not in Path(f"/proc/{g}/stat").read_text().split()[2] for g in grandchildren
+    )
 
 
 @pytest.mark.slow
@@ -185,8 +211,14 @@ def test_wireless_config_replay_answers_at_the_time_that_hung():
     cfg = load_config(ROOT / "configs" / "sst2-minilm-wireless.yaml")
     links = build_links(cfg)
     step = StepTimes(edge_fwd_s=0.05, edge_bwd_s=0.05, server_s=0.1, bytes_up=589_875, bytes_down=1_179_698)
-    rounds = [{k: ClientRound([step] * 2, push_bytes=98_304, push_reply_bytes=32, await_request_bytes=64,
-                              broadcast_bytes=98_304) for k in range(cfg.num_clients)}]
+    rounds = [
+        {
+            k: ClientRound(
+                [step] * 2, push_bytes=98_304, push_reply_bytes=32, await_request_bytes=64, broadcast_bytes=98_304
+            )
+            for k in range(cfg.num_clients)
+        }
+    ]
     for pair in links:
         for link in (pair.uplink, pair.downlink):
             assert link.done(1_179_698, 256.58) > 256.58

@@ -3,6 +3,7 @@
 Certificates come from `splitwave.certs` (the code behind `splitwave certs`): a CA, a server certificate for
 localhost/127.0.0.1/::1 and client certificates (one from a foreign CA).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,13 @@ import stat
 import grpc
 import numpy as np
 import pytest
+from net_helpers import CAPS, ROOT, rpc_status, run_clients, serving, tiny_cfg
 
-from edge.security import channel_credentials
-from net_helpers import CAPS, ROOT, make_client, rpc_status, run_clients, serving, tiny_cfg
-from protos import splitwave_pb2 as pb
-from protos import splitwave_pb2_grpc as pb_grpc
-from protos.codec import encode
-from server.security import server_credentials
+from splitwave.edge.security import channel_credentials
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos.codec import encode
+from splitwave.server.security import server_credentials
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 C = grpc.StatusCode
@@ -59,6 +60,7 @@ def _join(address, creds, name="probe", secret=""):
 
 # -- TLS / mTLS --------------------------------------------------------------------------------------------
 
+
 def test_tls_end_to_end_and_plaintext_refused(tmp_path, pki):
     cfg = _sec_cfg(pki)
     with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
@@ -93,8 +95,7 @@ def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path, pki):
 
 def test_mtls_binds_client_id_and_token_to_the_certificate(tmp_path, pki):
     cfg = _sec_cfg(pki, mtls=True, num_clients=2)
-    with serving(cfg, tmp_path / "run",
-                 credentials=server_credentials(cfg.server.security)) as srv:
+    with serving(cfg, tmp_path / "run", credentials=server_credentials(cfg.server.security)) as srv:
         e0 = channel_credentials(pki["ca"], pki["e0_cert"], pki["e0_key"])
         e1 = channel_credentials(pki["ca"], pki["e1_cert"], pki["e1_key"])
         j0 = _join(srv.address, e0, name="e0")
@@ -112,6 +113,7 @@ def test_mtls_binds_client_id_and_token_to_the_certificate(tmp_path, pki):
 
 
 # -- authentication ----------------------------------------------------------------------------------------
+
 
 def test_enrollment_secret(tmp_path):
     cfg = tiny_cfg(server={"security": {"enrollment_secret": "s3cret"}})
@@ -142,10 +144,12 @@ def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
         calls = {
             "GetBundle": lambda: list(stub.GetBundle(pb.BundleRequest(header=bad), timeout=5)),
             "Train": lambda: list(stub.Train(iter([pb.TrainRequest(header=bad, end_step=pb.StepEnd())]), timeout=5)),
-            "Evaluate": lambda: list(stub.Evaluate(iter([pb.EvalRequest(header=bad, end_step=pb.StepEnd())]),
-                                                   timeout=5)),
-            "PushAdapter": lambda: stub.PushAdapter(iter([pb.AdapterRequest(header=bad, end=pb.AdapterEnd())]),
-                                                    timeout=5),
+            "Evaluate": lambda: list(
+                stub.Evaluate(iter([pb.EvalRequest(header=bad, end_step=pb.StepEnd())]), timeout=5)
+            ),
+            "PushAdapter": lambda: stub.PushAdapter(
+                iter([pb.AdapterRequest(header=bad, end=pb.AdapterEnd())]), timeout=5
+            ),
             "AwaitRound": lambda: list(stub.AwaitRound(pb.RoundRequest(header=bad), timeout=5)),
             "Leave": lambda: stub.Leave(pb.LeaveRequest(header=bad), timeout=5),
         }
@@ -157,14 +161,18 @@ def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
             return pb.Header(session_token=j.session_token, run_id=j.run_id, round=0, step=step)
 
         h = np.zeros((8, 16, 32), np.float32)
-        msgs = [pb.TrainRequest(header=hdr(b), frame=encode("h", h)[0]),
-                pb.TrainRequest(header=hdr(a), frame=encode("attention_mask", np.ones((8, 16), np.int64))[0])]
+        msgs = [
+            pb.TrainRequest(header=hdr(b), frame=encode("h", h)[0]),
+            pb.TrainRequest(header=hdr(a), frame=encode("attention_mask", np.ones((8, 16), np.int64))[0]),
+        ]
         code, details = rpc_status(lambda: list(stub.Train(iter(msgs), timeout=5)))
         assert code == C.PERMISSION_DENIED, details
         # the same for an adapter upload
         f = json.loads(a.manifest_json)["factors"][0]
-        push = [pb.AdapterRequest(header=hdr(b), frame=encode(f["name"], np.zeros(f["shape"], np.float32))[0]),
-                pb.AdapterRequest(header=hdr(a), end=pb.AdapterEnd(num_samples=1))]
+        push = [
+            pb.AdapterRequest(header=hdr(b), frame=encode(f["name"], np.zeros(f["shape"], np.float32))[0]),
+            pb.AdapterRequest(header=hdr(a), end=pb.AdapterEnd(num_samples=1)),
+        ]
         code, details = rpc_status(lambda: stub.PushAdapter(iter(push), timeout=5))
         assert code == C.PERMISSION_DENIED, details
         # what a token can do is bound to its own client id: there is no field naming another client, so an
@@ -177,7 +185,7 @@ def test_tokens_are_random_bound_and_required_everywhere(tmp_path):
 
 
 def test_insecure_config_with_certificates_is_refused():
-    from splitwave.config import SecurityConfig
+    from splitwave.common.config import SecurityConfig
 
     with pytest.raises(ValueError, match="pick one"):
         server_credentials(SecurityConfig(insecure=True, server_cert="x", server_key="y"))

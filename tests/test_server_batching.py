@@ -6,6 +6,7 @@ shared top weights; the adapter takes one AdamW step on the mean of the clients'
 client, at most K, a failure reaches every participant and the server serves on), the config checks, and
 clients training over real gRPC with fused steps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,13 +17,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
 from net_helpers import ROOT, run_clients, serving, tiny_cfg
-from server import compute
-from server.batching import StepBatcher
-from server.errors import ServiceError
-from server.trainer import StepInput, TopTrainer, _accuracy
-from splitwave.config import ConfigError, parse_config
+
+from splitwave.common.config import ConfigError, parse_config
+from splitwave.server import compute
+from splitwave.server.batching import StepBatcher
+from splitwave.server.errors import ServiceError
+from splitwave.server.trainer import StepInput, TopTrainer, _accuracy
 from tests.conftest import make_split
 
 LR, WD = 0.01, 0.01
@@ -42,7 +43,7 @@ def _steps(trainer: TopTrainer, shapes: list[tuple[int, int]], seed: int = 0) ->
     for i, (b, s) in enumerate(shapes):
         h = rng.standard_normal((b, s, cfg.hidden_size)).astype(np.float32)
         mask = np.ones((b, s), np.int64)
-        mask[-1, max(1, s - 2):] = 0
+        mask[-1, max(1, s - 2) :] = 0
         if trainer.task == "seq-cls":
             labels = rng.integers(0, 2, b).astype(np.int64)
         else:
@@ -86,6 +87,7 @@ def _concurrently(trainer: TopTrainer, steps: list[StepInput]) -> list:
 
 
 # -- exactness ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family,task", CASES)
 def test_fused_step_equals_separate_steps_and_mean_gradient_adamw(family, task):
@@ -145,6 +147,7 @@ def test_server_batch_1_and_a_lone_client_are_todays_step_bit_for_bit(family, ta
 
 
 # -- the batcher's rules -----------------------------------------------------------------------------------
+
 
 class _Recorder:
     def __init__(self, fail_when=None):
@@ -212,12 +215,16 @@ def test_a_broken_step_inside_a_real_fused_step_reaches_all_and_training_goes_on
 
 # -- config ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, field", [
-    (["training.mode=sfl-v1", "training.server_batch=2"], "training.server_batch"),
-    (["training.mode=sl", "training.server_batch=4"], "training.server_batch"),
-    (["training.server_batch=0"], "training.server_batch"),
-    (["training.server_batch_wait_ms=-1"], "training.server_batch_wait_ms"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["training.mode=sfl-v1", "training.server_batch=2"], "training.server_batch"),
+        (["training.mode=sl", "training.server_batch=4"], "training.server_batch"),
+        (["training.server_batch=0"], "training.server_batch"),
+        (["training.server_batch_wait_ms=-1"], "training.server_batch_wait_ms"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
         parse_config({}, overrides)
@@ -235,9 +242,11 @@ def test_config_defaults_and_per_client_top_refused_by_the_trainer():
 
 # -- end to end over gRPC ----------------------------------------------------------------------------------
 
+
 def test_concurrent_edges_over_grpc_train_with_fused_steps(tmp_path, monkeypatch, caplog):
-    import edge.client as edge_client
     from test_bad_input import _step, _train
+
+    import splitwave.edge.client as edge_client
 
     replies, hostile = [], {}
     step = edge_client._StepStream.step
@@ -256,17 +265,22 @@ def test_concurrent_edges_over_grpc_train_with_fused_steps(tmp_path, monkeypatch
             super()._record(rec)
             if rec.get("kind") == "step" and (rec["round"], rec["step"]) == (0, 1):
                 with grpc.insecure_channel(self.target) as ch:
-                    from protos import splitwave_pb2_grpc as pb_grpc
+                    from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 
-                    hostile["reply"] = _train(pb_grpc.SplitWaveStub(ch),
-                                              _step(self.joined, labels=np.full(8, 9, np.int64)))
+                    hostile["reply"] = _train(
+                        pb_grpc.SplitWaveStub(ch), _step(self.joined, labels=np.full(8, 9, np.int64))
+                    )
 
     n = 4
     cfg = tiny_cfg(num_clients=n, training={"mode": "sfl-v2", "server_batch": n, "server_batch_wait_ms": 50})
-    caplog.set_level(logging.DEBUG, logger="server.batching")
+    caplog.set_level(logging.DEBUG, logger="splitwave.server.batching")
     with serving(cfg, tmp_path / "run") as srv:
-        out = run_clients(srv.address, [f"e{i}" for i in range(n - 1)] + ["hostile"], ROOT / ".cache" / "edge-tests",
-                          classes={"hostile": Hostile})
+        out = run_clients(
+            srv.address,
+            [f"e{i}" for i in range(n - 1)] + ["hostile"],
+            ROOT / ".cache" / "edge-tests",
+            classes={"hostile": Hostile},
+        )
         stats = srv.app.trainer.batcher.stats()
         final = srv.app.final_top_factors()
 

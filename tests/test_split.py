@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from server.models import build_model, tiny_config
-from server.split import LoraSpec, split_loss, split_model
+from splitwave.server.models import build_model, tiny_config
+from splitwave.server.split import LoraSpec, split_loss, split_model
 from tests.conftest import make_split
 
 CASES = [("bert", "seq-cls"), ("gpt2", "seq-cls"), ("llama", "seq-cls"), ("gpt2", "causal-lm"), ("llama", "causal-lm")]
@@ -18,7 +18,7 @@ def _batch(batch=3, seq=9, vocab=100, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, seq - 3:] = 0  # right padding
+    mask[1, seq - 3 :] = 0  # right padding
     mask[2, 2:] = 0
     return ids.masked_fill(mask == 0, 0), mask
 
@@ -63,12 +63,14 @@ def test_invalid_cut(cut):
 
 
 def test_lora_spec_targets_and_rslora():
-    split = split_model(build_model("llama"), 1, LoraSpec(r=2, alpha=4, targets=["q_proj", "k_proj", "o_proj"], rslora=True))
+    split = split_model(
+        build_model("llama"), 1, LoraSpec(r=2, alpha=4, targets=["q_proj", "k_proj", "o_proj"], rslora=True)
+    )
     names = split.edge_factor_names()
     assert any("k_proj" in k for k in names) and any("o_proj" in k for k in names)
     assert not any("v_proj" in k for k in names)
     layer = split.peft_model.base_model.model.model.layers[0].self_attn.q_proj
-    assert layer.scaling["default"] == pytest.approx(4 / 2 ** 0.5)
+    assert layer.scaling["default"] == pytest.approx(4 / 2**0.5)
 
 
 @pytest.mark.parametrize("family,task", [("gpt2", "causal-lm"), ("bert", "seq-cls")])
@@ -89,7 +91,9 @@ def test_split_training_equals_centralized():
     ids, mask = _batch()
     labels = torch.tensor([1, 0, 1])
     params = {**split.edge_factor_params(), **split.server_factor_params()}
-    ref = torch.autograd.grad(split.peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss, list(params.values()))
+    ref = torch.autograd.grad(
+        split.peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss, list(params.values())
+    )
     h = split.edge(ids, mask)
     hd = h.detach().requires_grad_(True)
     loss = split.loss(split.server(hd, mask), labels)

@@ -1,17 +1,24 @@
 """The torch reference backend runs the same client loop as the ORT edge and gets the same result."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from edge.client import ClientOptions, EdgeClient
-from server.app import SplitServer
-from server.service import start_server
-from splitwave.config import parse_config
+from splitwave.common.config import parse_config
+from splitwave.edge.client import ClientOptions, EdgeClient
 from splitwave.launch import ROOT
+from splitwave.server.app import SplitServer
+from splitwave.server.service import start_server
 
-RAW = {"num_clients": 1, "seed": 3, "model": {"family": "bert", "tiny": True, "cut": 2}, "lora": {"r": 4, "alpha": 8},
-       "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32, "max_seq_len": 16},
-       "training": {"batch_size": 8, "local_steps": 3, "optim": {"lr": 0.01}}, "rounds": {"num_rounds": 2}}
+RAW = {
+    "num_clients": 1,
+    "seed": 3,
+    "model": {"family": "bert", "tiny": True, "cut": 2},
+    "lora": {"r": 4, "alpha": 8},
+    "data": {"dataset": "synthetic", "num_train": 192, "num_eval": 32, "max_seq_len": 16},
+    "training": {"batch_size": 8, "local_steps": 3, "optim": {"lr": 0.01}},
+    "rounds": {"num_rounds": 2},
+}
 
 
 def _run(tmp_path, backend):

@@ -6,6 +6,7 @@ the README: the MiniLM config becomes a tiny one (1 round), port 50051 a free po
 and `splitwave` is `python -m splitwave` of this checkout. The devices run in folders of their own that hold
 only the copied `certs/ca.pem` (and, under mTLS, their own key pair), as on a second machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from net_helpers import BASE, BUNDLE_CACHE, ROOT, free_port
+
 from splitwave.launch import child_env
 
 SECTION = "## Running server and edges on two machines"
@@ -40,7 +41,7 @@ def readme_section() -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
-    return text[start:end if end >= 0 else None]
+    return text[start : end if end >= 0 else None]
 
 
 def readme_scripts() -> tuple[str, str]:
@@ -66,8 +67,14 @@ def _localize(script: str, config: Path, port: int) -> str:
 def _start(script: str, cwd: Path, log: Path) -> subprocess.Popen:
     env = {**child_env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("SPLITWAVE_EDGE_CACHE", None)  # the README's devices use the default cache folder
-    return subprocess.Popen(["bash", "-euc", script], cwd=cwd, env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", "-euc", script],
+        cwd=cwd,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(procs) -> None:

@@ -1,5 +1,6 @@
 """Virtual time: hand-computed queueing examples, the round-latency model, and agreement with the real-time
 proxy on the same scripted transfer sequence (within 5%, at least 5x faster in wall time)."""
+
 import copy
 import socket
 import threading
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-import channel_sim as cs
+import splitwave.channel as cs
 
 MB = 1 << 20
 
@@ -37,8 +38,18 @@ def test_server_queue_fifo_by_hand():
 def test_simulate_round_two_clients_by_hand():
     def plan():
         link = lambda: cs.StaticLink(8e6, 0.0)  # noqa: E731  1 byte = 1 us
-        return cs.ClientRoundPlan(link(), link(), steps=1, t_edge_fwd=0.1, t_edge_bwd=0.1, t_server=0.2,
-                                  act_bytes=100_000, grad_bytes=100_000, adapter_bytes=50_000)
+        return cs.ClientRoundPlan(
+            link(),
+            link(),
+            steps=1,
+            t_edge_fwd=0.1,
+            t_edge_bwd=0.1,
+            t_server=0.2,
+            act_bytes=100_000,
+            grad_bytes=100_000,
+            adapter_bytes=50_000,
+        )
+
     res = cs.simulate_round([plan(), plan()], t_aggregate=0.05)
     r0, r1 = res.per_client
     # client 0 served 0.2-0.4, client 1 waits until 0.4 and is served 0.4-0.6
@@ -57,8 +68,17 @@ def test_simulate_round_two_clients_by_hand():
 
 def test_simulate_round_multi_step_matches_closed_form_when_no_contention():
     link = lambda r: cs.StaticLink(r, 0.0)  # noqa: E731
-    p = cs.ClientRoundPlan(link(5e6), link(20e6), steps=3, t_edge_fwd=0.03, t_edge_bwd=0.05, t_server=0.01,
-                           act_bytes=400_000, grad_bytes=400_000, adapter_bytes=200_000)
+    p = cs.ClientRoundPlan(
+        link(5e6),
+        link(20e6),
+        steps=3,
+        t_edge_fwd=0.03,
+        t_edge_bwd=0.05,
+        t_server=0.01,
+        act_bytes=400_000,
+        grad_bytes=400_000,
+        adapter_bytes=200_000,
+    )
     res = cs.simulate_round([p], t_aggregate=0.1)
     m = cs.round_latency_model([5e6], [20e6], 3, 0.03, 0.05, 0.01, 400_000, 400_000, 200_000, 0.1)
     assert res.duration == pytest.approx(m["T_round"])

@@ -6,14 +6,16 @@ Nothing is module-global: the edge adapters and sfl-v1's per-client top adapters
 instances (use `scope` to label them in logs). Internal math is float64; state and outputs are cast
 to `dtype` (float32 by default) so what the server stores is bit-identical to what clients load.
 """
+
 from __future__ import annotations
 
 import copy
 import fnmatch
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ClientUpdate:
     """What one client uploads after local training. Rank is read from the shapes (A: [r, d_in])."""
+
     client_id: str
     factors: Mapping[str, np.ndarray]
     num_samples: float
@@ -36,26 +39,29 @@ class ClientUpdate:
 @dataclass
 class ClientDirective:
     """What the server asks a client to do this round."""
+
     client_id: str
     round_idx: int
-    rank: int                          # LoRA rank the client must use (per-module ranks are min(rank, global))
+    rank: int  # LoRA rank the client must use (per-module ranks are min(rank, global))
     lora_alpha: float
-    trainable: tuple[str, ...]         # subset of ("A", "B"); the rest is frozen
-    upload_keys: tuple[str, ...]       # exact peft keys to upload
-    load_factors: dict | None          # factors to load before training; None = re-init / keep own
-    reinit_lora: bool = False          # FLoRA: fresh LoRA (A random, B = 0) after merging base deltas
-    base_version: int = 0              # number of base-weight deltas the client must have applied
+    trainable: tuple[str, ...]  # subset of ("A", "B"); the rest is frozen
+    upload_keys: tuple[str, ...]  # exact peft keys to upload
+    load_factors: dict | None  # factors to load before training; None = re-init / keep own
+    reinit_lora: bool = False  # FLoRA: fresh LoRA (A random, B = 0) after merging base deltas
+    base_version: int = 0  # number of base-weight deltas the client must have applied
     extra: dict = field(default_factory=dict)  # strategy specific (phase, self-pruning, ...)
 
 
 @dataclass
 class AggregateResult:
     round_idx: int
-    global_factors: dict[str, np.ndarray] | None       # broadcast to everybody (None: no global adapter)
-    client_factors: dict[str, dict[str, np.ndarray]]    # per participant (hetero ranks, FedSA's B)
-    base_deltas: dict[str, np.ndarray]                  # module -> dense delta to ADD to its base weight
-    base_delta_factors: dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (Bf, Af); delta = Bf @ Af, nn.Linear layout
-    transposed: frozenset[str]                          # modules whose base_deltas entry is Conv1D layout [d_in, d_out]
+    global_factors: dict[str, np.ndarray] | None  # broadcast to everybody (None: no global adapter)
+    client_factors: dict[str, dict[str, np.ndarray]]  # per participant (hetero ranks, FedSA's B)
+    base_deltas: dict[str, np.ndarray]  # module -> dense delta to ADD to its base weight
+    base_delta_factors: dict[
+        str, tuple[np.ndarray, np.ndarray]
+    ]  # module -> (Bf, Af); delta = Bf @ Af, nn.Linear layout
+    transposed: frozenset[str]  # modules whose base_deltas entry is Conv1D layout [d_in, d_out]
     base_version: int
     metrics: dict[str, float]
 
@@ -63,50 +69,64 @@ class AggregateResult:
 @dataclass
 class ModuleEntry:
     client_id: str
-    A: np.ndarray        # [r_k, d_in] float64 (frozen factors are filled from the round's start)
-    B: np.ndarray        # [d_out, r_k]
-    scaling: float       # s_k
-    weight: float        # p_k
+    A: np.ndarray  # [r_k, d_in] float64 (frozen factors are filled from the round's start)
+    B: np.ndarray  # [d_out, r_k]
+    scaling: float  # s_k
+    weight: float  # p_k
 
 
 @dataclass
 class ModuleResult:
-    A: np.ndarray | None = None            # new global A (None: unchanged / strategy has none)
+    A: np.ndarray | None = None  # new global A (None: unchanged / strategy has none)
     B: np.ndarray | None = None
-    base_delta: np.ndarray | None = None   # dense, nn.Linear layout, scaling included
+    base_delta: np.ndarray | None = None  # dense, nn.Linear layout, scaling included
     base_delta_factors: tuple[np.ndarray, np.ndarray] | None = None
     client: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # cid -> {"A"/"B": array}
 
 
 class Strategy:
     """Base class. Subclasses set the class flags and implement `aggregate_module`."""
+
     name: ClassVar[str] = "base"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("A", "B")
     UPLOAD: ClassVar[tuple[str, ...]] = ("A", "B")
-    HETEROGENEOUS: ClassVar[bool] = False      # ranks may differ across clients
-    FOLD_SCALING: ClassVar[bool] = False       # global B stored as s*B (unit scaling) so mixed s_k combine
-    REPORTS_AGG_ERROR: ClassVar[bool] = True   # effective update = base_delta + s * B_glob A_glob
-    SUPPORTS_DP: ClassVar[bool] = False        # output linear in the uploads -> Gaussian mechanism is valid
+    HETEROGENEOUS: ClassVar[bool] = False  # ranks may differ across clients
+    FOLD_SCALING: ClassVar[bool] = False  # global B stored as s*B (unit scaling) so mixed s_k combine
+    REPORTS_AGG_ERROR: ClassVar[bool] = True  # effective update = base_delta + s * B_glob A_glob
+    SUPPORTS_DP: ClassVar[bool] = False  # output linear in the uploads -> Gaussian mechanism is valid
     SUPPORTS_ROBUST_METHOD: ClassVar[bool] = True
     SUPPORTS_SERVER_OPT: ClassVar[bool] = True
     REINIT: ClassVar[bool] = False
 
-    def __init__(self, *, lora_alpha: float = 16.0, use_rslora: bool = False,
-                 client_ranks: Mapping[str, int] | None = None, fan_in_fan_out: bool | Iterable[str] = (),
-                 robust: Mapping | None = None, dp: Mapping | None = None, server_opt: Mapping | None = None,
-                 error_metrics: bool = True, dtype: str = "float32", scope: str = "default",
-                 max_abs_value: float | None = None):
+    def __init__(
+        self,
+        *,
+        lora_alpha: float = 16.0,
+        use_rslora: bool = False,
+        client_ranks: Mapping[str, int] | None = None,
+        fan_in_fan_out: bool | Iterable[str] = (),
+        robust: Mapping | None = None,
+        dp: Mapping | None = None,
+        server_opt: Mapping | None = None,
+        error_metrics: bool = True,
+        dtype: str = "float32",
+        scope: str = "default",
+        max_abs_value: float | None = None,
+    ):
         if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = bool(use_rslora)
-        self.client_ranks = {str(k): self._check_rank(f"client_ranks[{k!r}]", v) for k, v in (client_ranks or {}).items()}
+        self.client_ranks = {
+            str(k): self._check_rank(f"client_ranks[{k!r}]", v) for k, v in (client_ranks or {}).items()
+        }
         if client_ranks and not self.HETEROGENEOUS:
             raise ValueError(f"client_ranks: strategy {self.name!r} needs equal ranks; use hetlora/rbla/flora/flexlora")
         self.fan_in_fan_out = fan_in_fan_out if isinstance(fan_in_fan_out, bool) else tuple(fan_in_fan_out)
         if dp and not self.SUPPORTS_DP:
-            raise ValueError(f"dp: strategy {self.name!r} is not linear in client uploads; "
-                             "use fedit, ffa-lora, rolora or fedsa-lora")
+            raise ValueError(
+                f"dp: strategy {self.name!r} is not linear in client uploads; use fedit, ffa-lora, rolora or fedsa-lora"
+            )
         self.combiner = Combiner(robust, dp)
         if self.combiner.method != "mean" and not self.SUPPORTS_ROBUST_METHOD:
             raise ValueError(f"robust.method: strategy {self.name!r} only supports clipping (method='mean')")
@@ -121,7 +141,7 @@ class Strategy:
         if max_abs_value is not None and not (isinstance(max_abs_value, (int, float)) and max_abs_value > 0):
             raise ValueError(f"max_abs_value must be a positive number or None, got {max_abs_value!r}")
         self.max_abs_value = max_abs_value  # bound on every value an aggregate may commit (None: finite only)
-        self.shapes: dict[str, tuple[int, int, int]] = {}   # module -> (d_out, d_in, global rank)
+        self.shapes: dict[str, tuple[int, int, int]] = {}  # module -> (d_out, d_in, global rank)
         self.global_A: dict[str, np.ndarray] = {}
         self.global_B: dict[str, np.ndarray] = {}
         self.extras: dict[str, np.ndarray] = {}
@@ -148,7 +168,9 @@ class Strategy:
                 raise ValueError(f"initialize: module {m!r} needs both lora_A and lora_B")
             A, B = np.asarray(ab["A"]), np.asarray(ab["B"])
             if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-                raise ValueError(f"initialize: module {m!r} has A{A.shape} / B{B.shape}, expected [r, d_in] / [d_out, r]")
+                raise ValueError(
+                    f"initialize: module {m!r} has A{A.shape} / B{B.shape}, expected [r, d_in] / [d_out, r]"
+                )
             self.shapes[m] = (B.shape[0], A.shape[1], A.shape[0])
             self.global_A[m] = self._cast(A)
             self.global_B[m] = self._cast(B * self._scaling(self.lora_alpha, A.shape[0]) if self.FOLD_SCALING else B)
@@ -212,10 +234,17 @@ class Strategy:
         for cid in map(str, client_ids):
             rank = self.rank_for(cid)
             out[cid] = ClientDirective(
-                client_id=cid, round_idx=round_idx, rank=rank, lora_alpha=self.lora_alpha,
-                trainable=self.trainable(), upload_keys=self.upload_keys(),
+                client_id=cid,
+                round_idx=round_idx,
+                rank=rank,
+                lora_alpha=self.lora_alpha,
+                trainable=self.trainable(),
+                upload_keys=self.upload_keys(),
                 load_factors=self.client_view(cid, rank),
-                reinit_lora=self.REINIT, base_version=self.base_version, extra=self.directive_extra(cid))
+                reinit_lora=self.REINIT,
+                base_version=self.base_version,
+                extra=self.directive_extra(cid),
+            )
         return out
 
     def aggregate_module(self, module: str, entries: list[ModuleEntry]) -> ModuleResult:
@@ -248,19 +277,28 @@ class Strategy:
             ok = ok and (A is None or A.shape[1] == d_in) and (B is None or B.shape[0] == d_out)
             ok = ok and (A is None or B is None or A.shape[0] == B.shape[1])
             if not ok:
-                raise ValueError(f"client {cid!r}: module {m!r} has A{None if A is None else A.shape} "
-                                 f"B{None if B is None else B.shape}; expected [r, {d_in}] / [{d_out}, r]")
+                raise ValueError(
+                    f"client {cid!r}: module {m!r} has A{None if A is None else A.shape} "
+                    f"B{None if B is None else B.shape}; expected [r, {d_in}] / [{d_out}, r]"
+                )
             r = A.shape[0] if A is not None else B.shape[1]
-            if (not self.HETEROGENEOUS and r != r_glob) or r > min(d_out, d_in) or \
-                    (self.HETEROGENEOUS and self.shapes_bound_rank and r > r_glob):
-                raise ValueError(f"client {cid!r}: module {m!r} has rank {r}, strategy {self.name!r} expects "
-                                 f"{'<= ' if self.HETEROGENEOUS else ''}{r_glob}")
+            if (
+                (not self.HETEROGENEOUS and r != r_glob)
+                or r > min(d_out, d_in)
+                or (self.HETEROGENEOUS and self.shapes_bound_rank and r > r_glob)
+            ):
+                raise ValueError(
+                    f"client {cid!r}: module {m!r} has rank {r}, strategy {self.name!r} expects "
+                    f"{'<= ' if self.HETEROGENEOUS else ''}{r_glob}"
+                )
             ranks[m] = r
         rank = max(ranks.values(), default=None)
         for m, r in ranks.items():
             if self.HETEROGENEOUS and r != self.module_rank(m, rank):
-                raise ValueError(f"client {cid!r}: module {m!r} has rank {r} but its largest rank is {rank}; "
-                                 f"expected min(client rank, module rank) = {self.module_rank(m, rank)}")
+                raise ValueError(
+                    f"client {cid!r}: module {m!r} has rank {r} but its largest rank is {rank}; "
+                    f"expected min(client rank, module rank) = {self.module_rank(m, rank)}"
+                )
         return rank
 
     def _validate(self, u: ClientUpdate):
@@ -283,13 +321,17 @@ class Strategy:
                 raise ValueError(f"client {cid!r}: {k!r} is not a finite numeric array")
         for k in got & set(self.extras):
             if np.shape(u.factors[k]) != self.extras[k].shape:
-                raise ValueError(f"client {cid!r}: {k!r} has shape {np.shape(u.factors[k])}, expected {self.extras[k].shape}")
+                raise ValueError(
+                    f"client {cid!r}: {k!r} has shape {np.shape(u.factors[k])}, expected {self.extras[k].shape}"
+                )
         rank = self._upload_rank(cid, lm.split_factors({k: np.asarray(v) for k, v in u.factors.items()})[0])
         start = self.client_view(cid, rank) if rank is not None else None
         for k in frozen:
             if start is None or k not in start or not np.array_equal(np.asarray(u.factors[k], self.dtype), start[k]):
-                raise ValueError(f"client {cid!r}: frozen factor {k!r} differs from the server's copy "
-                                 "(frozen factors must be bit-identical across clients)")
+                raise ValueError(
+                    f"client {cid!r}: frozen factor {k!r} differs from the server's copy "
+                    "(frozen factors must be bit-identical across clients)"
+                )
         return cid, rank, start, {k: np.asarray(u.factors[k], np.float64) for k in expected}, alpha
 
     def _prepare(self, results: list[ClientUpdate]):
@@ -309,9 +351,12 @@ class Strategy:
             clipped, norm = self.combiner.clip(uploaded, full)
             clients.append((cid, alpha, {**full, **clipped}))
             norms.append(norm)
-        metrics = {"num_clients": float(len(results)), "update_norm_mean": float(np.mean(norms)),
-                   "update_norm_max": float(np.max(norms)),
-                   "uplink_bytes": float(sum(np.asarray(v).nbytes for u in results for v in u.factors.values()))}
+        metrics = {
+            "num_clients": float(len(results)),
+            "update_norm_mean": float(np.mean(norms)),
+            "update_norm_max": float(np.max(norms)),
+            "uplink_bytes": float(sum(np.asarray(v).nbytes for u in results for v in u.factors.values())),
+        }
         if self.combiner.clip_norm is not None:
             metrics["clipped_clients"] = float(sum(n > self.combiner.clip_norm for n in norms))
         return checked, clients, p, metrics
@@ -324,12 +369,15 @@ class Strategy:
             A = np.asarray(self.global_A[module] if out.A is None else out.A, np.float64)
             B = np.asarray(self.global_B[module] if out.B is None else out.B, np.float64)
             eff = eff + entries[0].scaling * (B @ A)
-        return float(np.sum((target - eff) ** 2)), float(np.sum(target ** 2))
+        return float(np.sum((target - eff) ** 2)), float(np.sum(target**2))
 
     def _commit_module(self, m: str, out: ModuleResult, result: AggregateResult) -> int:
         """Store a module's outcome (server optimizer applied here); return the downlink bytes it adds."""
         down = 0
-        for kind, arr, store, key in (("A", out.A, self.global_A, lm.a_key(m)), ("B", out.B, self.global_B, lm.b_key(m))):
+        for _kind, arr, store, key in (
+            ("A", out.A, self.global_A, lm.a_key(m)),
+            ("B", out.B, self.global_B, lm.b_key(m)),
+        ):
             if arr is None:
                 continue
             if self.server_opt is not None:
@@ -339,7 +387,8 @@ class Strategy:
         self.shapes[m] = self.shapes[m][:2] + (self.global_A[m].shape[0],)
         for cid, ab in out.client.items():
             self.client_state.setdefault(cid, {}).update(
-                {(lm.a_key(m) if k == "A" else lm.b_key(m)): self._cast(v) for k, v in ab.items()})
+                {(lm.a_key(m) if k == "A" else lm.b_key(m)): self._cast(v) for k, v in ab.items()}
+            )
         if out.base_delta is not None:
             fifo = self.is_fan_in_fan_out(m)
             result.base_deltas[m] = self._cast(out.base_delta.T if fifo else out.base_delta)
@@ -359,12 +408,17 @@ class Strategy:
         err_sq = tgt_sq = 0.0
         down = 0
         for m in self.shapes:
-            entries = [ModuleEntry(cid, f[lm.a_key(m)], f[lm.b_key(m)],
-                                   self._scaling(alpha, f[lm.a_key(m)].shape[0]), float(w))
-                       for (cid, alpha, f), w in zip(clients, p)]
+            entries = [
+                ModuleEntry(
+                    cid, f[lm.a_key(m)], f[lm.b_key(m)], self._scaling(alpha, f[lm.a_key(m)].shape[0]), float(w)
+                )
+                for (cid, alpha, f), w in zip(clients, p)
+            ]
             if not self.HETEROGENEOUS and len({e.scaling for e in entries}) > 1:
-                raise ValueError(f"module {m!r}: clients report different scalings "
-                                 f"{sorted({e.scaling for e in entries})}; {self.name!r} needs one lora_alpha")
+                raise ValueError(
+                    f"module {m!r}: clients report different scalings "
+                    f"{sorted({e.scaling for e in entries})}; {self.name!r} needs one lora_alpha"
+                )
             out = self.aggregate_module(m, entries)
             if self.error_metrics and self.REPORTS_AGG_ERROR:
                 e, t = self._rule_error(m, entries, out)
@@ -409,9 +463,11 @@ class Strategy:
         for where, k, v in arrays:
             m = float(np.max(np.abs(v), initial=0.0))
             if not math.isfinite(m) or (self.max_abs_value is not None and m > self.max_abs_value):
-                raise ValueError(f"{self.name}[{self.scope}]: aggregate {where} {k!r} has "
-                                 f"{'NaN/Inf values' if not math.isfinite(m) else f'|value| {m:.3g}'} "
-                                 f"(bound {self.max_abs_value}); not committed")
+                raise ValueError(
+                    f"{self.name}[{self.scope}]: aggregate {where} {k!r} has "
+                    f"{'NaN/Inf values' if not math.isfinite(m) else f'|value| {m:.3g}'} "
+                    f"(bound {self.max_abs_value}); not committed"
+                )
             top = max(top, m)
         return top
 
@@ -442,10 +498,16 @@ class Strategy:
     def state_dict(self) -> dict:
         """Nested dict of numpy arrays and json-able values (see save_state/load_state for files)."""
         return {
-            "meta": {"name": self.name, "scope": self.scope, "rounds_done": self.rounds_done,
-                     "base_version": self.base_version, "known_ranks": dict(self.known_ranks),
-                     "shapes": {m: list(s) for m, s in self.shapes.items()},
-                     "combiner": copy.deepcopy(self.combiner.state_dict()), **self._meta()},
+            "meta": {
+                "name": self.name,
+                "scope": self.scope,
+                "rounds_done": self.rounds_done,
+                "base_version": self.base_version,
+                "known_ranks": dict(self.known_ranks),
+                "shapes": {m: list(s) for m, s in self.shapes.items()},
+                "combiner": copy.deepcopy(self.combiner.state_dict()),
+                **self._meta(),
+            },
             "global_A": {m: a.copy() for m, a in self.global_A.items()},
             "global_B": {m: a.copy() for m, a in self.global_B.items()},
             "extras": {k: a.copy() for k, a in self.extras.items()},

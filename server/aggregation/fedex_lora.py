@@ -4,6 +4,7 @@ R = sum_k p_k B_k A_k - B̄Ā into the base weight (W0 += s R) so that W0' + s B
 The residual is also sent factored, without an SVD: Bf = [B_1 .. B_K, B̄], Af = [s p_1 A_1; ..; s p_K A_K; -s Ā]
 (rank <= sum r_k + r), which is what the downlink should carry instead of the dense matrix.
 With a robust method the target is the coordinate-wise robust combination of the dense products."""
+
 from __future__ import annotations
 
 from . import lora_math as lm
@@ -20,8 +21,9 @@ class FedExLoRA(Strategy):
         A_bar = self.combiner.combine([e.A for e in entries], w)
         B_bar = self.combiner.combine([e.B for e in entries], w)
         if self.combiner.method == "mean":
-            Bf, Af = lm.stack_factors([e.A for e in entries] + [A_bar], [e.B for e in entries] + [B_bar],
-                                      [s * p for p in w] + [-s])
+            Bf, Af = lm.stack_factors(
+                [e.A for e in entries] + [A_bar], [e.B for e in entries] + [B_bar], [s * p for p in w] + [-s]
+            )
             return ModuleResult(A=A_bar, B=B_bar, base_delta=Bf @ Af, base_delta_factors=(Bf, Af))
         target = self.combiner.combine([e.B @ e.A for e in entries], w)
         return ModuleResult(A=A_bar, B=B_bar, base_delta=s * (target - B_bar @ A_bar))

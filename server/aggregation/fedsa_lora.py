@@ -2,6 +2,7 @@
 its classifier/extras) personal. With keep_local_on_server=True the clients also upload B (and personal
 extras) and the server stores them per client, so stateless clients can be resumed (privacy trade-off);
 otherwise only A travels and B stays on the client. Evaluation must be per client (pitfall 9)."""
+
 from __future__ import annotations
 
 from . import lora_math as lm
@@ -39,8 +40,7 @@ class FedSALoRA(Strategy):
     def _after_round(self, checked) -> None:
         if self.keep_local and self.personalize_extras:
             for cid, _rank, _start, uploaded, _alpha in checked:
-                self.client_state.setdefault(cid, {}).update(
-                    {k: self._cast(uploaded[k]) for k in self.extras})
+                self.client_state.setdefault(cid, {}).update({k: self._cast(uploaded[k]) for k in self.extras})
 
     def global_output(self):
         out = {lm.a_key(m): a.copy() for m, a in self.global_A.items()}

@@ -1,6 +1,7 @@
 """FFA-LoRA (aggregation.md §2): A is frozen at the shared A⁰ for the whole run; only B is trained,
 uploaded and averaged, which is exact: sum_k p_k s B_k A⁰ = s B̄ A⁰. Clients that upload A anyway must
 send it bit-identical to the server's copy (checked), so a diverged A⁰ is caught, not averaged away."""
+
 from __future__ import annotations
 
 from .base import ModuleEntry, ModuleResult, Strategy

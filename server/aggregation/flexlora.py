@@ -2,6 +2,7 @@
 by SVD: client k (rank r_k, scaling s_k) gets A = V[:, :r_k]^T, B = U[:, :r_k] S[:r_k] / s_k.
 The server keeps the top-`keep` SVD factors with unit scaling (B = U S, A = V^T), where keep covers the
 largest rank any client may ask for, so per-client views are plain truncations (base class)."""
+
 from __future__ import annotations
 
 from . import lora_math as lm

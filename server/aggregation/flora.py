@@ -5,6 +5,7 @@ stacked adapter has unit scaling: delta = B_stack @ A_stack = sum_k p_k s_k B_k 
 
 There is no global adapter; the server cannot know the clients' fresh random init, so clipping acts on
 the raw factors (B starts at 0, so that bounds the update's B part)."""
+
 from __future__ import annotations
 
 from . import lora_math as lm
@@ -30,6 +31,7 @@ class FLoRA(Strategy):
         return dict(self.extras) or None
 
     def aggregate_module(self, module: str, entries: list[ModuleEntry]) -> ModuleResult:
-        Bf, Af = lm.stack_factors([e.A for e in entries], [e.B for e in entries],
-                                  [e.weight * e.scaling for e in entries])
+        Bf, Af = lm.stack_factors(
+            [e.A for e in entries], [e.B for e in entries], [e.weight * e.scaling for e in entries]
+        )
         return ModuleResult(base_delta=Bf @ Af, base_delta_factors=(Bf, Af))

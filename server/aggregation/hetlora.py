@@ -4,6 +4,7 @@ averaging (the server stores s*B, unit scaling), so clients with different s_k =
 ΔW units. weighting="norm" uses the paper's w_k ∝ ||s_k B_k A_k||_F per module (sample weights
 when all norms are 0, e.g. right after init); "samples" uses p_k. Self-pruning is client-side: the
 directive carries `self_prune` = {gamma, lambda} when prune_gamma is set."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,9 @@ class HetLoRA(Strategy):
     REPORTS_AGG_ERROR = False
     MASKED = False
 
-    def __init__(self, *, weighting: str = "norm", prune_gamma: float | None = None,
-                 prune_lambda: float = 0.0, **common):
+    def __init__(
+        self, *, weighting: str = "norm", prune_gamma: float | None = None, prune_lambda: float = 0.0, **common
+    ):
         if weighting not in ("norm", "samples"):
             raise ValueError(f"weighting must be 'norm' or 'samples', got {weighting!r}")
         if prune_gamma is not None and not 0 < prune_gamma < 1:
@@ -44,7 +46,13 @@ class HetLoRA(Strategy):
 
     def aggregate_module(self, module: str, entries: list[ModuleEntry]) -> ModuleResult:
         A, B = lm.rank_slot_combine(
-            [e.A for e in entries], [e.scaling * e.B for e in entries], self._weights(entries),
-            self.shapes[module][2], self.global_A[module], self.global_B[module],
-            masked=self.MASKED, combine=self.combiner.combine)
+            [e.A for e in entries],
+            [e.scaling * e.B for e in entries],
+            self._weights(entries),
+            self.shapes[module][2],
+            self.global_A[module],
+            self.global_B[module],
+            masked=self.MASKED,
+            combine=self.combiner.combine,
+        )
         return ModuleResult(A=A, B=B)

@@ -3,10 +3,11 @@
 Every strategy is a thin policy over these helpers, so the formulas live (and are tested) once.
 Layout: A is [r, d_in], B is [d_out, r], the update is s * B @ A in nn.Linear layout [d_out, d_in].
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -92,8 +93,7 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     return weighted_sum(arrays, weights)
 
 
-def rank_slot_combine(As, Bs, weights, rank: int, prev_A=None, prev_B=None, masked: bool = True,
-                      combine=weighted_mean):
+def rank_slot_combine(As, Bs, weights, rank: int, prev_A=None, prev_B=None, masked: bool = True, combine=weighted_mean):
     """Combine heterogeneous-rank factors slot by slot into rank-`rank` global factors.
 
     masked=False (zero-padding, HetLoRA): pad everyone to `rank` with zeros and combine with the given

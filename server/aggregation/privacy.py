@@ -12,10 +12,11 @@ eps = min_alpha T*RDP(alpha) + log(1/delta)/(alpha-1) (Mironov 2017, Prop. 3); o
 conversion of Balle et al. 2020 / Canonne et al. 2020 (`tight=True`), which TF-Privacy and Opacus use.
 Only integer orders are used, so the reported epsilon is a valid (slightly conservative) upper bound.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -40,8 +41,12 @@ def rdp_subsampled_gaussian(q: float, noise_multiplier: float, order: int) -> fl
         return alpha / (2.0 * z2)
     log_q, log_1mq = math.log(q), math.log1p(-q)
     terms = [
-        math.lgamma(alpha + 1) - math.lgamma(k + 1) - math.lgamma(alpha - k + 1)
-        + (alpha - k) * log_1mq + k * log_q + (k * k - k) / (2.0 * z2)
+        math.lgamma(alpha + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(alpha - k + 1)
+        + (alpha - k) * log_1mq
+        + k * log_q
+        + (k * k - k) / (2.0 * z2)
         for k in range(alpha + 1)
     ]
     return _logsumexp(terms) / (alpha - 1)
@@ -71,7 +76,8 @@ class RDPAccountant:
 
     def step(self, noise_multiplier: float, sampling_rate: float, num_steps: int = 1) -> None:
         self.rdp = self.rdp + num_steps * np.array(
-            [rdp_subsampled_gaussian(sampling_rate, noise_multiplier, a) for a in self.orders])
+            [rdp_subsampled_gaussian(sampling_rate, noise_multiplier, a) for a in self.orders]
+        )
 
     def get_epsilon(self, delta: float, tight: bool = False) -> float:
         return rdp_to_epsilon(self.orders, self.rdp, delta, tight)[0]
@@ -84,8 +90,14 @@ class RDPAccountant:
         self.rdp = np.asarray(state["rdp"], dtype=np.float64)
 
 
-def compute_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float,
-                    orders: Iterable[int] = DEFAULT_ORDERS, tight: bool = False) -> float:
+def compute_epsilon(
+    noise_multiplier: float,
+    sampling_rate: float,
+    rounds: int,
+    delta: float,
+    orders: Iterable[int] = DEFAULT_ORDERS,
+    tight: bool = False,
+) -> float:
     """Epsilon after `rounds` rounds of client-level DP with client sampling rate q."""
     acc = RDPAccountant(orders)
     acc.step(noise_multiplier, sampling_rate, rounds)

@@ -1,4 +1,5 @@
 """Strategy registry: make_strategy(name, **params) with parameter validation."""
+
 from __future__ import annotations
 
 import inspect

@@ -10,10 +10,11 @@ runs `Combiner.clip` on each client's *update* (uploaded factors minus what the 
   (sample weights would change the sensitivity), plus N(0, (z C / K)^2) per coordinate, seeded.
   The RDP accountant (privacy.py) is stepped once per aggregated round.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -100,8 +101,10 @@ class Combiner:
 
     def begin_round(self, num_clients: int) -> None:
         if num_clients < self.min_clients:
-            raise ValueError(f"robust.method {self.method!r} needs at least {self.min_clients} clients, "
-                             f"{num_clients} reported: refusing to aggregate (it would be a plain mean)")
+            raise ValueError(
+                f"robust.method {self.method!r} needs at least {self.min_clients} clients, "
+                f"{num_clients} reported: refusing to aggregate (it would be a plain mean)"
+            )
         self._num_clients = num_clients
 
     def combine(self, arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -111,7 +114,7 @@ class Combiner:
         if self.method == "trimmed_mean":
             k = int(math.floor(self.trim_ratio * len(arrays)))
             srt = np.sort(stack, axis=0)
-            return srt[k: len(arrays) - k].mean(axis=0)
+            return srt[k : len(arrays) - k].mean(axis=0)
         if self.dp:
             std = self.noise_multiplier * self.clip_norm / self._num_clients
             return stack.mean(axis=0) + self.rng.normal(0.0, std, size=stack.shape[1:])

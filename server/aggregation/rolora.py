@@ -2,6 +2,7 @@
 Each phase is exact because the other factor is shared. The phase lives in the strategy state and flips
 only after a successful aggregation; it starts with B because with peft's B⁰ = 0 the gradient of A is
 zero, so an A-phase first round would be wasted (pitfall 5)."""
+
 from __future__ import annotations
 
 import logging

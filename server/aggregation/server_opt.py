@@ -6,19 +6,22 @@ Optimization"). The pseudo-gradient is delta = aggregated - previous global; the
   yogi:    v = v - (1-beta2)*delta^2*sign(v - delta^2)
 Applied key by key to the global factors (factor space: FedIT's product inexactness still applies).
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from .robust import _check_keys, _positive
 
 OPTIMIZERS = ("avgm", "adagrad", "adam", "yogi")
-_DEFAULTS = {"avgm": {"lr": 1.0, "momentum": 0.9},
-             "adagrad": {"lr": 0.1, "betas": (0.0, 0.0), "tau": 1e-3},
-             "adam": {"lr": 0.01, "betas": (0.9, 0.99), "tau": 1e-3},
-             "yogi": {"lr": 0.01, "betas": (0.9, 0.99), "tau": 1e-3}}
+_DEFAULTS = {
+    "avgm": {"lr": 1.0, "momentum": 0.9},
+    "adagrad": {"lr": 0.1, "betas": (0.0, 0.0), "tau": 1e-3},
+    "adam": {"lr": 0.01, "betas": (0.9, 0.99), "tau": 1e-3},
+    "yogi": {"lr": 0.01, "betas": (0.9, 0.99), "tau": 1e-3},
+}
 
 
 class ServerOptimizer:

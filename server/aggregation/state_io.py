@@ -1,4 +1,5 @@
 """Persist a strategy's state_dict as one .npz (arrays) with a JSON blob (everything else)."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,11 @@ def _unflatten(tree, arrays):
 def save_state(strategy: Strategy, path: str | Path) -> None:
     skeleton, arrays = _flatten(strategy.state_dict())
     names = {f"a{i}": k for i, k in enumerate(arrays)}
-    np.savez(path, __skeleton__=np.array(json.dumps({"tree": skeleton, "names": names})),
-             **{n: arrays[k] for n, k in names.items()})
+    np.savez(
+        path,
+        __skeleton__=np.array(json.dumps({"tree": skeleton, "names": names})),
+        **{n: arrays[k] for n, k in names.items()},
+    )
 
 
 def load_state(strategy: Strategy, path: str | Path) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from edge.paths import data_dir, find_data_file, shared_dir  # noqa: F401 - one resolver for every package
+from splitwave.common.paths import find_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +27,32 @@ AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 # --------------------------------------------------------------------------------------------- paths
 
-# The file each (dataset, split) is read from, relative to a data folder (edge.paths): what a device must hold.
+# The file each (dataset, split) is read from, relative to a data folder (splitwave.common.paths): what a device must hold.
 DATA_FILES = {
-    "sst2": {"train": "sst2/train.tsv", "dev": "sst2/dev.tsv", "validation": "sst2/dev.tsv",
-             "test_unofficial": "sst2/test_labeled_unofficial.tsv"},
-    "ag_news": {"train": "ag_news/train_sample_alps.tsv", "test": "ag_news/test_alps.tsv",
-                "test_official": "ag_news/test.csv"},
-    "e2e": {"train": "e2e/lora_format/train.txt", "valid": "e2e/lora_format/valid.txt",
-            "validation": "e2e/lora_format/valid.txt", "dev": "e2e/lora_format/valid.txt",
-            "test": "e2e/lora_format/test.txt"},
+    "sst2": {
+        "train": "sst2/train.tsv",
+        "dev": "sst2/dev.tsv",
+        "validation": "sst2/dev.tsv",
+        "test_unofficial": "sst2/test_labeled_unofficial.tsv",
+    },
+    "ag_news": {
+        "train": "ag_news/train_sample_alps.tsv",
+        "test": "ag_news/test_alps.tsv",
+        "test_official": "ag_news/test.csv",
+    },
+    "e2e": {
+        "train": "e2e/lora_format/train.txt",
+        "valid": "e2e/lora_format/valid.txt",
+        "validation": "e2e/lora_format/valid.txt",
+        "dev": "e2e/lora_format/valid.txt",
+        "test": "e2e/lora_format/test.txt",
+    },
 }
-_SPLIT_HELP = {"sst2": "SST-2 split must be one of {}", "ag_news": "AG News split must be one of {}",
-               "e2e": "E2E split must be one of {}"}
+_SPLIT_HELP = {
+    "sst2": "SST-2 split must be one of {}",
+    "ag_news": "AG News split must be one of {}",
+    "e2e": "E2E split must be one of {}",
+}
 
 
 def data_file(name: str, split: str) -> str:
@@ -53,6 +67,7 @@ def data_file(name: str, split: str) -> str:
 
 # ------------------------------------------------------------------------------------------ datasets
 
+
 @dataclass(frozen=True)
 class TextDataset:
     """Raw texts + integer labels (0..num_labels-1) of a classification split."""
@@ -66,10 +81,11 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "TextDataset":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         idx = np.asarray(indices, dtype=np.int64)
-        return TextDataset(self.name, [self.texts[i] for i in idx], self.labels[idx].copy(),
-                           self.num_labels, self.label_names)
+        return TextDataset(
+            self.name, [self.texts[i] for i in idx], self.labels[idx].copy(), self.num_labels, self.label_names
+        )
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,7 @@ class PromptDataset:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "PromptDataset":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> PromptDataset:
         idx = np.asarray(indices, dtype=np.int64)
         return PromptDataset(self.name, [self.prompts[i] for i in idx], [self.targets[i] for i in idx])
 
@@ -170,13 +186,14 @@ def load_e2e(split: str = "train", limit: int | None = None, seed: int = 0, data
 
 
 def load_dataset(name: str, split: str, limit: int | None = None, seed: int = 0, data_dir=None):
-    """Dispatch by name ('sst2' | 'ag_news' | 'e2e') for configs; `data_dir` as in edge.paths."""
+    """Dispatch by name ('sst2' | 'ag_news' | 'e2e') for configs; `data_dir` as in splitwave.common.paths."""
     loaders = {"sst2": load_sst2, "ag_news": load_ag_news, "e2e": load_e2e}
     data_file(name, split)  # an unknown dataset or split: ValueError before any file is looked for
     return loaders[name](split, limit=limit, seed=seed, data_dir=data_dir)
 
 
 # -------------------------------------------------------------------------------------- partitioning
+
 
 def partition_iid(labels: np.ndarray | int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Uniformly random split into `num_clients` shards whose sizes differ by at most one.
@@ -191,8 +208,9 @@ def partition_iid(labels: np.ndarray | int, num_clients: int, seed: int) -> list
     return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_clients)]
 
 
-def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                        min_size: int = 1, max_tries: int = 100) -> list[np.ndarray]:
+def partition_dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 1, max_tries: int = 100
+) -> list[np.ndarray]:
     """Label-skewed split (Hsu et al. 2019): per class, shares over clients ~ Dirichlet(alpha).
 
     Small alpha -> each client sees few labels. Draws are repeated (same rng stream, so still
@@ -209,7 +227,7 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     by_class = [np.flatnonzero(labels == c) for c in classes]
-    for attempt in range(max_tries):
+    for _attempt in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for idx in by_class:
             idx = rng.permutation(idx)
@@ -221,8 +239,7 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
         if min(len(p) for p in out) >= min_size:
             break
     else:
-        logger.info("dirichlet(alpha=%g): no draw met min_size=%d in %d tries; rebalancing",
-                    alpha, min_size, max_tries)
+        logger.info("dirichlet(alpha=%g): no draw met min_size=%d in %d tries; rebalancing", alpha, min_size, max_tries)
         out = [rng.permutation(p) for p in out]
         while True:
             sizes = [len(p) for p in out]
@@ -262,12 +279,17 @@ def label_skew(labels: np.ndarray, parts: Sequence[np.ndarray]) -> dict:
         tv.append(0.5 * np.abs(p - glob).sum())
         dom.append(p.max())
     sizes = np.array([len(p) for p in parts])
-    return {"mean_tv": float(np.mean(tv)), "max_tv": float(np.max(tv)),
-            "mean_dominant_share": float(np.mean(dom)),
-            "min_size": int(sizes.min()), "max_size": int(sizes.max())}
+    return {
+        "mean_tv": float(np.mean(tv)),
+        "max_tv": float(np.max(tv)),
+        "mean_dominant_share": float(np.mean(dom)),
+        "min_size": int(sizes.min()),
+        "max_size": int(sizes.max()),
+    }
 
 
 # ------------------------------------------------------------------------------------------ batching
+
 
 class Batcher:
     """Deterministic shuffled minibatches of one client's indices.
@@ -276,8 +298,15 @@ class Batcher:
     triple replays exactly the batches a client trained on, independent of timing or restarts.
     """
 
-    def __init__(self, indices: Sequence[int] | np.ndarray, batch_size: int, seed: int,
-                 client_id: int = 0, drop_last: bool = False, shuffle: bool = True):
+    def __init__(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        batch_size: int,
+        seed: int,
+        client_id: int = 0,
+        drop_last: bool = False,
+        shuffle: bool = True,
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -298,7 +327,7 @@ class Batcher:
         else:
             order = self.indices
         bs = self.batch_size
-        return [order[i:i + bs] for i in range(0, bs * len(self), bs)]
+        return [order[i : i + bs] for i in range(0, bs * len(self), bs)]
 
     def stream(self, start_epoch: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
         """Endless (epoch, step_in_epoch, batch_indices) over consecutive epochs."""
@@ -311,13 +340,20 @@ class Batcher:
             e += 1
 
 
-def batches(indices: Sequence[int] | np.ndarray, batch_size: int, seed: int, epoch: int = 0,
-            drop_last: bool = False, client_id: int = 0) -> list[np.ndarray]:
+def batches(
+    indices: Sequence[int] | np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int = 0,
+    drop_last: bool = False,
+    client_id: int = 0,
+) -> list[np.ndarray]:
     """One epoch of `Batcher` (functional form)."""
     return Batcher(indices, batch_size, seed, client_id=client_id, drop_last=drop_last).epoch(epoch)
 
 
 # ------------------------------------------------------------------------------------- token arrays
+
 
 @dataclass(frozen=True)
 class TokenDataset:
@@ -360,10 +396,18 @@ def tokenize_dataset(ds: TextDataset, tokenizer, max_len: int) -> TokenDataset:
     return TokenDataset(ds.name, ids, mask, ds.labels.astype(np.int64), ds.num_labels)
 
 
-def synthetic_classification(num_samples: int, seq_len: int, vocab_size: int, num_labels: int,
-                             seed: int, min_len: int = 4, keys_per_label: int = 4,
-                             pad_id: int = 0, cls_id: int | None = 1,
-                             label_noise: float = 0.0) -> TokenDataset:
+def synthetic_classification(
+    num_samples: int,
+    seq_len: int,
+    vocab_size: int,
+    num_labels: int,
+    seed: int,
+    min_len: int = 4,
+    keys_per_label: int = 4,
+    pad_id: int = 0,
+    cls_id: int | None = 1,
+    label_noise: float = 0.0,
+) -> TokenDataset:
     """Token-id classification data with a learnable signal, for tests and tiny-model runs.
 
     Each class c owns `keys_per_label` "key" tokens; a sample of class c holds 1-3 of its own keys at
@@ -404,8 +448,10 @@ def synthetic_classification(num_samples: int, seq_len: int, vocab_size: int, nu
 
 # -------------------------------------------------------------------------------------- causal LM
 
-def causal_lm_labels(input_ids: np.ndarray, attention_mask: np.ndarray,
-                     prompt_lengths: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+
+def causal_lm_labels(
+    input_ids: np.ndarray, attention_mask: np.ndarray, prompt_lengths: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
     """labels = input_ids with IGNORE_INDEX on padding (and on the first prompt_lengths[i] tokens).
 
     Not shifted: like transformers' `labels=`, the server shifts logits/labels by one.
@@ -417,9 +463,17 @@ def causal_lm_labels(input_ids: np.ndarray, attention_mask: np.ndarray,
     return labels
 
 
-def encode_prompt_target(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_len: int,
-                         pad_to: int | str | None = "longest", sep_id: int | None = None,
-                         add_eos: bool = True, train_on_prompt: bool = False, eos_id: int | None = None):
+def encode_prompt_target(
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_len: int,
+    pad_to: int | str | None = "longest",
+    sep_id: int | None = None,
+    add_eos: bool = True,
+    train_on_prompt: bool = False,
+    eos_id: int | None = None,
+):
     """Causal-LM rows `prompt [sep] " "+target [eos]` -> (input_ids, attention_mask, labels).
 
     Follows the LoRA paper's E2E encoding (context, bos/eos as separator, completion with a leading
@@ -448,8 +502,8 @@ def encode_prompt_target(tokenizer, prompts: Sequence[str], targets: Sequence[st
     ids = np.full((b, width), tokenizer.pad_id, dtype=np.int64)
     mask = np.zeros((b, width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
     labels = causal_lm_labels(ids, mask, None if train_on_prompt else plens)
     return ids, mask, labels
 
@@ -464,17 +518,29 @@ def tokenize_prompts(ds: PromptDataset, tokenizer, max_len: int) -> TokenDataset
     end = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
     if end is None:
         raise ValueError("tokenizer has neither an eos nor a sep token to end causal-LM rows with")
-    ids, mask, labels = encode_prompt_target(tokenizer, ds.prompts, ds.targets, max_len, pad_to=None, sep_id=end,
-                                             eos_id=end)
+    ids, mask, labels = encode_prompt_target(
+        tokenizer, ds.prompts, ds.targets, max_len, pad_to=None, sep_id=end, eos_id=end
+    )
     empty = int(((labels != IGNORE_INDEX).sum(axis=1) == 0).sum())
     if empty:
-        raise ValueError(f"max_seq_len {max_len} leaves {empty} of {len(ds)} {ds.name} rows without a target "
-                         f"token (their prompts fill the row): raise data.max_seq_len")
+        raise ValueError(
+            f"max_seq_len {max_len} leaves {empty} of {len(ds)} {ds.name} rows without a target "
+            f"token (their prompts fill the row): raise data.max_seq_len"
+        )
     return TokenDataset(ds.name, ids, mask, labels, tokenizer.vocab_size)
 
 
-def synthetic_causal_lm(num_samples: int, seq_len: int, vocab_size: int, seed: int, rule_seed: int = 0,
-                        min_len: int = 4, alphabet: int = 16, first_id: int = 2, pad_id: int = 0) -> TokenDataset:
+def synthetic_causal_lm(
+    num_samples: int,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    rule_seed: int = 0,
+    min_len: int = 4,
+    alphabet: int = 16,
+    first_id: int = 2,
+    pad_id: int = 0,
+) -> TokenDataset:
     """Prompt/target token rows with a learnable next-token rule, for tests and tiny-model runs.
 
     A fixed successor map (one random cycle over `alphabet` token ids from `first_id`, drawn from `rule_seed`

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 logger = logging.getLogger(__name__)
 
-PadTo = Union[None, str, int]
+PadTo = None | str | int
 
 # transformers uses this sentinel (int(1e30)) for "no limit" in tokenizer_config.json.
 _HUGE_MAX_LEN = 1_000_000
@@ -43,9 +43,14 @@ def _token_content(tok) -> str | None:
 class Tokenizer:
     """A `tokenizer.json` plus the bits of tokenizer_config that matter for batching (pad, eos, sep, max len)."""
 
-    def __init__(self, hf_tokenizer: _HFTokenizer, pad_token: str | None = None,
-                 eos_token: str | None = None, model_max_length: int | None = None,
-                 sep_token: str | None = None):
+    def __init__(
+        self,
+        hf_tokenizer: _HFTokenizer,
+        pad_token: str | None = None,
+        eos_token: str | None = None,
+        model_max_length: int | None = None,
+        sep_token: str | None = None,
+    ):
         self._tok = hf_tokenizer
         # Padding/truncation are applied per call; never trust what the file baked in.
         self._tok.no_padding()
@@ -64,7 +69,7 @@ class Tokenizer:
         self.model_max_length = model_max_length
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load `tokenizer.json` and read pad/eos/model_max_length from the config files next to it."""
         path = Path(path)
         tj = path / "tokenizer.json"
@@ -78,8 +83,13 @@ class Tokenizer:
         mml = cfg.get("model_max_length")
         if mml is not None and int(mml) >= _HUGE_MAX_LEN:
             mml = None
-        return cls(_HFTokenizer.from_file(str(tj)), pad_token=pad, eos_token=eos,
-                   model_max_length=int(mml) if mml is not None else None, sep_token=sep)
+        return cls(
+            _HFTokenizer.from_file(str(tj)),
+            pad_token=pad,
+            eos_token=eos,
+            model_max_length=int(mml) if mml is not None else None,
+            sep_token=sep,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -91,8 +101,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def encode_lists(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
-                     add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_lists(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, add_special_tokens: bool = True
+    ) -> list[list[int]]:
         """Unpadded, untruncated ids (for callers that assemble sequences themselves, e.g. causal LM)."""
         encs = self._encode(texts, text_pairs, add_special_tokens)
         return [list(e.ids) for e in encs]
@@ -108,9 +119,15 @@ class Tokenizer:
             inputs = texts
         return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
 
-    def encode_batch(self, texts: Sequence[str], max_len: int | None = None, pad_to: PadTo = None,
-                     text_pairs: Sequence[str] | None = None, add_special_tokens: bool = True,
-                     return_token_type_ids: bool = False):
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        max_len: int | None = None,
+        pad_to: PadTo = None,
+        text_pairs: Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        return_token_type_ids: bool = False,
+    ):
         """Tokenize, truncate to `max_len` (longest-first for pairs) and right-pad with the pad id.
 
         pad_to: None -> pad every row to `max_len` (fixed shapes, = HF padding="max_length");

@@ -7,27 +7,23 @@ easy to say and easy to diagnose. Order, first set wins:
   3. env SPLITWAVE_SHARED (the shared folder; its data is in `data/`),
   4. otherwise: `./data` in the working directory, then `../shared/data` beside the repository checkout.
 Layout inside a data folder: `sst2/train.tsv`, `ag_news/train_sample_alps.tsv`, `e2e/lora_format/train.txt`, ...
-(the same as `../shared/data`; see `edge.data.DATA_FILES`).
+(the same as `../shared/data`; see `splitwave.common.data.DATA_FILES`).
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from splitwave.channel.paths import SHARED_ENV, shared_dir
+
 DATA_ENV = "SPLITWAVE_DATA_DIR"
-SHARED_ENV = "SPLITWAVE_SHARED"
+
+__all__ = ["DATA_ENV", "SHARED_ENV", "DataNotFound", "data_dir", "data_dirs", "find_data_file", "shared_dir"]
 
 
 class DataNotFound(FileNotFoundError):
     """A dataset file is in none of the places searched; the message lists each of them."""
-
-
-def shared_dir() -> Path:
-    """The shared folder (traces, specs, data); env SPLITWAVE_SHARED overrides `../shared` beside the repo."""
-    env = os.environ.get(SHARED_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def data_dirs(data_dir: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
@@ -55,5 +51,7 @@ def find_data_file(rel: str, data_dir: str | os.PathLike | None = None) -> Path:
         if p.is_file():
             return p
         tried.append(f"{p} ({why})")
-    raise DataNotFound(f"dataset file {rel} not found; looked in: {'; '.join(tried)}. A device needs its own copy "
-                       f"of the data: pass --data-dir DIR or set {DATA_ENV} to a folder holding {rel}")
+    raise DataNotFound(
+        f"dataset file {rel} not found; looked in: {'; '.join(tried)}. A device needs its own copy "
+        f"of the data: pass --data-dir DIR or set {DATA_ENV} to a folder holding {rel}"
+    )

@@ -6,11 +6,11 @@ Imports torch: only imported explicitly (tests, benchmarks, a server-side simula
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from edge.runtime import load_factors, save_factors
+from splitwave.edge.runtime import load_factors, save_factors
 
 
 class TorchEdge:
@@ -20,14 +20,27 @@ class TorchEdge:
     model args (family_or_path, task, cut, lora) via server.split.
     """
 
-    def __init__(self, split=None, *, family_or_path: str | None = None, task: str = "seq-cls", cut: int | None = None,
-                 lora=None, seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-2,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, trainable: set[str] | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        split=None,
+        *,
+        family_or_path: str | None = None,
+        task: str = "seq-cls",
+        cut: int | None = None,
+        lora=None,
+        seed: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        trainable: set[str] | None = None,
+        threads: int | None = None,
+    ):
         import torch  # the reference backend only: `edge` itself never imports torch
+
         if split is None:
-            from server.models import build_model
-            from server.split import LoraSpec, split_model
+            from splitwave.server.models import build_model
+            from splitwave.server.split import LoraSpec, split_model
 
             split = split_model(build_model(family_or_path, task, seed=seed), cut, lora or LoraSpec(), task)
         if threads:
@@ -41,21 +54,31 @@ class TorchEdge:
         for p in self._params.values():
             p.requires_grad_(True)
         self.trainable = set(self.factor_names) if trainable is None else set(trainable)
-        self.optimizer = torch.optim.AdamW([self._params[k] for k in self.factor_names if k in self.trainable],
-                                           lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.manifest = {"family": split.family, "task": split.task, "cut": split.cut,
-                         "factors": [{"name": k, "shape": list(self._params[k].shape), "dtype": "float32"}
-                                     for k in self.factor_names]}
+        self.optimizer = torch.optim.AdamW(
+            [self._params[k] for k in self.factor_names if k in self.trainable],
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+        self.manifest = {
+            "family": split.family,
+            "task": split.task,
+            "cut": split.cut,
+            "factors": [
+                {"name": k, "shape": list(self._params[k].shape), "dtype": "float32"} for k in self.factor_names
+            ],
+        }
         self._last = None
 
     @classmethod
-    def from_bundle(cls, bundle_dir, **kw) -> "TorchEdge":
+    def from_bundle(cls, bundle_dir, **kw) -> TorchEdge:
         """The reference backend for a bundle: rebuild the same model from the bundle's `source` record."""
         import json
         from pathlib import Path
 
-        from server.models import minilm_path
-        from server.split import LoraSpec
+        from splitwave.server.models import minilm_path
+        from splitwave.server.split import LoraSpec
 
         m = json.loads((Path(bundle_dir) / "manifest.json").read_text())
         src = m.get("source")
@@ -63,12 +86,22 @@ class TorchEdge:
             raise ValueError("bundle manifest has no 'source' record: cannot rebuild the torch reference edge")
         lora = {k: v for k, v in m["lora"].items() if k in ("r", "alpha", "targets", "dropout", "rslora")}
         family = minilm_path() if src["family"] == "minilm" else src["family"]
-        from server.models import build_model
-        from server.split import split_model
+        from splitwave.server.models import build_model
+        from splitwave.server.split import split_model
 
-        split = split_model(build_model(family, m["task"], src["num_labels"], seed=src["seed"],
-                                        vocab_size=src.get("vocab_size"), init_std=src.get("init_std")), m["cut"],
-                            LoraSpec(**lora), m["task"])
+        split = split_model(
+            build_model(
+                family,
+                m["task"],
+                src["num_labels"],
+                seed=src["seed"],
+                vocab_size=src.get("vocab_size"),
+                init_std=src.get("init_std"),
+            ),
+            m["cut"],
+            LoraSpec(**lora),
+            m["task"],
+        )
         edge = cls(split, **kw)
         edge.set_factors(load_factors(Path(bundle_dir) / m["factors_file"]))
         return edge
@@ -80,6 +113,7 @@ class TorchEdge:
     def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
         """Frozen weight of each LoRA module := original + delta (the running sum sent by the server)."""
         import torch
+
         modules = dict(self.split.peft_model.named_modules())
         if not hasattr(self, "_base_original"):
             self._base_original = {}
@@ -109,6 +143,7 @@ class TorchEdge:
 
     def forward(self, input_ids, attention_mask) -> np.ndarray:
         import torch
+
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
         mask = torch.as_tensor(np.asarray(attention_mask, dtype=np.int64))
         with torch.enable_grad():
@@ -118,6 +153,7 @@ class TorchEdge:
 
     def backward(self, grad_h) -> dict[str, np.ndarray]:
         import torch
+
         if self._last is None:
             raise RuntimeError("backward() called before forward()")
         params = [self._params[k] for k in self.factor_names]
@@ -127,6 +163,7 @@ class TorchEdge:
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
         import torch
+
         for k in self.factor_names:
             p = self._params[k]
             p.grad = torch.as_tensor(grads[k]).clone() if (k in grads and k in self.trainable) else None

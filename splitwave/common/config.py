@@ -3,6 +3,7 @@
 YAML files under configs/ are validated here (pydantic) so that a typo fails at load time with the name of
 the bad field, not half an hour into a run. `--set a.b=value` overrides are applied before validation.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,7 @@ class ModelConfig(_Strict):
     init_std: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _real_or_tiny(self) -> "ModelConfig":
+    def _real_or_tiny(self) -> ModelConfig:
         if self.family == "minilm" and self.tiny:
             raise ValueError("model.tiny must be false for family 'minilm' (the real all-MiniLM-L6-v2)")
         for name in ("vocab_size", "init_std"):
@@ -89,10 +90,12 @@ class TrainingConfig(_Strict):
     optim: OptimConfig = OptimConfig()
 
     @model_validator(mode="after")
-    def _batching_needs_shared_top(self) -> "TrainingConfig":
+    def _batching_needs_shared_top(self) -> TrainingConfig:
         if self.server_batch > 1 and self.mode != "sfl-v2":
-            raise ValueError(f"training.server_batch > 1 needs training.mode 'sfl-v2' (one shared top adapter), "
-                             f"got mode {self.mode!r}")
+            raise ValueError(
+                f"training.server_batch > 1 needs training.mode 'sfl-v2' (one shared top adapter), "
+                f"got mode {self.mode!r}"
+            )
         return self
 
 
@@ -134,19 +137,24 @@ class ChannelConfig(_Strict):
     mode: Literal["none", "realtime", "virtual"] = "none"
     uplink: dict[str, Any] = Field(default_factory=lambda: {"kind": "static", "rate_mbps": 20.0, "latency_ms": 10.0})
     downlink: dict[str, Any] = Field(default_factory=lambda: {"kind": "static", "rate_mbps": 50.0, "latency_ms": 10.0})
-    per_client: list[dict[str, Any]] = Field(default_factory=list)  # optional {"uplink": ..., "downlink": ...} per client
+    per_client: list[dict[str, Any]] = Field(
+        default_factory=list
+    )  # optional {"uplink": ..., "downlink": ...} per client
     cell: dict[str, Any] | None = None  # analytical wireless: clients placed in one cell
 
     @model_validator(mode="after")
-    def _links(self) -> "ChannelConfig":
+    def _links(self) -> ChannelConfig:
         """Link dicts follow channel_sim.factory's schema (kind, keys, static `loss_model`, trace `strict`
         for Mahimahi mm-link's convention and `mtu`): checked at load time, not when the run starts."""
-        from channel_sim.factory import check_link_spec
+        from splitwave.channel.factory import check_link_spec
 
         specs = [] if self.cell is not None else [("uplink", self.uplink), ("downlink", self.downlink)]
         for i, pc in enumerate(self.per_client):  # full specs only; partial overrides are merged at run start
-            specs += [(f"per_client[{i}].{d}", pc[d]) for d in ("uplink", "downlink")
-                      if isinstance(pc.get(d), dict) and "kind" in pc[d]]
+            specs += [
+                (f"per_client[{i}].{d}", pc[d])
+                for d in ("uplink", "downlink")
+                if isinstance(pc.get(d), dict) and "kind" in pc[d]
+            ]
         for where, spec in specs:
             try:
                 check_link_spec(spec)
@@ -226,7 +234,7 @@ class ExperimentConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExperimentConfig":
+    def _consistent(self) -> ExperimentConfig:
         if self.rounds.min_clients > self.num_clients:
             raise ValueError(f"rounds.min_clients ({self.rounds.min_clients}) > num_clients ({self.num_clients})")
         if self.model.task == "causal-lm" and self.data.dataset in ("sst2", "ag_news"):
@@ -234,8 +242,10 @@ class ExperimentConfig(_Strict):
         if self.model.task == "seq-cls" and self.data.dataset == "e2e":
             raise ValueError("data.dataset 'e2e' needs model.task: causal-lm")
         if self.data.dataset != "synthetic" and self.model.tiny and self.model.tokenizer is None:
-            raise ValueError(f"model.tokenizer: data.dataset {self.data.dataset!r} is text and a tiny model has no "
-                             f"tokenizer; set model.tokenizer: minilm")
+            raise ValueError(
+                f"model.tokenizer: data.dataset {self.data.dataset!r} is text and a tiny model has no "
+                f"tokenizer; set model.tokenizer: minilm"
+            )
         if self.model.task == "causal-lm" and self.data.partition == "dirichlet":
             raise ValueError("data.partition: 'dirichlet' skews class labels and causal-LM data has none; use 'iid'")
         self._robust_has_enough_clients()
@@ -243,19 +253,24 @@ class ExperimentConfig(_Strict):
 
     def _robust_has_enough_clients(self) -> None:
         """Median / trimmed mean over fewer clients than they need are a plain mean: refuse them here."""
-        from server.aggregation.robust import min_clients_for
+        from splitwave.server.aggregation.robust import min_clients_for
 
         robust = self.aggregation.robust or {}
         try:
             need = min_clients_for(robust.get("method", "mean"), robust.get("trim_ratio", 0.1))
         except ValueError as e:
             raise ValueError(f"aggregation.robust: {e}") from None
-        per_round = 1 if self.training.mode == "sl" else min(
-            self.num_clients, max(self.rounds.min_clients, math.ceil(self.rounds.fraction * self.num_clients)))
+        per_round = (
+            1
+            if self.training.mode == "sl"
+            else min(self.num_clients, max(self.rounds.min_clients, math.ceil(self.rounds.fraction * self.num_clients)))
+        )
         if per_round < need:
-            raise ValueError(f"aggregation.robust.method {robust['method']!r} needs at least {need} clients per "
-                             f"round to resist one bad client (got {per_round}: num_clients {self.num_clients}, "
-                             f"rounds.fraction {self.rounds.fraction}, rounds.min_clients {self.rounds.min_clients})")
+            raise ValueError(
+                f"aggregation.robust.method {robust['method']!r} needs at least {need} clients per "
+                f"round to resist one bad client (got {per_round}: num_clients {self.num_clients}, "
+                f"rounds.fraction {self.rounds.fraction}, rounds.min_clients {self.rounds.min_clients})"
+            )
 
 
 SET_FORM = "write --set KEY=VALUE as one argument, e.g. --set training.batch_size=8"
@@ -322,7 +337,7 @@ def all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
 
 
 def unknown_key_hint(loc: tuple) -> str:
-    """"did you mean training.batch_size?": the closest name in the same section, else a close name in another
+    """ "did you mean training.batch_size?": the closest name in the same section, else a close name in another
     section (`batch_size` at the top level), else the list of the section's names."""
     keys = valid_keys(loc)
     if not keys:

@@ -5,15 +5,24 @@ client's shard; the edge loads the data from its own disk and tokenizes it with 
 server and a centralized reference build the very same arrays with the same call, which is what makes split
 training comparable to centralized training batch for batch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from edge.data import (PromptDataset, TokenDataset, data_file, load_dataset, synthetic_causal_lm,
-                       synthetic_classification, tokenize_dataset, tokenize_prompts)
-from edge.paths import find_data_file
+from splitwave.common.data import (
+    PromptDataset,
+    TokenDataset,
+    data_file,
+    load_dataset,
+    synthetic_causal_lm,
+    synthetic_classification,
+    tokenize_dataset,
+    tokenize_prompts,
+)
+from splitwave.common.paths import find_data_file
 
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003
 
@@ -26,8 +35,9 @@ def check_data(spec: dict, data_dir: str | Path | None = None) -> list[Path]:
     return [find_data_file(data_file(spec["dataset"], spec.get("split", "train")), data_dir)]
 
 
-def build_token_dataset(spec: dict, tokenizer_dir: str | Path | None = None,
-                        data_dir: str | Path | None = None) -> TokenDataset:
+def build_token_dataset(
+    spec: dict, tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None
+) -> TokenDataset:
     """Token arrays for `spec`: {dataset, split, limit, seed, max_seq_len, task?, vocab_size?, num_labels?}.
 
     task "causal-lm" gives per-token labels: text data (e2e) as prompt/target rows with the loss on the
@@ -44,25 +54,29 @@ def build_token_dataset(spec: dict, tokenizer_dir: str | Path | None = None,
         data_seed = seed if split == "train" else seed + SYNTHETIC_EVAL_SEED_OFFSET
         if causal:  # the successor rule is seeded by the run's seed alone: train and eval share it
             return synthetic_causal_lm(n, max_len, int(spec["vocab_size"]), seed=data_seed, rule_seed=seed)
-        return synthetic_classification(n, max_len, int(spec["vocab_size"]), int(spec.get("num_labels", 2)),
-                                        seed=data_seed)
+        return synthetic_classification(
+            n, max_len, int(spec["vocab_size"]), int(spec.get("num_labels", 2)), seed=data_seed
+        )
     if tokenizer_dir is None:
         raise ValueError(f"dataset {name!r} needs a tokenizer; the bundle has none (export with tokenizer files)")
-    from edge.tokenizer import Tokenizer
+    from splitwave.common.tokenizer import Tokenizer
 
     rows = load_dataset(name, split, limit=limit, seed=seed, data_dir=data_dir)
     is_prompts = isinstance(rows, PromptDataset)
     if is_prompts != causal:
-        raise ValueError(f"dataset {name!r} is {'causal-LM' if is_prompts else 'classification'} data, but the "
-                         f"task is {spec.get('task', 'seq-cls')!r}")
+        raise ValueError(
+            f"dataset {name!r} is {'causal-LM' if is_prompts else 'classification'} data, but the "
+            f"task is {spec.get('task', 'seq-cls')!r}"
+        )
     tokenize = tokenize_prompts if causal else tokenize_dataset
     return tokenize(rows, Tokenizer.from_dir(tokenizer_dir), max_len)
 
 
-def partition(data: TokenDataset, num_clients: int, scheme: str, alpha: float, seed: int,
-              min_size: int = 1) -> list[np.ndarray]:
+def partition(
+    data: TokenDataset, num_clients: int, scheme: str, alpha: float, seed: int, min_size: int = 1
+) -> list[np.ndarray]:
     """Client shards as index arrays: IID, or Dirichlet(alpha) over the class labels (classification only)."""
-    from edge.data import partition_dirichlet, partition_iid
+    from splitwave.common.data import partition_dirichlet, partition_iid
 
     if scheme == "iid":
         return partition_iid(len(data), num_clients, seed)
