@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from splitwave.common import data as D
+from splitwave.common import paths
 from splitwave.common.tokenizer import Tokenizer
 
 
@@ -87,9 +88,9 @@ def test_limit_subsampling_is_seeded():
 
 def test_shared_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("SPLITWAVE_SHARED", str(tmp_path))
-    assert D.shared_dir() == tmp_path and D.data_dir() == tmp_path / "data"
+    assert paths.shared_dir() == tmp_path and paths.data_dir() == tmp_path / "data"
     monkeypatch.delenv("SPLITWAVE_SHARED")
-    assert D.shared_dir() == Path(D.__file__).resolve().parents[1].parent / "shared"
+    assert paths.shared_dir() == Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
 
 
 # ------------------------------------------------------------------------------------ partitioning

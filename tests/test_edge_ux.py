@@ -330,7 +330,7 @@ def test_peak_rss_is_this_process_not_the_parent_that_forked_it():
 
     ballast = bytearray(300 << 20)  # touch 300 MiB in this (parent) process
     ballast[::4096] = b"x" * len(ballast[::4096])
-    code = "from edge.client import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from splitwave.edge.client import peak_rss_bytes; print(peak_rss_bytes())"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     child = int(p.stdout.strip())
     assert child < 200 << 20 < peak_rss_bytes(), (child, peak_rss_bytes())
