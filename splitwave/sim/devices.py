@@ -4,8 +4,8 @@ A device's `edge_factor` is how many times longer than the host its compute take
 class (splitwave.common.device_classes: phone, rpi4, laptop, ..., each with its source) gets
     factor = host GFLOP/s / class GFLOP/s,
 the host's GFLOP/s measured once per machine by a fixed fp32 matmul through ONNX Runtime (the edge runtime's
-own kernels, one thread for an edge, the server's thread count for the server) and cached as JSON, so a later
-run on a loaded machine reads the same number. Every draw (class, spread, availability) comes from a numpy
+own kernels, on one thread: the host profile is one core, for the edge and for the server alike) and cached
+as JSON, so a later run on a loaded machine reads the same number. Every draw (class, spread, availability) comes from a numpy
 Generator seeded with (cfg.seed, a fixed stream id, the client id): never from the wall clock, and client k's
 device does not depend on how many clients there are.
 
