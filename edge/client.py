@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from splitwave.common.data import Batcher
+from splitwave.common.batching import Batcher
 from splitwave.common.paths import DataNotFound
 from splitwave.common.shard import build_token_dataset, check_data, round_batch
 from splitwave.edge.ranks import RankAdapter

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from splitwave.common.config import ConfigError, ExperimentConfig
-from splitwave.common.data import IGNORE_INDEX
+from splitwave.common.tokens import IGNORE_INDEX
 from splitwave.common.shard import build_token_dataset, partition
 from splitwave.server import compute
 from splitwave.server.aggregation.registry import make_strategy
