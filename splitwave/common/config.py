@@ -15,6 +15,9 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from splitwave.channel.factory import check_link_spec
+from splitwave.common.robust_rules import min_clients_for
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the field."""
@@ -146,8 +149,6 @@ class ChannelConfig(_Strict):
     def _links(self) -> ChannelConfig:
         """Link dicts follow channel_sim.factory's schema (kind, keys, static `loss_model`, trace `strict`
         for Mahimahi mm-link's convention and `mtu`): checked at load time, not when the run starts."""
-        from splitwave.channel.factory import check_link_spec
-
         specs = [] if self.cell is not None else [("uplink", self.uplink), ("downlink", self.downlink)]
         for i, pc in enumerate(self.per_client):  # full specs only; partial overrides are merged at run start
             specs += [
@@ -253,8 +254,6 @@ class ExperimentConfig(_Strict):
 
     def _robust_has_enough_clients(self) -> None:
         """Median / trimmed mean over fewer clients than they need are a plain mean: refuse them here."""
-        from splitwave.server.aggregation.robust import min_clients_for
-
         robust = self.aggregation.robust or {}
         try:
             need = min_clients_for(robust.get("method", "mean"), robust.get("trim_ratio", 0.1))
