@@ -49,10 +49,11 @@ def encode_prompt_target(
         raise ValueError("tokenizer has no eos token; pass add_eos=False or eos_id")
     p_ids = tokenizer.encode_lists(prompts, add_special_tokens=False)
     t_ids = tokenizer.encode_lists([" " + t for t in targets], add_special_tokens=False)
+    end = [eos] if add_eos and eos is not None else []  # add_eos without an eos was refused above
     rows, plens = [], []
     for p, t in zip(p_ids, t_ids):
         head = p + ([sep_id] if sep_id is not None else [])
-        row = (head + t + ([eos] if add_eos else []))[:max_len]
+        row = (head + t + end)[:max_len]
         rows.append(row)
         plens.append(min(len(head), len(row)))
     longest = max((len(r) for r in rows), default=0)

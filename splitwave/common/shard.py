@@ -68,8 +68,10 @@ def build_token_dataset(
             f"dataset {name!r} is {'causal-LM' if is_prompts else 'classification'} data, but the "
             f"task is {spec.get('task', 'seq-cls')!r}"
         )
-    tokenize = tokenize_prompts if causal else tokenize_dataset
-    return tokenize(rows, Tokenizer.from_dir(tokenizer_dir), max_len)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    if isinstance(rows, PromptDataset):
+        return tokenize_prompts(rows, tokenizer, max_len)
+    return tokenize_dataset(rows, tokenizer, max_len)
 
 
 def partition(
