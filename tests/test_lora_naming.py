@@ -35,3 +35,10 @@ def test_names_and_scaling_are_peft_s(rslora):
         layer = named[m]  # the saved key's module is the peft LoRA layer itself
         assert layer.lora_A["default"].weight.shape[0] == 2
         assert layer.scaling["default"] == pytest.approx(lora.scaling(4, 2, rslora))
+
+
+def test_peft_parameter_names_map_to_saved_keys():
+    split = split_model(build_model("gpt2"), 1, LoraSpec(r=2, alpha=4))
+    keys = set(get_peft_model_state_dict(split.peft_model))
+    params = [n for n, _ in split.peft_model.named_parameters() if lora.is_factor_param(n)]
+    assert params and {lora.saved_key(n, "default") for n in params} == {k for k in keys if lora.factor_kind(k)}

@@ -12,8 +12,9 @@ import math
 from collections.abc import Mapping
 from typing import Literal, TypeVar
 
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
+A_NAME, B_NAME = "lora_A", "lora_B"  # peft's attribute names of the two factors of a LoRA layer
+A_SUFFIX = f".{A_NAME}.weight"
+B_SUFFIX = f".{B_NAME}.weight"
 FACTOR_SUFFIXES: Mapping[str, str] = {"A": A_SUFFIX, "B": B_SUFFIX}  # factor kind -> key suffix
 
 Factor = Literal["A", "B"]
@@ -54,6 +55,18 @@ def module_of(key: str) -> str:
         if key.endswith(suffix):
             return key[: -len(suffix)]
     raise ValueError(f"{key!r} is not a LoRA factor key (*{A_SUFFIX} or *{B_SUFFIX})")
+
+
+def is_factor_param(param_name: str) -> bool:
+    """A peft LoRA factor parameter (`m.lora_A.<adapter>.weight`), not a base weight or a head."""
+    return f".{A_NAME}." in param_name or f".{B_NAME}." in param_name
+
+
+def saved_key(param_name: str, adapter: str) -> str:
+    """peft parameter name -> its saved-adapter key: `m.lora_A.<adapter>.weight` -> `m.lora_A.weight`."""
+    for ab in (A_NAME, B_NAME):
+        param_name = param_name.replace(f".{ab}.{adapter}.", f".{ab}.")
+    return param_name
 
 
 def split_factors(factors: Mapping[str, V]) -> tuple[dict[str, dict[str, V]], dict[str, V]]:
