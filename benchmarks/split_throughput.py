@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from splitwave.common.batching import Batcher
 from splitwave.common.config import parse_config
-from splitwave.common.data import Batcher
 from splitwave.common.shard import round_batch
 from splitwave.launch import ROOT, server_process, start_edge, wait_all, write_config
 from splitwave.protos.codec import encode, wire_size

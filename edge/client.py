@@ -28,7 +28,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from splitwave.common.data import Batcher
+from splitwave.common.batching import Batcher
+from splitwave.common.lora import is_a_key
 from splitwave.common.paths import DataNotFound
 from splitwave.common.shard import build_token_dataset, check_data, round_batch
 from splitwave.edge.ranks import RankAdapter
@@ -90,7 +91,7 @@ def fresh_lora(factors: dict[str, np.ndarray], seed) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in factors.items():
-        if k.endswith(".lora_A.weight"):
+        if is_a_key(k):
             bound = 1.0 / np.sqrt(v.shape[1])
             out[k] = rng.uniform(-bound, bound, size=v.shape).astype(np.float32)
         else:

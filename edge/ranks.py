@@ -9,15 +9,9 @@ No re-export, one bundle for every rank.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-
-
-def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-    return alpha / (math.sqrt(rank) if rslora else rank)
+from splitwave.common.lora import is_a_key, scaling
 
 
 class RankAdapter:
@@ -41,16 +35,16 @@ class RankAdapter:
                 self.ranks.pop(k, None)
                 out[k] = v
                 continue
-            r = v.shape[0] if k.endswith(A_SUFFIX) else v.shape[1] if v.ndim == 2 else -1
+            r = v.shape[0] if is_a_key(k) else v.shape[1] if v.ndim == 2 else -1
             ok = (
                 v.ndim == 2
                 and 0 < r < self.graph_rank
-                and (v.shape[1] == full[1] if k.endswith(A_SUFFIX) else v.shape[0] == full[0])
+                and (v.shape[1] == full[1] if is_a_key(k) else v.shape[0] == full[0])
             )
             if not ok:
                 raise ValueError(f"factor {k}: shape {v.shape} does not fit the graph's {full}")
             pad = np.zeros(full, np.float32)
-            if k.endswith(A_SUFFIX):
+            if is_a_key(k):
                 pad[:r] = v
             else:
                 pad[:, :r] = v * np.float32(self._ratio(r))
@@ -72,7 +66,7 @@ class RankAdapter:
         for k, r in self.ranks.items():
             if k in out:
                 a = np.array(out[k], copy=True)
-                if k.endswith(A_SUFFIX):
+                if is_a_key(k):
                     a[r:] = 0
                 else:
                     a[:, r:] = 0
@@ -84,6 +78,6 @@ class RankAdapter:
         r = self.ranks.get(name)
         if r is None:
             return value
-        if name.endswith(A_SUFFIX):
+        if is_a_key(name):
             return np.ascontiguousarray(value[:r])
         return np.ascontiguousarray(value[:, :r] / np.float32(self._ratio(r)))

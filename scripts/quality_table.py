@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from splitwave.common.batching import Batcher  # noqa: E402
 from splitwave.common.config import parse_config  # noqa: E402
-from splitwave.common.data import Batcher  # noqa: E402
 from splitwave.common.shard import build_token_dataset  # noqa: E402
 from splitwave.runner import simulate  # noqa: E402
 from splitwave.server.app import build_split, data_spec  # noqa: E402

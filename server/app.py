@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from splitwave.common.config import ConfigError, ExperimentConfig
-from splitwave.common.data import IGNORE_INDEX
+from splitwave.common.lora import is_a_key, is_b_key
 from splitwave.common.shard import build_token_dataset, partition
+from splitwave.common.tokens import IGNORE_INDEX
 from splitwave.server import compute
 from splitwave.server.aggregation.registry import make_strategy
 from splitwave.server.checkpoint import Checkpointer, config_digest, token_digest
@@ -699,9 +700,9 @@ class SplitServer:
             want = shapes.get(k)
             if want is None:
                 raise ServiceError("INVALID_ARGUMENT", f"unknown factor {k!r}")
-            if k.endswith(".lora_A.weight"):
+            if is_a_key(k):
                 ok = v.ndim == 2 and v.shape[1] == want[1] and 1 <= v.shape[0] <= rank
-            elif k.endswith(".lora_B.weight"):
+            elif is_b_key(k):
                 ok = v.ndim == 2 and v.shape[0] == want[0] and 1 <= v.shape[1] <= rank
             else:
                 ok = v.shape == want
@@ -831,10 +832,7 @@ class SplitServer:
         if g is None:  # per-client views (FlexLoRA, HetLoRA, ...): evaluate the view at the model's own rank
             g = self.strategy.client_view("__eval__", self.cfg.lora.r)
         if not g:  # FLoRA: everything was merged into the base weights; the fresh adapters add nothing (B = 0)
-            g = {
-                k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v)
-                for k, v in self.split.edge_factors().items()
-            }
+            g = {k: (np.zeros_like(v) if is_b_key(k) else v) for k, v in self.split.edge_factors().items()}
         return g
 
     def _timed_eval(self) -> dict[str, float]:

@@ -30,6 +30,7 @@ from torch import nn
 from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from splitwave.common.lora import is_a_key, module_of
 from splitwave.server.split import SplitModel
 
 log = logging.getLogger(__name__)
@@ -698,9 +699,9 @@ def _base_weights(split: SplitModel, table: dict) -> dict[str, list[dict]]:
     modules = dict(split.peft_model.named_modules())
     out = {}
     for key in split.edge_factor_names():
-        if not key.endswith(".lora_A.weight"):
+        if not is_a_key(key):
             continue
-        m = key[: -len(".lora_A.weight")]
+        m = module_of(key)
         w = modules[m].base_layer.weight.detach().to(torch.float32).numpy()
         hits = []
         for arr, transposed in ((np.ascontiguousarray(w), False), (np.ascontiguousarray(w.T), True)):

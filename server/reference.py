@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from splitwave.common.data import Batcher
+from splitwave.common.batching import Batcher
 from splitwave.common.shard import build_token_dataset, partition, round_batch
 from splitwave.server.app import build_split, data_spec, tokenizer_source
 from splitwave.server.trainer import trainable_parameters

@@ -23,6 +23,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitwave.common.lora import FACTOR_SUFFIXES
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 from splitwave.protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
@@ -448,7 +449,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                     yield pb.RoundReply(header=header, base_delta=frame)
         trainable, upload = [], []
         if d is not None:
-            kinds = {"A": ".lora_A.weight", "B": ".lora_B.weight"}
+            kinds = FACTOR_SUFFIXES
             names = self.app.split.edge_factor_names()
             trainable = [k for k in names if any(k.endswith(kinds[t]) for t in d.trainable)]
             upload = list(d.upload_keys)

@@ -15,9 +15,11 @@ import torch
 import yaml
 from net_helpers import ROOT, run_clients, serving
 
-from splitwave.common import data as D
 from splitwave.common.config import ConfigError, parse_config
+from splitwave.common.datasets import load_e2e
 from splitwave.common.shard import build_token_dataset, partition
+from splitwave.common.synthetic import synthetic_causal_lm
+from splitwave.common.tokens import IGNORE_INDEX
 from splitwave.server.app import build_split, data_spec, tokenizer_source
 from splitwave.server.errors import ServiceError
 from splitwave.server.evaluation import evaluate
@@ -53,26 +55,26 @@ def _e2e_raw(**overrides) -> dict:
 
 
 def test_synthetic_causal_lm_follows_one_successor_rule_and_batches_trim_labels():
-    train = D.synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
-    evals = D.synthetic_causal_lm(64, 12, 100, seed=6, rule_seed=1)
+    train = synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
+    evals = synthetic_causal_lm(64, 12, 100, seed=6, rule_seed=1)
     succ = {}
     for ds in (train, evals):
         assert ds.per_token and ds.labels.shape == ds.input_ids.shape
         for ids, mask, lab in zip(ds.input_ids, ds.attention_mask, ds.labels):
             n = int(mask.sum())
-            assert (lab[n:] == D.IGNORE_INDEX).all() and (ids[n:] == 0).all()
-            first = int(np.flatnonzero(lab != D.IGNORE_INDEX)[0])
+            assert (lab[n:] == IGNORE_INDEX).all() and (ids[n:] == 0).all()
+            first = int(np.flatnonzero(lab != IGNORE_INDEX)[0])
             assert 1 <= first <= 3 and (lab[first:n] == ids[first:n]).all()  # prompt unlabelled, target labelled
             for prev, tok in zip(ids[first - 1 : n - 1], ids[first:n]):
                 assert succ.setdefault(int(prev), int(tok)) == tok  # train and eval share one rule
     assert len(succ) == 16 and sorted(succ.values()) == sorted(succ)  # a permutation of the 16-token alphabet
-    again = D.synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
+    again = synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
     assert np.array_equal(again.input_ids, train.input_ids) and np.array_equal(again.labels, train.labels)
 
     ids, mask, labels = train.batch([3, 1, 4])
     assert labels.shape == ids.shape == (3, mask.sum(1).max())
     assert np.array_equal(labels, train.labels[[3, 1, 4], : ids.shape[1]])
-    assert (train.labels[[3, 1, 4], ids.shape[1] :] == D.IGNORE_INDEX).all()  # only unlabelled columns dropped
+    assert (train.labels[[3, 1, 4], ids.shape[1] :] == IGNORE_INDEX).all()  # only unlabelled columns dropped
 
 
 def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
@@ -81,7 +83,7 @@ def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
     from splitwave.common.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(minilm_path())
-    raw = D.load_e2e("valid", limit=16, seed=0)
+    raw = load_e2e("valid", limit=16, seed=0)
     assert ds.num_labels == tok.vocab_size == 30522 and ds.input_ids.shape == (16, 64)
     sep = tok.sep_id
     for i in range(16):
@@ -92,7 +94,7 @@ def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
         p = len(prompt) + 1
         assert row.tolist() == (prompt + [sep] + target + [sep])[:n]  # cut at max_seq_len, else whole
         assert n == 64 or n == len(prompt) + len(target) + 2
-        assert (lab[:p] == D.IGNORE_INDEX).all() and (lab[p:] == row[p:]).all()  # loss on the target (+ [SEP])
+        assert (lab[:p] == IGNORE_INDEX).all() and (lab[p:] == row[p:]).all()  # loss on the target (+ [SEP])
     with pytest.raises(ValueError, match="max_seq_len"):  # rows whose prompt fills them have no loss at all
         build_token_dataset({**spec, "max_seq_len": 20}, minilm_path())
     with pytest.raises(ValueError, match="causal-LM data"):
@@ -100,7 +102,7 @@ def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
 
 
 def test_causal_lm_is_partitioned_iid_only():
-    data = D.synthetic_causal_lm(40, 8, 100, seed=0)
+    data = synthetic_causal_lm(40, 8, 100, seed=0)
     parts = partition(data, 4, "iid", 0.3, seed=0)
     assert sorted(np.concatenate(parts).tolist()) == list(range(40))
     with pytest.raises(ValueError, match="iid"):
@@ -147,7 +149,7 @@ def test_evaluation_is_hf_loss_per_token_and_next_token_accuracy_at_any_batch_si
     with torch.no_grad():
         out = split.peft_model(input_ids=ids, attention_mask=mask, labels=labels)
     correct, count = _accuracy(out.logits, labels, "causal-lm")
-    assert count == int((labels[:, 1:] != D.IGNORE_INDEX).sum())
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
     for rows in (64, 7, 1):
         got = evaluate(split, data, max_rows=rows)
         assert got["eval_loss"] == pytest.approx(float(out.loss), abs=1e-5)
@@ -192,7 +194,7 @@ def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
         good = {
             "h": np.zeros((b, s, 32), np.float32),
             "attention_mask": np.ones((b, s), np.int64),
-            "labels": np.full((b, s), D.IGNORE_INDEX, np.int64),
+            "labels": np.full((b, s), IGNORE_INDEX, np.int64),
         }
         app._check_batch(good)
         for labels, msg in [
