@@ -135,8 +135,9 @@ def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
     from splitwave.server.split import LoraSpec, split_model
 
     h = hashlib.sha256(f"minilm|cut={args.cut}|r={args.r}|v2".encode())
-    for src in ("server/export.py", "server/split.py", "server/models.py"):  # editing the exporter re-exports
-        h.update((ROOT / src).read_bytes())
+    sources = [*sorted((ROOT / "server/export").glob("*.py")), ROOT / "server/split.py", ROOT / "server/models.py"]
+    for src in sources:  # editing the exporter re-exports
+        h.update(src.read_bytes())
     key = h.hexdigest()[:12]
     bundle = cache / f"minilm-{key}"
     split = split_model(

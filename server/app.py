@@ -105,7 +105,8 @@ def bundle_key(cfg: ExperimentConfig) -> str:
     """What determines the bundle's bytes: model, cut, LoRA, seed and the code that builds, splits and exports the
     model (not training settings)."""
     here = Path(__file__).parent
-    code = b"".join((here / f).read_bytes() for f in ("export.py", "models.py", "split.py"))
+    sources = [*sorted((here / "export").glob("*.py")), here / "models.py", here / "split.py"]
+    code = b"".join(p.read_bytes() for p in sources)
     exporter = hashlib.sha256(code).hexdigest()[:12]
     ident = {"model": cfg.model.model_dump(), "lora": cfg.lora.model_dump(), "seed": cfg.seed, "exporter": exporter}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,7 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SPLITWAVE_TEST_CACHE", ROOT / ".cache" / "bundles"))
-_SOURCES = ("server/models.py", "server/split.py", "server/export.py")
+_SOURCES = (
+    "server/models.py",
+    "server/split.py",
+    *sorted(f"server/export/{p.name}" for p in (ROOT / "server/export").glob("*.py")),
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
