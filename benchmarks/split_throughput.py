@@ -63,7 +63,7 @@ def split_run(raw: dict, tmp: Path) -> list[dict]:
 
 
 def centralized_times(raw: dict) -> list[float]:
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     cfg = parse_config(raw)
     split = build_split(cfg)
@@ -83,7 +83,7 @@ def centralized_times(raw: dict) -> list[float]:
 def torch_bottom_times(raw: dict) -> list[float]:
     """torch doing the edge's part (embeddings + blocks below the cut, forward + backward to the LoRA factors)
     on the same batches and gradients: what the ORT edge is set against."""
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     cfg = parse_config(raw)
     split = build_split(cfg)
@@ -107,7 +107,7 @@ def codec_table(raw: dict, cache: Path) -> dict:
 
     bundle = next(p for p in cache.iterdir() if (p / "manifest.json").exists())
     rt = EdgeRuntime(bundle, mode="recompute")
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     cfg = parse_config(raw)
     data, shards = _data(cfg, build_split(cfg))

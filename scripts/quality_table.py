@@ -28,9 +28,10 @@ from splitwave.common.config import parse_config  # noqa: E402
 from splitwave.common.data import Batcher  # noqa: E402
 from splitwave.common.shard import build_token_dataset  # noqa: E402
 from splitwave.runner import simulate  # noqa: E402
-from splitwave.server.app import build_split, data_spec  # noqa: E402
+from splitwave.server.datasets import data_spec  # noqa: E402
 from splitwave.server.models import minilm_path  # noqa: E402
 from splitwave.server.reference import _data, _optimizer, _step  # noqa: E402
+from splitwave.server.setup import build_split  # noqa: E402
 from splitwave.server.trainer import trainable_parameters  # noqa: E402
 
 log = logging.getLogger("quality")

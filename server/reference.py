@@ -11,27 +11,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from splitwave.common.data import Batcher
-from splitwave.common.shard import build_token_dataset, partition, round_batch
-from splitwave.server.app import build_split, data_spec, tokenizer_source
+from splitwave.common.config import ExperimentConfig
+from splitwave.common.data import Batcher, TokenDataset
+from splitwave.common.shard import build_token_dataset, round_batch
+from splitwave.server.datasets import client_shards, data_spec
+from splitwave.server.setup import build_split, tokenizer_source
+from splitwave.server.split import SplitModel
 from splitwave.server.trainer import trainable_parameters
 
 
-def _data(cfg, split):
+def _data(cfg: ExperimentConfig, split: SplitModel) -> tuple[TokenDataset, list[np.ndarray]]:
+    """The run's training set and its client shards, as the server cuts them."""
     spec = data_spec(cfg, "train", int(split.peft_model.config.vocab_size))
     data = build_token_dataset(spec, tokenizer_source(cfg))
-    shards = partition(
-        data, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed, min_size=cfg.training.batch_size
-    )
-    return data, shards
+    return data, client_shards(cfg, data)
 
 
-def _optimizer(cfg, params):
+def _optimizer(cfg: ExperimentConfig, params) -> torch.optim.AdamW:
+    """The AdamW of `training.optim`, as edges and server build it."""
     o = cfg.training.optim
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
 
 
-def _step(split, opt, batch) -> float:
+def _step(split: SplitModel, opt: torch.optim.Optimizer, batch) -> float:
+    """One step of the unsplit peft model on `batch` (ids, mask, labels); returns the loss."""
     ids, mask, labels = (torch.from_numpy(x) for x in batch)
     opt.zero_grad(set_to_none=True)
     logits = split.peft_model(input_ids=ids, attention_mask=mask).logits

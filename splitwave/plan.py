@@ -1,6 +1,6 @@
 """`splitwave plan`: predict the per-round time of every cut layer for the configured links, pick the best.
 
-Compute is profiled, not guessed: for each cut the torch split model (`server.app.build_split` with that
+Compute is profiled, not guessed: for each cut the torch split model (`server.setup.build_split` with that
 cut) is timed on a real batch shape (batch_size x max_seq_len): the edge forward, the edge VJP (forward
 recomputed + backward, as the recompute-mode ONNX edge does) and one server training step. Message sizes
 are the exact serialized sizes of what the protocol would send (the tensor codec's frames in Train and
@@ -75,7 +75,7 @@ def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     """Measured compute times (s) and message sizes (bytes) of one training step at `cut`."""
     import torch
 
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
     from splitwave.server.trainer import TopTrainer
 
     torch.set_num_threads(1)  # an edge runs one thread (simulate starts them so); steadier timings too
@@ -160,7 +160,7 @@ def plan(
     quiet: bool = False,
 ) -> dict:
     """Profile and predict every cut; print a table and the best cut; write plan.json."""
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     if not cuts:
         n = build_split(cfg).n_blocks
