@@ -17,7 +17,6 @@ Prints a table and writes benchmarks/results/edge_step.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -130,31 +129,28 @@ def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
     """Export (or reuse) the MiniLM cut bundle; write the batch + factors every backend uses."""
     import torch
 
-    from splitwave.server.export import export_bundle
     from splitwave.server.models import build_model, minilm_path
+    from splitwave.server.setup import bundle_dir, cached_bundle
     from splitwave.server.split import LoraSpec, split_model
 
-    h = hashlib.sha256(f"minilm|cut={args.cut}|r={args.r}|v2".encode())
-    for src in ("server/export.py", "server/split.py", "server/models.py"):  # editing the exporter re-exports
-        h.update((ROOT / src).read_bytes())
-    key = h.hexdigest()[:12]
-    bundle = cache / f"minilm-{key}"
+    ident = {"model": "minilm", "cut": args.cut, "r": args.r, "v": 2}  # the exporter's code is in the key too
     split = split_model(
         build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls"
     )
     g = torch.Generator().manual_seed(0)
     factors = {k: (0.05 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()}
-    export_s = None
-    if not (bundle / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        export_bundle(
-            split,
-            bundle,
-            model_id="sentence-transformers/all-MiniLM-L6-v2",
-            tokenizer_dir=minilm_path(),
-            trace_shape=(3, 11),
-        )
-        export_s = time.perf_counter() - t0
+    fresh = not (bundle_dir(cache, ident, "minilm") / "manifest.json").is_file()
+    t0 = time.perf_counter()
+    bundle = cached_bundle(
+        cache,
+        ident,
+        split,
+        label="minilm",
+        model_id="sentence-transformers/all-MiniLM-L6-v2",
+        tokenizer_dir=minilm_path(),
+        trace_shape=(3, 11),
+    )
+    export_s = time.perf_counter() - t0 if fresh else None
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 30000, size=(args.batch, args.seq)).astype(np.int64)
     mask = np.ones_like(ids)

@@ -56,7 +56,7 @@ def server_compute(clients: int, values: list[int], base: list[str], reps: int =
     """Seconds of one fused server step of K clients' full batches (batch_size x max_seq_len), K in values;
     timed on the server's compute thread, where its steps run."""
     from splitwave.server import compute
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
     from splitwave.server.trainer import StepInput, TopTrainer
 
     cfg = load_config(clients, overrides=base)

@@ -24,7 +24,7 @@ from splitwave.common.config import parse_config
 from splitwave.common.shard import round_batch
 from splitwave.launch import ROOT, server_process, start_edge, wait_all, write_config
 from splitwave.protos.codec import encode, wire_size
-from splitwave.server.reference import _data, _optimizer, _step
+from splitwave.server.reference import make_optimizer, train_data, unsplit_step
 from splitwave.server.trainer import trainable_parameters
 
 OUT = ROOT / "benchmarks/results/split_throughput.json"
@@ -63,19 +63,19 @@ def split_run(raw: dict, tmp: Path) -> list[dict]:
 
 
 def centralized_times(raw: dict) -> list[float]:
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     cfg = parse_config(raw)
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
-    opt = _optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
+    data, shards = train_data(cfg, split)
+    opt = make_optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
     batcher = Batcher(shards[0], cfg.training.batch_size, cfg.seed, client_id=0)
     times = []
     for s in range(cfg.training.local_steps):
         batch = round_batch(data, batcher, cfg.training.local_steps, 0, s)
         t0 = time.perf_counter()
-        _step(split, opt, batch)
+        unsplit_step(split, opt, batch)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -83,12 +83,12 @@ def centralized_times(raw: dict) -> list[float]:
 def torch_bottom_times(raw: dict) -> list[float]:
     """torch doing the edge's part (embeddings + blocks below the cut, forward + backward to the LoRA factors)
     on the same batches and gradients: what the ORT edge is set against."""
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     cfg = parse_config(raw)
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
+    data, shards = train_data(cfg, split)
     batcher = Batcher(shards[0], cfg.training.batch_size, cfg.seed, client_id=0)
     factors = list(split.edge_factor_params().values())
     times = []
@@ -107,10 +107,10 @@ def codec_table(raw: dict, cache: Path) -> dict:
 
     bundle = next(p for p in cache.iterdir() if (p / "manifest.json").exists())
     rt = EdgeRuntime(bundle, mode="recompute")
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     cfg = parse_config(raw)
-    data, shards = _data(cfg, build_split(cfg))
+    data, shards = train_data(cfg, build_split(cfg))
     ids, mask, _ = data.batch(shards[0][:16])
     h = rt.forward(ids, mask)
     raw_bytes = h.nbytes

@@ -28,9 +28,10 @@ from splitwave.common.batching import Batcher  # noqa: E402
 from splitwave.common.config import parse_config  # noqa: E402
 from splitwave.common.shard import build_token_dataset  # noqa: E402
 from splitwave.runner import simulate  # noqa: E402
-from splitwave.server.app import build_split, data_spec  # noqa: E402
+from splitwave.server.datasets import data_spec  # noqa: E402
 from splitwave.server.models import minilm_path  # noqa: E402
-from splitwave.server.reference import _data, _optimizer, _step  # noqa: E402
+from splitwave.server.reference import make_optimizer, train_data, unsplit_step  # noqa: E402
+from splitwave.server.setup import build_split  # noqa: E402
 from splitwave.server.trainer import trainable_parameters  # noqa: E402
 
 log = logging.getLogger("quality")
@@ -74,10 +75,10 @@ def centralized(args) -> dict:
     cfg = parse_config(base_config(args, "fedit", "iid"))
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
+    data, shards = train_data(cfg, split)
     union = np.sort(np.concatenate(shards))
     dev = build_token_dataset(data_spec(cfg, "eval", 0), minilm_path())
-    opt = _optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
+    opt = make_optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
     stream = Batcher(union, cfg.training.batch_size, cfg.seed).stream()
     per_round = args.clients * args.local_steps
     acc = []
@@ -85,7 +86,7 @@ def centralized(args) -> dict:
     for r in range(args.rounds):
         for _ in range(per_round):
             _, _, idx = next(stream)
-            _step(split, opt, data.batch(idx))
+            unsplit_step(split, opt, data.batch(idx))
         acc.append(_accuracy(split, dev))
         log.info("centralized: %d/%d steps, dev accuracy %.4f", (r + 1) * per_round, args.rounds * per_round, acc[-1])
     return {

@@ -23,21 +23,23 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitwave.common.config import LimitsConfig
 from splitwave.common.lora import FACTOR_SUFFIXES
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 from splitwave.protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
 from splitwave.protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
-from splitwave.server.app import PROTOCOL_VERSION, Session, SplitServer
+from splitwave.server.app import SplitServer
 from splitwave.server.errors import ServiceError
 from splitwave.server.peers import CallGuard
+from splitwave.server.sessions import PROTOCOL_VERSION, Session
+from splitwave.server.validation import STEP_TENSORS
 
 log = logging.getLogger(__name__)
 
 BUNDLE_CHUNK = (1 << 20) - 4096  # file bytes per chunk, so each message stays under 1 MiB
 AWAIT_TIMEOUT_S = 3600.0
 MAX_MESSAGE_BYTES = MAX_FRAME_BYTES + (64 << 10)  # one frame plus its header: anything bigger is refused by gRPC
-STEP_TENSORS = frozenset({"h", "attention_mask", "labels"})
 SPARE_RPC_THREADS = 8  # Join, health checks, reflection
 BACKENDS = ("onnxruntime", "torch", "custom")  # Capabilities.backend; "custom": a client's own edge code
 TRAINING_MODES = ("recompute", "saved")
@@ -547,8 +549,6 @@ def rpc_threads_needed(num_clients: int, limits=None) -> int:
     """Every registered client's calls at once, plus every stranger's call the guard lets wait, plus spares:
     strangers can never hold the threads registered clients need (server/peers.py)."""
     if limits is None:
-        from splitwave.common.config import LimitsConfig
-
         limits = LimitsConfig()
     return limits.max_calls_per_client * num_clients + limits.max_pending_calls + num_clients + SPARE_RPC_THREADS
 

@@ -70,8 +70,8 @@ def _set_arg(item: str) -> str:
 
 def cmd_export(args) -> int:
     """Export the edge bundle of a config (model, cut, LoRA) to a folder."""
-    from splitwave.server.app import build_split, model_source, tokenizer_source
     from splitwave.server.export import export_bundle
+    from splitwave.server.setup import build_split, model_source, tokenizer_source
 
     _quiet_third_party(args.verbose)
     cfg = _load_cfg(args)

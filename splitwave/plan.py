@@ -1,6 +1,6 @@
 """`splitwave plan`: predict the per-round time of every cut layer for the configured links, pick the best.
 
-Compute is profiled, not guessed: for each cut the torch split model (`server.app.build_split` with that
+Compute is profiled, not guessed: for each cut the torch split model (`server.setup.build_split` with that
 cut) is timed on a real batch shape (batch_size x max_seq_len): the edge forward, the edge VJP (forward
 recomputed + backward, as the recompute-mode ONNX edge does) and one server training step, by the
 simulator's own timing code (splitwave.sim.costs.time_edge / time_server_step). Message sizes are the exact
@@ -66,7 +66,7 @@ def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     # lazily: torch and the models load only when a plan is made (the CLI starts fast)
     import torch
 
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
     from splitwave.server.torch_edge import TorchEdge
     from splitwave.server.trainer import StepInput, TopTrainer
     from splitwave.sim.costs import time_edge, time_server_step
@@ -145,7 +145,7 @@ def plan(
     quiet: bool = False,
 ) -> dict:
     """Profile and predict every cut; print a table and the best cut; write plan.json."""
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     if not cuts:
         n = build_split(cfg).n_blocks

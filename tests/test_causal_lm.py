@@ -20,11 +20,12 @@ from splitwave.common.datasets import load_e2e
 from splitwave.common.shard import build_token_dataset, partition
 from splitwave.common.synthetic import synthetic_causal_lm
 from splitwave.common.tokens import IGNORE_INDEX
-from splitwave.server.app import build_split, data_spec, tokenizer_source
+from splitwave.server.datasets import data_spec
 from splitwave.server.errors import ServiceError
 from splitwave.server.evaluation import evaluate
 from splitwave.server.models import minilm_path
 from splitwave.server.reference import centralized_train
+from splitwave.server.setup import build_split, tokenizer_source
 from splitwave.server.trainer import _accuracy
 
 E2E_CONFIG = ROOT / "configs" / "e2e-gpt2-tiny.yaml"
@@ -127,7 +128,7 @@ def test_config_errors_name_the_field(raw, field):
 
 
 def test_tiny_model_takes_the_tokenizers_vocabulary():
-    from splitwave.server.app import model_vocab_size
+    from splitwave.server.setup import model_vocab_size
 
     cfg = parse_config(_e2e_raw())
     assert tokenizer_source(cfg) == minilm_path() and model_vocab_size(cfg) == 30522
@@ -196,7 +197,7 @@ def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
             "attention_mask": np.ones((b, s), np.int64),
             "labels": np.full((b, s), IGNORE_INDEX, np.int64),
         }
-        app._check_batch(good)
+        app.check_batch(good)
         for labels, msg in [
             (np.full((b, s), 30522, np.int64), "token ids"),
             (np.full((b, s), -1, np.int64), "token ids"),
@@ -204,5 +205,5 @@ def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
             (np.zeros((b, s), np.float32), "integers"),
         ]:
             with pytest.raises(ServiceError, match=msg) as e:
-                app._check_batch({**good, "labels": labels})
+                app.check_batch({**good, "labels": labels})
             assert e.value.code == "INVALID_ARGUMENT"

@@ -86,7 +86,7 @@ def test_one_edge_process_equals_centralized_lora(tmp_path, raw):
 
 
 def _initial_edge(raw):
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     return build_split(parse_config(raw)).edge_factors()
 

@@ -38,10 +38,10 @@ from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import encode
 from splitwave.server.aggregation import ClientUpdate, make_strategy
 from splitwave.server.aggregation.robust import Combiner
-from splitwave.server.app import checked_float32
 from splitwave.server.errors import ServiceError
 from splitwave.server.rounds import HISTORY_KEEP, RoundManager
 from splitwave.server.trainer import StepInput, TopTrainer
+from splitwave.server.validation import checked_float32
 from tests.conftest import make_split
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"

@@ -36,9 +36,9 @@ from splitwave.common.config import ExperimentConfig
 from splitwave.edge.runtime import EdgeRuntime, load_factors
 from splitwave.server.aggregation import ClientUpdate, make_strategy
 from splitwave.server.aggregation.robust import min_clients_for
-from splitwave.server.app import build_split
 from splitwave.server.evaluation import batch_rows
 from splitwave.server.models import tiny_config
+from splitwave.server.setup import build_split
 from splitwave.server.split import LoraSpec, split_model
 from splitwave.server.trainer import StepInput, TopTrainer
 from splitwave.sim import flops as F
