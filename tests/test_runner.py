@@ -17,7 +17,8 @@ import pytest
 
 from splitwave.channel import LinkPair, StaticLink
 from splitwave.common.config import load_config
-from splitwave.runner import ProcessGroup, simulate
+from splitwave.launch import ProcessGroup
+from splitwave.runner import simulate
 from splitwave.timeline import ClientRound, StepTimes, simulate_timeline
 
 ROOT = Path(__file__).resolve().parents[1]
