@@ -21,8 +21,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from splitwave.channel import round_latency_model
+from splitwave.channel.factory import rate_summary
 from splitwave.common.config import ExperimentConfig
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import encode, factor_codec
+from splitwave.runner import build_links
+from splitwave.server.app import build_split
+from splitwave.server.trainer import TopTrainer
+from splitwave.timeline import CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, ClientRound, StepTimes, simulate_timeline
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +51,6 @@ def _median_time(fn, reps: int) -> float:
 
 def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, int]:
     """Serialized bytes per step up (h + mask + labels), per step down (grad_h) and of the adapter push."""
-    from splitwave.protos import splitwave_pb2 as pb
-    from splitwave.protos.codec import encode, factor_codec
-
     tr = cfg.training
     b, s = h.shape[:2]
     hdr = pb.Header(session_token="x" * 43, run_id="r" * 12, round=1, step=1)
@@ -73,11 +79,6 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
 
 def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     """Measured compute times (s) and message sizes (bytes) of one training step at `cut`."""
-    import torch
-
-    from splitwave.server.app import build_split
-    from splitwave.server.trainer import TopTrainer
-
     torch.set_num_threads(1)  # an edge runs one thread (simulate starts them so); steadier timings too
     c = cfg.model_copy(deep=True)
     c.model.cut = cut
@@ -116,11 +117,6 @@ def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
 
 def predict(cfg: ExperimentConfig, prof: dict, edge_slowdown: float = 1.0) -> dict:
     """Round time predictions (s) for one profiled cut on the configured links."""
-    from splitwave.channel import round_latency_model
-    from splitwave.channel.factory import rate_summary
-    from splitwave.runner import build_links
-    from splitwave.timeline import CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, ClientRound, StepTimes, simulate_timeline
-
     E, K = cfg.training.local_steps, cfg.num_clients
     fwd, bwd = prof["t_edge_fwd"] * edge_slowdown, prof["t_edge_bwd"] * edge_slowdown
     links = build_links(cfg)
@@ -160,8 +156,6 @@ def plan(
     quiet: bool = False,
 ) -> dict:
     """Profile and predict every cut; print a table and the best cut; write plan.json."""
-    from splitwave.server.app import build_split
-
     if not cuts:
         n = build_split(cfg).n_blocks
         cuts = list(range(1, n))
