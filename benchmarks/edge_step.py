@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rss_now_kb() -> int:
@@ -55,6 +54,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# The project imports of this file stay inside the functions: the same file is the worker of each backend,
+# and a worker measures its memory, so the ORT workers must never load torch (nor the torch worker ORT).
 def _worker(args) -> None:
     """Runs in a fresh process: one backend, timings + memory + first-step grads."""
     data = np.load(args.data)
@@ -229,7 +230,7 @@ def main() -> None:
                 *(["--no-spin"] if args.no_spin else []),
                 *(["--arena"] if args.arena else []),
             ]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
             per_round[backend].append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -14,26 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from splitwave.common.batching import Batcher
+from splitwave.common.config import parse_config
+from splitwave.common.shard import build_token_dataset
+from splitwave.runner import simulate
+from splitwave.server.datasets import data_spec
+from splitwave.server.models import minilm_path
+from splitwave.server.reference import make_optimizer, train_data, unsplit_step
+from splitwave.server.setup import build_split
+from splitwave.server.trainer import trainable_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from splitwave.common.batching import Batcher  # noqa: E402
-from splitwave.common.config import parse_config  # noqa: E402
-from splitwave.common.shard import build_token_dataset  # noqa: E402
-from splitwave.runner import simulate  # noqa: E402
-from splitwave.server.datasets import data_spec  # noqa: E402
-from splitwave.server.models import minilm_path  # noqa: E402
-from splitwave.server.reference import make_optimizer, train_data, unsplit_step  # noqa: E402
-from splitwave.server.setup import build_split  # noqa: E402
-from splitwave.server.trainer import trainable_parameters  # noqa: E402
-
 log = logging.getLogger("quality")
 OUT = ROOT / "results/quality"
 DEFAULT_STRATEGIES = ["fedit", "ffa-lora", "rolora", "fedex-lora", "flora", "flexlora", "fedsa-lora"]
@@ -41,7 +38,7 @@ STRATEGY_PARAMS = {"ffa-lora": {}, "rolora": {}}
 LR = {"ffa-lora": 3e-3}  # FFA trains B only: the literature uses a larger step size
 
 
-def base_config(args, strategy: str, partition: str) -> dict:
+def base_config(args: argparse.Namespace, strategy: str, partition: str) -> dict:
     return {
         "name": f"{args.tag}-{partition}-{strategy}",
         "seed": args.seed,
@@ -70,7 +67,7 @@ def base_config(args, strategy: str, partition: str) -> dict:
     }
 
 
-def centralized(args) -> dict:
+def centralized(args: argparse.Namespace) -> dict:
     """Centralized LoRA with the same data and step budget; dev accuracy at the same points as the rounds."""
     cfg = parse_config(base_config(args, "fedit", "iid"))
     split = build_split(cfg)
@@ -107,7 +104,7 @@ def _accuracy(split, dev) -> float:
     return correct / len(dev)
 
 
-def federated(args, strategy: str, partition: str) -> dict:
+def federated(args: argparse.Namespace, strategy: str, partition: str) -> dict:
     cfg = parse_config(base_config(args, strategy, partition))
     t0 = time.time()
     run = simulate(cfg, progress=False)
@@ -128,7 +125,7 @@ def _acc(r: dict) -> str:
     return f"{r['final_accuracy']:.4f} ({np.mean(r['accuracy_per_round'][-4:]):.4f})"
 
 
-def table(results: dict, args) -> str:
+def table(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"all-MiniLM-L6-v2 (cut 2, LoRA r=8), SST-2 dev accuracy after {args.rounds} rounds of {args.clients} "
         f"clients x {args.local_steps} local steps (batch {args.batch_size}, {args.num_train} training sentences); "

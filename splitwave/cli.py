@@ -1,7 +1,7 @@
 """`splitwave` command line: export, server, edge, simulate, plan, export-adapter, certs.
 
-Heavy imports happen inside each command, so `splitwave edge` runs on a device that has only the `edge`
-extra (no torch, no pydantic).
+Heavy imports happen inside each command (on purpose, not an oversight), so `splitwave edge` runs on a
+device that has only the `edge` extra (no torch, no pydantic).
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # type names only: importing the server needs torch
+    from splitwave.server.app import SplitServer
 
 log = logging.getLogger("splitwave")
 
@@ -52,7 +56,7 @@ def _quiet_third_party(verbose: int) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if verbose > 0 else logging.ERROR)
 
 
-def _load_cfg(args):
+def _load_cfg(args: argparse.Namespace):
     from splitwave.common.config import load_config
 
     return load_config(args.config, args.set)
@@ -68,7 +72,7 @@ def _set_arg(item: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     """Export the edge bundle of a config (model, cut, LoRA) to a folder."""
     from splitwave.server.export import export_bundle
     from splitwave.server.setup import build_split, model_source, tokenizer_source
@@ -83,7 +87,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def server_results(app, run_dir: Path) -> list[str]:
+def server_results(app: SplitServer, run_dir: Path) -> list[str]:
     """What a finished (or stopped) server tells its user: rounds done, the last evaluation, where the files are."""
     from splitwave.server.adapter_export import FINAL_DIR
 
@@ -114,7 +118,7 @@ def server_results(app, run_dir: Path) -> list[str]:
     return out
 
 
-def cmd_server(args) -> int:
+def cmd_server(args: argparse.Namespace) -> int:
     """Run a server until SIGTERM or until every round is done and every client has left."""
     from splitwave.runner import make_run_dir
     from splitwave.server.app import SplitServer
@@ -156,7 +160,7 @@ def cmd_server(args) -> int:
     return 0
 
 
-def cmd_edge(args) -> int:
+def cmd_edge(args: argparse.Namespace) -> int:
     """Run one torch-free edge client against a server."""
     import grpc
 
@@ -193,7 +197,7 @@ def cmd_edge(args) -> int:
     return 0
 
 
-def cmd_simulate(args) -> int:
+def cmd_simulate(args: argparse.Namespace) -> int:
     from splitwave.runner import simulate
 
     cfg = _load_cfg(args)
@@ -202,7 +206,7 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     from splitwave.plan import plan
 
     _quiet_third_party(args.verbose)
@@ -211,7 +215,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_export_adapter(args) -> int:
+def cmd_export_adapter(args: argparse.Namespace) -> int:
     from splitwave.server.adapter_export import export_adapter
 
     info = export_adapter(Path(args.run_dir), Path(args.out_dir))
@@ -219,7 +223,7 @@ def cmd_export_adapter(args) -> int:
     return 0
 
 
-def cmd_certs(args) -> int:
+def cmd_certs(args: argparse.Namespace) -> int:
     """Development PKI for TLS / mTLS (see splitwave/certs.py)."""
     from splitwave.certs import make_pki
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from splitwave.common.config import ExperimentConfig
 from splitwave.timeline import (
     PARTS,
     estimate_close_times,
@@ -70,7 +71,7 @@ def _no_phase(name: str, detail: str = "") -> None:
 
 
 def merge_rounds(
-    cfg,
+    cfg: ExperimentConfig,
     mode: str,
     clients: list[str],
     edge_records: dict[str, list[dict]],
@@ -234,7 +235,7 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
 
 def write_report(
     run_dir: Path,
-    cfg,
+    cfg: ExperimentConfig,
     mode: str,
     clients: list[str],
     edge_records: dict[str, list[dict]],

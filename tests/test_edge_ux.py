@@ -23,10 +23,10 @@ from splitwave.cli import main
 from splitwave.common.paths import DataNotFound, data_dirs, find_data_file
 from splitwave.edge.client import EdgeClient, format_summary, round_line
 from splitwave.edge.retry import Retrier, RetryPolicy, Unreachable, diagnose
+from splitwave.launch import CLI
 from splitwave.server.security import server_credentials
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
-CLI = [sys.executable, "-m", "splitwave.cli"]
 
 
 def _edge_cli(capsys, *argv) -> tuple[int, list[str]]:

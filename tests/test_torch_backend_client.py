@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from net_helpers import ROOT
 
 from splitwave.common.config import parse_config
 from splitwave.edge.client import ClientOptions, EdgeClient
-from splitwave.launch import ROOT
 from splitwave.server.app import SplitServer
 from splitwave.server.service import start_server
 
