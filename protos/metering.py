@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -142,6 +142,15 @@ class MeteredStub:
     ``client_key`` may be reassigned later (e.g. to the id returned by ``Join``); messages are attributed
     to the key current when they are (de)serialized.
     """
+
+    # one multi-callable per method of the service, set in __init__ (typed here: callers see what they return)
+    Join: Callable[..., pb.JoinReply]
+    GetBundle: Callable[..., Iterator[pb.BundleChunk]]
+    Train: Callable[..., Iterator[pb.TrainReply]]
+    PushAdapter: Callable[..., pb.AdapterReply]
+    AwaitRound: Callable[..., Iterator[pb.RoundReply]]
+    Evaluate: Callable[..., Iterator[pb.EvalReply]]
+    Leave: Callable[..., pb.LeaveReply]
 
     def __init__(self, channel: grpc.Channel, meter: ByteMeter, client_key: str):
         self.meter = meter

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from splitwave.common.config import ConfigError, ExperimentConfig
 from splitwave.common.data import IGNORE_INDEX
+from splitwave.common.manifest import MANIFEST_FILE, BundleManifest, BundleSource
 from splitwave.common.shard import build_token_dataset, partition
 from splitwave.server import compute
 from splitwave.server.aggregation.registry import make_strategy
@@ -116,7 +117,7 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     from splitwave.server.export import export_bundle
 
     target = cache_dir / bundle_key(cfg)
-    if (target / "manifest.json").exists():
+    if (target / MANIFEST_FILE).exists():
         log.info("edge bundle found in the cache (%s)", target)
         return target
     log.info(
@@ -129,22 +130,21 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     tok = tokenizer_source(cfg)
     flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
     try:
-        export_bundle(
+        manifest = export_bundle(
             split, tmp, model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2", tokenizer_dir=tok
         )
     finally:
         for p in split.peft_model.parameters():
             p.requires_grad_(flags[id(p)])
-    manifest = json.loads((tmp / "manifest.json").read_text())
-    manifest["source"] = {
-        "family": cfg.model.family,
-        "tiny": cfg.model.tiny,
-        "num_labels": cfg.model.num_labels,
-        "seed": cfg.seed,
-        "vocab_size": model_vocab_size(cfg),
-        "init_std": cfg.model.init_std,
-    }  # what the torch reference backend rebuilds
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    source = BundleSource(
+        family=cfg.model.family,
+        tiny=cfg.model.tiny,
+        num_labels=cfg.model.num_labels,
+        seed=cfg.seed,
+        vocab_size=model_vocab_size(cfg),
+        init_std=cfg.model.init_std,
+    )  # what the torch reference backend rebuilds
+    replace(manifest, source=source).write(tmp)
     try:
         tmp.rename(target)
     except OSError:  # another process exported it meanwhile
@@ -209,7 +209,7 @@ class SplitServer:
         t0 = time.perf_counter()
         self.split = compute.run(build_split, cfg)
         self.bundle_dir = compute.run(ensure_bundle, cfg, self.split, Path(cache_dir))
-        self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+        self.manifest = BundleManifest.from_file(self.bundle_dir)
         self.bundle_files = self._index_bundle()
         self.bundle_hash = hashlib.sha256(
             json.dumps(sorted((n, s) for n, (_, s, _) in self.bundle_files.items())).encode()
@@ -236,7 +236,7 @@ class SplitServer:
             self.top_strategy.initialize(self.trainer.factors())
 
         vocab = int(self.split.peft_model.config.vocab_size)
-        tok_dir = self.bundle_dir if self.manifest.get("tokenizer_files") else None
+        tok_dir = self.bundle_dir if self.manifest.tokenizer_files else None
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
         train = build_token_dataset(self.train_spec, tok_dir)
@@ -594,7 +594,7 @@ class SplitServer:
         if unknown:
             raise ServiceError("INVALID_ARGUMENT", f"unexpected tensors {sorted(unknown)}")
         h, mask, labels = tensors["h"], tensors["attention_mask"], tensors["labels"]
-        hidden = int(self.manifest.get("hidden_size") or self.split.peft_model.config.hidden_size)
+        hidden = self.manifest.hidden_size
         if h.ndim != 3 or h.shape[-1] != hidden or not np.issubdtype(h.dtype, np.floating):
             raise ServiceError(
                 "INVALID_ARGUMENT", f"h must be float [batch, seq, {hidden}], got {h.dtype} {list(h.shape)}"
@@ -694,7 +694,7 @@ class SplitServer:
         """Shapes of uploaded factors, checked before they reach (and could break) a round's aggregation."""
         d = self.rounds.directive(s.client_id)
         rank = max(d.rank if d is not None else 0, self.cfg.lora.r)
-        shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
+        shapes = self.manifest.factor_shapes()
         for k, v in factors.items():
             want = shapes.get(k)
             if want is None:

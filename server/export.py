@@ -16,7 +16,6 @@ See shared/specs/edge_training.md for why this form (plain autograd inside make_
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -30,6 +29,14 @@ from torch import nn
 from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from splitwave.common.manifest import (
+    FORMAT,
+    BaseWeightPlace,
+    BundleManifest,
+    FactorSpec,
+    InitializerEntry,
+    LoraInfo,
+)
 from splitwave.server.split import SplitModel
 
 log = logging.getLogger(__name__)
@@ -514,7 +521,7 @@ def export_bundle(
     model_id: str | None = None,
     tokenizer_dir=None,
     trace_shape: tuple[int, int] = (3, 11),
-) -> dict:
+) -> BundleManifest:
     """Write the edge bundle for `split` into `out_dir` and return its manifest (also manifest.json).
 
     trace_shape is the example (batch, seq) used for tracing; the graphs are dynamic in both, but tracing
@@ -534,13 +541,13 @@ def export_bundle(
     finally:
         for p in [*split.edge_factor_params().values(), *split.server_factor_params().values()]:
             p.requires_grad_(True)
-    manifest["export_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    log.info("exported bundle to %s in %.1f s", out, manifest["export_seconds"]["total"])
+    manifest.export_seconds["total"] = round(time.perf_counter() - t_all, 2)
+    manifest.write(out)
+    log.info("exported bundle to %s in %.1f s", out, manifest.export_seconds["total"])
     return manifest
 
 
-def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> dict:
+def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> BundleManifest:
     fn = _EdgeFn(split)
     names = fn.names
     params = split.edge_factor_params()
@@ -659,34 +666,35 @@ def _export(split, out: Path, modes, model_id, tokenizer_dir, trace_shape) -> di
                 shutil.copy2(src, out / f)
                 tok_files.append(f)
     cfg = split.peft_model.base_model.model.config
-    graphs = {m: list(GRAPHS[m]) for m in modes}
-    return {
-        "format": "splitwave-edge-bundle/1",
-        "model_id": model_id or getattr(cfg, "_name_or_path", "") or f"tiny-{split.family}",
-        "family": split.family,
-        "task": split.task,
-        "cut": split.cut,
-        "n_blocks": split.n_blocks,
-        "hidden_size": int(cfg.hidden_size),
-        "lora": split.lora.to_dict() | {"targets": split.lora.targets or _default_targets(split.family)},
-        "factors": [{"name": k, "shape": list(factors[k].shape), "dtype": "float32"} for k in names],
-        "factors_file": FACTORS_FILE,
-        "weights_file": WEIGHTS_FILE,
-        "weights_bytes": wbytes,
-        "weights_sha256": wsha,
-        "initializers": init_table,
-        "graph_initializers": graph_inits,
-        "base_weights": base_weights,
-        "opset": OPSET,
-        "modes": list(modes),
-        "graphs": graphs,
-        "inputs": ["input_ids", "attention_mask"],
-        "output": "h",
-        "grad_outputs": {k: grad_name(k) for k in names},
-        "saved_names": saved_names,
-        "tokenizer_files": tok_files,
-        "export_seconds": times,
-    }
+    return BundleManifest(
+        format=FORMAT,
+        model_id=model_id or getattr(cfg, "_name_or_path", "") or f"tiny-{split.family}",
+        family=split.family,
+        task=split.task,
+        cut=split.cut,
+        n_blocks=split.n_blocks,
+        hidden_size=int(cfg.hidden_size),
+        lora=LoraInfo(**(split.lora.to_dict() | {"targets": split.lora.targets or _default_targets(split.family)})),
+        factors=[FactorSpec(k, tuple(factors[k].shape), "float32") for k in names],
+        factors_file=FACTORS_FILE,
+        weights_file=WEIGHTS_FILE,
+        weights_bytes=wbytes,
+        weights_sha256=wsha,
+        initializers={
+            k: InitializerEntry(e["offset"], e["length"], tuple(e["shape"]), e["dtype"]) for k, e in init_table.items()
+        },
+        graph_initializers=graph_inits,
+        base_weights={m: [BaseWeightPlace(**p) for p in places] for m, places in base_weights.items()},
+        opset=OPSET,
+        modes=list(modes),
+        graphs={m: GRAPHS[m] for m in modes},
+        inputs=["input_ids", "attention_mask"],
+        output="h",
+        grad_outputs={k: grad_name(k) for k in names},
+        saved_names=saved_names,
+        tokenizer_files=tok_files,
+        export_seconds=times,
+    )
 
 
 def _base_weights(split: SplitModel, table: dict) -> dict[str, list[dict]]:

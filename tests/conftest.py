@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from splitwave.common.manifest import BundleManifest
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SPLITWAVE_TEST_CACHE", ROOT / ".cache" / "bundles"))
 _SOURCES = ("server/models.py", "server/split.py", "server/export.py")
@@ -29,7 +31,7 @@ class Bundle:
 
     split: object
     path: Path
-    manifest: dict
+    manifest: BundleManifest
     key: str
 
 
@@ -101,7 +103,7 @@ def edge_bundle():
         path = CACHE / f"{family}-{task}-cut{cut}-{key}"
         mpath = path / "manifest.json"
         if mpath.is_file():
-            manifest = json.loads(mpath.read_text())
+            manifest = BundleManifest.from_file(mpath)
         else:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
