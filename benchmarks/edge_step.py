@@ -30,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from splitwave.common.manifest import BundleManifest  # noqa: E402
+
 
 def _rss_now_kb() -> int:
     with open("/proc/self/statm") as f:
@@ -289,7 +291,7 @@ def main() -> None:
                 "h_max_abs_err": float(np.abs(got["h"] - ref["h"]).max()),
             }
         )
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = BundleManifest.from_file(bundle)
     result = {
         "model": "all-MiniLM-L6-v2",
         "cut": args.cut,
@@ -305,8 +307,8 @@ def main() -> None:
         "load_avg_1min": os.getloadavg()[0],
         "nice": os.nice(0),
         "backends": res,
-        "export_seconds": export_s if export_s is not None else manifest.get("export_seconds", {}).get("total"),
-        "export_breakdown_s": manifest.get("export_seconds"),
+        "export_seconds": export_s if export_s is not None else manifest.export_seconds.get("total"),
+        "export_breakdown_s": manifest.export_seconds,
         "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
     }
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ No re-export, one bundle for every rank.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from splitwave.common.lora import is_a_key, scaling
@@ -52,7 +54,7 @@ class RankAdapter:
             out[k] = pad
         return out
 
-    def set_rank(self, names, rank: int) -> None:
+    def set_rank(self, names: Iterable[str], rank: int) -> None:
         """A fresh adapter of rank `rank` (FLoRA re-init): every factor is masked beyond it."""
         for k in names:
             if 0 < rank < self.graph_rank:

@@ -149,6 +149,15 @@ class MeteredStub:
     to the key current when they are (de)serialized.
     """
 
+    # one multi-callable per method of the service, set in __init__ (typed here: callers see what they return)
+    Join: Callable[..., pb.JoinReply]
+    GetBundle: Callable[..., Iterator[pb.BundleChunk]]
+    Train: Callable[..., Iterator[pb.TrainReply]]
+    PushAdapter: Callable[..., pb.AdapterReply]
+    AwaitRound: Callable[..., Iterator[pb.RoundReply]]
+    Evaluate: Callable[..., Iterator[pb.EvalReply]]
+    Leave: Callable[..., pb.LeaveReply]
+
     def __init__(self, channel: grpc.Channel, meter: ByteMeter, client_key: str):
         self.meter = meter
         self.client_key = client_key

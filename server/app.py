@@ -19,6 +19,7 @@ import numpy as np
 
 from splitwave.common.config import ExperimentConfig
 from splitwave.common.lora import is_b_key
+from splitwave.common.manifest import BundleManifest
 from splitwave.common.shard import build_token_dataset
 from splitwave.server import compute
 from splitwave.server.adapter_export import apply_to_split, write_final
@@ -51,7 +52,7 @@ class SplitServer:
         t0 = time.perf_counter()
         self.split = compute.run(build_split, cfg)
         self.bundle_dir = compute.run(ensure_bundle, cfg, Path(cache_dir), self.split)
-        self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+        self.manifest = BundleManifest.from_file(self.bundle_dir)
         self.bundle_files, self.bundle_hash = index_bundle(self.bundle_dir)
         log.info("model and bundle ready in %.1f s (%s)", time.perf_counter() - t0, self.bundle_dir)
 
@@ -75,7 +76,7 @@ class SplitServer:
             self.top_strategy.initialize(self.trainer.factors())
 
         vocab = int(self.split.peft_model.config.vocab_size)
-        tok_dir = self.bundle_dir if self.manifest.get("tokenizer_files") else None
+        tok_dir = self.bundle_dir if self.manifest.tokenizer_files else None
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
         self.shards = client_shards(cfg, build_token_dataset(self.train_spec, tok_dir))
@@ -268,7 +269,7 @@ class SplitServer:
         """A step's tensors checked against this run's model and limits (validation.check_batch)."""
         return check_batch(
             tensors,
-            hidden=int(self.manifest.get("hidden_size") or self.split.peft_model.config.hidden_size),
+            hidden=self.manifest.hidden_size,
             max_seq_len=self.cfg.data.max_seq_len,
             task=self.cfg.model.task,
             num_labels=self.cfg.model.num_labels,
@@ -336,7 +337,7 @@ class SplitServer:
         """Shapes of uploaded factors (validation.check_factors), up to the rank this client was given."""
         d = self.rounds.directive(s.client_id)
         rank = max(d.rank if d is not None else 0, self.cfg.lora.r)
-        shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
+        shapes = self.manifest.factor_shapes()
         check_factors(factors, shapes, rank, self.cfg.server.security.max_abs_value)
 
     def push_adapter(self, s: Session, round_idx: int, factors: dict, num_samples: float, metrics: dict):

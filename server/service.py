@@ -110,10 +110,10 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         self.max_tensor_bytes = cfg.server.max_tensor_bytes
         # what one step or one adapter upload can legitimately need (x4 slack on batch and rank): an
         # authenticated peer cannot make the server reserve more than this per call
-        hidden = int(app.manifest.get("hidden_size") or 1024)
+        hidden = app.manifest.hidden_size
         b, sq = cfg.training.batch_size, cfg.data.max_seq_len
         self.step_bytes = min(self.max_tensor_bytes, 4 * b * sq * (hidden + 2) * 8 + (64 << 10))
-        sizes = [int(np.prod(f["shape"])) * 4 for f in app.manifest["factors"]]
+        sizes = [int(np.prod(f.shape)) * 4 for f in app.manifest.factors]
         self.adapter_bytes = min(self.max_tensor_bytes, 4 * sum(sizes) + (64 << 10))
         self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
         self._active_lock = threading.Lock()
@@ -256,7 +256,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             session_token=s.token,
             run_id=self.app.run_id,
             config=run,
-            manifest_json=json.dumps(self.app.manifest),
+            manifest_json=self.app.manifest.to_json(indent=None),
             bundle_hash=self.app.bundle_hash,
             current_round=current,
             resume_secret=resume,
@@ -379,7 +379,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     def _push_adapter(self, request_iterator, context, call):
         asm = self._assembler(self.adapter_bytes)
         s, header = None, None
-        names = {f["name"] for f in self.app.manifest["factors"]}
+        names = set(self.app.manifest.factor_names)
         for req in request_iterator:
             call.busy()
             if s is None:

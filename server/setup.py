@@ -14,12 +14,15 @@ import logging
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from splitwave.common import lora as common_lora
+from splitwave.common import manifest as common_manifest
 from splitwave.common.config import ConfigError, ExperimentConfig
+from splitwave.common.manifest import MANIFEST_FILE, BundleManifest, BundleSource
 from splitwave.common.tokenizer import Tokenizer
 from splitwave.server.export import export_bundle
 from splitwave.server.models import build_model, minilm_path
@@ -36,6 +39,7 @@ BUNDLE_SOURCES = (
     _HERE / "split.py",
     _HERE / "setup.py",
     Path(common_lora.__file__),  # the factor names written into the bundle
+    Path(common_manifest.__file__),  # the manifest written into the bundle
 )
 
 
@@ -94,13 +98,13 @@ def bundle_dir(cache_dir: Path, ident: dict, label: str = "") -> Path:
 
 
 def cached_bundle(
-    cache_dir: Path, ident: dict, split: SplitModel, label: str = "", manifest_extra: dict | None = None, **export
+    cache_dir: Path, ident: dict, split: SplitModel, label: str = "", source: BundleSource | None = None, **export
 ) -> Path:
     """Export `split`'s edge bundle once per `ident` (and exporter code) into `cache_dir`; later calls, in this
-    process or another, reuse it. `export`: keyword arguments of `export_bundle`; `manifest_extra`: keys added
-    to manifest.json. The split's requires_grad flags are as they were before (the export changes them)."""
+    process or another, reuse it. `export`: keyword arguments of `export_bundle`; `source`: what built the
+    model, written into the manifest. The split's requires_grad flags are as they were before (the export changes them)."""
     target = bundle_dir(cache_dir, ident, label)
-    if (target / "manifest.json").exists():
+    if (target / MANIFEST_FILE).exists():
         log.info("edge bundle found in the cache (%s)", target)
         return target
     log.info(
@@ -116,10 +120,8 @@ def cached_bundle(
     finally:
         for p in split.peft_model.parameters():
             p.requires_grad_(flags[id(p)])
-    if manifest_extra:
-        manifest = json.loads((tmp / "manifest.json").read_text())
-        manifest.update(manifest_extra)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if source is not None:
+        replace(BundleManifest.from_file(tmp), source=source).write(tmp)
     try:
         tmp.rename(target)
     except OSError:  # another process exported it meanwhile
@@ -137,19 +139,19 @@ def ensure_bundle(cfg: ExperimentConfig, cache_dir: Path, split: SplitModel | No
     """The run's edge bundle from the cache, exported on first use (`split`: the run's split model, built from
     `cfg` when not given)."""
     split = split if split is not None else build_split(cfg)
-    source = {
-        "family": cfg.model.family,
-        "tiny": cfg.model.tiny,
-        "num_labels": cfg.model.num_labels,
-        "seed": cfg.seed,
-        "vocab_size": model_vocab_size(cfg),
-        "init_std": cfg.model.init_std,
-    }  # what the torch reference backend rebuilds
+    source = BundleSource(
+        family=cfg.model.family,
+        tiny=cfg.model.tiny,
+        num_labels=cfg.model.num_labels,
+        seed=cfg.seed,
+        vocab_size=model_vocab_size(cfg),
+        init_std=cfg.model.init_std,
+    )  # what the torch reference backend rebuilds
     return cached_bundle(
         cache_dir,
         bundle_ident(cfg),
         split,
-        manifest_extra={"source": source},
+        source=source,
         model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2",
         tokenizer_dir=tokenizer_source(cfg),
     )

@@ -82,7 +82,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     split = build_split(cfg)
     tok = tokenizer_source(cfg)
     manifest = export_bundle(split, args.out, modes=tuple(args.modes), model_id=model_source(cfg), tokenizer_dir=tok)
-    print(json.dumps({k: manifest[k] for k in ("cut", "weights_sha256", "modes") if k in manifest}, indent=2))
+    print(
+        json.dumps({"cut": manifest.cut, "weights_sha256": manifest.weights_sha256, "modes": manifest.modes}, indent=2)
+    )
     print(f"bundle written to {args.out}")
     return 0
 
@@ -182,7 +184,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
     )
     if opts.metrics_path:
         opts.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    client = EdgeClient(args.server, opts)
+    make_backend = None  # the client's own: ONNX Runtime
+    if args.backend == "torch":  # the reference backend, for comparisons only
+        from splitwave.server.torch_edge import torch_backend  # lazy: torch is not on an edge device
+
+        make_backend = torch_backend
+    client = EdgeClient(args.server, opts, make_backend=make_backend)
     try:
         summary = client.run()
     except (ConnectionError, EdgeError, DataNotFound) as e:  # one line: what failed, where, the likely cause

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from splitwave.common.manifest import BundleManifest
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SPLITWAVE_TEST_CACHE", ROOT / ".cache" / "bundles"))
 
@@ -27,7 +29,7 @@ class Bundle:
 
     split: object
     path: Path
-    manifest: dict
+    manifest: BundleManifest
     key: str
 
 
@@ -92,7 +94,7 @@ def edge_bundle():
         path = cached_bundle(
             CACHE, ident, split, label=f"{family}-{task}-cut{cut}", modes=modes, model_id=f"tiny-{family}"
         )
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = BundleManifest.from_file(path)
         memo[memo_key] = Bundle(split, path, manifest, path.name)
         return memo[memo_key]
 

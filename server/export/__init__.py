@@ -19,7 +19,6 @@ is the one public entry.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -62,9 +61,9 @@ def export_bundle(
     finally:
         for p in [*split.edge_factor_params().values(), *split.server_factor_params().values()]:
             p.requires_grad_(True)
-    manifest["export_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    log.info("exported bundle to %s in %.1f s", out, manifest["export_seconds"]["total"])
+    manifest.export_seconds["total"] = round(time.perf_counter() - t_all, 2)
+    manifest.write(out)
+    log.info("exported bundle to %s in %.1f s", out, manifest.export_seconds["total"])
     return manifest
 
 

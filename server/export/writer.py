@@ -17,6 +17,14 @@ import onnx
 import torch
 
 from splitwave.common.lora import is_a_key, module_of
+from splitwave.common.manifest import (
+    FORMAT,
+    BaseWeightPlace,
+    BundleManifest,
+    FactorSpec,
+    InitializerEntry,
+    LoraInfo,
+)
 from splitwave.server.export.passes import rename_initializers
 from splitwave.server.export.trace import OPSET, grad_name
 from splitwave.server.split import DEFAULT_TARGETS, SplitModel
@@ -48,7 +56,7 @@ def write_bundle(
     model_id: str | None,
     tokenizer_dir,
     times: dict[str, float],
-) -> dict:
+) -> BundleManifest:
     """Write every file of the bundle but manifest.json into `out`; returns the manifest."""
     names = split.edge_factor_names()
     t0 = time.perf_counter()
@@ -65,34 +73,37 @@ def write_bundle(
                 shutil.copy2(src, out / f)
                 tok_files.append(f)
     cfg = split.peft_model.base_model.model.config
-    graphs = {m: list(GRAPHS[m]) for m in modes}
-    return {
-        "format": "splitwave-edge-bundle/1",
-        "model_id": model_id or getattr(cfg, "_name_or_path", "") or f"tiny-{split.family}",
-        "family": split.family,
-        "task": split.task,
-        "cut": split.cut,
-        "n_blocks": split.n_blocks,
-        "hidden_size": int(cfg.hidden_size),
-        "lora": split.lora.to_dict() | {"targets": split.lora.targets or list(DEFAULT_TARGETS[split.family])},
-        "factors": [{"name": k, "shape": list(factors[k].shape), "dtype": "float32"} for k in names],
-        "factors_file": FACTORS_FILE,
-        "weights_file": WEIGHTS_FILE,
-        "weights_bytes": wbytes,
-        "weights_sha256": wsha,
-        "initializers": init_table,
-        "graph_initializers": graph_inits,
-        "base_weights": base,
-        "opset": OPSET,
-        "modes": list(modes),
-        "graphs": graphs,
-        "inputs": ["input_ids", "attention_mask"],
-        "output": "h",
-        "grad_outputs": {k: grad_name(k) for k in names},
-        "saved_names": saved_names,
-        "tokenizer_files": tok_files,
-        "export_seconds": times,
-    }
+    return BundleManifest(
+        format=FORMAT,
+        model_id=model_id or getattr(cfg, "_name_or_path", "") or f"tiny-{split.family}",
+        family=split.family,
+        task=split.task,
+        cut=split.cut,
+        n_blocks=split.n_blocks,
+        hidden_size=int(cfg.hidden_size),
+        lora=LoraInfo(
+            **(split.lora.to_dict() | {"targets": split.lora.targets or list(DEFAULT_TARGETS[split.family])})
+        ),
+        factors=[FactorSpec(k, tuple(factors[k].shape), "float32") for k in names],
+        factors_file=FACTORS_FILE,
+        weights_file=WEIGHTS_FILE,
+        weights_bytes=wbytes,
+        weights_sha256=wsha,
+        initializers={
+            k: InitializerEntry(e["offset"], e["length"], tuple(e["shape"]), e["dtype"]) for k, e in init_table.items()
+        },
+        graph_initializers=graph_inits,
+        base_weights={m: [BaseWeightPlace(**p) for p in places] for m, places in base.items()},
+        opset=OPSET,
+        modes=list(modes),
+        graphs={m: GRAPHS[m] for m in modes},
+        inputs=["input_ids", "attention_mask"],
+        output="h",
+        grad_outputs={k: grad_name(k) for k in names},
+        saved_names=saved_names,
+        tokenizer_files=tok_files,
+        export_seconds=times,
+    )
 
 
 def externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> tuple[int, str, dict, dict]:
