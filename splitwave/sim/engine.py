@@ -108,6 +108,11 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    @property
+    def pushed(self) -> int:
+        """Events ever pushed."""
+        return self._seq
+
 
 class CostModel(Protocol):
     """Host-seconds of each piece of work at device factor 1 (splitwave.sim.costs)."""
@@ -229,6 +234,7 @@ class Engine:
         self.batch_wait_s = cfg.training.server_batch_wait_ms / 1e3 if self.batch > 1 else 0.0
         self._dispatch_at: float | None = None
         self._arrivals = 0
+        self.client_steps = 0
         self.deltas: dict[int, dict] = {0: {}}  # base-weight version -> deltas (from the AwaitRound that brought it)
         self._sent_versions = [{0} for _ in range(pool.size)]
         self._next_worker = 0
@@ -292,6 +298,10 @@ class Engine:
         rounds = self.app.rounds
         name = self.clients[k].name
         return rounds.is_open and rounds.round_idx == r and name in rounds.selected and name not in rounds.reports
+
+    def idle_client_bytes(self) -> list[int]:
+        """Array bytes each idle client holds (its edge state); in-flight ones are on an executor."""
+        return [c.edge.nbytes() for k, c in enumerate(self.clients) if self.idle[k]]
 
     # ------------------------------------------------------------------------------------------- rounds
     def _open(self, t: float, _actor: int, _data) -> None:
@@ -402,6 +412,7 @@ class Engine:
         if not self._is_open_for(k, f.round):  # the round closed under it: the server refuses at once
             self._refused(t, k, self.server.train_group([msgs])[0])
             return
+        self.client_steps += 1
         self.waiting.append(_Waiting(k, t, msgs, rows, self._arrivals))
         self._arrivals += 1
         self._dispatch_soon(t)
@@ -536,18 +547,4 @@ class Engine:
             self._dispatch_soon(t)
 
 
-def server_metrics_line(t: RoundTiming) -> dict:
-    """The round's fields the report reads, from the server's record (as in server_metrics.jsonl)."""
-    rec = t.record
-    return {
-        "round": t.round,
-        "selected": rec.selected,
-        "reported": rec.reported,
-        "late": rec.late,
-        "clients": rec.client_metrics,
-        "bytes": t.bytes,
-        **{k: v for k, v in t.metrics.items() if k.startswith("eval_")},
-    }
-
-
-__all__ = ["PARTS", "Engine", "EventQueue", "RoundTiming", "server_metrics_line"]
+__all__ = ["PARTS", "Engine", "EventQueue", "RoundTiming"]
