@@ -56,6 +56,12 @@ class EdgeWorker:
             self.deltas[state.base_version] = deltas
         if state.factors is None:
             state.factors = {k: v.copy() for k, v in self.initial.items()}
+        else:  # arrays that came through Ray's object store are read-only views: the optimizer updates in place
+            state.factors = {k: v if v.flags.writeable else v.copy() for k, v in state.factors.items()}
+            state.moments = {
+                k: {n: (a if not isinstance(a, np.ndarray) or a.flags.writeable else a.copy()) for n, a in m.items()}
+                for k, m in state.moments.items()
+            }
         self.clients[cid] = [state, None]
 
     def _load(self, cid: int) -> EdgeState:
@@ -233,6 +239,15 @@ class ProcessPool:
             c.close()
 
 
+class _RayWorker(EdgeWorker):
+    """An EdgeWorker as a Ray actor; `node()` says which node of the cluster it runs on."""
+
+    def node(self) -> str:
+        import ray  # loaded already in a Ray actor; only the ray executor gets here
+
+        return ray.get_runtime_context().get_node_id()
+
+
 class RayPool:
     """`n` Ray actors, one EdgeWorker each (the `ray` executor). Ray runs an actor's calls in submission order.
     `address` None starts Ray on this machine; otherwise the cluster at `address` (every node needs the same
@@ -248,10 +263,12 @@ class RayPool:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
             self._owns = True
-        actor = ray.remote(num_cpus=1)(EdgeWorker)
+        # one core each, spread over the cluster's nodes
+        actor = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_RayWorker)
         self.size = n
         self.actors = [actor.remote(*worker_args) for _ in range(n)]
-        ray.get([a.ping.remote() for a in self.actors])
+        self.nodes = ray.get([a.node.remote() for a in self.actors])
+        log.info("%d edge actors on %d Ray node(s)", n, len(set(self.nodes)))
 
     def submit(self, worker: int, op: str, *args) -> Handle:
         h = Handle(worker)
