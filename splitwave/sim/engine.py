@@ -133,6 +133,7 @@ class Device(Protocol):
 
     def online(self, t: float) -> bool: ...
     def next_online(self, t: float) -> float: ...
+    def drops_out(self, round_idx: int) -> bool: ...
 
 
 @dataclass
@@ -352,6 +353,8 @@ class Engine:
     def _assign(self, t: float, k: int, r: int) -> None:
         if not self.idle[k] or self.open_round_idx != r or not self._is_open_for(k, r):
             return  # stays idle; a later round that selects it answers it
+        if self.devices[k].drops_out(r):
+            return  # gone for this round (it never asks): late at the deadline, back for a later round
         c, app = self.clients[k], self.app
         replies, _, nbytes = self.server.await_round(await_request(c, self.run_id))
         a = read_assignment(replies)

@@ -295,7 +295,7 @@ def make_pool(
     executor: str, workers: int, bundle_dir: Path, mode: str, optim: dict, ray_address: str | None = None
 ) -> InlinePool | ProcessPool | RayPool:
     """The configured pool: `local` with 0 workers runs in this process."""
-    args = (str(bundle_dir), mode, dict(optim), 1)
+    args = (str(Path(bundle_dir).resolve()), mode, dict(optim), 1)  # absolute: actors may run elsewhere
     if executor == "ray":
         return RayPool(args, max(1, workers), ray_address)
     if workers <= 0:
