@@ -142,7 +142,7 @@ class Flight:
 
     round: int
     worker: int
-    batcher: Batcher
+    batcher: Batcher | None
     upload: list[str]
     step: int = 0
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
@@ -480,7 +480,8 @@ class Engine:
 
     def _next_request(self, k: int, t: float) -> None:
         """At t the client has its answer and sends its next AwaitRound; it is idle until a round takes it."""
-        c = self.clients[k]
+        c, f = self.clients[k], self.flights[k]
+        f.batcher = f.batch = None  # an idle client keeps its edge state only (the flight's parts stay for the record)
         self.ready_at[k] = self.links[k].uplink.done(await_request(c, self.run_id).ByteSize(), t)
         self.idle[k] = True
         r = self.open_round_idx
