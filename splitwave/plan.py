@@ -2,9 +2,10 @@
 
 Compute is profiled, not guessed: for each cut the torch split model (`server.app.build_split` with that
 cut) is timed on a real batch shape (batch_size x max_seq_len): the edge forward, the edge VJP (forward
-recomputed + backward, as the recompute-mode ONNX edge does) and one server training step. Message sizes
-are the exact serialized sizes of what the protocol would send (the tensor codec's frames in Train and
-PushAdapter messages). Two predictions per cut:
+recomputed + backward, as the recompute-mode ONNX edge does) and one server training step, by the
+simulator's own timing code (splitwave.sim.costs.time_edge / time_server_step). Message sizes are the exact
+serialized sizes of what the protocol would send (the tensor codec's frames in Train and PushAdapter
+messages). Two predictions per cut:
   * `model_s`: channel.md section 5 (`round_latency_model`, mean link rates) plus the links' one-way
     latencies (one per message on the critical path);
   * `sim_s`: the virtual timeline of `splitwave.timeline` fed with the profile (FIFO server shared by all
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +27,6 @@ from splitwave.common.config import ExperimentConfig
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 80  # session token, run id, round, step: what every message carries besides tensors
-
-
-def _median_time(fn, reps: int) -> float:
-    for _ in range(3):  # warm-up: first calls pay for lazy initialisation
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, int]:
@@ -72,11 +61,15 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
 
 
 def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
-    """Measured compute times (s) and message sizes (bytes) of one training step at `cut`."""
+    """Measured compute times (s) and message sizes (bytes) of one training step at `cut`, timed by the
+    simulator's own timing code (splitwave.sim.costs) on the torch edge backend and the real server step."""
+    # lazily: torch and the models load only when a plan is made (the CLI starts fast)
     import torch
 
     from splitwave.server.app import build_split
-    from splitwave.server.trainer import TopTrainer
+    from splitwave.server.torch_edge import TorchEdge
+    from splitwave.server.trainer import StepInput, TopTrainer
+    from splitwave.sim.costs import time_edge, time_server_step
 
     torch.set_num_threads(1)  # an edge runs one thread (simulate starts them so); steadier timings too
     c = cfg.model_copy(deep=True)
@@ -85,30 +78,22 @@ def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     b, s = cfg.training.batch_size, cfg.data.max_seq_len
     vocab = int(split.peft_model.config.vocab_size)
     g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(3, vocab, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.int64)
-    labels = np.zeros(b, np.int64) if cfg.model.task == "seq-cls" else ids.numpy().astype(np.int64)
+    ids = torch.randint(3, vocab, (b, s), generator=g).numpy()
+    mask = np.ones((b, s), dtype=np.int64)
+    labels = np.zeros(b, np.int64) if cfg.model.task == "seq-cls" else ids.astype(np.int64)
     with torch.no_grad():
-        h = split.edge(ids, mask)
-    with torch.no_grad():
-        t_fwd = _median_time(lambda: split.edge(ids, mask), reps)
-    grad = torch.randn(h.shape, generator=g)
-
-    def vjp():
-        split.edge.zero_grad(set_to_none=True)
-        split.edge(ids, mask).backward(grad)
-
-    t_vjp = _median_time(vjp, reps)
+        h = split.edge(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     tr = cfg.training
     trainer = TopTrainer(split, cfg.model.task, lr=tr.optim.lr)
-    h_np = h.numpy()
-    t_srv = _median_time(lambda: trainer.train_step(None, h_np, mask.numpy(), labels), reps)
-    sizes = message_sizes(cfg, h_np, split.edge_factors())
+    t_srv = time_server_step(trainer, [StepInput(None, h, mask, labels)], reps)
+    sizes = message_sizes(cfg, h, split.edge_factors())
+    # after the server step: TorchEdge leaves only the edge factors trainable
+    edge = time_edge(TorchEdge(split, lr=tr.optim.lr), ids, mask, reps)
     return {
         "cut": cut,
         "n_blocks": split.n_blocks,
-        "t_edge_fwd": t_fwd,
-        "t_edge_bwd": t_vjp,
+        "t_edge_fwd": edge["forward"],
+        "t_edge_bwd": edge["forward"] + edge["backward"],  # forward recomputed + backward, as recompute mode does
         "t_server": t_srv,
         **sizes,
     }

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from splitwave.common.device_classes import class_names
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the field."""
@@ -212,6 +214,178 @@ class ServerConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
 
 
+def _class_error(name: str, where: str) -> str:
+    """An unknown device class: the closest name and the list."""
+    close = difflib.get_close_matches(name, class_names(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{where}: unknown device class {name!r}; {hint}classes: {', '.join(class_names())}"
+
+
+def _check_factor(value: float, where: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: a speed factor must be a finite number > 0, got {value!r}")
+
+
+class DevicesConfig(_Strict):
+    """How each client's device is drawn (splitwave.sim.devices). At most one of `class`, `mix`, `per_client`:
+
+        class: phone                          # every client a phone (default: host, this machine, factor 1)
+        mix: {phone: 6, rpi4: 3, laptop: 1}   # each client draws a class with these weights
+        per_client: [phone, 2.5, laptop]      # client k takes entry k % len: a class name or a factor
+        lognormal_sigma: 0.3                  # per-client spread on top: factor x exp(N(0, sigma^2))
+
+    Shorthands: `devices: phone` (one class for all), `devices: [phone, 4.0]` (per_client), `devices: 3.0`
+    (one factor for all). A factor is a slowdown against this machine: 2.0 = compute takes twice as long as
+    here. Classes (splitwave.common.device_classes, each with its source): host, phone, phone-low, rpi4, rpi5,
+    laptop, desktop, gpu-server. Draws come from `seed` only, client by client (client k's device does not
+    depend on num_clients).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
+
+    class_: str | None = Field(None, alias="class")
+    mix: dict[str, float] | None = None
+    per_client: list[str | float] | None = None
+    lognormal_sigma: float = Field(0.0, ge=0.0, le=3.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, str):
+            return {"class": v}
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return {"per_client": [v]}
+        if isinstance(v, list):
+            return {"per_client": v}
+        return v
+
+    @model_validator(mode="after")
+    def _valid(self) -> DevicesConfig:
+        given = [n for n, v in (("class", self.class_), ("mix", self.mix), ("per_client", self.per_client)) if v]
+        if len(given) > 1:
+            raise ValueError(f"give one of class, mix, per_client, not {' and '.join(given)}")
+        if self.class_ is not None and self.class_ not in class_names():
+            raise ValueError(_class_error(self.class_, "class"))
+        if self.mix is not None:
+            if not self.mix:
+                raise ValueError("mix: give at least one class with a weight")
+            for name, w in self.mix.items():
+                if name not in class_names():
+                    raise ValueError(_class_error(name, "mix"))
+                if not (math.isfinite(w) and w >= 0):
+                    raise ValueError(f"mix.{name}: a weight must be a finite number >= 0, got {w!r}")
+            if sum(self.mix.values()) <= 0:
+                raise ValueError("mix: the weights sum to 0")
+        if self.per_client is not None:
+            if not self.per_client:
+                raise ValueError("per_client: give at least one class name or factor")
+            for i, e in enumerate(self.per_client):
+                if isinstance(e, str):
+                    if e not in class_names():
+                        raise ValueError(_class_error(e, f"per_client[{i}]"))
+                else:
+                    _check_factor(e, f"per_client[{i}]")
+        return self
+
+
+class AvailabilityConfig(_Strict):
+    """When clients can take part (splitwave.sim.devices). Default: always online, never dropping out.
+
+        dropout: 0.1                  # a selected client drops out of a round with this probability
+                                      #   (drawn per client and round from the seed)
+        intervals: [[0, 1800], [3600, 5400]]  # online windows [start, end) in simulated seconds
+        period_s: 7200                # the windows repeat every period (they must lie within [0, period_s])
+        offset_s: random              # each client's windows shifted by this many seconds, or "random":
+                                      #   uniform in [0, period_s) per client
+        mean_on_s: 1200               # on/off Markov process: online and offline spells exponential with these
+        mean_off_s: 300               #   means, per client, starting in the stationary state
+
+    With both `intervals` and the Markov process a client is online when both say so. Without a period the
+    windows happen once: a client is offline for good after the last.
+    """
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    intervals: list[tuple[float, float]] | None = None
+    period_s: float | None = Field(None, gt=0)
+    offset_s: float | Literal["random"] = 0.0
+    mean_on_s: float | None = Field(None, gt=0)
+    mean_off_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> AvailabilityConfig:
+        if (self.mean_on_s is None) != (self.mean_off_s is None):
+            raise ValueError("mean_on_s and mean_off_s go together (the on/off Markov process needs both)")
+        if self.intervals is None:
+            if self.period_s is not None or self.offset_s != 0.0:
+                raise ValueError("period_s and offset_s shift and repeat `intervals`; give intervals too")
+            return self
+        if not self.intervals:
+            raise ValueError("intervals: give at least one [start, end] window (or leave intervals out)")
+        prev_end = -math.inf
+        for i, (start, end) in enumerate(self.intervals):
+            if not (math.isfinite(start) and math.isfinite(end) and start < end):
+                raise ValueError(f"intervals[{i}]: need finite start < end, got [{start}, {end}]")
+            if start < prev_end:
+                raise ValueError(f"intervals[{i}]: windows must be sorted and must not overlap")
+            prev_end = end
+        if self.period_s is not None:
+            if self.intervals[0][0] < 0 or self.intervals[-1][1] > self.period_s:
+                raise ValueError(f"intervals: with period_s every window must lie within [0, {self.period_s:g}]")
+        elif self.offset_s == "random":
+            raise ValueError('offset_s: "random" draws a shift within the period; set period_s')
+        if isinstance(self.offset_s, float) and not math.isfinite(self.offset_s):
+            raise ValueError("offset_s must be finite")
+        return self
+
+
+class SimConfig(_Strict):
+    """The simulation engine behind `channel.mode: virtual` (splitwave.sim).
+
+        executor: local        # where edge work runs: local (this process + `workers` worker processes) or
+                               #   ray (Ray actors; pip install splitwave[ray])
+        workers: 0             # extra worker processes / actors beside the simulate process (0: all in it)
+        ray_address: null      # an existing Ray cluster (e.g. "auto" or "ray://head:10001"); null: Ray on this
+                               #   machine (executor ray only)
+        server_workers: 1      # the server is a FIFO resource on the virtual clock with this many workers
+        cost_model: measured   # measured: compute times measured once on this machine per bundle and batch
+                               #   shape, in isolation, cached; flops: analytic FLOP count / device throughput
+        devices: phone         # client devices, see DevicesConfig (class, mix, per_client, lognormal_sigma)
+        server_device: host    # the server's device: a class (e.g. gpu-server) or a factor (0.1 = 10x faster
+                               #   than this machine); host: this machine
+        availability: {...}    # see AvailabilityConfig (dropout, intervals, Markov on/off)
+
+    Simulated times depend on the cost model, devices, server_device and links, never on the executor, the
+    number of workers or the load of the machine.
+    """
+
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(0, ge=0)
+    ray_address: str | None = None
+    server_workers: int = Field(1, ge=1)
+    cost_model: Literal["measured", "flops"] = "measured"
+    devices: DevicesConfig = DevicesConfig()
+    server_device: str | float = "host"
+    availability: AvailabilityConfig = AvailabilityConfig()
+
+    @field_validator("server_device")
+    @classmethod
+    def _server_device(cls, v: str | float) -> str | float:
+        if isinstance(v, str):
+            if v not in class_names():
+                raise ValueError(_class_error(v, "server_device"))
+        else:
+            _check_factor(v, "server_device")
+        return v
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> SimConfig:
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError(f"ray_address is for executor 'ray' (executor is {self.executor!r})")
+        return self
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -224,6 +398,7 @@ class ExperimentConfig(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     channel: ChannelConfig = ChannelConfig()
     server: ServerConfig = ServerConfig()
+    sim: SimConfig = SimConfig()
     output_dir: str = "runs"
 
     @field_validator("name")
@@ -322,13 +497,14 @@ def valid_keys(loc: tuple) -> list[str]:
         model = _section_model(field.annotation) if field is not None else None
         if model is None:
             return []
-    return list(model.model_fields)
+    return [f.alias or n for n, f in model.model_fields.items()]  # the YAML name (sim.devices.class)
 
 
 def all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
     """Every dotted field path of the schema (sections and their fields), e.g. "training.optim.lr"."""
     out = []
     for name, field in (model or ExperimentConfig).model_fields.items():
+        name = field.alias or name
         out.append(prefix + name)
         sub = _section_model(field.annotation)
         if sub is not None:
