@@ -312,3 +312,14 @@ def test_server_batch_fuses_steps_that_wait_together(tmp_path):
         assert len(compute_fused) == 1  # the same fused server steps for all three
         assert compute_fused.pop() == pytest.approx(sum(compute_single), rel=0.3)
         assert math.isfinite(a["eval_accuracy"])
+
+
+def test_server_batch_with_groups_of_every_size_is_reproducible(tmp_path):
+    """server_batch 2 with three clients: groups of two and lone steps (a lone step waits 2 ms for company,
+    then goes alone); the run finishes and is the same with 2 worker processes."""
+    cfg = _cfg(training__server_batch=2)
+    a = _run(tmp_path, cfg)
+    assert [r["reported"] for r in a[0]] == [["client-0", "client-1", "client-2"]] * 2
+    sizes = a[3].stats["server_steps_by_size"]
+    assert set(sizes) == {1, 2} and sizes[1] + 2 * sizes[2] == 3 * 3 * 2  # every client step served once
+    assert _digest(*_run(tmp_path, cfg, workers=2)[:3]) == _digest(*a[:3])

@@ -236,6 +236,7 @@ class Engine:
         self._dispatch_at: float | None = None
         self._arrivals = 0
         self.client_steps = 0
+        self.server_steps: dict[int, int] = {}  # fused size -> server steps of that size
         self.deltas: dict[int, dict] = {0: {}}  # base-weight version -> deltas (from the AwaitRound that brought it)
         self._sent_versions = [{0} for _ in range(pool.size)]
         self._next_worker = 0
@@ -525,6 +526,7 @@ class Engine:
                 self._refused(t, w.client, res)
         if not done:
             return
+        self.server_steps[len(done)] = self.server_steps.get(len(done), 0) + 1
         rows = sum(w.rows for w, _ in done)
         seq = max(int(w.msgs[0].frame.shape[1]) for w, _ in done)
         dur = self.costs.server_step_s(rows, seq) * self.server_factor  # the fused step's total rows

@@ -162,6 +162,7 @@ def run_engine(
         stats = {
             "events": engine.q.pushed,
             "client_steps": engine.client_steps,
+            "server_steps_by_size": dict(sorted(engine.server_steps.items())),
             "idle_clients": len(held),
             "idle_client_bytes_max": max(held, default=0),
             "idle_client_bytes_mean": sum(held) / max(len(held), 1),

@@ -172,15 +172,17 @@ class InProcessServer:
     def train_group(self, steps: list[list]) -> list[tuple[list, int] | Refused]:
         """The Train calls of steps the engine fuses into one server step (each: replies and bytes down, or
         Refused), in the given order."""
-        if len(steps) == 1 or self.batcher is None:
+        if self.batcher is None or len(steps) == 1:
             out: list = []
             for msgs in steps:
+                if self.batcher is not None:  # a group of one: computed as soon as it is submitted
+                    self.batcher.expect([self._key(msgs[0])])
                 try:
                     out.append(self.train(msgs))
                 except Refused as e:
                     out.append(e)
             return out
-        names = [self.app.sessions[m[0].header.session_token].client_id for m in steps]
+        names = [self._key(m[0]) for m in steps]
         self.batcher.expect(names)
 
         def call(name: str, msgs: list):
