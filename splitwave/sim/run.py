@@ -62,6 +62,29 @@ def round_line(t: RoundTiming) -> dict:
     }
 
 
+class _Timed:
+    """Wall seconds spent in an object's method calls, for the run's statistics (how much of the wall time is
+    the math and how much the engine itself); nothing simulated ever reads them."""
+
+    def __init__(self, obj, totals: dict[str, float], key: str):
+        self._obj, self._totals, self._key = obj, totals, key
+        totals.setdefault(key, 0.0)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._obj, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._totals[self._key] += time.perf_counter() - t0
+
+        return timed
+
+
 class _Bar:
     """A rich progress bar over rounds showing simulated and wall time (terminal only; a log line per round
     otherwise)."""
@@ -143,10 +166,11 @@ def run_engine(
         cost_model = costs(app.bundle_dir)
         pool = make_pool(executor, workers, app.bundle_dir, tr.edge_mode, optim, ray_address)
         t_setup = time.perf_counter() - t0
+        spent: dict[str, float] = {}
         engine = Engine(
             cfg,
-            server,
-            pool,
+            _Timed(server, spent, "server_s"),  # the server's logic and math, the close's evaluation included
+            _Timed(pool, spent, "edge_wait_s"),  # the edge math in process, or waiting for it from the workers
             cost_model,
             devices,
             links,
@@ -155,9 +179,11 @@ def run_engine(
             on_round=bar.round,
             on_event=bar.event,
         )
+        joins = dict(spent)
         t1 = time.perf_counter()
         timings = engine.run()
         t_loop = time.perf_counter() - t1
+        loop = {k: v - joins.get(k, 0.0) for k, v in spent.items()}
         held = engine.idle_client_bytes()
         stats = {
             "events": engine.q.pushed,
@@ -179,6 +205,11 @@ def run_engine(
         app.pre_eval,
         Path(run_dir) / "server",
         app.bundle_dir,
-        {"setup_s": t_setup, "loop_s": t_loop},
+        {
+            "setup_s": t_setup,
+            "loop_s": t_loop,
+            **loop,
+            "engine_overhead_s": t_loop - sum(loop.values()),  # everything but the server and edge math
+        },
         stats,
     )
