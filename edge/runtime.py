@@ -318,6 +318,16 @@ class EdgeRuntime:
         self._last = None  # release saved activations
         return dict(zip(self.factor_names, outs))
 
+    def take_pending(self) -> dict | None:
+        """What backward() needs of the last forward() (inputs, or saved activations), taken out of the runtime:
+        a runtime shared by several clients keeps it per client between their forward and backward."""
+        last, self._last = self._last, None
+        return last
+
+    def put_pending(self, pending: dict | None) -> None:
+        """Give back what `take_pending` took, before that client's backward()."""
+        self._last = pending
+
     def step(self, grads: Mapping[str, np.ndarray]) -> None:
         """AdamW on the trainable factors (others get no step and no optimizer state)."""
         self.optimizer.step(self.factors, {k: g for k, g in grads.items() if k in self.trainable})

@@ -342,6 +342,16 @@ class RoundManager:
                 self._maybe_open()
                 self._cv.wait(timeout=0.05)
 
+    def close_now(self) -> bool:
+        """Close the open round now, as its deadline would (a caller that keeps its own clock, like the
+        simulation engine, decides when); False if no round is open."""
+        with self._cv:
+            if not self.is_open:
+                return False
+            self._close()
+            self._cv.notify_all()
+            return True
+
     def selected_since(self, client_id: str) -> float | None:
         """When (monotonic) the open round that wants work from `client_id` opened; None if none does."""
         with self._cv:

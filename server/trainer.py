@@ -121,11 +121,7 @@ class TopTrainer:
         if server_batch > 1 and personal:
             raise ValueError("server_batch > 1 needs one shared top adapter (sfl-v2), not per-client ones (sfl-v1)")
         # server_batch 1: no batcher at all, every step goes straight to the compute thread as before
-        self.batcher = (
-            StepBatcher(lambda steps: compute.run(self._train_fused, steps), server_batch, server_batch_wait_s)
-            if server_batch > 1
-            else None
-        )
+        self.batcher = StepBatcher(self.train_fused, server_batch, server_batch_wait_s) if server_batch > 1 else None
         if self.batcher is not None:
             log.info(
                 "server batching: up to %d clients' steps fused into one server step (waiting up to %.1f ms)",
@@ -284,6 +280,11 @@ class TopTrainer:
         if isinstance(result, ServiceError):
             raise result
         return result
+
+    def train_fused(self, steps: Sequence[StepInput]) -> list[StepResult | ServiceError]:
+        """One server step for validated steps of different clients, on the compute thread: what the batcher
+        runs for a group (and the simulation engine for the group its virtual clock fused)."""
+        return compute.run(self._train_fused, steps)
 
     def eval_step(
         self, client_id: str | None, h: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray

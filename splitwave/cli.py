@@ -400,12 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", help="client private key (PEM) for mTLS (default: none)")
     sp.set_defaults(fn=cmd_edge)
 
-    sp = sub.add_parser("simulate", help="run a simulated wireless experiment (server + N edge processes)")
+    sp = sub.add_parser(
+        "simulate",
+        help="run a simulated wireless experiment (virtual: the simulation engine; none/realtime: server + N edge "
+        "processes)",
+    )
     with_config(sp)
     sp.add_argument(
         "--virtual-only",
         action="store_true",
-        help="replay the links on a simulated clock even if channel.mode is realtime (default: off)",
+        help="run on the simulation engine (virtual clock) even if channel.mode is realtime (default: off)",
     )
     sp.set_defaults(fn=cmd_simulate)
 

@@ -1,9 +1,12 @@
-"""The outputs of a run: merged per-round records (metrics.jsonl), summary.json and PNG plots.
+"""The outputs of a run: per-round records (metrics.jsonl), summary.json and PNG plots.
 
-Per round: accuracy/loss from the server, training bytes per direction (from the server's exact transport
-byte counts), the measured wall-clock round time, and the simulated round time with its latency breakdown
-(virtual timeline of `splitwave.timeline`). In realtime mode the same replay is compared with the measured
-round times: that is the agreement figure.
+Virtual mode (the simulation engine, splitwave.sim): every figure of a record is counted (bytes, from the
+server's transport meter) or on the virtual clock (round times and their breakdown); nothing measured on the
+wall clock goes into metrics.jsonl, so two runs of one config give the same file. Real processes (`none`,
+`realtime`): accuracy/loss from the server, training bytes per direction (the server's exact transport byte
+counts), the measured wall-clock round time, and in realtime mode the simulated round time with its latency
+breakdown (the edges' measured records replayed through the link models, `splitwave.timeline`), compared
+with the measured round times: that is the agreement figure.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from splitwave.common.config import ExperimentConfig
 from splitwave.timeline import (
     PARTS,
     estimate_close_times,
@@ -26,6 +28,8 @@ from splitwave.timeline import (
 log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("Train", "PushAdapter", "AwaitRound")
+# the latency parts drawn, bottom up (the engine adds `offline` and `deadline`)
+PLOT_PARTS = (*PARTS[:5], "offline", *PARTS[5:], "deadline")
 
 
 def round_bytes(lines: list[dict]) -> list[dict]:
@@ -71,7 +75,7 @@ def _no_phase(name: str, detail: str = "") -> None:
 
 
 def merge_rounds(
-    cfg: ExperimentConfig,
+    cfg,
     mode: str,
     clients: list[str],
     edge_records: dict[str, list[dict]],
@@ -83,7 +87,7 @@ def merge_rounds(
     real = measured_round_times(clients, edge_records, lines)
     close = estimate_close_times(lines, edge_records)
     timeline = None
-    if mode in ("virtual", "realtime") and links_factory is not None:
+    if mode == "realtime" and links_factory is not None:
         phase("replay", f"{len(lines)} rounds of {len(clients)} clients through the link models (virtual time)")
         work = rounds_from_records(clients, edge_records, lines)
         timeline = simulate_timeline(links_factory(), work, close, eval_times(lines))
@@ -215,13 +219,14 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4))
     bottom = [0.0] * n
     if recs and all(r.get("breakdown") for r in recs):
-        for part in PARTS:
+        for part in PLOT_PARTS:
             vals = [r["breakdown"].get(part, 0.0) for r in recs]
             if not any(vals):
                 continue
             ax.bar(rounds, vals, 0.6, bottom=bottom, label=part.replace("_", " "))
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.plot(rounds, [r["real_round_s"] for r in recs], "k_", markersize=20, mew=2, label="measured (wall)")
+        if all(r.get("real_round_s") is not None for r in recs):  # real processes: their measured round time
+            ax.plot(rounds, [r["real_round_s"] for r in recs], "k_", markersize=20, mew=2, label="measured (wall)")
         ax.set_title(f"{title}: round latency of the critical client: {critical_summary(recs)}", fontsize=10)
     else:
         ax.bar(rounds, [r["real_round_s"] for r in recs], 0.6, label="measured round time")
@@ -233,20 +238,46 @@ def plot(run_dir: Path, recs: list[dict], title: str) -> list[str]:
     return files
 
 
-def write_report(
-    run_dir: Path,
-    cfg: ExperimentConfig,
-    mode: str,
-    clients: list[str],
-    edge_records: dict[str, list[dict]],
-    lines: list[dict],
-    links_factory: Callable | None,
-    wall_s: float,
-    phase: Callable = _no_phase,
+def engine_records(lines: list[dict], pre_eval: dict | None = None) -> list[dict]:
+    """metrics.jsonl records of an engine run (splitwave.sim.run.round_line per round)."""
+    byts = round_bytes(lines)
+    recs = []
+    for r, line in enumerate(lines):
+        cm = line.get("clients") or {}
+        losses = [m["train_loss"] for m in cm.values() if "train_loss" in m]
+        sim = line["sim"]
+        rec = {
+            "round": line["round"],
+            "eval_accuracy": line.get("eval_accuracy"),
+            "eval_loss": line.get("eval_loss"),
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "reported": line.get("reported"),
+            "late": line.get("late"),
+            **byts[r],
+            "sim_round_s": sim["duration"],
+            "sim_time_s": sim["close"],
+            "breakdown": sim["breakdown"],
+            "critical_client": sim["critical_client"],
+            "per_client": sim["per_client"],
+            "server_close_s": sim["close_s"],
+            "server_eval_s": sim["eval_s"],
+        }
+        if r == 0 and pre_eval:
+            rec["pre_eval_accuracy"] = pre_eval.get("eval_accuracy")
+            rec["pre_eval_loss"] = pre_eval.get("eval_loss")
+        if "eval_perplexity" in line:
+            rec["eval_perplexity"] = line["eval_perplexity"]
+        if line.get("aggregate_refused"):
+            rec["aggregate_refused"] = line["aggregate_refused"]
+        recs.append(rec)
+    return recs
+
+
+def write_outputs(
+    run_dir: Path, cfg, mode: str, recs: list[dict], wall_s: float, extra: dict | None = None, phase=_no_phase
 ) -> dict:
-    """metrics.jsonl, summary.json and the plots; `phase(name, detail)` hears of the replay and report phases."""
+    """metrics.jsonl, summary.json (with `extra`) and the plots of per-round records."""
     run_dir = Path(run_dir)
-    recs, timeline, real = merge_rounds(cfg, mode, clients, edge_records, lines, links_factory, phase)
     phase("report", f"metrics, summary and plots in {run_dir}")
     with open(run_dir / "metrics.jsonl", "w") as f:
         for rec in recs:
@@ -268,12 +299,37 @@ def write_report(
         "wall_time_s": wall_s,
         "agreement": None,
         "run_dir": str(run_dir),
+        **(extra or {}),
     }
     if "eval_perplexity" in last:
         summary["final_perplexity"] = last["eval_perplexity"]
+    try:
+        summary["plots"] = plot(run_dir, recs, cfg.name)
+    except Exception as e:  # a plot must not lose the run's numbers
+        log.warning("plots failed: %s", e)
+        summary["plots"] = []
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def write_report(
+    run_dir: Path,
+    cfg,
+    mode: str,
+    clients: list[str],
+    edge_records: dict[str, list[dict]],
+    lines: list[dict],
+    links_factory: Callable | None,
+    wall_s: float,
+    phase: Callable = _no_phase,
+) -> dict:
+    """The outputs of a run of real processes; `phase(name, detail)` hears of the replay and report phases."""
+    run_dir = Path(run_dir)
+    recs, timeline, real = merge_rounds(cfg, mode, clients, edge_records, lines, links_factory, phase)
+    extra = {}
     if timeline is not None and mode == "realtime":
         sim = [t.duration for t in timeline]
-        summary["agreement"] = {
+        extra["agreement"] = {
             "round_time": agreement(sim, real),
             # the same without the server's close work (identical on both sides by construction)
             "open_to_last_push": agreement(
@@ -283,18 +339,10 @@ def write_report(
         }
         try:
             stats = json.loads((run_dir / "proxy_stats.json").read_text())
-            summary["proxy_timing_error_ms"] = [
-                {d: s[d]["timing_error"] for d in ("uplink", "downlink")} for s in stats
-            ]
+            extra["proxy_timing_error_ms"] = [{d: s[d]["timing_error"] for d in ("uplink", "downlink")} for s in stats]
         except (OSError, ValueError, KeyError):
             pass
-    try:
-        summary["plots"] = plot(run_dir, recs, cfg.name)
-    except Exception as e:  # a plot must not lose the run's numbers
-        log.warning("plots failed: %s", e)
-        summary["plots"] = []
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return write_outputs(run_dir, cfg, mode, recs, wall_s, extra, phase)
 
 
 def _load_run(run_dir: Path) -> tuple[list[dict], dict]:
@@ -305,9 +353,11 @@ def _load_run(run_dir: Path) -> tuple[list[dict], dict]:
 def compare_runs(virtual_dir: Path, realtime_dir: Path) -> dict:
     """Virtual run vs realtime run of the same config: simulated round times of the first against the
     measured round times of the second (rounds >= 1), the realtime run's own replay agreement, and how
-    much faster the virtual run was on the wall clock (whole run, and the training phase alone)."""
+    much faster the virtual run was on the wall clock (whole run, and the training phase alone: the engine's
+    event loop against the realtime run's training)."""
     v_recs, v_sum = _load_run(virtual_dir)
     r_recs, r_sum = _load_run(realtime_dir)
+    v_train = (v_sum.get("engine") or {}).get("loop_s") or v_sum["total_real_time_s"]
     cross = agreement([r["sim_round_s"] for r in v_recs], [r["real_round_s"] for r in r_recs])
     return {
         "virtual_run": str(virtual_dir),
@@ -320,7 +370,7 @@ def compare_runs(virtual_dir: Path, realtime_dir: Path) -> dict:
         "wall_virtual_s": v_sum["wall_time_s"],
         "wall_realtime_s": r_sum["wall_time_s"],
         "wall_speedup": r_sum["wall_time_s"] / v_sum["wall_time_s"],
-        "training_wall_virtual_s": v_sum["total_real_time_s"],
+        "training_wall_virtual_s": v_train,
         "training_wall_realtime_s": r_sum["total_real_time_s"],
-        "training_wall_speedup": r_sum["total_real_time_s"] / v_sum["total_real_time_s"],
+        "training_wall_speedup": r_sum["total_real_time_s"] / v_train,
     }

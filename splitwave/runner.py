@@ -1,10 +1,11 @@
-"""`splitwave simulate`: one server process and N edge processes on loopback, each edge behind its own link.
+"""`splitwave simulate`: the experiment of a config, written to runs/NAME/TIMESTAMP/.
 
-Channel modes: `none` (plain loopback), `realtime` (one `ShapingProxy` per client in this process, the edge
-talks to its proxy), `virtual` (no shaping; afterwards the edges' measured records are replayed through
-the same link models on a simulated clock, see `splitwave.timeline`). The processes are started by
-`splitwave.launch`: always terminated on the way out (Ctrl-C, errors, timeouts), and they die with this
-process even if it is killed outright.
+Channel modes: `virtual` runs on the simulation engine (splitwave.sim: virtual clients as state on a pool of
+executors, every time on a virtual clock from the cost model, the devices and the link models);
+`none` (plain loopback) and `realtime` (one `ShapingProxy` per client in this process, the edge talks to its
+proxy) run one server process and N edge processes on loopback, started by `splitwave.launch`: always
+terminated on the way out (Ctrl-C, errors, timeouts), and they die with this process even if it is killed
+outright.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from splitwave import report
 from splitwave.channel import Cell, LinkPair, ShapingProxy, make_link_pair, place_clients
 from splitwave.common.config import ConfigError, ExperimentConfig, dump_config
 from splitwave.launch import LaunchError, ProcessGroup, child_env
 from splitwave.report import write_report
+from splitwave.sim.costs import build_cost_model
+from splitwave.sim.devices import build_devices, server_factor
+from splitwave.sim.run import run_engine
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +191,49 @@ def make_run_dir(cfg: ExperimentConfig) -> Path:
     return d
 
 
+def _simulate_engine(cfg: ExperimentConfig, run_dir: Path, specs: list[dict], progress: bool) -> Path:
+    """Virtual mode: the run on the simulation engine; its metrics.jsonl holds no wall-clock value."""
+
+    cache = _cache_root()
+    devices = build_devices(cfg)
+    (run_dir / "devices.json").write_text(json.dumps([d.to_dict() for d in devices], indent=1))
+    sim = cfg.sim
+    log.info(
+        "phase simulation: %d clients on the engine (%s executor, %d workers)",
+        cfg.num_clients,
+        sim.executor,
+        sim.workers,
+    )
+    t0 = time.time()
+    res = run_engine(
+        cfg,
+        run_dir,
+        build_links(cfg, specs),
+        cache / "bundles",
+        lambda bundle: build_cost_model(cfg, bundle, cache / "sim"),
+        devices,
+        server_factor(cfg),
+        executor=sim.executor,
+        workers=sim.workers,
+        ray_address=sim.ray_address,
+        server_workers=sim.server_workers,
+        progress=progress,
+    )
+    wall = time.time() - t0
+    engine = {**res.wall, **res.stats, "executor": sim.executor, "workers": sim.workers}
+    summary = report.write_outputs(
+        run_dir, cfg, "virtual", report.engine_records(res.lines, res.pre_eval), wall, {"engine": engine}
+    )
+    log.info(
+        "run %s: final accuracy %s, simulated %.1f s, wall %.1f s",
+        run_dir,
+        summary.get("final_accuracy"),
+        summary.get("total_sim_time_s") or 0.0,
+        wall,
+    )
+    return run_dir
+
+
 def simulate(
     cfg: ExperimentConfig,
     virtual_only: bool = False,
@@ -196,22 +244,30 @@ def simulate(
     edge_threads: int | None = 1,
     exit_timeout_s: float = 60.0,
 ) -> Path:
-    """Run the experiment of `cfg`; returns the run directory (config.yaml, metrics.jsonl, summary.json, plots).
+    """Run the experiment of `cfg`; returns the run directory (config.yaml, links.json, metrics.jsonl,
+    summary.json, plots; virtual mode also devices.json). `virtual_only` runs a realtime config on the engine.
 
-    Phases, each announced on the progress bar and in the log: training (server start, edges, rounds),
-    replay (virtual time through the link models) and report (metrics, summary, plots).  Every wait has a
-    bound: `startup_timeout_s` for the server to serve, `round_timeout_s` without a finished round,
-    `exit_timeout_s` for the edges to exit once the server is done.
+    Real processes (`none`, `realtime`), phases announced on the progress bar and in the log: training
+    (server start, edges, rounds), replay (realtime: virtual time through the link models) and report.
+    Every wait has a bound: `startup_timeout_s` for the server to serve, `round_timeout_s` without a finished
+    round, `exit_timeout_s` for the edges to exit once the server is done.
     """
     mode = cfg.channel.mode
     if virtual_only and mode == "realtime":
         mode = "virtual"
+    if mode == "virtual" and cfg.training.edge_backend != "onnxruntime":
+        raise ConfigError(
+            "training.edge_backend: the simulation engine (channel.mode virtual) runs the ONNX Runtime edge; "
+            "the torch reference edge needs channel.mode none or realtime"
+        )
     specs = link_specs(cfg)
     build_links(cfg, specs)  # fail on a bad link spec before starting anything
     run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "links.json").write_text(json.dumps(specs, indent=1))
+    if mode == "virtual":
+        return _simulate_engine(cfg, run_dir, specs, progress)
     round_timeout_s = round_timeout_s or cfg.rounds.deadline_s * 1.5 + 120.0
     clients = [f"client-{k}" for k in range(cfg.num_clients)]
     procs = ProcessGroup(env=child_env())

@@ -104,6 +104,8 @@ def _procs_mentioning(text: str) -> list[int]:
 
 
 def test_simulate_minimal_virtual_run(tmp_path, caplog):
+    """channel.mode virtual runs on the simulation engine: the run folder as before plus devices.json, no
+    child process, nobody else's process touched, and a metrics.jsonl without wall-clock values."""
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         before = _children(os.getpid())
@@ -119,28 +121,28 @@ def test_simulate_minimal_virtual_run(tmp_path, caplog):
         )
         with caplog.at_level(logging.INFO, logger="splitwave.runner"):
             run_dir = simulate(cfg, progress=False)
-        phases = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("phase ")]
-        assert phases == ["phase training", "phase replay", "phase report"]
+        assert any(r.getMessage().startswith("phase simulation") for r in caplog.records)
         assert run_dir.parent == tmp_path / "quick"
-        for f in ("config.yaml", "metrics.jsonl", "summary.json"):
+        for f in ("config.yaml", "links.json", "devices.json", "metrics.jsonl", "summary.json"):
             assert (run_dir / f).stat().st_size > 0
         for f in ("accuracy.png", "bytes.png", "latency.png"):
             assert (run_dir / f).read_bytes()[:4] == b"\x89PNG"
         assert load_config(run_dir / "config.yaml").num_clients == 2  # resolved, loadable
+        assert len(json.loads((run_dir / "devices.json").read_text())) == 2
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in recs] == [0, 1]
         for r in recs:
             assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and 0 <= r["eval_accuracy"] <= 1
             assert r["sim_round_s"] == pytest.approx(sum(r["breakdown"].values()))
-            assert r["breakdown"]["uplink"] > 0 and r["real_round_s"] > 0
-            assert r["breakdown"]["evaluation"] > 0 and r["server_eval_s"] >= r["breakdown"]["evaluation"]
+            assert r["breakdown"]["uplink"] > 0 and "real_round_s" not in r
+            assert r["breakdown"]["evaluation"] > 0 and r["server_eval_s"] == r["breakdown"]["evaluation"]
         assert 0 <= recs[0]["pre_eval_accuracy"] <= 1  # the model before training, measured by the server
         s = json.loads((run_dir / "summary.json").read_text())
         assert s["mode"] == "virtual" and s["rounds"] == 2
         assert s["final_accuracy"] == recs[-1]["eval_accuracy"]
         assert s["total_bytes_up"] == sum(r["bytes_up"] for r in recs)
         assert s["total_sim_time_s"] == pytest.approx(recs[-1]["sim_time_s"])
-        assert s["wall_time_s"] > 0
+        assert s["wall_time_s"] > 0 and s["engine"]["client_steps"] == 2 * 2 * 3
         # no orphans, and nobody else's process touched
         assert bystander.poll() is None
         assert _children(os.getpid()) == before
