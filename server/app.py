@@ -29,7 +29,9 @@ from splitwave.server.aggregation.registry import make_strategy
 from splitwave.server.checkpoint import Checkpointer, config_digest, token_digest
 from splitwave.server.errors import ServiceError
 from splitwave.server.evaluation import evaluate
-from splitwave.server.models import build_model, minilm_path
+from splitwave.server.generation import Generator
+from splitwave.server.models import build_model
+from splitwave.server.pretrained import MODEL_IDS, PRETRAINED, TOKENIZERS
 from splitwave.server.rounds import Assignment, RoundManager, RoundRecord
 from splitwave.server.split import LoraSpec, split_model
 from splitwave.server.trainer import TopTrainer
@@ -60,12 +62,15 @@ class Session:
 
 
 def model_source(cfg: ExperimentConfig) -> str:
-    return minilm_path() if cfg.model.family == "minilm" else cfg.model.family
+    """A tiny model's family name, or the folder of a real model (SmolLM2: converted on first use)."""
+    return PRETRAINED[cfg.model.family]() if cfg.model.family in PRETRAINED else cfg.model.family
 
 
 def tokenizer_source(cfg: ExperimentConfig) -> str | None:
     """Folder of the tokenizer that encodes the run's text data (it goes into the bundle), or None."""
-    return minilm_path() if cfg.model.family == "minilm" or cfg.model.tokenizer == "minilm" else None
+    if cfg.model.family in PRETRAINED:
+        return PRETRAINED[cfg.model.family]()
+    return TOKENIZERS[cfg.model.tokenizer]() if cfg.model.tokenizer else None
 
 
 def model_vocab_size(cfg: ExperimentConfig) -> int | None:
@@ -94,6 +99,7 @@ def build_split(cfg: ExperimentConfig):
         seed=cfg.seed,
         vocab_size=model_vocab_size(cfg),
         init_std=cfg.model.init_std,
+        tie_embeddings=cfg.model.tie_embeddings,
     )
     lora = LoraSpec(
         r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora
@@ -130,7 +136,7 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
     flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
     try:
         export_bundle(
-            split, tmp, model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2", tokenizer_dir=tok
+            split, tmp, model_id=cfg.model.family if cfg.model.tiny else MODEL_IDS[cfg.model.family], tokenizer_dir=tok
         )
     finally:
         for p in split.peft_model.parameters():
@@ -143,6 +149,7 @@ def ensure_bundle(cfg: ExperimentConfig, split, cache_dir: Path) -> Path:
         "seed": cfg.seed,
         "vocab_size": model_vocab_size(cfg),
         "init_std": cfg.model.init_std,
+        "tie_embeddings": cfg.model.tie_embeddings,
     }  # what the torch reference backend rebuilds
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
@@ -249,6 +256,8 @@ class SplitServer:
             min_size=cfg.training.batch_size,
         )
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
+        # text generation scored at each evaluation (generation.num_prompts > 0; E2E only)
+        self.generator = Generator.from_config(cfg, tok_dir, self.run_dir) if cfg.generation.num_prompts else None
 
         self.base_deltas_total: dict[str, np.ndarray] = {}  # module -> running sum, torch weight layout
         self.base_version = 0
@@ -859,7 +868,10 @@ class SplitServer:
                     self.trainer._load({k: torch.from_numpy(np.asarray(v)) for k, v in top.items()})
                 self.split.peft_model.eval()
                 try:
-                    return evaluate(self.split, self.eval_data, batch_size)
+                    out = evaluate(self.split, self.eval_data, batch_size)
+                    if self.generator is not None:
+                        out.update(self.generator.score(self.split))
+                    return out
                 finally:
                     self.trainer._load(saved_top)
         finally:

@@ -77,7 +77,6 @@ class TorchEdge:
         import json
         from pathlib import Path
 
-        from splitwave.server.models import minilm_path
         from splitwave.server.split import LoraSpec
 
         m = json.loads((Path(bundle_dir) / "manifest.json").read_text())
@@ -85,7 +84,7 @@ class TorchEdge:
         if src is None:
             raise ValueError("bundle manifest has no 'source' record: cannot rebuild the torch reference edge")
         lora = {k: v for k, v in m["lora"].items() if k in ("r", "alpha", "targets", "dropout", "rslora")}
-        family = minilm_path() if src["family"] == "minilm" else src["family"]
+        family = src["family"]  # a tiny family, or a packaged real model build_model locates ("minilm", "smollm2")
         from splitwave.server.models import build_model
         from splitwave.server.split import split_model
 
@@ -97,6 +96,7 @@ class TorchEdge:
                 seed=src["seed"],
                 vocab_size=src.get("vocab_size"),
                 init_std=src.get("init_std"),
+                tie_embeddings=src.get("tie_embeddings"),
             ),
             m["cut"],
             LoraSpec(**lora),
