@@ -21,7 +21,7 @@ from net_helpers import BUNDLE_CACHE, ROOT, run_clients, serving
 from splitwave.common.config import ConfigError, parse_config
 from splitwave.edge.runtime import EdgeRuntime
 from splitwave.server import pretrained
-from splitwave.server.adapter_export import export_adapter
+from splitwave.server.adapter_export import apply_to_split, export_adapter
 from splitwave.server.app import build_split, ensure_bundle, model_source, model_vocab_size
 from splitwave.server.generation import GENERATIONS_FILE, Generator, greedy_decode, text_metrics
 from splitwave.server.models import build_model
@@ -161,8 +161,17 @@ def _split_run_equals_centralized(tmp_path, raw, atol):
     ref = {k: p.detach().numpy() for k, p in trainable_parameters(ref_split.peft_model).items()}
     init = build_split(cfg)
     moved = max(float(np.abs(ref[k] - v).max()) for k, v in init.edge_factors().items())
-    err = max(float(np.abs(split_factors[k] - ref[k]).max()) for k in ref)
-    log.info("split vs centralized: max factor error %.2e (edge moved %.2e), losses %s", err, moved, losses)
+    errs = {k: float(np.abs(split_factors[k] - ref[k]).max()) for k in ref}
+    err = max(errs.values())
+    edge_err = max(v for k, v in errs.items() if k in init.edge_factors())
+    log.info(
+        "split vs centralized: max factor error %.2e (edge factors %.2e; edge moved %.2e), worst %s, losses %s",
+        err,
+        edge_err,
+        moved,
+        max(errs, key=errs.get),
+        losses,
+    )
     assert set(split_factors) == set(ref)
     assert moved > 1e-4
     assert err < atol
@@ -190,6 +199,16 @@ def _split_run_equals_centralized(tmp_path, raw, atol):
     texts = gen.decode(peft)
     log.info("decoded after training: %s", texts[:2])
     assert texts == server_texts
+    # the same function, not only the same text (an untrained SmolLM2 ends at once: empty texts prove little):
+    # the split with the run's final adapters and the exported PeftModel give the same logits
+    apply_to_split(init, app.global_edge_factors(), app.final_top_factors())
+    ids, mask, _ = app.eval_data.batch(np.arange(min(4, len(app.eval_data))))
+    with torch.no_grad():
+        a = init(torch.from_numpy(ids), torch.from_numpy(mask))
+        b = peft(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+    gap = float((a - b).abs().max())
+    log.info("split vs exported PeftModel: max logit difference %.2e (|logits| max %.1f)", gap, float(a.abs().max()))
+    assert gap <= 1e-4 * max(1.0, float(a.abs().max()))
     return cfg, texts
 
 
@@ -272,7 +291,9 @@ def test_smollm2_ort_edge_equals_torch(tmp_path, smollm2_split, cut):
             np.abs(h_ref).max(),
             g_err,
         )
-        np.testing.assert_allclose(h, h_ref, atol=1e-4, rtol=0)
+        # MiniLM's test allows 1e-4 on |h| <= 8; SmolLM2's residual stream carries outlier features of ~240, so
+        # the same tolerance relative to the scale of h
+        np.testing.assert_allclose(h, h_ref, atol=1e-4 * max(1.0, float(np.abs(h_ref).max()) / 8), rtol=0)
         assert g_err <= 1e-3
     assert "tokenizer.json" in rt.manifest["tokenizer_files"]
 
@@ -283,7 +304,10 @@ def test_smollm2_e2e_split_equals_centralized_and_export_adapter_decodes_same(tm
         ROOT / "configs" / "e2e-smollm2.yaml",
         num_clients=1,
         data={"num_train": 8, "num_eval": 4, "max_seq_len": 64},
-        training={"mode": "sfl-v2", "batch_size": 4, "local_steps": 2},
+        # AdamW's first steps move every factor by ~lr * sign(gradient): a gradient entry below the float32 noise
+        # of a 30-block model (~1e-7 relative) would flip a whole lr either way. eps 1e-4 keeps the update a
+        # continuous function of the gradient, so the factors compare the gradients the two paths computed
+        training={"mode": "sfl-v2", "batch_size": 4, "local_steps": 2, "optim": {"lr": 1e-3, "eps": 1e-4}},
         rounds={"num_rounds": 1},
         generation={"num_prompts": 2, "max_new_tokens": 24},
         channel={"mode": "none"},
