@@ -133,10 +133,10 @@ def _convert_smollm2(folder: Path) -> None:
     log.info("converting %s (4-bit GGUF -> fp32 safetensors, once; ~20 s, ~4 GB RAM)", gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded (quantizer-tagged) model; the weights are plain fp32 already
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (plain attributes torch.nn.Module's typing does not know)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
+    setattr(model, "is_quantized", False)  # noqa: B010
     model.save_pretrained(str(folder))
     del model
     _save_tokenizer(folder)
