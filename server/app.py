@@ -29,6 +29,7 @@ from splitwave.server.checkpoint import Checkpointer, config_digest
 from splitwave.server.datasets import client_shards, data_spec
 from splitwave.server.errors import ServiceError
 from splitwave.server.evaluation import evaluate
+from splitwave.server.generation import Generator
 from splitwave.server.rounds import Assignment, RoundManager, RoundRecord
 from splitwave.server.sessions import Session, SessionTable, check_join
 from splitwave.server.setup import build_split, ensure_bundle, index_bundle
@@ -81,6 +82,8 @@ class SplitServer:
         self.eval_spec = data_spec(cfg, "eval", vocab)
         self.shards = client_shards(cfg, build_token_dataset(self.train_spec, tok_dir))
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
+        # text generation scored at each evaluation (generation.num_prompts > 0; E2E only)
+        self.generator = Generator.from_config(cfg, tok_dir, self.run_dir) if cfg.generation.num_prompts else None
 
         self.base_deltas_total: dict[str, np.ndarray] = {}  # module -> running sum, torch weight layout
         self.base_version = 0
@@ -474,7 +477,10 @@ class SplitServer:
             top = self.top_strategy.global_output() if self.top_strategy is not None else None
             with self.trainer.using_factors(top):
                 self.split.peft_model.eval()
-                return evaluate(self.split, self.eval_data, batch_size)
+                out = evaluate(self.split, self.eval_data, batch_size)
+                if self.generator is not None:
+                    out.update(self.generator.score(self.split))
+                return out
         finally:
             self.split.set_edge_factors(edge_now)
 

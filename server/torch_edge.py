@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike
 from splitwave.common.backend import BackendSettings, EdgeBackend
 from splitwave.common.factors import load_factors, save_factors
 from splitwave.common.manifest import BundleManifest
-from splitwave.server.models import build_model, minilm_path
+from splitwave.server.models import build_model
 from splitwave.server.split import LoraSpec, SplitModel, split_model
 
 
@@ -82,7 +82,7 @@ class TorchEdge:
         lora = LoraSpec(
             r=m.lora.r, alpha=m.lora.alpha, targets=m.lora.targets, dropout=m.lora.dropout, rslora=m.lora.rslora
         )
-        family = minilm_path() if src.family == "minilm" else src.family
+        family = src.family  # a tiny family, or a packaged real model build_model locates ("minilm", "smollm2")
         split = split_model(
             build_model(
                 family,
@@ -91,6 +91,7 @@ class TorchEdge:
                 seed=src.seed,
                 vocab_size=src.vocab_size,
                 init_std=src.init_std,
+                tie_embeddings=src.tie_embeddings,
             ),
             m.cut,
             lora,

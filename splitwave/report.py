@@ -116,6 +116,10 @@ def merge_rounds(
             rec["pre_eval_loss"] = line["pre_eval"].get("eval_loss")
         if "eval_perplexity" in line:  # causal LM: exp(loss per labelled token)
             rec["eval_perplexity"] = line["eval_perplexity"]
+        # text generation scores (generation.num_prompts > 0): gen_bleu, gen_rouge_l, gen_nist, gen_len, gen_s
+        rec.update({k: v for k, v in line.items() if k.startswith("gen_")})
+        if line.get("pre_eval"):
+            rec.update({f"pre_{k}": v for k, v in line["pre_eval"].items() if k.startswith("gen_")})
         if timeline is not None:
             tl = timeline[r]
             rec.update(

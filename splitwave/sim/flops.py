@@ -22,7 +22,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from splitwave.common.config import ExperimentConfig
 from splitwave.common.manifest import BundleManifest
-from splitwave.server.models import TINY_VOCAB, minilm_path, tiny_config
+from splitwave.server.models import TINY_VOCAB, tiny_config
+from splitwave.server.pretrained import PRETRAINED
 from splitwave.server.split import DEFAULT_TARGETS
 
 ELEMENTWISE_PER_BLOCK = 30  # FLOP per token x hidden element for 2 norms, residuals, biases, scaling
@@ -115,7 +116,7 @@ def model_shape(cfg: ExperimentConfig, manifest: BundleManifest | None = None) -
         vocab = (source.vocab_size if source is not None else None) or m.vocab_size or TINY_VOCAB
         hf = tiny_config(m.family, m.task, m.num_labels, vocab, m.init_std)
     else:
-        hf = AutoConfig.from_pretrained(minilm_path())
+        hf = AutoConfig.from_pretrained(PRETRAINED[m.family]())  # minilm, smollm2 (server/pretrained.py)
     targets = (manifest.lora.targets if manifest is not None else None) or cfg.lora.targets
     return ModelShape.from_hf(hf, m.task, m.cut, cfg.lora.r, targets, m.num_labels)
 
