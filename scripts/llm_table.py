@@ -25,24 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from splitwave.common.config import parse_config
+from splitwave.common.shard import build_token_dataset
+from splitwave.runner import simulate
+from splitwave.server.datasets import data_spec
+from splitwave.server.evaluation import evaluate
+from splitwave.server.generation import Generator
+from splitwave.server.reference import centralized_train
+from splitwave.server.setup import build_split, tokenizer_source
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from splitwave.common.config import parse_config  # noqa: E402
-from splitwave.common.shard import build_token_dataset  # noqa: E402
-from splitwave.runner import simulate  # noqa: E402
-from splitwave.server.app import build_split, data_spec, tokenizer_source  # noqa: E402
-from splitwave.server.evaluation import evaluate  # noqa: E402
-from splitwave.server.generation import Generator  # noqa: E402
-from splitwave.server.reference import centralized_train  # noqa: E402
-
 log = logging.getLogger("llm_table")
 OUT = ROOT / "results/llm"
 DEFAULT_STRATEGIES = ["fedex-lora", "fedsa-lora"]

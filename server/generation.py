@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitwave.common.data import load_e2e
+from splitwave.common.datasets import load_e2e
 from splitwave.common.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,14 @@ import yaml
 from net_helpers import BUNDLE_CACHE, ROOT, run_clients, serving
 
 from splitwave.common.config import ConfigError, parse_config
+from splitwave.common.manifest import BundleManifest
 from splitwave.edge.runtime import EdgeRuntime
 from splitwave.server import pretrained
 from splitwave.server.adapter_export import apply_to_split, export_adapter
-from splitwave.server.app import build_split, ensure_bundle, model_source, model_vocab_size
 from splitwave.server.generation import GENERATIONS_FILE, Generator, greedy_decode, text_metrics
 from splitwave.server.models import build_model
 from splitwave.server.reference import centralized_train
+from splitwave.server.setup import build_split, ensure_bundle, model_source, model_vocab_size
 from splitwave.server.trainer import trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,11 @@ def test_tiny_tied_gqa_llama_ort_edge_equals_torch():
     split = build_split(cfg)
     _assert_tied_and_placed(split)
     assert model_vocab_size(cfg) == 49152
-    bundle = ensure_bundle(cfg, split, BUNDLE_CACHE)  # the runs' bundle (exported with the initial factors)
+    bundle = ensure_bundle(cfg, BUNDLE_CACHE, split)  # the runs' bundle (exported with the initial factors)
     _randomize_edge(split, 0.2)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert "tokenizer.json" in manifest["tokenizer_files"] and manifest["source"]["tie_embeddings"] is True
+    manifest = BundleManifest.from_file(bundle)
+    assert "tokenizer.json" in manifest.tokenizer_files
+    assert manifest.source is not None and manifest.source.tie_embeddings is True
     for mode in ("recompute", "saved"):
         rt = EdgeRuntime(bundle, mode=mode, threads=1)
         rt.set_factors(split.edge_factors())
@@ -295,7 +297,7 @@ def test_smollm2_ort_edge_equals_torch(tmp_path, smollm2_split, cut):
         # the same tolerance relative to the scale of h
         np.testing.assert_allclose(h, h_ref, atol=1e-4 * max(1.0, float(np.abs(h_ref).max()) / 8), rtol=0)
         assert g_err <= 1e-3
-    assert "tokenizer.json" in rt.manifest["tokenizer_files"]
+    assert "tokenizer.json" in rt.manifest.tokenizer_files
 
 
 @pytest.mark.slow
