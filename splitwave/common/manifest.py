@@ -211,7 +211,9 @@ class BundleSource:
             seed=o.integer("seed"),
             vocab_size=o.opt_integer("vocab_size") if "vocab_size" in o else None,
             init_std=o.opt_number("init_std") if "init_std" in o else None,
-            tie_embeddings=o.flag("tie_embeddings") if o.get("tie_embeddings") is not None else None,
+            tie_embeddings=o.flag("tie_embeddings")
+            if "tie_embeddings" in o and o.get("tie_embeddings") is not None
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
