@@ -239,7 +239,8 @@ class SplitServer:
         tok_dir = self.bundle_dir if self.manifest.get("tokenizer_files") else None
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
-        train = build_token_dataset(self.train_spec, tok_dir)
+        # the arrays every edge rebuilds from train_spec (kept: the simulation engine's clients read theirs here)
+        self.train_data = train = build_token_dataset(self.train_spec, tok_dir)
         self.shards = partition(
             train,
             cfg.num_clients,

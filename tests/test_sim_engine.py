@@ -323,3 +323,21 @@ def test_server_batch_with_groups_of_every_size_is_reproducible(tmp_path):
     sizes = a[3].stats["server_steps_by_size"]
     assert set(sizes) == {1, 2} and sizes[1] + 2 * sizes[2] == 3 * 3 * 2  # every client step served once
     assert _digest(*_run(tmp_path, cfg, workers=2)[:3]) == _digest(*a[:3])
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"aggregation__strategy": "fedex-lora"},  # base-weight deltas: executors rebuild their graphs per version
+        {"aggregation__strategy": "flora", "aggregation__params": {"client_ranks": {"client-0": 2, "client-1": 3}}},
+        {"training__mode": "sl", "training__edge_mode": "saved", "training__codec_up": "int8"},
+    ],
+    ids=["fedex-lora", "flora-ranks", "sl-saved-int8"],
+)
+def test_strategies_and_modes_are_reproducible_across_executors(tmp_path, over):
+    """The edge-side paths of the directives (base deltas, FLoRA re-init at a client's rank), saved
+    activations and a lossy codec give the same run in process and on a worker process."""
+    cfg = _cfg(**over)
+    a = _run(tmp_path, cfg)
+    assert len(a[0]) == 2 and all(r["reported"] for r in a[0])
+    assert _digest(*_run(tmp_path, cfg, workers=1)[:3]) == _digest(*a[:3])
