@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/splitwave simulate configs/quick.yaml
+	$(BIN)/splitwave simulate configs/sst2-minilm-wireless.yaml
 
 test: lint
 	$(BIN)/pytest -q -x --durations=15

@@ -12,28 +12,28 @@ import copy
 import json
 import platform
 import socket
-import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
+import grpc
+
+import splitwave.channel as cs
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import splitwave.channel as cs  # noqa: E402
-
 MB = 1 << 20
 
 
-def links():
+def links() -> dict[str, Callable[[], cs.Link]]:
     return {
         "static 20Mbit/s 20ms": lambda: cs.StaticLink(20e6, 0.02),
         "trace Verizon-LTE-short.up +20ms": lambda: cs.TraceLink(cs.load_trace("Verizon-LTE-short.up"), 0.02, 5000),
     }
 
 
-def tcp_upload(make, nbytes):
+def tcp_upload(make: Callable[[], cs.Link], nbytes: int) -> tuple[float, float, dict]:
     """Receiver-measured time of the last byte of an nbytes upload through the proxy, and the prediction."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -68,9 +68,7 @@ def tcp_upload(make, nbytes):
     return res["t_last"] - w0, model.done(nbytes, t0) - t0, stats
 
 
-def grpc_upload(make, nbytes):
-    import grpc
-
+def grpc_upload(make: Callable[[], cs.Link], nbytes: int) -> tuple[float, float]:
     handler = grpc.method_handlers_generic_handler(
         "sw.Bench", {"Up": grpc.unary_unary_rpc_method_handler(lambda req, ctx: len(req).to_bytes(8, "big"))}
     )
@@ -97,16 +95,63 @@ def grpc_upload(make, nbytes):
     return meas, pred
 
 
-def virtual_vs_real(steps=3, nbytes=MB, server_s=0.05, edge_s=0.02):
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_virtual_clock as tv  # the same scripted exchange the test uses
+def _real_exchange(up: cs.Link, down: cs.Link, steps: int, nbytes: int, server_s: float, edge_s: float) -> float:
+    """Wall time of `steps` x [edge compute, nbytes up, server compute, nbytes down] through the shaping proxy
+    (compute is a sleep: deterministic on a loaded host). tests/test_virtual_clock.py scripts the same."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
 
-    tv.STEPS, tv.SERVER_S, tv.EDGE_S = steps, server_s, edge_s
+    def server():
+        c, _ = srv.accept()
+        with c:
+            for _ in range(steps):
+                got = 0
+                while got < nbytes:
+                    got += len(c.recv(1 << 16))
+                time.sleep(server_s)
+                c.sendall(b"g" * nbytes)
+
+    th = threading.Thread(target=server, daemon=True)
+    th.start()
+    try:
+        with cs.ShapingProxy("127.0.0.1", 0, srv.getsockname(), up, down) as px:
+            with socket.create_connection(("127.0.0.1", px.port)) as s:
+                time.sleep(0.02)
+                w0 = time.monotonic()
+                for _ in range(steps):
+                    time.sleep(edge_s)
+                    s.sendall(b"a" * nbytes)
+                    got = 0
+                    while got < nbytes:
+                        got += len(s.recv(1 << 16))
+                return time.monotonic() - w0
+    finally:
+        th.join(10)
+        srv.close()
+
+
+def _virtual_exchange(up: cs.Link, down: cs.Link, steps: int, nbytes: int, server_s: float, edge_s: float) -> float:
+    """The same exchange on the simulated clock: measured compute, link and server-queue times."""
+    clock, server = cs.VirtualClock(), cs.ServerQueue()
+    for _ in range(steps):
+        t = time.perf_counter()
+        time.sleep(edge_s)
+        clock.compute(time.perf_counter() - t)
+        clock.send(up, nbytes)
+        t = time.perf_counter()
+        time.sleep(server_s)
+        clock.t = server.serve(clock.t, time.perf_counter() - t)
+        clock.send(down, nbytes)
+    return clock.t
+
+
+def virtual_vs_real(steps: int = 3, nbytes: int = MB, server_s: float = 0.05, edge_s: float = 0.02) -> dict:
     up, down = cs.StaticLink(20e6, 0.01), cs.StaticLink(20e6, 0.01)
     w0 = time.monotonic()
-    virtual = tv._virtual_run(copy.deepcopy(up), copy.deepcopy(down))
+    virtual = _virtual_exchange(copy.deepcopy(up), copy.deepcopy(down), steps, nbytes, server_s, edge_s)
     wall_v = time.monotonic() - w0
-    real = tv._real_run(up, down)
+    real = _real_exchange(up, down, steps, nbytes, server_s, edge_s)
     # pure link part, no compute: the speedup of the simulated clock itself
     w0 = time.perf_counter()
     c = cs.VirtualClock()
@@ -125,7 +170,7 @@ def virtual_vs_real(steps=3, nbytes=MB, server_s=0.05, edge_s=0.02):
     }
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16], help="MiB")
     ap.add_argument("--quick", action="store_true", help="sizes 1 4, no gRPC 16 MB")

@@ -17,7 +17,6 @@ Prints a table and writes benchmarks/results/edge_step.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -27,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+from splitwave.common.manifest import BundleManifest  # noqa: E402
 
 
 def _rss_now_kb() -> int:
@@ -56,6 +56,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# The project imports of this file stay inside the functions: the same file is the worker of each backend,
+# and a worker measures its memory, so the ORT workers must never load torch (nor the torch worker ORT).
 def _worker(args) -> None:
     """Runs in a fresh process: one backend, timings + memory + first-step grads."""
     data = np.load(args.data)
@@ -130,31 +132,28 @@ def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
     """Export (or reuse) the MiniLM cut bundle; write the batch + factors every backend uses."""
     import torch
 
-    from splitwave.server.export import export_bundle
     from splitwave.server.models import build_model, minilm_path
+    from splitwave.server.setup import bundle_dir, cached_bundle
     from splitwave.server.split import LoraSpec, split_model
 
-    h = hashlib.sha256(f"minilm|cut={args.cut}|r={args.r}|v2".encode())
-    for src in ("server/export.py", "server/split.py", "server/models.py"):  # editing the exporter re-exports
-        h.update((ROOT / src).read_bytes())
-    key = h.hexdigest()[:12]
-    bundle = cache / f"minilm-{key}"
+    ident = {"model": "minilm", "cut": args.cut, "r": args.r, "v": 2}  # the exporter's code is in the key too
     split = split_model(
         build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls"
     )
     g = torch.Generator().manual_seed(0)
     factors = {k: (0.05 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()}
-    export_s = None
-    if not (bundle / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        export_bundle(
-            split,
-            bundle,
-            model_id="sentence-transformers/all-MiniLM-L6-v2",
-            tokenizer_dir=minilm_path(),
-            trace_shape=(3, 11),
-        )
-        export_s = time.perf_counter() - t0
+    fresh = not (bundle_dir(cache, ident, "minilm") / "manifest.json").is_file()
+    t0 = time.perf_counter()
+    bundle = cached_bundle(
+        cache,
+        ident,
+        split,
+        label="minilm",
+        model_id="sentence-transformers/all-MiniLM-L6-v2",
+        tokenizer_dir=minilm_path(),
+        trace_shape=(3, 11),
+    )
+    export_s = time.perf_counter() - t0 if fresh else None
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 30000, size=(args.batch, args.seq)).astype(np.int64)
     mask = np.ones_like(ids)
@@ -233,7 +232,7 @@ def main() -> None:
                 *(["--no-spin"] if args.no_spin else []),
                 *(["--arena"] if args.arena else []),
             ]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
             per_round[backend].append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -292,7 +291,7 @@ def main() -> None:
                 "h_max_abs_err": float(np.abs(got["h"] - ref["h"]).max()),
             }
         )
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = BundleManifest.from_file(bundle)
     result = {
         "model": "all-MiniLM-L6-v2",
         "cut": args.cut,
@@ -308,8 +307,8 @@ def main() -> None:
         "load_avg_1min": os.getloadavg()[0],
         "nice": os.nice(0),
         "backends": res,
-        "export_seconds": export_s if export_s is not None else manifest.get("export_seconds", {}).get("total"),
-        "export_breakdown_s": manifest.get("export_seconds"),
+        "export_seconds": export_s if export_s is not None else manifest.export_seconds.get("total"),
+        "export_breakdown_s": manifest.export_seconds,
         "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
     }
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Issue 12's numeric probes against a live in-process server with an honest edge; one JSON line per probe.
 
-Each probe runs the tests' tiny config (sfl-v2, or sfl-v1 where stated) with one honest edge; after its
-step 1 of round 0 (or before a round's training) a hostile message is sent with the honest client's token.
+Each probe runs the tiny config (`splitwave.inprocess`; sfl-v2, or sfl-v1 where stated) with one honest
+edge; after its step 1 of round 0 (or before a round's training) a hostile message is sent with the honest
+client's token.
 Reported: the gRPC status the attacker got, whether the honest edge finished, how far the final global
 adapters are from those of a run without the attack (max |diff|; 0.0 = bit-identical) and their largest
 |value| (NaN shows as nan). The figures of docs/security.md come from this script, run on the code before
@@ -12,29 +13,27 @@ and after the guards (copy it into the older tree to run it there).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
+import grpc
+import numpy as np
+
+from splitwave.edge.client import EdgeClient
+from splitwave.inprocess import final_factors, make_client, run_clients, serving, tiny_config
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos import splitwave_pb2_grpc as pb_grpc
+from splitwave.protos.codec import encode
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-
+BUNDLE_CACHE = ROOT / ".cache" / "bundles"
 B, S, H = 8, 16, 32
 
 
 def main() -> None:
-    from net_helpers import final_factors, make_client, run_clients, serving, tiny_cfg
-
-    from splitwave.edge.client import EdgeClient
-    from splitwave.protos import splitwave_pb2 as pb
-    from splitwave.protos import splitwave_pb2_grpc as pb_grpc
-    from splitwave.protos.codec import encode
-
     cache = ROOT / ".cache" / "edge-tests"
 
     def hdr(j, r=0, step=2):
@@ -64,7 +63,7 @@ def main() -> None:
         return "OK"
 
     def run(tmp, attack=None, when=("step", 0), overrides=(), mode="sfl-v2"):
-        cfg = tiny_cfg(list(overrides), training={"mode": mode})
+        cfg = tiny_config(list(overrides), training={"mode": mode})
         box = {}
 
         class Honest(EdgeClient):
@@ -88,7 +87,7 @@ def main() -> None:
                 if attack and when[0] == "round" and r == when[1] and "status" not in box:
                     self._fire()
 
-        with serving(cfg, Path(tmp)) as srv:
+        with serving(cfg, Path(tmp), BUNDLE_CACHE) as srv:
             c = make_client(srv.address, "honest", cache, cls=Honest)
             try:
                 c.run()
@@ -107,8 +106,6 @@ def main() -> None:
         return float(np.max(diff)), float(np.max(top))
 
     def digest(f) -> str:
-        import hashlib
-
         return hashlib.sha256(b"".join(np.ascontiguousarray(f[k]).tobytes() for k in sorted(f))).hexdigest()[:16]
 
     probes = {
@@ -169,10 +166,10 @@ def main() -> None:
                 super().setup()
                 self.num_samples = 2**64 - 1
 
-        cfg = tiny_cfg(num_clients=2)
+        cfg = tiny_config(num_clients=2)
         outs = {}
         for name, classes in (("truthful", None), ("liar", {"mallory": Liar})):
-            with serving(cfg, Path(tmp) / f"ns-{name}") as srv:
+            with serving(cfg, Path(tmp) / f"ns-{name}", BUNDLE_CACHE) as srv:
                 run_clients(srv.address, ["alice", "mallory"], cache, classes=classes)
                 outs[name] = final_factors(srv.app)
         print(

@@ -1,11 +1,12 @@
 """Server batching: N concurrent clients against one sfl-v2 server, unfused (`server_batch` 1) vs fused steps.
 
-Runs benchmarks/load.py's load (N edge clients in threads, loopback gRPC, D seconds each) once per
-`training.server_batch` value in one process, alternating the values over `--repeats`, and prints total
-split steps/s, p50/p99 step round trip (edge sends h -> receives dL/dh) and the ratio to server_batch 1.
-Then the server's compute alone: one fused step of K full-length batches (no network, no edges), per
-server step and per client step, which is what fusing saves. Writes benchmarks/results/server_batching.json. Tiny BERT by default (about a minute); `--minilm` uses the
-real all-MiniLM-L6-v2 (cut 2, batch 16, SST-2, as benchmarks/split_throughput.py).
+Runs benchmarks/load.py's load (`splitwave.loadtest.run_load`: N edge clients in threads, loopback gRPC,
+D seconds each) once per `training.server_batch` value in one process, alternating the values over
+`--repeats`, and prints total split steps/s, p50/p99 step round trip (edge sends h -> receives dL/dh) and
+the ratio to server_batch 1. Then the server's compute alone: one fused step of K full-length batches (no
+network, no edges), per server step and per client step, which is what fusing saves. Writes
+benchmarks/results/server_batching.json. Tiny BERT by default (about a minute); `--minilm` uses the real
+all-MiniLM-L6-v2 (cut 2, batch 16, SST-2, as benchmarks/split_throughput.py).
 
     .venv/bin/python benchmarks/server_batching.py [--clients 8 --batches 1,8 --duration 10 --minilm]
 """
@@ -21,11 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from load import ROOT, load_config, run_load  # noqa: E402
+from splitwave.loadtest import loadtest_config, run_load
+from splitwave.server import compute
+from splitwave.server.setup import build_split
+from splitwave.server.trainer import StepInput, TopTrainer
 
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_CACHE = ROOT / ".cache" / "bundles"
+EDGE_CACHE = ROOT / ".cache" / "edge-tests"
 OUT = ROOT / "benchmarks" / "results" / "server_batching.json"
 MINILM = [
     "model.family=minilm",
@@ -44,7 +50,16 @@ def measure(
 ) -> dict:
     overrides = base + [f"training.server_batch={server_batch}", f"training.server_batch_wait_ms={wait_ms}"]
     with tempfile.TemporaryDirectory(prefix="splitwave-batching-") as d:
-        res = run_load(clients, duration_s, "sfl-v2", local_steps, run_dir=Path(d), overrides=overrides)
+        res = run_load(
+            clients,
+            duration_s,
+            "sfl-v2",
+            local_steps,
+            run_dir=Path(d),
+            overrides=overrides,
+            bundle_cache=BUNDLE_CACHE,
+            edge_cache=EDGE_CACHE,
+        )
     if res["errors"] or res["deadlocked"] or res["adapters_lost"]:
         raise RuntimeError(f"server_batch={server_batch}: run failed: {res}")
     stats = res.get("server_batching") or {"client_steps": res["steps"], "server_steps": res["steps"]}
@@ -55,11 +70,7 @@ def measure(
 def server_compute(clients: int, values: list[int], base: list[str], reps: int = 30) -> dict[int, float]:
     """Seconds of one fused server step of K clients' full batches (batch_size x max_seq_len), K in values;
     timed on the server's compute thread, where its steps run."""
-    from splitwave.server import compute
-    from splitwave.server.app import build_split
-    from splitwave.server.trainer import StepInput, TopTrainer
-
-    cfg = load_config(clients, overrides=base)
+    cfg = loadtest_config(clients, overrides=base)
     split = compute.run(build_split, cfg)
     trainer = TopTrainer(split, cfg.model.task, lr=cfg.training.optim.lr)
     shape = (cfg.training.batch_size, cfg.data.max_seq_len, split.peft_model.config.hidden_size)

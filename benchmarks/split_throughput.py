@@ -18,15 +18,19 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from splitwave.common.batching import Batcher
 from splitwave.common.config import parse_config
-from splitwave.common.data import Batcher
 from splitwave.common.shard import round_batch
-from splitwave.launch import ROOT, server_process, start_edge, wait_all, write_config
+from splitwave.edge.runtime import EdgeRuntime
+from splitwave.launch import ProcessGroup, child_env
 from splitwave.protos.codec import encode, wire_size
-from splitwave.server.reference import _data, _optimizer, _step
+from splitwave.server.reference import make_optimizer, train_data, unsplit_step
+from splitwave.server.setup import build_split
 from splitwave.server.trainer import trainable_parameters
 
+ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks/results/split_throughput.json"
 
 
@@ -51,10 +55,29 @@ def config(steps: int, edge_mode: str) -> dict:
 
 
 def split_run(raw: dict, tmp: Path) -> list[dict]:
-    cfg_path = write_config(raw, tmp / "cfg.yaml")
+    cfg_path = tmp / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    run = tmp / "server"
     # both sides get the 2 cores: with one client, edge and server compute in turn, never at once
-    with server_process(cfg_path, tmp / "server", timeout=600, extra=["--threads", "2"]) as (_, port):
-        wait_all([start_edge(port, "edge0", tmp / "cache", tmp, extra=["--threads", "2"])], timeout=900)
+    with ProcessGroup(cwd=ROOT, env=child_env(omp_threads=1)) as procs:
+        procs.start_server(
+            cfg_path,
+            run_dir=run,
+            cache_dir=ROOT / ".cache" / "bundles",
+            ready_file=run / "ready.json",
+            log=run / "server.log",
+            extra=["--threads", "2"],
+        )
+        port = procs.wait_ready("server", run / "ready.json", timeout=600)
+        procs.start_edge(
+            "edge0",
+            f"127.0.0.1:{port}",
+            cache_dir=tmp / "cache",
+            metrics=tmp / "edge0.jsonl",
+            log=tmp / "edge0.log",
+            extra=["--threads", "2"],
+        )
+        procs.wait_exit(["edge0"], timeout=900)
     return [
         json.loads(line)
         for line in (tmp / "edge0.jsonl").read_text().splitlines()
@@ -63,19 +86,17 @@ def split_run(raw: dict, tmp: Path) -> list[dict]:
 
 
 def centralized_times(raw: dict) -> list[float]:
-    from splitwave.server.app import build_split
-
     cfg = parse_config(raw)
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
-    opt = _optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
+    data, shards = train_data(cfg, split)
+    opt = make_optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
     batcher = Batcher(shards[0], cfg.training.batch_size, cfg.seed, client_id=0)
     times = []
     for s in range(cfg.training.local_steps):
         batch = round_batch(data, batcher, cfg.training.local_steps, 0, s)
         t0 = time.perf_counter()
-        _step(split, opt, batch)
+        unsplit_step(split, opt, batch)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -83,12 +104,10 @@ def centralized_times(raw: dict) -> list[float]:
 def torch_bottom_times(raw: dict) -> list[float]:
     """torch doing the edge's part (embeddings + blocks below the cut, forward + backward to the LoRA factors)
     on the same batches and gradients: what the ORT edge is set against."""
-    from splitwave.server.app import build_split
-
     cfg = parse_config(raw)
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
+    data, shards = train_data(cfg, split)
     batcher = Batcher(shards[0], cfg.training.batch_size, cfg.seed, client_id=0)
     factors = list(split.edge_factor_params().values())
     times = []
@@ -103,14 +122,10 @@ def torch_bottom_times(raw: dict) -> list[float]:
 
 def codec_table(raw: dict, cache: Path) -> dict:
     """Serialized bytes of each codec for real MiniLM cut-2 activations of one SST-2 batch."""
-    from splitwave.edge.runtime import EdgeRuntime
-
     bundle = next(p for p in cache.iterdir() if (p / "manifest.json").exists())
     rt = EdgeRuntime(bundle, mode="recompute")
-    from splitwave.server.app import build_split
-
     cfg = parse_config(raw)
-    data, shards = _data(cfg, build_split(cfg))
+    data, shards = train_data(cfg, build_split(cfg))
     ids, mask, _ = data.batch(shards[0][:16])
     h = rt.forward(ids, mask)
     raw_bytes = h.nbytes

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
+from splitwave.common.config import load_config
+from splitwave.edge.client import ClientOptions, EdgeClient
+from splitwave.server.aggregation.base import Strategy
+from splitwave.server.app import SplitServer
+from splitwave.server.service import start_server
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -27,12 +31,6 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bundles"))
     args = ap.parse_args()
-    from splitwave.common.config import load_config
-    from splitwave.edge.client import ClientOptions, EdgeClient
-    from splitwave.server.aggregation.base import Strategy
-    from splitwave.server.app import SplitServer
-    from splitwave.server.service import start_server
-
     cfg = load_config(args.config, ["channel.mode=none", "aggregation.robust.clip_norm=null", *args.set])
     top_norms: list[float] = []
     original = Strategy._prepare

@@ -4,7 +4,7 @@ round times measured with real processes behind shaping proxies, and how much fa
 cost model is the host's profile; then realtime) on a slow static link, prints the figures side by side and
 writes benchmarks/results/virtual_vs_realtime.json.
 
-    .venv/bin/python benchmarks/virtual_vs_realtime.py [--set k=v ...] [--out runs/bench]
+    .venv/bin/python benchmarks/virtual_vs_realtime.py [--set k=v ...] [--out runs/bench] [--results FILE]
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from splitwave.common.config import load_config
+from splitwave.report import compare_runs
+from splitwave.runner import simulate
 
-from splitwave.common.config import load_config  # noqa: E402
-from splitwave.report import compare_runs  # noqa: E402
-from splitwave.runner import simulate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # a slow link (uplink 0.25 Mbit/s, downlink 0.5 Mbit/s, 30 ms one way): communication dominates
 SLOW_LINK = [
@@ -49,6 +48,12 @@ def main() -> int:
     p.add_argument("--config", default="configs/quick.yaml")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", help="runs folder (default: a temporary one)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "virtual_vs_realtime.json",
+        help="where the figures go as JSON (default: benchmarks/results/virtual_vs_realtime.json)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     res = run(args.config, args.set, args.out)
@@ -71,9 +76,9 @@ def main() -> int:
         f"wall time: engine {res['wall_virtual_s']:.1f} s, realtime {res['wall_realtime_s']:.1f} s -> "
         f"{res['wall_speedup']:.1f}x (training phase: {res['training_wall_speedup']:.1f}x)"
     )
-    dest = ROOT / "benchmarks" / "results" / "virtual_vs_realtime.json"
-    dest.write_text(json.dumps(res, indent=1))
-    print(f"written {dest}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(res, indent=1))
+    print(f"written {args.results}")
     return 0
 
 

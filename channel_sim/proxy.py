@@ -18,6 +18,8 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
 
 from .link import MTU_BYTES, Link
 
@@ -44,7 +46,7 @@ class TimingStats:
         else:
             self._sample[self.count % self._keep] = late
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, float]:
         if not self.count:
             return {"count": 0}
         s = sorted(self._sample)
@@ -91,7 +93,7 @@ class _Pump:
         self.dir = direction
         self.src = src
         self.dst: asyncio.Transport | None = None
-        self.queue: deque[tuple[float, bytes]] = deque()
+        self.queue: deque[tuple[float, memoryview]] = deque()  # (release time, segment of a read buffer)
         self.pending = 0
         self.last_release = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -100,7 +102,7 @@ class _Pump:
         self.eof = False  # src sent EOF: half-close dst after the last byte
         self.src_gone = False  # src connection lost: close dst after the last byte
         self.finished = False
-        self.on_finished = None
+        self.on_finished: Callable[[], None] | None = None
 
     # --- input
     def feed(self, data: bytes, t: float) -> None:
@@ -145,7 +147,7 @@ class _Pump:
             return
         if self.queue:
             when = self.proxy._epoch + self.queue[0][0]
-            self.timer = self.proxy._loop.call_at(when, self._release)
+            self.timer = self.proxy.loop.call_at(when, self._release)
         elif self.eof or self.src_gone:
             self._finish()
 
@@ -248,14 +250,14 @@ class _Side(asyncio.Protocol):
     def dst(self) -> _Pump:
         return getattr(self.conn, self.dst_name)
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self.src.feed(data, self.conn.proxy.now())
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         self.src.feed_eof()
         return True
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         c = self.conn
         if exc is not None:
             c.close(abort=True)
@@ -264,10 +266,10 @@ class _Side(asyncio.Protocol):
         self.dst.abort()
         c.check_done()
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         self.dst.dst_paused = True
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         self.dst.dst_paused = False
         self.dst._flow()
 
@@ -281,23 +283,24 @@ class _ClientSide(_Side):
         super().__init__(_Connection(proxy))
         self.proxy = proxy
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # a TCP server's transports are stream Transports
         c = self.conn
         c.client = transport
         _tune(transport, self.proxy.sndbuf)
         self.proxy._conns.add(c)
         self.proxy.connections_total += 1
-        c.up = _Pump(self.proxy, self.proxy._up, transport)
+        c.up = up = _Pump(self.proxy, self.proxy._up, transport)
         c.down = _Pump(self.proxy, self.proxy._down, None)
         c.up.on_finished = c.check_done
         c.down.on_finished = c.check_done
         c.down.set_dst(transport)
-        self.proxy._loop.create_task(self._connect())
+        self.proxy.loop.create_task(self._connect(up))
 
-    async def _connect(self):
+    async def _connect(self, up: _Pump) -> None:
         c = self.conn
         try:
-            server, _ = await self.proxy._loop.create_connection(
+            server, _ = await self.proxy.loop.create_connection(
                 lambda: _ServerSide(c), self.proxy.target[0], self.proxy.target[1]
             )
         except OSError as e:
@@ -309,7 +312,7 @@ class _ClientSide(_Side):
             return
         c.server = server
         _tune(server, self.proxy.sndbuf)
-        c.up.set_dst(server)
+        up.set_dst(server)
 
 
 class _ServerSide(_Side):
@@ -317,8 +320,10 @@ class _ServerSide(_Side):
 
     src_name, dst_name = "down", "up"
 
-    def connection_made(self, transport):
-        self.conn.down.src = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        down = self.conn.down
+        if down is not None:  # made by _ClientSide.connection_made before it connects here
+            down.src = cast(asyncio.Transport, transport)
 
 
 class ShapingProxy:
@@ -356,13 +361,20 @@ class ShapingProxy:
         self.connections_total = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server = None
+        self._server: asyncio.Server | None = None
         self._epoch = 0.0
         self.port: int | None = None
 
     def now(self) -> float:
         """Model time: seconds since start() on the monotonic clock (= the event loop's clock)."""
         return time.monotonic() - self._epoch
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The proxy's event loop (its own thread); only there once start() has run."""
+        if self._loop is None:
+            raise RuntimeError("proxy not started")
+        return self._loop
 
     # --- lifecycle
     def start(self) -> ShapingProxy:
@@ -371,15 +383,15 @@ class ShapingProxy:
         ready = threading.Event()
         err: list[BaseException] = []
 
-        def run():
+        def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._server = loop.run_until_complete(
+                server = self._server = loop.run_until_complete(
                     loop.create_server(lambda: _ClientSide(self), self.listen_host, self.listen_port, backlog=512)
                 )
-                self.port = self._server.sockets[0].getsockname()[1]
+                self.port = server.sockets[0].getsockname()[1]
                 self._epoch = time.monotonic()
             except BaseException as e:  # noqa: BLE001 - handed to start()
                 err.append(e)
@@ -413,13 +425,14 @@ class ShapingProxy:
     def stop(self) -> None:
         if self._thread is None:
             return
-        loop = self._loop
+        loop, server = self.loop, self._server
+        assert server is not None  # start() returned, so the server is listening
 
-        async def shutdown():
-            self._server.close()
+        async def shutdown() -> None:
+            server.close()
             for c in list(self._conns):
                 c.close(abort=True)
-            await self._server.wait_closed()
+            await server.wait_closed()
             await asyncio.sleep(0)
             loop.stop()
 
@@ -430,13 +443,13 @@ class ShapingProxy:
     def __enter__(self) -> ShapingProxy:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # --- reporting
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Bytes per direction and timing error (lateness of releases vs. model time)."""
-        out = {"connections_total": self.connections_total, "connections_active": len(self._conns)}
+        out: dict[str, Any] = {"connections_total": self.connections_total, "connections_active": len(self._conns)}
         for d in (self._up, self._down):
             out[d.name] = {"bytes_in": d.bytes_in, "bytes_out": d.bytes_out, "timing_error": d.timing.summary()}
         return out
@@ -450,7 +463,7 @@ class ShapingProxy:
         return self._down.bytes_in
 
 
-def measure_sleep_precision(n: int = 200, interval_s: float = 0.001) -> dict:
+def measure_sleep_precision(n: int = 200, interval_s: float = 0.001) -> dict[str, dict[str, float]]:
     """Lateness of absolute-time wake-ups, for time.sleep and for the asyncio loop the proxy uses."""
     lates = []
     t0 = time.monotonic()
@@ -461,7 +474,7 @@ def measure_sleep_precision(n: int = 200, interval_s: float = 0.001) -> dict:
             time.sleep(d)
         lates.append(time.monotonic() - target)
 
-    async def aio():
+    async def aio() -> list[float]:
         loop = asyncio.get_running_loop()
         out = []
         start = loop.time()
@@ -475,7 +488,7 @@ def measure_sleep_precision(n: int = 200, interval_s: float = 0.001) -> dict:
 
     alates = asyncio.run(aio())
 
-    def summ(x):
+    def summ(x: list[float]) -> dict[str, float]:
         s = sorted(x)
         return {
             "mean_ms": sum(s) / len(s) * 1e3,

@@ -8,6 +8,7 @@ if that message is queued by then); opportunities finding the queue empty are lo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,7 +80,7 @@ def load_trace(name: str | Path) -> Trace:
     return trace_from_timestamps(ts, name=path.name)
 
 
-def trace_from_timestamps(timestamps_ms, name: str = "inline") -> Trace:
+def trace_from_timestamps(timestamps_ms: Sequence[float] | np.ndarray, name: str = "inline") -> Trace:
     ts = np.asarray(timestamps_ms, dtype=np.float64).ravel()
     if not np.isfinite(ts).all():
         raise ValueError("trace timestamps must be finite numbers (ms)")

@@ -10,6 +10,7 @@ import bisect
 import heapq
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .link import Link, check_time
 
@@ -43,7 +44,7 @@ class ServerQueue:
     scheduled (their finish times were already handed out).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._starts: list[float] = []
         self._ends: list[float] = []
         self.busy_time = 0.0
@@ -201,14 +202,14 @@ def round_latency_model(
     grad_bytes: int,
     adapter_bytes: int,
     t_aggregate: float = 0.0,
-) -> dict:
+) -> dict[str, Any]:
     """Closed form of channel.md section 5 (no server queueing):
     T_k = E (t_fwd + S_act/R_ul + t_srv + S_grad/R_dl + t_bwd) + S_ad/R_ul;
     T_round = max_k T_k + t_agg + max_k S_ad/R_dl.  Sizes in bytes, rates in bit/s."""
     K = len(rates_ul_bps)
 
-    def per(x):
-        return list(x) if isinstance(x, (list, tuple)) else [float(x)] * K
+    def per(x: float | Sequence[float]) -> list[float]:
+        return list(x) if isinstance(x, Sequence) else [float(x)] * K
 
     fwd, bwd, srv = per(t_edge_fwd), per(t_edge_bwd), per(t_server)
     T = []

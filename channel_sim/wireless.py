@@ -9,11 +9,14 @@ call order, so `rate_at(t)` and `done()` agree whatever order they are asked in.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .link import Jitter, Link
+
+RateFn = Callable[[float], float]  # bandwidth (Hz) -> mean rate (bit/s) of one link
 
 C_LIGHT = 3.0e8  # TR 38.901 and the spec use c = 3e8 m/s (d'_BP = 560 m at 3.5 GHz for UMa)
 _BLOCKS_PER_CHUNK = 1024
@@ -125,7 +128,9 @@ def shannon_rate(bandwidth_hz: float, snr_db: float, gap_db: float = 0.0, se_cap
     return bandwidth_hz * se
 
 
-def place_clients(n: int, r_cell_m: float = 500.0, d_min_m: float = 35.0, seed: int | None = None) -> np.ndarray:
+def place_clients(
+    n: int, r_cell_m: float = 500.0, d_min_m: float = 35.0, seed: int | Sequence[int] | None = None
+) -> np.ndarray:
     """2-D distances of n clients drawn uniformly in the annulus d_min <= d <= r_cell (seeded)."""
     rng = np.random.default_rng(seed)
     u = rng.uniform(size=n)
@@ -179,7 +184,7 @@ class Cell:
         rate_fns = [link.mean_rate_for_bandwidth for link in self.links]
         if self.allocation == "latency_balancing":
             # common rate r with sum_k B_k(r) = B, B_k(r) = bandwidth link k needs for rate r
-            def need(fn, r):
+            def need(fn: RateFn, r: float) -> float:
                 lo, hi = 0.0, B
                 if fn(hi) < r:
                     return math.inf
@@ -195,11 +200,11 @@ class Cell:
             shares = [need(fn, lo) for fn in rate_fns]
         else:  # proportional fair: d/dB log r_k(B_k) = lambda for all k
 
-            def dlog(fn, b):
+            def dlog(fn: RateFn, b: float) -> float:
                 h = 1e-6 * B
                 return (math.log(fn(b + h)) - math.log(fn(max(b - h, 1e-9 * B)))) / (b + h - max(b - h, 1e-9 * B))
 
-            def b_of(fn, lam):
+            def b_of(fn: RateFn, lam: float) -> float:
                 lo, hi = 1e-9 * B, B
                 for _ in range(60):
                     mid = 0.5 * (lo + hi)
@@ -413,12 +418,12 @@ class WirelessLink(Link):
         bw = self.bandwidth_hz
         b0, t = self.block_of(start), float(start)
         # fast path (the proxy asks per 1500-byte segment): the transfer ends in the current segment
-        seg_end = (b0 + 1) * tc if sp is None else min((b0 + 1) * tc, (_index_of(t, sp) + 1) * sp)
+        first_end = (b0 + 1) * tc if sp is None else min((b0 + 1) * tc, (_index_of(t, sp) + 1) * sp)
         r = shannon_rate(
             bw, self.snr_db(bw, self.shadowing_at(t), self.fading_gain(b0)), self.radio.snr_gap_db, self.radio.se_cap
         )
-        if r > 0.0 and r * (seg_end - t) >= bits:
-            return min(t + bits / r, seg_end)
+        if r > 0.0 and r * (first_end - t) >= bits:
+            return min(t + bits / r, first_end)
         window = 16
         for _ in range(_MAX_WINDOWS):
             edges = (b0 + np.arange(1, window + 1)) * tc  # ends of blocks b0 .. b0+window-1

@@ -6,11 +6,13 @@ step resent with identical bytes (the server replays its reply rather than train
 through one retry policy (edge/retry.py). A session the server no longer knows (UNAUTHENTICATED, e.g. after a
 server restart) is resumed by a rejoin under the same name with the resume secret of the first Join, and the
 round in progress is redone from its start.
+
+The compute runs on an `EdgeBackend` made by the factory the caller passes (default: ONNX Runtime); the
+experiment layer passes the torch reference for `--backend torch`, so this module never imports the server.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -22,23 +24,32 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
 
-from splitwave.common.data import Batcher
+from splitwave.common.backend import BackendFactory, BackendSettings, EdgeBackend
+from splitwave.common.batching import Batcher
+from splitwave.common.lora import is_a_key
+from splitwave.common.manifest import MANIFEST_FILE, BundleManifest
 from splitwave.common.paths import DataNotFound
 from splitwave.common.shard import build_token_dataset, check_data, round_batch
+from splitwave.common.tokens import TokenDataset
 from splitwave.edge.ranks import RankAdapter
-from splitwave.edge.retry import Retrier, RetryPolicy
+from splitwave.edge.retry import Retrier, RetryPolicy, recovering
+from splitwave.edge.runtime import EdgeRuntime
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
 from splitwave.protos.metering import ByteMeter, MeteredStub
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
+DEFAULT_BACKEND = "onnxruntime"  # the one backend built in; others come as a factory (EdgeClient's make_backend)
 JOIN_TIMEOUT_S = 60.0
 MAX_REJOINS = 5  # in a row without a finished round: beyond that, someone else keeps taking the name
 # reconnect quickly to a server that comes back (gRPC's default backoff grows to 120 s between attempts)
@@ -75,22 +86,31 @@ def peak_rss_bytes() -> int:
 class ClientOptions:
     name: str = ""
     cache_dir: Path = Path(".cache/edge")
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND  # the name declared at Join; anything else needs its factory (make_backend)
     threads: int | None = None
     enrollment_secret: str = ""
     metrics_path: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     data_dir: Path | None = None  # where the dataset files are (None: splitwave.common.paths' search order)
     credentials: grpc.ChannelCredentials | None = None
-    channel_options: list = field(default_factory=list)
+    channel_options: list[tuple[str, Any]] = field(default_factory=list)
 
 
-def fresh_lora(factors: dict[str, np.ndarray], seed) -> dict[str, np.ndarray]:
+class _RoundStart(NamedTuple):
+    """The state a round started from, to redo it exactly when the server hands it out again."""
+
+    round: int
+    factors: dict[str, np.ndarray]
+    optimizer: dict[str, Any]
+    trainable: set[str]
+
+
+def fresh_lora(factors: Mapping[str, np.ndarray], seed: int | Sequence[int]) -> dict[str, np.ndarray]:
     """peft's LoRA init in numpy: A ~ kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(d_in)), B = 0."""
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in factors.items():
-        if k.endswith(".lora_A.weight"):
+        if is_a_key(k):
             bound = 1.0 / np.sqrt(v.shape[1])
             out[k] = rng.uniform(-bound, bound, size=v.shape).astype(np.float32)
         else:
@@ -101,11 +121,11 @@ def fresh_lora(factors: dict[str, np.ndarray], seed) -> dict[str, np.ndarray]:
 class _StepStream:
     """One Train (or Evaluate) call driven in lock-step: put a step's messages, read until its end_step."""
 
-    def __init__(self, rpc, metadata=None):
-        self._q: queue.Queue = queue.Queue()
+    def __init__(self, rpc: Callable[..., Iterator[Any]], metadata: Any = None):
+        self._q: queue.Queue[Any] = queue.Queue()
         self._replies = rpc(iter(self._q.get, None), metadata=metadata)
 
-    def step(self, messages: list) -> tuple[dict, pb.StepResult]:
+    def step(self, messages: Iterable[Any]) -> tuple[dict[str, np.ndarray], pb.StepResult]:
         for m in messages:
             self._q.put(m)
         asm = Assembler()
@@ -126,7 +146,21 @@ class _StepStream:
 
 
 class EdgeClient:
-    def __init__(self, target: str, opts: ClientOptions | None = None):
+    """One edge taking part in a run: join, fetch the bundle, train rounds until the server says stop.
+
+    `make_backend(bundle folder, settings)` makes the compute backend once the bundle is there (default:
+    ONNX Runtime, `EdgeRuntime`); `opts.backend` is the name declared to the server.
+    """
+
+    # set by setup()
+    manifest: BundleManifest  # as the server sent it at Join
+    data: TokenDataset
+    batcher: Batcher
+    num_samples: int
+    shapes: dict[str, tuple[int, ...]]
+    ranks: RankAdapter
+
+    def __init__(self, target: str, opts: ClientOptions | None = None, make_backend: BackendFactory | None = None):
         self.target = target
         self.opts = opts or ClientOptions()
         self.meter = ByteMeter()
@@ -139,22 +173,58 @@ class EdgeClient:
         )
         self.stub = MeteredStub(self._channel, self.meter, self.opts.name or "edge")
         self.retrier = Retrier(target, self.opts.retry, tls=self.opts.credentials is not None)
-        self.runtime = None
-        self.joined: pb.JoinReply | None = None
-        self.history: list[dict] = []
+        if make_backend is None:
+            if self.opts.backend != DEFAULT_BACKEND:
+                raise ValueError(
+                    f"backend {self.opts.backend!r} is not built into the edge client: pass its factory as "
+                    f"make_backend (the torch reference: splitwave.server.torch_edge.torch_backend)"
+                )
+            make_backend = EdgeRuntime.from_settings
+        self._make_backend: BackendFactory = make_backend
+        self._runtime: EdgeBackend | None = None
+        self._joined: pb.JoinReply | None = None
+        self.history: list[dict[str, Any]] = []
         self.rejoins = 0
         self._resume_secret = ""
-        self._round_start: tuple | None = None  # (round, factors, optimizer state, trainable) at the round's start
+        self._round_start: _RoundStart | None = None
         self._t0 = time.perf_counter()
 
-    def _call(self, fn, what: str):
+    @property
+    def joined(self) -> pb.JoinReply:
+        """The server's answer to the last Join (session, run, config, manifest)."""
+        if self._joined is None:
+            raise EdgeError("not joined yet: call join() or setup() first")
+        return self._joined
+
+    @property
+    def runtime(self) -> EdgeBackend:
+        """The compute backend (made by setup())."""
+        if self._runtime is None:
+            raise EdgeError("no backend yet: call setup() first")
+        return self._runtime
+
+    def _call(self, fn: Callable[[float], T], what: str) -> T:
         """`fn(time_left_s)` under the retry policy; UNAUTHENTICATED on an existing session -> SessionLost."""
         try:
             return self.retrier.call(fn, what)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED and self.joined is not None:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._joined is not None:
                 raise SessionLost(f"{what}: {e.details()}") from None
             raise
+
+    def _rejoining(self, fn: Callable[[], T], doing: str, restart: Callable[[], None] | None = None) -> T:
+        """`fn()`; a lost session is rejoined and `fn()` called again (after `restart()`), at most MAX_REJOINS
+        times in a row: beyond that, someone else keeps taking the name."""
+
+        def recover(e: SessionLost) -> None:
+            self.rejoin(str(e))
+            if restart is not None:
+                restart()
+
+        try:
+            return recovering(fn, SessionLost, recover, MAX_REJOINS)
+        except SessionLost as e:
+            raise EdgeError(f"session lost {MAX_REJOINS + 1} times in a row {doing} ({e})") from None
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _secret_file(self) -> Path | None:
@@ -194,10 +264,10 @@ class EdgeClient:
 
     def join(self) -> pb.JoinReply:
         """Join (or, with an existing session, rejoin under the same name with the resume secret)."""
-        previous = self.joined
+        previous = self._joined
         name = previous.client_id if previous is not None else self.opts.name
         secret = self._resume_secret or self._load_secret()
-        cached = [p.parent.name for p in self.opts.cache_dir.glob("*/manifest.json")]  # complete bundles only
+        cached = [p.parent.name for p in self.opts.cache_dir.glob(f"*/{MANIFEST_FILE}")]  # complete bundles only
         caps = pb.Capabilities(
             protocol_version=1,
             backend=self.opts.backend,
@@ -209,6 +279,7 @@ class EdgeClient:
             client_name=name, enrollment_secret=self.opts.enrollment_secret, capabilities=caps, resume_secret=secret
         )
         reached = self.retrier.reached
+        # not _call: UNAUTHENTICATED here is a refused enrollment (or resume secret), not a lost session
         joined = self.retrier.call(
             lambda left: self.stub.Join(req, timeout=JOIN_TIMEOUT_S if reached else min(left, JOIN_TIMEOUT_S)), "Join"
         )
@@ -219,7 +290,7 @@ class EdgeClient:
             )
         if previous is not None and joined.bundle_hash != previous.bundle_hash:
             raise EdgeError(f"{self.target} now serves another bundle: start the edge again")
-        self.joined = joined
+        self._joined = joined
         self.stub.client_key = joined.client_id
         if joined.resume_secret:
             self._resume_secret = joined.resume_secret
@@ -245,7 +316,7 @@ class EdgeClient:
     def fetch_bundle(self) -> Path:
         """The bundle folder, downloaded once per bundle hash and verified file by file."""
         target = self.opts.cache_dir / self.joined.bundle_hash
-        if (target / "manifest.json").exists():
+        if (target / MANIFEST_FILE).exists():
             log.info("bundle %s cached in %s", self.joined.bundle_hash[:12], target)
             return target
         t0 = time.perf_counter()
@@ -263,7 +334,9 @@ class EdgeClient:
         tmp = self.opts.cache_dir / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            handles, hashes, expect = {}, {}, {}
+            handles: dict[str, IO[bytes]] = {}
+            hashes: dict[str, Any] = {}  # hashlib's sha256 objects
+            expect: dict[str, tuple[str, int]] = {}
             try:
                 for chunk in self.stub.GetBundle(
                     pb.BundleRequest(header=self._header(), bundle_hash=self.joined.bundle_hash)
@@ -296,17 +369,18 @@ class EdgeClient:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _make_runtime(self, bundle: Path):
+    def _make_runtime(self, bundle: Path) -> EdgeBackend:
         cfg = self.joined.config
         opt = cfg.optimizer
-        kw = dict(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-        if self.opts.backend == "torch":  # the reference backend, for comparisons only
-            from splitwave.server.torch_edge import TorchEdge
-
-            return TorchEdge.from_bundle(bundle, **kw)
-        from splitwave.edge.runtime import EdgeRuntime
-
-        return EdgeRuntime(bundle, mode=cfg.training_mode or "recompute", threads=self.opts.threads, **kw)
+        settings = BackendSettings(
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            betas=(opt.beta1, opt.beta2),
+            eps=opt.eps,
+            mode=cfg.training_mode or "recompute",
+            threads=self.opts.threads,
+        )
+        return self._make_backend(bundle, settings)
 
     def setup(self) -> None:
         self.join()
@@ -317,26 +391,22 @@ class EdgeClient:
         except (DataNotFound, ValueError):
             self.leave("dataset missing")  # free the slot for when the data is there
             raise
-        for attempt in range(MAX_REJOINS + 1):
-            try:
-                bundle = self.fetch_bundle()
-                break
-            except SessionLost as e:
-                if attempt == MAX_REJOINS:
-                    raise
-                self.rejoin(str(e))
-        self.runtime = self._make_runtime(bundle)
-        tok = bundle if self.runtime.manifest.get("tokenizer_files") else None
+        # the same manifest.json the bundle holds; checked before the download, since it comes over the wire
+        self.manifest = BundleManifest.from_json(
+            self.joined.manifest_json, f"the bundle manifest in the JoinReply of {self.target}"
+        )
+        bundle = self._rejoining(self.fetch_bundle, "while fetching the bundle")
+        self._runtime = self._make_runtime(bundle)
+        tok = bundle if self.manifest.tokenizer_files else None
         self.data = build_token_dataset(spec, tok, self.opts.data_dir)
         indices = np.asarray(cfg.shard.indices, dtype=np.int64)
         if len(indices) and (indices.max() >= len(self.data) or indices.min() < 0):
             raise EdgeError(f"shard indices out of range for a dataset of {len(self.data)} rows")
         self.batcher = Batcher(indices, cfg.batch_size, cfg.seed, client_id=cfg.shard.shard_index)
         self.num_samples = len(indices)
-        manifest = json.loads(self.joined.manifest_json)
-        self.shapes = {f["name"]: tuple(f["shape"]) for f in manifest["factors"]}
-        lora = manifest["lora"]
-        self.ranks = RankAdapter(lora["r"], lora["alpha"], lora.get("rslora", False))
+        self.shapes = self.manifest.factor_shapes()
+        lora = self.manifest.lora
+        self.ranks = RankAdapter(lora.r, lora.alpha, lora.rslora)
         log.info(
             "%d training samples (%s), batch %d, %d local steps per round",
             self.num_samples,
@@ -347,7 +417,7 @@ class EdgeClient:
 
     # -- rounds --------------------------------------------------------------------------------------------
     def await_round(self, round_idx: int, no_wait: bool) -> pb.RoundDirectives:
-        def call(_):
+        def call(_: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pb.RoundDirectives | None]:
             asm, deltas = Assembler(), Assembler()
             directives = None
             for reply in self.stub.AwaitRound(pb.RoundRequest(header=self._header(round_idx), no_wait=no_wait)):
@@ -375,14 +445,23 @@ class EdgeClient:
             self.runtime.reset_optimizer()
         if factors:
             self.runtime.set_factors(factors)
-        if hasattr(self.runtime, "trainable"):
-            self.runtime.trainable = set(d.trainable_factors) or set(self.runtime.factor_names)
+        self.runtime.trainable = set(d.trainable_factors) or set(self.runtime.factor_names)
         return d
 
-    def _batch(self, round_idx: int, step: int):
+    def _batch(self, round_idx: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return round_batch(self.data, self.batcher, self.joined.config.local_steps, round_idx, step)
 
-    def _step_messages(self, cls, round_idx: int, step: int, ids, mask, labels, h, metrics) -> list:
+    def _step_messages(
+        self,
+        cls: Callable[..., T],
+        round_idx: int,
+        step: int,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        labels: np.ndarray,
+        h: np.ndarray,
+        metrics: Mapping[str, float],
+    ) -> list[T]:
         codec = self.joined.config.codec_up
         header = self._header(round_idx, step)
         msgs = [cls(header=header, frame=f) for f in encode("h", h, codec)]
@@ -391,13 +470,14 @@ class EdgeClient:
         msgs.append(cls(header=header, end_step=pb.StepEnd(batch_size=len(labels), metrics=metrics)))
         return msgs
 
-    def train_round(self, round_idx: int) -> dict:
+    def train_round(self, round_idx: int) -> dict[str, Any]:
         cfg = self.joined.config
-        stream = None
-        losses, correct, count = [], 0, 0
+        stream: _StepStream | None = None
+        losses: list[float] = []
+        correct, count = 0, 0
         steps_done = 0
 
-        def send(msgs):
+        def send(msgs: list[pb.TrainRequest]) -> tuple[dict[str, np.ndarray], pb.StepResult]:
             nonlocal stream
             if stream is None:  # (re)open: a resent step with identical bytes is answered, not trained twice
                 stream = _StepStream(self.stub.Train)
@@ -470,13 +550,13 @@ class EdgeClient:
             "closed": False,
         }
 
-    def push_adapter(self, round_idx: int, upload: list[str], stats: dict) -> pb.AdapterReply | None:
+    def push_adapter(self, round_idx: int, upload: list[str], stats: dict[str, Any]) -> pb.AdapterReply | None:
         keys = upload or list(self.runtime.factors)
         header = self._header(round_idx, stats.get("steps", 0))
 
         codec = factor_codec(self.joined.config.codec_up.codec)  # int8/top-k are for activations, not adapters
 
-        def messages():
+        def messages() -> Iterator[pb.AdapterRequest]:
             for k in keys:
                 for f in encode(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec):
                     yield pb.AdapterRequest(header=header, frame=f)
@@ -511,52 +591,31 @@ class EdgeClient:
         )
         return reply
 
-    def _record(self, rec: dict) -> None:
+    def _record(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
         if self.opts.metrics_path is not None:
             with open(self.opts.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         """Take part in rounds until the server says stop; returns a summary."""
-        if self.runtime is None:
+        if self._runtime is None:
             self.setup()
         r, no_wait = self.joined.current_round, True
-        rounds, lost = 0, 0
-        last: dict = {}
+
+        def restart() -> None:  # after a rejoin (a server restart): take the server's round from its start
+            nonlocal r, no_wait
+            r, no_wait = self.joined.current_round, True
+
+        rounds = 0
+        last: dict[str, Any] = {}
         while True:
-            try:
-                d = self.await_round(r, no_wait=no_wait)
-                if d.stop:
-                    break
-                r = d.next_round
-                self._begin_round(r)
-                t0 = time.perf_counter()
-                up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
-                stats = self.train_round(r)
-                if not stats.pop("closed"):
-                    self.push_adapter(r, list(d.upload_factors), stats)
-                rec = {
-                    "kind": "round",
-                    "client": self.joined.client_id,
-                    "round": r,
-                    "wall_s": time.perf_counter() - t0,
-                    "time": time.time(),
-                    "bytes_up": self.meter.total(direction="up") - up0,
-                    "bytes_down": self.meter.total(direction="down") - down0,
-                    **stats,
-                }
-                self._record(rec)
-                log.info("%s", round_line(rec))
-                last = rec
-                rounds += 1
-                no_wait, lost = False, 0
-            except SessionLost as e:  # a server restart: rejoin, then take the server's round from its start
-                lost += 1
-                if lost > MAX_REJOINS:
-                    raise EdgeError(f"session lost {lost} times in a row without finishing a round ({e})") from None
-                self.rejoin(str(e))
-                r, no_wait = self.joined.current_round, True
+            d, rec = self._rejoining(lambda: self._take_part(r, no_wait), "without finishing a round", restart)
+            if rec is None:
+                break
+            r, no_wait = d.next_round, False
+            last = rec
+            rounds += 1
         self.leave("done")
         summary = {
             "client": self.joined.client_id,
@@ -575,25 +634,49 @@ class EdgeClient:
         self._record({"kind": "summary", "time": time.time(), **summary})
         return summary
 
+    def _take_part(self, after_round: int, no_wait: bool) -> tuple[pb.RoundDirectives, dict[str, Any] | None]:
+        """Wait for the round after `after_round`, train it and push the adapter: (directives, the round's
+        record), or (directives, None) when the server says stop."""
+        d = self.await_round(after_round, no_wait=no_wait)
+        if d.stop:
+            return d, None
+        r = d.next_round
+        self._begin_round(r)
+        t0 = time.perf_counter()
+        up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
+        stats = self.train_round(r)
+        if not stats.pop("closed"):
+            self.push_adapter(r, list(d.upload_factors), stats)
+        rec = {
+            "kind": "round",
+            "client": self.joined.client_id,
+            "round": r,
+            "wall_s": time.perf_counter() - t0,
+            "time": time.time(),
+            "bytes_up": self.meter.total(direction="up") - up0,
+            "bytes_down": self.meter.total(direction="down") - down0,
+            **stats,
+        }
+        self._record(rec)
+        log.info("%s", round_line(rec))
+        return d, rec
+
     def _begin_round(self, round_idx: int) -> None:
         """Snapshot the state a round starts from; if the server hands out the same round again (it restarted
         from a checkpoint taken before that round ended), go back to that state so the redo is exact."""
-        opt = getattr(self.runtime, "optimizer", None)
-        if self._round_start is not None and self._round_start[0] == round_idx:
-            _, factors, opt_state, trainable = self._round_start
+        rt = self.runtime
+        start = self._round_start
+        if start is not None and start.round == round_idx:
             log.warning("round %d handed out again (server restarted): rolling back to its start", round_idx)
-            self.runtime.set_factors(factors)
-            if opt_state is not None:
-                opt.load_state_dict(copy.deepcopy(opt_state))
-            if trainable is not None:
-                self.runtime.trainable = set(trainable)
+            rt.set_factors(start.factors)
+            rt.load_optimizer_state(start.optimizer)
+            rt.trainable = set(start.trainable)
             return
-        opt_state = copy.deepcopy(opt.state_dict()) if hasattr(opt, "state_dict") else None
-        self._round_start = (
+        self._round_start = _RoundStart(
             round_idx,
-            {k: np.array(v, copy=True) for k, v in self.runtime.factors.items()},
-            opt_state,
-            set(self.runtime.trainable) if hasattr(self.runtime, "trainable") else None,
+            {k: np.array(v, copy=True) for k, v in rt.factors.items()},
+            rt.optimizer_state(),
+            set(rt.trainable),
         )
 
     def leave(self, reason: str) -> None:
@@ -615,7 +698,7 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
-def round_line(rec: dict) -> str:
+def round_line(rec: Mapping[str, Any]) -> str:
     """One progress line per round: round, steps, loss, accuracy, bytes up/down, time."""
     loss, acc = rec.get("train_loss"), rec.get("train_accuracy")
     perf = f"loss {loss:.4f}, accuracy {acc:.3f}" if loss is not None else "round closed before its end"
@@ -625,7 +708,7 @@ def round_line(rec: dict) -> str:
     )
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: Mapping[str, Any]) -> str:
     """The edge's final summary, for people (the same fields go to --metrics as a JSON line)."""
     lines = [f"edge {s['client']} done: {s['rounds']} rounds with {s['server']} (stop: {s['stop_reason'] or '-'})"]
     lr = s.get("last_round") or {}

@@ -6,6 +6,9 @@ bias-corrected second moment, the same defaults; matches torch to ~1e-7 in float
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 
@@ -21,9 +24,9 @@ class AdamW:
             float(eps),
             float(weight_decay),
         )
-        self.state: dict[str, dict] = {}
+        self.state: dict[str, dict[str, Any]] = {}
 
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
         """Update params[name] in place for every name in grads (names absent from grads are frozen)."""
         b1, b2 = self.betas
         for name, g in grads.items():
@@ -46,7 +49,7 @@ class AdamW:
             denom = np.sqrt(v) / np.float32(bc2**0.5) + np.float32(self.eps)
             p -= np.float32(step_size) * (m / denom)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "hparams": {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay},
             "state": {
@@ -55,7 +58,7 @@ class AdamW:
             },
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         hp = sd.get("hparams", {})
         self.lr = float(hp.get("lr", self.lr))
         self.betas = tuple(hp.get("betas", self.betas))

@@ -9,15 +9,11 @@ No re-export, one bundle for every rank.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 
 import numpy as np
 
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-
-
-def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-    return alpha / (math.sqrt(rank) if rslora else rank)
+from splitwave.common.lora import is_a_key, scaling
 
 
 class RankAdapter:
@@ -41,16 +37,16 @@ class RankAdapter:
                 self.ranks.pop(k, None)
                 out[k] = v
                 continue
-            r = v.shape[0] if k.endswith(A_SUFFIX) else v.shape[1] if v.ndim == 2 else -1
+            r = v.shape[0] if is_a_key(k) else v.shape[1] if v.ndim == 2 else -1
             ok = (
                 v.ndim == 2
                 and 0 < r < self.graph_rank
-                and (v.shape[1] == full[1] if k.endswith(A_SUFFIX) else v.shape[0] == full[0])
+                and (v.shape[1] == full[1] if is_a_key(k) else v.shape[0] == full[0])
             )
             if not ok:
                 raise ValueError(f"factor {k}: shape {v.shape} does not fit the graph's {full}")
             pad = np.zeros(full, np.float32)
-            if k.endswith(A_SUFFIX):
+            if is_a_key(k):
                 pad[:r] = v
             else:
                 pad[:, :r] = v * np.float32(self._ratio(r))
@@ -58,7 +54,7 @@ class RankAdapter:
             out[k] = pad
         return out
 
-    def set_rank(self, names, rank: int) -> None:
+    def set_rank(self, names: Iterable[str], rank: int) -> None:
         """A fresh adapter of rank `rank` (FLoRA re-init): every factor is masked beyond it."""
         for k in names:
             if 0 < rank < self.graph_rank:
@@ -72,7 +68,7 @@ class RankAdapter:
         for k, r in self.ranks.items():
             if k in out:
                 a = np.array(out[k], copy=True)
-                if k.endswith(A_SUFFIX):
+                if is_a_key(k):
                     a[r:] = 0
                 else:
                     a[:, r:] = 0
@@ -84,6 +80,6 @@ class RankAdapter:
         r = self.ranks.get(name)
         if r is None:
             return value
-        if name.endswith(A_SUFFIX):
+        if is_a_key(name):
             return np.ascontiguousarray(value[:r])
         return np.ascontiguousarray(value[:, :r] / np.float32(self._ratio(r)))

@@ -5,7 +5,8 @@ jittered exponential backoff within a total time, each retry announced with its 
 What cannot (a TLS mismatch, an unknown host, and, before the server was ever reached, anything that stays
 broken past a short connect time) fails at once with ONE line naming the address and the likely cause.
 Server answers that are not about the connection (INVALID_ARGUMENT, UNAUTHENTICATED, ...) are re-raised
-untouched for the caller to handle.
+untouched for the caller to handle. What a call cannot heal by itself but a step beside it can (a session the
+server lost: rejoin) goes through `recovering`, with a bound on recoveries in a row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 C = grpc.StatusCode
 TRANSPORT = {C.UNAVAILABLE, C.DEADLINE_EXCEEDED, C.ABORTED, C.CANCELLED}
@@ -136,3 +138,17 @@ class Retrier:
                 self.retries += 1
                 self._sleep(pause)
                 wait = min(wait * 2, self.policy.max_wait_s)
+
+
+def recovering(fn: Callable[[], T], error: type[E], recover: Callable[[E], None], limit: int) -> T:
+    """`fn()`; after a failure with `error`, `recover(e)` and `fn()` again, at most `limit` recoveries in a row
+    (the failure after that is raised). An exception from `recover` ends it at once."""
+    recoveries = 0
+    while True:
+        try:
+            return fn()
+        except error as e:
+            if recoveries >= limit:
+                raise
+            recoveries += 1
+            recover(e)

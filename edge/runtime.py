@@ -11,15 +11,19 @@ Only numpy and onnxruntime are imported here (a test enforces it).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from numpy.typing import ArrayLike
 
+from splitwave.common.backend import BackendSettings
+from splitwave.common.factors import load_factors, save_factors
+from splitwave.common.manifest import MANIFEST_FILE, BundleManifest
 from splitwave.edge.optim import AdamW
 
 log = logging.getLogger(__name__)
@@ -39,28 +43,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
             if not b:
                 return h.hexdigest()
             h.update(b)
-
-
-def load_factors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Factors from .npz or .safetensors (safetensors.numpy, which does not need torch)."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load_file(path).items()}
-    with np.load(path) as z:
-        return {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
-
-
-def save_factors(factors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        save_file({k: np.ascontiguousarray(v) for k, v in factors.items()}, path)
-    else:
-        with open(path, "wb") as f:  # np.savez would append .npz to other suffixes
-            np.savez(f, **factors)
 
 
 _ENV_ARENA = False
@@ -124,23 +106,25 @@ class _SharedWeights:
     Bundles without the manifest's "initializers" table fall back to ORT's own loading.
     """
 
-    def __init__(self, wpath: Path, manifest: dict):
-        self.table: dict = manifest.get("initializers") or {}
-        self.per_graph: dict = manifest.get("graph_initializers") or {}
+    def __init__(self, wpath: Path, manifest: BundleManifest):
+        self.table = manifest.initializers
+        self.per_graph = manifest.graph_initializers
         self.values: dict[str, ort.OrtValue] = {}
         self._arrays: dict[str, np.ndarray] = {}  # the OrtValues borrow these buffers: keep them alive
         if not self.table:
             return
         mm = np.memmap(wpath, dtype=np.uint8, mode="r")
         for name, e in self.table.items():
-            off, n = int(e["offset"]), int(e["length"])
+            off, n = e.offset, e.length
             if off + n > mm.shape[0]:
                 raise BundleError(f"initializer {name} lies past the end of {wpath.name}")
-            a = mm[off : off + n].view(np.dtype(e["dtype"])).reshape(e["shape"])
+            a = mm[off : off + n].view(np.dtype(e.dtype)).reshape(e.shape)
             self._arrays[name] = a
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(a)
 
-    def add_to(self, so: ort.SessionOptions, graph_file: str, overrides: dict | None = None) -> None:
+    def add_to(
+        self, so: ort.SessionOptions, graph_file: str, overrides: Mapping[str, ort.OrtValue] | None = None
+    ) -> None:
         for name in self.per_graph.get(graph_file, []):
             so.add_initializer(name, (overrides or {}).get(name, self.values[name]))
 
@@ -174,28 +158,28 @@ class EdgeRuntime:
         low_memory: bool = True,
     ):
         self.bundle_dir = Path(bundle_dir)
-        mpath = self.bundle_dir / "manifest.json"
+        mpath = self.bundle_dir / MANIFEST_FILE
         if not mpath.is_file():
-            raise BundleError(f"no manifest.json in {self.bundle_dir}")
-        self.manifest: dict = json.loads(mpath.read_text())
+            raise BundleError(f"no {MANIFEST_FILE} in {self.bundle_dir}")
+        self.manifest = BundleManifest.from_file(mpath)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode not in self.manifest["modes"]:
-            raise BundleError(f"bundle has modes {self.manifest['modes']}, not {mode!r}")
+        if mode not in self.manifest.modes:
+            raise BundleError(f"bundle has modes {self.manifest.modes}, not {mode!r}")
         self.mode = mode
-        wpath = self.bundle_dir / self.manifest["weights_file"]
+        wpath = self.bundle_dir / self.manifest.weights_file
         if verify:
             if not wpath.is_file():
                 raise BundleError(f"missing weights file {wpath}")
             got = sha256_file(wpath)
-            if got != self.manifest["weights_sha256"]:
+            if got != self.manifest.weights_sha256:
                 raise BundleError(
-                    f"weights sha256 mismatch for {wpath}: manifest {self.manifest['weights_sha256']}, file {got}"
+                    f"weights sha256 mismatch for {wpath}: manifest {self.manifest.weights_sha256}, file {got}"
                 )
-        self.factor_names = [f["name"] for f in self.manifest["factors"]]
-        self._shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
+        self.factor_names = self.manifest.factor_names
+        self._shapes = self.manifest.factor_shapes()
         self.factors: dict[str, np.ndarray] = {}
-        self.set_factors(load_factors(self.bundle_dir / self.manifest["factors_file"]))
+        self.set_factors(load_factors(self.bundle_dir / self.manifest.factors_file))
         self.trainable = set(self.factor_names) if trainable is None else set(trainable)
         unknown = self.trainable - set(self.factor_names)
         if unknown:
@@ -207,15 +191,28 @@ class EdgeRuntime:
         self._overrides: dict[str, ort.OrtValue] = {}  # folded base weights (FedEx-LoRA, FLoRA)
         self._override_arrays: list[np.ndarray] = []
         self._build_sessions()
-        self._grad_outputs = [self.manifest["grad_outputs"][k] for k in self.factor_names]
-        self._saved_names = list(self.manifest.get("saved_names", []))
-        self._last: dict | None = None
+        self._grad_outputs = [self.manifest.grad_outputs[k] for k in self.factor_names]
+        self._saved_names = list(self.manifest.saved_names)
+        self._last: dict[str, Any] | None = None
+
+    @classmethod
+    def from_settings(cls, bundle_dir: str | os.PathLike[str], settings: BackendSettings) -> EdgeRuntime:
+        """The backend for a bundle under the run's settings (a `BackendFactory`: the edge client's default)."""
+        return cls(
+            bundle_dir,
+            mode=settings.mode,
+            threads=settings.threads,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            betas=settings.betas,
+            eps=settings.eps,
+        )
 
     def _build_sessions(self) -> None:
         threads, opt_level, spinning, low = self._session_args
-        fwd_file, bwd_file = self.manifest["graphs"][self.mode]
+        fwd_file, bwd_file = self.manifest.graphs[self.mode]
 
-        def session(fname):
+        def session(fname: str) -> ort.InferenceSession:
             so = session_options(threads, opt_level, spinning=spinning, low_memory=low)
             self._weights.add_to(so, fname, self._overrides)
             # ORT folds constants from the model's own copy of an initializer, not from the one given with
@@ -227,26 +224,27 @@ class EdgeRuntime:
         self._fwd = session(fwd_file)
         self._bwd = session(bwd_file)
 
-    def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
+    def set_base_deltas(self, deltas: Mapping[str, np.ndarray]) -> None:
         """Frozen weight of each LoRA module := bundle weight + delta (torch layout; the running sum the server
         sends for FedEx-LoRA/FLoRA). Rebuilds the two sessions with the changed initializers."""
-        table = self.manifest.get("base_weights") or {}
+        table = self.manifest.base_weights
         if not self._weights.table:
             raise BundleError("this bundle predates shared initializers: re-export it to fold base deltas")
-        overrides, arrays = {}, []
+        overrides: dict[str, ort.OrtValue] = {}
+        arrays: list[np.ndarray] = []
         for module, delta in deltas.items():
             places = table.get(module)
             if not places:
                 raise BundleError(f"bundle does not locate the frozen weight of {module!r}; cannot fold its delta")
             d = np.asarray(delta, dtype=np.float32)
             for e in places:
-                base = self._weights.array(e["initializer"])
-                add = d.T if e["transposed"] else d
+                base = self._weights.array(e.initializer)
+                add = d.T if e.transposed else d
                 if add.shape != base.shape:
                     raise ValueError(f"base delta {module}: shape {d.shape} does not fit weight {base.shape}")
                 new = np.ascontiguousarray(base + add, dtype=base.dtype)
                 arrays.append(new)
-                overrides[e["initializer"]] = ort.OrtValue.ortvalue_from_numpy(new)
+                overrides[e.initializer] = ort.OrtValue.ortvalue_from_numpy(new)
         self._overrides, self._override_arrays = overrides, arrays
         self._last = None
         self._build_sessions()
@@ -255,8 +253,16 @@ class EdgeRuntime:
         """Forget the AdamW moments (a re-initialized adapter starts a new optimization)."""
         self.optimizer.state = {}
 
+    def optimizer_state(self) -> dict[str, Any]:
+        """A snapshot of the AdamW state (AdamW.state_dict copies the moments)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Back to a snapshot (AdamW.load_state_dict copies it, so the snapshot stays usable)."""
+        self.optimizer.load_state_dict(state)
+
     # ---- factors -------------------------------------------------------------------------------------
-    def set_factors(self, values: dict[str, np.ndarray]) -> None:
+    def set_factors(self, values: Mapping[str, np.ndarray]) -> None:
         """Replace some or all factors (copies; shapes checked against the manifest)."""
         for k, v in values.items():
             if k not in self._shapes:
@@ -269,21 +275,21 @@ class EdgeRuntime:
         if missing:
             raise KeyError(f"factors missing: {sorted(missing)[:3]}")
 
-    def save_factors(self, path: str | os.PathLike) -> None:
+    def save_factors(self, path: str | os.PathLike[str]) -> None:
         save_factors(self.factors, path)
 
-    def load_factors(self, path: str | os.PathLike) -> None:
+    def load_factors(self, path: str | os.PathLike[str]) -> None:
         self.set_factors(load_factors(path))
 
     # ---- compute -------------------------------------------------------------------------------------
-    def _feeds(self, input_ids, attention_mask) -> dict:
+    def _feeds(self, input_ids: ArrayLike, attention_mask: ArrayLike) -> dict[str, np.ndarray]:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
         return {"input_ids": ids, "attention_mask": mask, **self.factors}
 
-    def forward(self, input_ids, attention_mask) -> np.ndarray:
+    def forward(self, input_ids: ArrayLike, attention_mask: ArrayLike) -> np.ndarray:
         """h for this batch; keeps what backward needs (the inputs, or the saved activations)."""
         feeds = self._feeds(input_ids, attention_mask)
         if self.mode == "recompute":
@@ -295,7 +301,7 @@ class EdgeRuntime:
             self._last = {"saved": dict(zip(self._saved_names, outs[1:])), "shape": h.shape}
         return h
 
-    def backward(self, grad_h) -> dict[str, np.ndarray]:
+    def backward(self, grad_h: ArrayLike) -> dict[str, np.ndarray]:
         """dL/d(factor) for every factor, for the inputs of the last forward."""
         if self._last is None:
             raise RuntimeError("backward() called before forward()")
@@ -322,11 +328,13 @@ class EdgeRuntime:
         """Give back what `take_pending` took, before that client's backward()."""
         self._last = pending
 
-    def step(self, grads: dict[str, np.ndarray]) -> None:
+    def step(self, grads: Mapping[str, np.ndarray]) -> None:
         """AdamW on the trainable factors (others get no step and no optimizer state)."""
         self.optimizer.step(self.factors, {k: g for k, g in grads.items() if k in self.trainable})
 
-    def train_step(self, input_ids, attention_mask, grad_fn: Callable[[np.ndarray], np.ndarray]) -> dict:
+    def train_step(
+        self, input_ids: ArrayLike, attention_mask: ArrayLike, grad_fn: Callable[[np.ndarray], ArrayLike]
+    ) -> dict[str, np.ndarray]:
         """forward -> grad_fn(h) (e.g. the server round trip) -> backward -> step; returns the grads."""
         h = self.forward(input_ids, attention_mask)
         grads = self.backward(grad_fn(h))

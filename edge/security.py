@@ -10,7 +10,9 @@ import grpc
 log = logging.getLogger(__name__)
 
 
-def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None):
+def channel_credentials(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials | None:
     """Channel credentials, or None for plain TCP (allowed, with a warning)."""
     if (cert is None) != (key is None):
         raise ValueError("client certificate and key go together (--cert and --key)")

@@ -9,6 +9,7 @@ Usage: python examples/minimal_client.py HOST:PORT [STEPS]
 
 import json
 import sys
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -17,7 +18,9 @@ from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as rpc
 
 
-def frames(name, a, chunk=1 << 19):  # "raw": little-endian bytes, cut so each frame stays under 1 MiB
+def frames(
+    name: str, a: np.ndarray, chunk: int = 1 << 19
+) -> Iterator[pb.TensorFrame]:  # "raw": little-endian bytes, cut so each frame stays under 1 MiB
     data = a.astype(a.dtype.newbyteorder("<")).tobytes()
     parts = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
     for i, part in enumerate(parts):
@@ -32,7 +35,7 @@ def frames(name, a, chunk=1 << 19):  # "raw": little-endian bytes, cut so each f
         )
 
 
-def main(target, steps=3):
+def main(target: str, steps: int = 3) -> None:
     stub = rpc.SplitWaveStub(grpc.insecure_channel(target))
     caps = pb.Capabilities(protocol_version=1, backend="custom", codecs=["raw"])
     me = stub.Join(pb.JoinRequest(client_name="example", capabilities=caps))

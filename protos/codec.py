@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from splitwave.protos import splitwave_pb2 as pb
 
@@ -62,6 +65,8 @@ DEFAULT_MAX_TENSOR_BYTES = 1 << 29  # 512 MiB per tensor: far above any activati
 MAX_NDIM = 32
 _U32_MAX = (1 << 32) - 1
 _SIDE_FIELD = {"int8": "scales", "topk": "indices"}
+
+_Body = tuple[bytes, bytes, int]  # (side bytes, value bytes, topk_k) of an encoded tensor
 
 
 class CodecError(ValueError):
@@ -108,13 +113,13 @@ def factor_codec(codec_up: str) -> str:
     return codec_up if codec_up in FACTOR_CODECS else "raw"
 
 
-def encoded_size(dtype: str, shape, codec: str = "raw", topk_k: int = 0) -> int:
+def encoded_size(dtype: str, shape: Iterable[int], codec: str = "raw", topk_k: int = 0) -> int:
     """Bytes of tensor content (without framing) for this dtype/shape/codec."""
     side, values = _section_sizes(dtype, tuple(int(d) for d in shape), codec, int(topk_k))
     return side + values
 
 
-def wire_size(frames) -> int:
+def wire_size(frames: Iterable[pb.TensorFrame]) -> int:
     """Serialized bytes of a list of frames (what the transport carries, without enclosing headers)."""
     return sum(f.ByteSize() for f in frames)
 
@@ -157,7 +162,7 @@ def _resolve_k(n: int, topk_k: int | None, topk_fraction: float | None) -> int:
     return min(n, math.ceil(topk_fraction * n - 1e-9))
 
 
-def _fp16(arr: np.ndarray, dtype: str):
+def _fp16(arr: np.ndarray, dtype: str) -> _Body | None:
     with np.errstate(over="ignore"):
         h = np.ascontiguousarray(arr, dtype="<f2")
     if dtype != "float16" and np.count_nonzero(np.isinf(h)) != np.count_nonzero(np.isinf(arr)):
@@ -165,7 +170,7 @@ def _fp16(arr: np.ndarray, dtype: str):
     return b"", h.tobytes(), 0
 
 
-def _bf16(arr: np.ndarray, dtype: str):
+def _bf16(arr: np.ndarray, dtype: str) -> _Body | None:
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf on the way
         bits = _to_bf16_bits(arr).astype("<u2", copy=False)
     if dtype == "float16":  # bf16 is coarser than float16 near its top: 65504 rounds to 65536, inf in float16
@@ -191,7 +196,7 @@ def int8_scales(x: np.ndarray) -> np.ndarray | None:
     return scale if np.isfinite(top).all() else None
 
 
-def _int8(arr: np.ndarray):
+def _int8(arr: np.ndarray) -> _Body | None:
     rows, cols = _rows_cols(arr.shape)
     x = arr.astype(np.float64).reshape(rows, cols)
     scale = int8_scales(x)
@@ -222,7 +227,7 @@ def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.concatenate([greater, ties]))
 
 
-def _topk(arr: np.ndarray, wire: np.dtype, topk_k, topk_fraction):
+def _topk(arr: np.ndarray, wire: np.dtype, topk_k: int | None, topk_fraction: float | None) -> _Body:
     flat = np.ascontiguousarray(arr).reshape(-1)
     n = flat.size
     if n > _U32_MAX:
@@ -232,7 +237,9 @@ def _topk(arr: np.ndarray, wire: np.dtype, topk_k, topk_fraction):
     return idx.astype("<u4").tobytes(), flat[idx].astype(wire).tobytes(), k
 
 
-def _encode_body(arr: np.ndarray, dtype: str, codec: str, topk_k, topk_fraction) -> tuple[str, bytes, bytes, int]:
+def _encode_body(
+    arr: np.ndarray, dtype: str, codec: str, topk_k: int | None, topk_fraction: float | None
+) -> tuple[str, bytes, bytes, int]:
     """(codec used, side, values, topk_k). A lossy codec that cannot represent a finite tensor (fp16/bf16
     overflow, int8 scale beyond float32) falls back to "raw" for this tensor; the frames say so."""
     wire = DTYPES[dtype]
@@ -263,13 +270,13 @@ def _varint_len(v: int) -> int:
 
 def encode(
     name: str,
-    array,
-    codec="raw",
+    array: ArrayLike,
+    codec: str | pb.CodecSpec = "raw",
     max_frame_bytes: int = MAX_FRAME_BYTES,
     *,
     topk_k: int | None = None,
     topk_fraction: float | None = None,
-) -> list:
+) -> list[pb.TensorFrame]:
     """Encode ``array`` as a list of ``TensorFrame`` messages, each serializing to <= ``max_frame_bytes``.
 
     ``codec`` is a codec name or a ``CodecSpec`` message (whose topk fields then apply). Lossy codecs
@@ -306,7 +313,6 @@ def encode(
     count = max(1, -(-total // budget))
     if count > _U32_MAX:
         raise CodecError(f"tensor {name!r} needs {count} frames; raise max_frame_bytes", "too_large")
-    side_field = _SIDE_FIELD.get(codec)
     frames = []
     for i in range(count):
         lo, hi = i * budget, min(total, (i + 1) * budget)
@@ -314,7 +320,7 @@ def encode(
             name=name, dtype=dtype, shape=shape, codec=codec, topk_k=k, frame_index=i, frame_count=count
         )
         if lo < len(side):
-            setattr(frame, side_field, side[lo : min(hi, len(side))])
+            setattr(frame, _SIDE_FIELD[codec], side[lo : min(hi, len(side))])  # only int8/topk have side bytes
         if hi > len(side):
             frame.payload = values[max(lo - len(side), 0) : hi - len(side)]
         frames.append(frame)
@@ -326,11 +332,14 @@ def encode(
 # --------------------------------------------------------------------------------------------------
 
 
+_Meta = tuple[str, str, tuple[int, ...], str, int, int]  # (name, dtype, shape, codec, topk_k, frame_count)
+
+
 @dataclass
 class _Pending:
     """A tensor whose frames are arriving."""
 
-    meta: tuple  # (name, dtype, shape, codec, topk_k, frame_count): must not change between frames
+    meta: _Meta  # must not change between frames
     side_len: int
     total: int
     decoded_bytes: int
@@ -357,7 +366,7 @@ class Assembler:
     max_total_bytes: int | None = None  # bound on decoded bytes held until finish(); None = no bound
     allow_nonfinite: bool = False
     _pending: _Pending | None = field(default=None, init=False, repr=False)
-    _done: dict = field(default_factory=dict, init=False, repr=False)
+    _done: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
     _held: int = field(default=0, init=False, repr=False)
 
     @property
@@ -379,8 +388,8 @@ class Assembler:
         self._done, self._held = {}, 0
         return done
 
-    def add(self, frame) -> tuple[str, np.ndarray] | None:
-        meta = (frame.name, frame.dtype, tuple(frame.shape), frame.codec, frame.topk_k, frame.frame_count)
+    def add(self, frame: pb.TensorFrame) -> tuple[str, np.ndarray] | None:
+        meta: _Meta = (frame.name, frame.dtype, tuple(frame.shape), frame.codec, frame.topk_k, frame.frame_count)
         p = self._pending
         if p is None:
             if frame.frame_index != 0:
@@ -408,7 +417,7 @@ class Assembler:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _start(self, meta: tuple) -> _Pending:
+    def _start(self, meta: _Meta) -> _Pending:
         name, dtype, shape, codec, k, count = meta
         if not name:
             raise CodecError("tensor frame without a name")
@@ -449,7 +458,7 @@ class Assembler:
             raise CodecError(f"tensor {name!r}: frame_count={count} invalid for {total} encoded bytes")
         return _Pending(meta=meta, side_len=side, total=total, decoded_bytes=decoded, buf=bytearray(total))
 
-    def _fill(self, p: _Pending, frame) -> None:
+    def _fill(self, p: _Pending, frame: pb.TensorFrame) -> None:
         codec = p.meta[3]
         side_field = _SIDE_FIELD.get(codec)
         for other in ("scales", "indices"):
@@ -510,7 +519,7 @@ class Assembler:
         return arr
 
 
-def decode(frames, **assembler_kwargs) -> dict[str, np.ndarray]:
+def decode(frames: Iterable[pb.TensorFrame], **assembler_kwargs: Any) -> dict[str, np.ndarray]:
     """Decode a complete list of frames (one or more tensors) into ``{name: array}``."""
     asm = Assembler(**assembler_kwargs)
     for f in frames:

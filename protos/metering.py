@@ -20,7 +20,8 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 
@@ -50,6 +51,9 @@ HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 GRPC_MESSAGE_PREFIX_BYTES = 5
 
 Listener = Callable[[str, str, str, int], None]
+Msg = Any  # a protobuf message (protobuf ships no type stubs)
+KeyFn = Callable[[Msg | None, Any], str]  # (first request or None, servicer context) -> client key
+Behavior = Callable[..., Any]  # a servicer method: (request or request iterator, context) -> response(s)
 
 
 def reflection_service_names(*extra: str) -> tuple[str, ...]:
@@ -89,7 +93,9 @@ class ByteMeter:
             fn(client, direction, method, nbytes)
 
     @staticmethod
-    def _sum(table, client, direction, method) -> int:
+    def _sum(
+        table: dict[tuple[str, str, str], int], client: str | None, direction: str | None, method: str | None
+    ) -> int:
         return sum(
             v
             for (c, d, m), v in table.items()
@@ -123,11 +129,11 @@ class ByteMeter:
             self._msgs.clear()
 
 
-def _message_class(desc):
+def _message_class(desc: Any) -> type:
     return getattr(pb, desc.name)
 
 
-def _method_kind(method) -> str:
+def _method_kind(method: Any) -> str:
     return ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
 
 
@@ -142,6 +148,15 @@ class MeteredStub:
     ``client_key`` may be reassigned later (e.g. to the id returned by ``Join``); messages are attributed
     to the key current when they are (de)serialized.
     """
+
+    # one multi-callable per method of the service, set in __init__ (typed here: callers see what they return)
+    Join: Callable[..., pb.JoinReply]
+    GetBundle: Callable[..., Iterator[pb.BundleChunk]]
+    Train: Callable[..., Iterator[pb.TrainReply]]
+    PushAdapter: Callable[..., pb.AdapterReply]
+    AwaitRound: Callable[..., Iterator[pb.RoundReply]]
+    Evaluate: Callable[..., Iterator[pb.EvalReply]]
+    Leave: Callable[..., pb.LeaveReply]
 
     def __init__(self, channel: grpc.Channel, meter: ByteMeter, client_key: str):
         self.meter = meter
@@ -160,16 +175,16 @@ class MeteredStub:
                 ),
             )
 
-    def _serializer(self, method: str):
-        def serialize(msg) -> bytes:
+    def _serializer(self, method: str) -> Callable[[Msg], bytes]:
+        def serialize(msg: Msg) -> bytes:
             data = msg.SerializeToString()
             self.meter.add(self.client_key, UP, method, len(data))
             return data
 
         return serialize
 
-    def _deserializer(self, method: str, cls):
-        def deserialize(data: bytes):
+    def _deserializer(self, method: str, cls: Any) -> Callable[[bytes], Msg]:
+        def deserialize(data: bytes) -> Msg:
             self.meter.add(self.client_key, DOWN, method, len(data))
             return cls.FromString(data)
 
@@ -181,7 +196,7 @@ class MeteredStub:
 # --------------------------------------------------------------------------------------------------
 
 
-def default_client_key(request, context) -> str:
+def default_client_key(request: Msg | None, context: grpc.ServicerContext) -> str:
     """Key a call by the session token of its first request, else ``JoinRequest.client_name``, else peer."""
     if request is not None:
         header = getattr(request, "header", None)
@@ -198,7 +213,7 @@ class _Received:
 
     __slots__ = ("msg", "nbytes")
 
-    def __init__(self, msg, nbytes: int):
+    def __init__(self, msg: Msg, nbytes: int):
         self.msg, self.nbytes = msg, nbytes
 
 
@@ -207,75 +222,115 @@ class _ToSend:
 
     __slots__ = ("msg", "client")
 
-    def __init__(self, msg, client: str):
+    def __init__(self, msg: Msg, client: str):
         self.msg, self.client = msg, client
 
 
 class _Call:
     """Per-call state: the client key, resolved from the first request (or the peer, if none yet)."""
 
-    def __init__(self, context, key_fn, meter: ByteMeter, method: str):
+    def __init__(self, context: Any, key_fn: KeyFn, meter: ByteMeter, method: str):
         self.context, self.key_fn, self.meter, self.method = context, key_fn, meter, method
         self.key: str | None = None
 
-    def client(self, request=None) -> str:
+    def client(self, request: Msg | None = None) -> str:
         if self.key is None:
             self.key = self.key_fn(request, self.context)
         return self.key
 
-    def received(self, rec: _Received):
+    def received(self, rec: _Received) -> Msg:
         self.meter.add(self.client(rec.msg), UP, self.method, rec.nbytes)
         return rec.msg
 
-    def requests(self, it: Iterable[_Received]):
+    def requests(self, it: Iterable[_Received]) -> Iterator[Msg]:
         for rec in it:
             yield self.received(rec)
 
-    def responses(self, it):
+    def responses(self, it: Iterable[Msg]) -> Iterator[_ToSend]:
         for resp in it:
             yield _ToSend(resp, self.client())
 
 
-def _wrap_async(kind: str, behavior, method: str, meter: ByteMeter, key_fn):
+def _wrap_async(kind: str, behavior: Behavior, method: str, meter: ByteMeter, key_fn: KeyFn) -> Behavior:
     """grpc.aio variant: servicer methods that are coroutines or async generators (iterator style)."""
 
-    async def requests(call: _Call, it):
+    async def requests(call: _Call, it: AsyncIterable[_Received]) -> AsyncIterator[Msg]:
         async for rec in it:
             yield call.received(rec)
 
-    async def responses(call: _Call, agen):
+    async def responses(call: _Call, agen: AsyncIterable[Msg]) -> AsyncIterator[_ToSend]:
         async for resp in agen:
             yield _ToSend(resp, call.client())
 
     if kind == "unary_unary":
 
-        async def wrapped(request, context):
+        async def unary_unary(request: _Received, context: Any) -> _ToSend | None:
             call = _Call(context, key_fn, meter, method)
             resp = await behavior(call.received(request), context)
             return None if resp is None else _ToSend(resp, call.client())
-    elif kind == "unary_stream":
 
-        async def wrapped(request, context):
+        return unary_unary
+    if kind == "unary_stream":
+
+        async def unary_stream(request: _Received, context: Any) -> AsyncIterator[_ToSend]:
             call = _Call(context, key_fn, meter, method)
             async for out in responses(call, behavior(call.received(request), context)):
                 yield out
-    elif kind == "stream_unary":
 
-        async def wrapped(request_iterator, context):
+        return unary_stream
+    if kind == "stream_unary":
+
+        async def stream_unary(request_iterator: AsyncIterable[_Received], context: Any) -> _ToSend | None:
             call = _Call(context, key_fn, meter, method)
             resp = await behavior(requests(call, request_iterator), context)
             return None if resp is None else _ToSend(resp, call.client())
-    else:
 
-        async def wrapped(request_iterator, context):
+        return stream_unary
+
+    async def stream_stream(request_iterator: AsyncIterable[_Received], context: Any) -> AsyncIterator[_ToSend]:
+        call = _Call(context, key_fn, meter, method)
+        async for out in responses(call, behavior(requests(call, request_iterator), context)):
+            yield out
+
+    return stream_stream
+
+
+def _wrap_sync(kind: str, behavior: Behavior, method: str, meter: ByteMeter, key_fn: KeyFn) -> Behavior:
+    """grpc.server variant: plain servicer methods and generators."""
+    if kind == "unary_unary":
+
+        def unary_unary(request: _Received, context: Any) -> _ToSend | None:
             call = _Call(context, key_fn, meter, method)
-            async for out in responses(call, behavior(requests(call, request_iterator), context)):
-                yield out
+            resp = behavior(call.received(request), context)
+            return None if resp is None else _ToSend(resp, call.client())
 
-    return wrapped
+        return unary_unary
+    if kind == "unary_stream":
+
+        def unary_stream(request: _Received, context: Any) -> Iterator[_ToSend]:
+            call = _Call(context, key_fn, meter, method)
+            yield from call.responses(behavior(call.received(request), context))
+
+        return unary_stream
+    if kind == "stream_unary":
+
+        def stream_unary(request_iterator: Iterable[_Received], context: Any) -> _ToSend | None:
+            call = _Call(context, key_fn, meter, method)
+            resp = behavior(call.requests(request_iterator), context)
+            return None if resp is None else _ToSend(resp, call.client())
+
+        return stream_unary
+
+    def stream_stream(request_iterator: Iterable[_Received], context: Any) -> Iterator[_ToSend]:
+        call = _Call(context, key_fn, meter, method)
+        yield from call.responses(behavior(call.requests(request_iterator), context))
+
+    return stream_stream
 
 
-def _wrap_handler(method: str, handler, meter: ByteMeter, key_fn):
+def _wrap_handler(
+    method: str, handler: grpc.RpcMethodHandler, meter: ByteMeter, key_fn: KeyFn
+) -> grpc.RpcMethodHandler:
     inner_deser = handler.request_deserializer
     inner_ser = handler.response_serializer
 
@@ -294,31 +349,8 @@ def _wrap_handler(method: str, handler, meter: ByteMeter, key_fn):
     )
     behavior = getattr(handler, kind)
 
-    if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
-        wrapped = _wrap_async(kind, behavior, method, meter, key_fn)
-    elif kind == "unary_unary":
-
-        def wrapped(request, context):
-            call = _Call(context, key_fn, meter, method)
-            resp = behavior(call.received(request), context)
-            return None if resp is None else _ToSend(resp, call.client())
-    elif kind == "unary_stream":
-
-        def wrapped(request, context):
-            call = _Call(context, key_fn, meter, method)
-            yield from call.responses(behavior(call.received(request), context))
-    elif kind == "stream_unary":
-
-        def wrapped(request_iterator, context):
-            call = _Call(context, key_fn, meter, method)
-            resp = behavior(call.requests(request_iterator), context)
-            return None if resp is None else _ToSend(resp, call.client())
-    else:
-
-        def wrapped(request_iterator, context):
-            call = _Call(context, key_fn, meter, method)
-            yield from call.responses(behavior(call.requests(request_iterator), context))
-
+    is_async = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+    wrapped = (_wrap_async if is_async else _wrap_sync)(kind, behavior, method, meter, key_fn)
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
     return factory(wrapped, request_deserializer=deserialize, response_serializer=serialize)
 
@@ -327,16 +359,20 @@ class _CaptureServer:
     """Stands in for a grpc.Server to capture the generated method table of add_SplitWaveServicer_to_server."""
 
     def __init__(self) -> None:
-        self.method_handlers: dict | None = None
+        self.method_handlers: dict[str, grpc.RpcMethodHandler] | None = None
 
-    def add_generic_rpc_handlers(self, handlers) -> None:
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         pass
 
-    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
         self.method_handlers = dict(method_handlers)
 
 
-def metered_method_handlers(servicer, meter: ByteMeter, client_key_fn=default_client_key) -> dict:
+def metered_method_handlers(
+    servicer: pb_grpc.SplitWaveServicer, meter: ByteMeter, client_key_fn: KeyFn = default_client_key
+) -> dict[str, grpc.RpcMethodHandler]:
     """The generated ``{method: RpcMethodHandler}`` table with counting (de)serializers.
 
     ``client_key_fn(request_or_None, context) -> str`` is called once per call, with the first request.
@@ -350,13 +386,18 @@ def metered_method_handlers(servicer, meter: ByteMeter, client_key_fn=default_cl
     }
 
 
-def metered_handler(servicer, meter: ByteMeter, client_key_fn=default_client_key) -> grpc.GenericRpcHandler:
+def metered_handler(
+    servicer: pb_grpc.SplitWaveServicer, meter: ByteMeter, client_key_fn: KeyFn = default_client_key
+) -> grpc.GenericRpcHandler:
     """A ``grpc.GenericRpcHandler`` serving ``servicer`` with byte metering."""
     return grpc.method_handlers_generic_handler(SERVICE_NAME, metered_method_handlers(servicer, meter, client_key_fn))
 
 
 def add_metered_servicer_to_server(
-    servicer, server: grpc.Server, meter: ByteMeter, client_key_fn=default_client_key
+    servicer: pb_grpc.SplitWaveServicer,
+    server: grpc.Server,
+    meter: ByteMeter,
+    client_key_fn: KeyFn = default_client_key,
 ) -> None:
     """Metered equivalent of ``add_SplitWaveServicer_to_server``."""
     handlers = metered_method_handlers(servicer, meter, client_key_fn)

@@ -14,25 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from splitwave.common.batching import Batcher
+from splitwave.common.config import parse_config
+from splitwave.common.shard import build_token_dataset
+from splitwave.runner import simulate
+from splitwave.server.datasets import data_spec
+from splitwave.server.models import minilm_path
+from splitwave.server.reference import make_optimizer, train_data, unsplit_step
+from splitwave.server.setup import build_split
+from splitwave.server.trainer import trainable_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from splitwave.common.config import parse_config  # noqa: E402
-from splitwave.common.data import Batcher  # noqa: E402
-from splitwave.common.shard import build_token_dataset  # noqa: E402
-from splitwave.runner import simulate  # noqa: E402
-from splitwave.server.app import build_split, data_spec  # noqa: E402
-from splitwave.server.models import minilm_path  # noqa: E402
-from splitwave.server.reference import _data, _optimizer, _step  # noqa: E402
-from splitwave.server.trainer import trainable_parameters  # noqa: E402
-
 log = logging.getLogger("quality")
 OUT = ROOT / "results/quality"
 DEFAULT_STRATEGIES = ["fedit", "ffa-lora", "rolora", "fedex-lora", "flora", "flexlora", "fedsa-lora"]
@@ -40,7 +38,7 @@ STRATEGY_PARAMS = {"ffa-lora": {}, "rolora": {}}
 LR = {"ffa-lora": 3e-3}  # FFA trains B only: the literature uses a larger step size
 
 
-def base_config(args, strategy: str, partition: str) -> dict:
+def base_config(args: argparse.Namespace, strategy: str, partition: str) -> dict:
     return {
         "name": f"{args.tag}-{partition}-{strategy}",
         "seed": args.seed,
@@ -69,15 +67,15 @@ def base_config(args, strategy: str, partition: str) -> dict:
     }
 
 
-def centralized(args) -> dict:
+def centralized(args: argparse.Namespace) -> dict:
     """Centralized LoRA with the same data and step budget; dev accuracy at the same points as the rounds."""
     cfg = parse_config(base_config(args, "fedit", "iid"))
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
+    data, shards = train_data(cfg, split)
     union = np.sort(np.concatenate(shards))
     dev = build_token_dataset(data_spec(cfg, "eval", 0), minilm_path())
-    opt = _optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
+    opt = make_optimizer(cfg, list(trainable_parameters(split.peft_model).values()))
     stream = Batcher(union, cfg.training.batch_size, cfg.seed).stream()
     per_round = args.clients * args.local_steps
     acc = []
@@ -85,7 +83,7 @@ def centralized(args) -> dict:
     for r in range(args.rounds):
         for _ in range(per_round):
             _, _, idx = next(stream)
-            _step(split, opt, data.batch(idx))
+            unsplit_step(split, opt, data.batch(idx))
         acc.append(_accuracy(split, dev))
         log.info("centralized: %d/%d steps, dev accuracy %.4f", (r + 1) * per_round, args.rounds * per_round, acc[-1])
     return {
@@ -106,7 +104,7 @@ def _accuracy(split, dev) -> float:
     return correct / len(dev)
 
 
-def federated(args, strategy: str, partition: str) -> dict:
+def federated(args: argparse.Namespace, strategy: str, partition: str) -> dict:
     cfg = parse_config(base_config(args, strategy, partition))
     t0 = time.time()
     run = simulate(cfg, progress=False)
@@ -127,7 +125,7 @@ def _acc(r: dict) -> str:
     return f"{r['final_accuracy']:.4f} ({np.mean(r['accuracy_per_round'][-4:]):.4f})"
 
 
-def table(results: dict, args) -> str:
+def table(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"all-MiniLM-L6-v2 (cut 2, LoRA r=8), SST-2 dev accuracy after {args.rounds} rounds of {args.clients} "
         f"clients x {args.local_steps} local steps (batch {args.batch_size}, {args.num_train} training sentences); "

@@ -17,10 +17,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from splitwave.common.config import load_config  # noqa: E402
+from splitwave.common.config import load_config
+from splitwave.plan import plan
+from splitwave.runner import simulate
 
 
 def _mean_round(recs: list[dict], key: str) -> float:
@@ -29,8 +28,8 @@ def _mean_round(recs: list[dict], key: str) -> float:
 
 
 def sweep(config: str, param: str, values: list[str], overrides: list[str], out: Path | None = None) -> dict:
-    from splitwave.runner import simulate
-
+    """One `splitwave simulate` run per value of `param` (plus the plan's predictions for `model.cut`); the
+    rows, also written to OUT as sweep.json, sweep.md and sweep.png."""
     base = load_config(config, overrides)
     out = out or Path(base.output_dir) / f"{base.name}-sweep" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -59,8 +58,6 @@ def sweep(config: str, param: str, values: list[str], overrides: list[str], out:
             flush=True,
         )
     if param == "model.cut":
-        from splitwave.plan import plan
-
         pl = plan(base, cuts=[int(v) for v in values], out=out / "plan.json", quiet=True)
         by_cut = {r["cut"]: r for r in pl["cuts"]}
         for row in rows:

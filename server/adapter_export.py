@@ -13,6 +13,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from splitwave.common.config import dump_config, load_config
+from splitwave.server.setup import build_split, model_source
+from splitwave.server.trainer import trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +47,12 @@ def write_final(run_dir: Path, cfg, edge: dict, top: dict, base_deltas: dict | N
     save_npz(final / TOP_FILE, top)
     if base_deltas:
         save_npz(final / BASE_DELTA_FILE, base_deltas)
-    from splitwave.common.config import dump_config
-
     (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
     return final
 
 
 def apply_to_split(split, edge: dict, top: dict, base_deltas: dict | None = None) -> None:
     """Load final factors (and folded base deltas) into a freshly built split model."""
-    import torch
-
-    from splitwave.server.trainer import trainable_parameters
-
     split.set_edge_factors(edge)
     params = trainable_parameters(split.peft_model)
     unknown = set(top) - set(params)
@@ -71,9 +71,6 @@ def apply_to_split(split, edge: dict, top: dict, base_deltas: dict | None = None
 
 def export_adapter(run_dir: Path, out_dir: Path) -> dict:
     """`splitwave export-adapter RUN_DIR OUT_DIR`."""
-    from splitwave.common.config import load_config
-    from splitwave.server.app import build_split, model_source
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / FINAL_DIR).is_dir() and (run_dir / "server" / FINAL_DIR).is_dir():
         run_dir = run_dir / "server"  # the folder `splitwave simulate` prints holds the server's in server/
@@ -97,8 +94,6 @@ def export_adapter(run_dir: Path, out_dir: Path) -> dict:
         "folded_base_deltas": bool(deltas),
     }
     if deltas:
-        from safetensors.numpy import save_file
-
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in deltas.items()},
             str(out_dir / "base_deltas.safetensors"),

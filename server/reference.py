@@ -11,27 +11,31 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from splitwave.common.data import Batcher
-from splitwave.common.shard import build_token_dataset, partition, round_batch
-from splitwave.server.app import build_split, data_spec, tokenizer_source
+from splitwave.common.batching import Batcher
+from splitwave.common.config import ExperimentConfig
+from splitwave.common.shard import build_token_dataset, round_batch
+from splitwave.common.tokens import TokenDataset
+from splitwave.server.datasets import client_shards, data_spec
+from splitwave.server.setup import build_split, tokenizer_source
+from splitwave.server.split import SplitModel
 from splitwave.server.trainer import trainable_parameters
 
 
-def _data(cfg, split):
+def train_data(cfg: ExperimentConfig, split: SplitModel) -> tuple[TokenDataset, list[np.ndarray]]:
+    """The run's training set and its client shards, as the server cuts them."""
     spec = data_spec(cfg, "train", int(split.peft_model.config.vocab_size))
     data = build_token_dataset(spec, tokenizer_source(cfg))
-    shards = partition(
-        data, cfg.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha, cfg.seed, min_size=cfg.training.batch_size
-    )
-    return data, shards
+    return data, client_shards(cfg, data)
 
 
-def _optimizer(cfg, params):
+def make_optimizer(cfg: ExperimentConfig, params) -> torch.optim.AdamW:
+    """The AdamW of `training.optim`, as edges and server build it."""
     o = cfg.training.optim
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
 
 
-def _step(split, opt, batch) -> float:
+def unsplit_step(split: SplitModel, opt: torch.optim.Optimizer, batch) -> float:
+    """One step of the unsplit peft model on `batch` (ids, mask, labels); returns the loss."""
     ids, mask, labels = (torch.from_numpy(x) for x in batch)
     opt.zero_grad(set_to_none=True)
     logits = split.peft_model(input_ids=ids, attention_mask=mask).logits
@@ -45,14 +49,14 @@ def centralized_train(cfg, client: int = 0, split=None):
     """Returns (split model after training, losses)."""
     split = split or build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
+    data, shards = train_data(cfg, split)
     params = trainable_parameters(split.peft_model)
-    opt = _optimizer(cfg, list(params.values()))
+    opt = make_optimizer(cfg, list(params.values()))
     batcher = Batcher(shards[client], cfg.training.batch_size, cfg.seed, client_id=client)
     losses = []
     for r in range(cfg.rounds.num_rounds):
         for s in range(cfg.training.local_steps):
-            losses.append(_step(split, opt, round_batch(data, batcher, cfg.training.local_steps, r, s)))
+            losses.append(unsplit_step(split, opt, round_batch(data, batcher, cfg.training.local_steps, r, s)))
     return split, losses
 
 
@@ -60,7 +64,7 @@ def federated_train(cfg) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """sfl-v1 with FedAvg (fedit) of edge and top adapters; returns (edge factors, top factors)."""
     split = build_split(cfg)
     split.peft_model.eval()
-    data, shards = _data(cfg, split)
+    data, shards = train_data(cfg, split)
     params = trainable_parameters(split.peft_model)
     edge_keys = set(split.edge_factor_names())
     glob = {k: p.detach().clone() for k, p in params.items()}
@@ -71,12 +75,12 @@ def federated_train(cfg) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(glob[k])
-            opt = _optimizer(cfg, list(params.values()))
+            opt = make_optimizer(cfg, list(params.values()))
             if c in states:
                 opt.load_state_dict(states[c])
             batcher = Batcher(shards[c], cfg.training.batch_size, cfg.seed, client_id=c)
             for s in range(cfg.training.local_steps):
-                _step(split, opt, round_batch(data, batcher, cfg.training.local_steps, r, s))
+                unsplit_step(split, opt, round_batch(data, batcher, cfg.training.local_steps, r, s))
             states[c] = opt.state_dict()
             results.append(({k: p.detach().clone().double() for k, p in params.items()}, len(shards[c])))
         total = sum(n for _, n in results)

@@ -23,20 +23,23 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitwave.common.config import LimitsConfig
+from splitwave.common.lora import FACTOR_SUFFIXES
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 from splitwave.protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
 from splitwave.protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
-from splitwave.server.app import PROTOCOL_VERSION, Session, SplitServer
+from splitwave.server.app import SplitServer
 from splitwave.server.errors import ServiceError
 from splitwave.server.peers import CallGuard
+from splitwave.server.sessions import PROTOCOL_VERSION, Session
+from splitwave.server.validation import STEP_TENSORS
 
 log = logging.getLogger(__name__)
 
 BUNDLE_CHUNK = (1 << 20) - 4096  # file bytes per chunk, so each message stays under 1 MiB
 AWAIT_TIMEOUT_S = 3600.0
 MAX_MESSAGE_BYTES = MAX_FRAME_BYTES + (64 << 10)  # one frame plus its header: anything bigger is refused by gRPC
-STEP_TENSORS = frozenset({"h", "attention_mask", "labels"})
 SPARE_RPC_THREADS = 8  # Join, health checks, reflection
 BACKENDS = ("onnxruntime", "torch", "custom")  # Capabilities.backend; "custom": a client's own edge code
 TRAINING_MODES = ("recompute", "saved")
@@ -107,10 +110,10 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         self.max_tensor_bytes = cfg.server.max_tensor_bytes
         # what one step or one adapter upload can legitimately need (x4 slack on batch and rank): an
         # authenticated peer cannot make the server reserve more than this per call
-        hidden = int(app.manifest.get("hidden_size") or 1024)
+        hidden = app.manifest.hidden_size
         b, sq = cfg.training.batch_size, cfg.data.max_seq_len
         self.step_bytes = min(self.max_tensor_bytes, 4 * b * sq * (hidden + 2) * 8 + (64 << 10))
-        sizes = [int(np.prod(f["shape"])) * 4 for f in app.manifest["factors"]]
+        sizes = [int(np.prod(f.shape)) * 4 for f in app.manifest.factors]
         self.adapter_bytes = min(self.max_tensor_bytes, 4 * sum(sizes) + (64 << 10))
         self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
         self._active_lock = threading.Lock()
@@ -253,7 +256,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             session_token=s.token,
             run_id=self.app.run_id,
             config=run,
-            manifest_json=json.dumps(self.app.manifest),
+            manifest_json=self.app.manifest.to_json(indent=None),
             bundle_hash=self.app.bundle_hash,
             current_round=current,
             resume_secret=resume,
@@ -376,7 +379,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     def _push_adapter(self, request_iterator, context, call):
         asm = self._assembler(self.adapter_bytes)
         s, header = None, None
-        names = {f["name"] for f in self.app.manifest["factors"]}
+        names = set(self.app.manifest.factor_names)
         for req in request_iterator:
             call.busy()
             if s is None:
@@ -448,7 +451,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                     yield pb.RoundReply(header=header, base_delta=frame)
         trainable, upload = [], []
         if d is not None:
-            kinds = {"A": ".lora_A.weight", "B": ".lora_B.weight"}
+            kinds = FACTOR_SUFFIXES
             names = self.app.split.edge_factor_names()
             trainable = [k for k in names if any(k.endswith(kinds[t]) for t in d.trainable)]
             upload = list(d.upload_keys)
@@ -546,8 +549,6 @@ def rpc_threads_needed(num_clients: int, limits=None) -> int:
     """Every registered client's calls at once, plus every stranger's call the guard lets wait, plus spares:
     strangers can never hold the threads registered clients need (server/peers.py)."""
     if limits is None:
-        from splitwave.common.config import LimitsConfig
-
         limits = LimitsConfig()
     return limits.max_calls_per_client * num_clients + limits.max_pending_calls + num_clients + SPARE_RPC_THREADS
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
+from splitwave.common.lora import is_factor_param, saved_key
 from splitwave.server.models import family_of
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,6 @@ class ServerPart(nn.Module):
         return self.head(pooled)
 
 
-def _saved_key(param_name: str, adapter: str) -> str:
-    """peft parameter name -> saved-adapter key (drop the adapter name after lora_A/lora_B)."""
-    for ab in ("lora_A", "lora_B"):
-        param_name = param_name.replace(f".{ab}.{adapter}.", f".{ab}.")
-    return param_name
-
-
 @dataclass
 class SplitModel:
     """An unsplit PeftModel plus edge/server views sharing its modules."""
@@ -255,8 +249,8 @@ def split_model(
     saved_keys = set(get_peft_model_state_dict(peft_model, adapter_name=adapter))
     by_id = {}
     for name, p in peft_model.named_parameters():
-        if p.requires_grad and (".lora_A." in name or ".lora_B." in name):
-            key = _saved_key(name, adapter)
+        if p.requires_grad and is_factor_param(name):
+            key = saved_key(name, adapter)
             if key not in saved_keys:
                 raise RuntimeError(f"LoRA parameter {name} -> {key} not among peft's saved keys")
             by_id[id(p)] = (key, p)

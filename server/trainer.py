@@ -24,11 +24,12 @@ step get the fused step of the remaining members (`_train_locked`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +170,20 @@ class TopTrainer:
                 self._slots[client_id] = _Slot(tensors, old.optimizer_state if old else None)
             else:
                 self._load(tensors)
+
+    @contextlib.contextmanager
+    def using_factors(self, values: dict[str, np.ndarray] | None) -> Iterator[None]:
+        """Inside the block the module holds the top factors `values` (None or empty: the ones loaded now) and
+        the trainer's lock (no step runs); after it, the adapter loaded before is back. For evaluating a global
+        top adapter between steps."""
+        with self.lock:
+            saved = self._snapshot()
+            if values:
+                self._load({k: torch.from_numpy(np.asarray(v)) for k, v in values.items()})
+            try:
+                yield
+            finally:
+                self._load(saved)
 
     def client_ids(self) -> list[str]:
         ids = set(self._slots)

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # `cryptography` is a server extra: imported where used, so the CLI parser stays light
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_DAYS = 365
 
 
-def new_key():
+def new_key() -> ec.EllipticCurvePrivateKey:
     """An EC P-256 private key."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -45,9 +47,9 @@ def san_entry(host: str) -> x509.GeneralName:
 
 def make_cert(
     common_name: str,
-    key,
+    key: CertificateIssuerPrivateKeyTypes,
     issuer_cert: x509.Certificate | None = None,
-    issuer_key=None,
+    issuer_key: CertificateIssuerPrivateKeyTypes | None = None,
     ca: bool = False,
     hosts: list[str] | tuple[str, ...] = (),
     client: bool = False,
@@ -100,7 +102,7 @@ def write_cert(path: Path, cert: x509.Certificate) -> Path:
     return path
 
 
-def write_key(path: Path, key) -> Path:
+def write_key(path: Path, key: PrivateKeyTypes) -> Path:
     """PKCS#8 PEM, unencrypted, readable by the owner only (created 0600, never world-readable in between)."""
     from cryptography.hazmat.primitives import serialization
 
@@ -114,7 +116,8 @@ def write_key(path: Path, key) -> Path:
     return path
 
 
-def load_ca(out: Path):
+def load_ca(out: Path) -> tuple[x509.Certificate, PrivateKeyTypes]:
+    """The CA certificate and key that `make_pki` wrote to `out`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 

@@ -1,7 +1,7 @@
 """`splitwave` command line: export, server, edge, simulate, plan, export-adapter, certs.
 
-Heavy imports happen inside each command, so `splitwave edge` runs on a device that has only the `edge`
-extra (no torch, no pydantic).
+Heavy imports happen inside each command (on purpose, not an oversight), so `splitwave edge` runs on a
+device that has only the `edge` extra (no torch, no pydantic).
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # type names only: importing the server needs torch
+    from splitwave.server.app import SplitServer
 
 log = logging.getLogger("splitwave")
 
@@ -52,7 +56,7 @@ def _quiet_third_party(verbose: int) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if verbose > 0 else logging.ERROR)
 
 
-def _load_cfg(args):
+def _load_cfg(args: argparse.Namespace):
     from splitwave.common.config import load_config
 
     return load_config(args.config, args.set)
@@ -68,22 +72,24 @@ def _set_arg(item: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     """Export the edge bundle of a config (model, cut, LoRA) to a folder."""
-    from splitwave.server.app import build_split, model_source, tokenizer_source
     from splitwave.server.export import export_bundle
+    from splitwave.server.setup import build_split, model_source, tokenizer_source
 
     _quiet_third_party(args.verbose)
     cfg = _load_cfg(args)
     split = build_split(cfg)
     tok = tokenizer_source(cfg)
     manifest = export_bundle(split, args.out, modes=tuple(args.modes), model_id=model_source(cfg), tokenizer_dir=tok)
-    print(json.dumps({k: manifest[k] for k in ("cut", "weights_sha256", "modes") if k in manifest}, indent=2))
+    print(
+        json.dumps({"cut": manifest.cut, "weights_sha256": manifest.weights_sha256, "modes": manifest.modes}, indent=2)
+    )
     print(f"bundle written to {args.out}")
     return 0
 
 
-def server_results(app, run_dir: Path) -> list[str]:
+def server_results(app: SplitServer, run_dir: Path) -> list[str]:
     """What a finished (or stopped) server tells its user: rounds done, the last evaluation, where the files are."""
     from splitwave.server.adapter_export import FINAL_DIR
 
@@ -114,7 +120,7 @@ def server_results(app, run_dir: Path) -> list[str]:
     return out
 
 
-def cmd_server(args) -> int:
+def cmd_server(args: argparse.Namespace) -> int:
     """Run a server until SIGTERM or until every round is done and every client has left."""
     from splitwave.runner import make_run_dir
     from splitwave.server.app import SplitServer
@@ -156,7 +162,7 @@ def cmd_server(args) -> int:
     return 0
 
 
-def cmd_edge(args) -> int:
+def cmd_edge(args: argparse.Namespace) -> int:
     """Run one torch-free edge client against a server."""
     import grpc
 
@@ -178,7 +184,12 @@ def cmd_edge(args) -> int:
     )
     if opts.metrics_path:
         opts.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    client = EdgeClient(args.server, opts)
+    make_backend = None  # the client's own: ONNX Runtime
+    if args.backend == "torch":  # the reference backend, for comparisons only
+        from splitwave.server.torch_edge import torch_backend  # lazy: torch is not on an edge device
+
+        make_backend = torch_backend
+    client = EdgeClient(args.server, opts, make_backend=make_backend)
     try:
         summary = client.run()
     except (ConnectionError, EdgeError, DataNotFound) as e:  # one line: what failed, where, the likely cause
@@ -193,7 +204,7 @@ def cmd_edge(args) -> int:
     return 0
 
 
-def cmd_simulate(args) -> int:
+def cmd_simulate(args: argparse.Namespace) -> int:
     from splitwave.runner import simulate
 
     cfg = _load_cfg(args)
@@ -202,7 +213,7 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     from splitwave.plan import plan
 
     _quiet_third_party(args.verbose)
@@ -211,7 +222,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_export_adapter(args) -> int:
+def cmd_export_adapter(args: argparse.Namespace) -> int:
     from splitwave.server.adapter_export import export_adapter
 
     info = export_adapter(Path(args.run_dir), Path(args.out_dir))
@@ -219,7 +230,7 @@ def cmd_export_adapter(args) -> int:
     return 0
 
 
-def cmd_certs(args) -> int:
+def cmd_certs(args: argparse.Namespace) -> int:
     """Development PKI for TLS / mTLS (see splitwave/certs.py)."""
     from splitwave.certs import make_pki
 

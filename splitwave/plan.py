@@ -1,6 +1,6 @@
 """`splitwave plan`: predict the per-round time of every cut layer for the configured links, pick the best.
 
-Compute is profiled, not guessed: for each cut the torch split model (`server.app.build_split` with that
+Compute is profiled, not guessed: for each cut the torch split model (`server.setup.build_split` with that
 cut) is timed on a real batch shape (batch_size x max_seq_len): the edge forward, the edge VJP (forward
 recomputed + backward, as the recompute-mode ONNX edge does) and one server training step, by the
 simulator's own timing code (splitwave.sim.costs.time_edge / time_server_step). Message sizes are the exact
@@ -21,8 +21,19 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from splitwave.channel import round_latency_model
+from splitwave.channel.factory import rate_summary
 from splitwave.common.config import ExperimentConfig
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import encode, factor_codec
+from splitwave.runner import build_links
+from splitwave.server.setup import build_split
+from splitwave.server.torch_edge import TorchEdge
+from splitwave.server.trainer import StepInput, TopTrainer
+from splitwave.sim.costs import time_edge, time_server_step
+from splitwave.timeline import CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, ClientRound, StepTimes, simulate_timeline
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +42,6 @@ HEADER_BYTES = 80  # session token, run id, round, step: what every message carr
 
 def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, int]:
     """Serialized bytes per step up (h + mask + labels), per step down (grad_h) and of the adapter push."""
-    from splitwave.protos import splitwave_pb2 as pb
-    from splitwave.protos.codec import encode, factor_codec
-
     tr = cfg.training
     b, s = h.shape[:2]
     hdr = pb.Header(session_token="x" * 43, run_id="r" * 12, round=1, step=1)
@@ -63,14 +71,6 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
 def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
     """Measured compute times (s) and message sizes (bytes) of one training step at `cut`, timed by the
     simulator's own timing code (splitwave.sim.costs) on the torch edge backend and the real server step."""
-    # lazily: torch and the models load only when a plan is made (the CLI starts fast)
-    import torch
-
-    from splitwave.server.app import build_split
-    from splitwave.server.torch_edge import TorchEdge
-    from splitwave.server.trainer import StepInput, TopTrainer
-    from splitwave.sim.costs import time_edge, time_server_step
-
     torch.set_num_threads(1)  # an edge runs one thread (simulate starts them so); steadier timings too
     c = cfg.model_copy(deep=True)
     c.model.cut = cut
@@ -101,11 +101,6 @@ def profile_cut(cfg: ExperimentConfig, cut: int, reps: int = 5) -> dict:
 
 def predict(cfg: ExperimentConfig, prof: dict, edge_slowdown: float = 1.0) -> dict:
     """Round time predictions (s) for one profiled cut on the configured links."""
-    from splitwave.channel import round_latency_model
-    from splitwave.channel.factory import rate_summary
-    from splitwave.runner import build_links
-    from splitwave.timeline import CONTROL_REPLY_BYTES, CONTROL_REQUEST_BYTES, ClientRound, StepTimes, simulate_timeline
-
     E, K = cfg.training.local_steps, cfg.num_clients
     fwd, bwd = prof["t_edge_fwd"] * edge_slowdown, prof["t_edge_bwd"] * edge_slowdown
     links = build_links(cfg)
@@ -145,8 +140,6 @@ def plan(
     quiet: bool = False,
 ) -> dict:
     """Profile and predict every cut; print a table and the best cut; write plan.json."""
-    from splitwave.server.app import build_split
-
     if not cuts:
         n = build_split(cfg).n_blocks
         cuts = list(range(1, n))

@@ -3,28 +3,28 @@
 Channel modes: `virtual` runs on the simulation engine (splitwave.sim: virtual clients as state on a pool of
 executors, every time on a virtual clock from the cost model, the devices and the link models);
 `none` (plain loopback) and `realtime` (one `ShapingProxy` per client in this process, the edge talks to its
-proxy) run one server process and N edge processes on loopback. Child processes run in their own process
-groups and are always terminated on the way out (Ctrl-C, errors, timeouts), and they die with this process
-(PR_SET_PDEATHSIG) even if it is killed outright.
+proxy) run one server process and N edge processes on loopback, started by `splitwave.launch`: always
+terminated on the way out (Ctrl-C, errors, timeouts), and they die with this process even if it is killed
+outright.
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
+from splitwave import report
 from splitwave.channel import Cell, LinkPair, ShapingProxy, make_link_pair, place_clients
 from splitwave.common.config import ConfigError, ExperimentConfig, dump_config
+from splitwave.launch import LaunchError, ProcessGroup, child_env
+from splitwave.report import write_report
 from splitwave.sim.costs import build_cost_model
 from splitwave.sim.devices import build_devices, server_factor
 from splitwave.sim.run import run_engine
@@ -44,7 +44,7 @@ CELL_KEYS = {
 }
 
 
-class SimulationError(RuntimeError):
+class SimulationError(LaunchError):
     """A run that could not finish: names the process or the timeout and points at its log."""
 
 
@@ -116,72 +116,7 @@ def build_links(cfg: ExperimentConfig, specs: list[dict] | None = None) -> list[
     return pairs
 
 
-# ----------------------------------------------------------------------------- child processes
-def _pdeathsig() -> None:
-    """In the child: die with the parent, even if the parent is SIGKILLed."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # pragma: no cover - not Linux
-        pass
-
-
-class ProcessGroup:
-    """The children of one run. Each gets its own process group; `stop()` ends them all (TERM, then KILL)."""
-
-    def __init__(self):
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-
-    def start(self, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(log_path, "wb")
-        try:
-            p = subprocess.Popen(
-                argv,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_pdeathsig,
-                env=env,
-            )
-        finally:
-            fh.close()
-        self.procs[name], self.logs[name] = p, log_path
-        return p
-
-    def tail(self, name: str, n: int = 2000) -> str:
-        try:
-            return self.logs[name].read_bytes()[-n:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        alive = [p for p in self.procs.values() if p.poll() is None]
-        for p in alive:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)  # the group is the child's own (start_new_session)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + grace_s
-        for p in alive:
-            try:
-                p.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "splitwave.cli", "-q", *args]
-
-
+# ----------------------------------------------------------------------------- the run
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -240,7 +175,6 @@ class _Progress:
             self.bar.stop()
 
 
-# ----------------------------------------------------------------------------- the run
 def _cache_root() -> Path:
     return Path(os.environ.get("SPLITWAVE_CACHE", ".cache"))
 
@@ -259,7 +193,6 @@ def make_run_dir(cfg: ExperimentConfig) -> Path:
 
 def _simulate_engine(cfg: ExperimentConfig, run_dir: Path, specs: list[dict], progress: bool) -> Path:
     """Virtual mode: the run on the simulation engine; its metrics.jsonl holds no wall-clock value."""
-    from splitwave import report  # as in simulate()
 
     cache = _cache_root()
     devices = build_devices(cfg)
@@ -319,8 +252,6 @@ def simulate(
     Every wait has a bound: `startup_timeout_s` for the server to serve, `round_timeout_s` without a finished
     round, `exit_timeout_s` for the edges to exit once the server is done.
     """
-    from splitwave import report  # matplotlib and friends: only when a run writes its report
-
     mode = cfg.channel.mode
     if virtual_only and mode == "realtime":
         mode = "virtual"
@@ -339,7 +270,7 @@ def simulate(
         return _simulate_engine(cfg, run_dir, specs, progress)
     round_timeout_s = round_timeout_s or cfg.rounds.deadline_s * 1.5 + 120.0
     clients = [f"client-{k}" for k in range(cfg.num_clients)]
-    procs = ProcessGroup()
+    procs = ProcessGroup(env=child_env())
     proxies: list[ShapingProxy] = []
     live_links: list[LinkPair] = []
     bar = _Progress(cfg.rounds.num_rounds, cfg.name, progress)
@@ -351,37 +282,22 @@ def simulate(
 
         old_term = signal.signal(signal.SIGTERM, _on_term)
     t_wall0 = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     try:
         ready = run_dir / "server.ready.json"
         cache = _cache_root()
-        server = procs.start(
-            "server",
-            _cli(
-                "server",
-                str(run_dir / "config.yaml"),
-                "--run-dir",
-                str(run_dir / "server"),
-                "--ready-file",
-                str(ready),
-                "--cache-dir",
-                str(cache / "bundles"),
-            ),
-            run_dir / "logs" / "server.log",
-            env,
+        server = procs.start_server(
+            run_dir / "config.yaml",
+            run_dir=run_dir / "server",
+            cache_dir=cache / "bundles",
+            ready_file=ready,
+            log=run_dir / "logs" / "server.log",
+            quiet=True,
         )
         bar.phase("training", "starting the server (the first run of a model exports its edge bundle)")
-        end = time.monotonic() + startup_timeout_s
-        while not ready.exists():
-            if server.poll() is not None:
-                raise SimulationError(
-                    f"server exited with code {server.returncode} before serving; log "
-                    f"{procs.logs['server']}:\n{procs.tail('server')}"
-                )
-            if time.monotonic() > end:
-                raise SimulationError(f"server not ready after {startup_timeout_s:.0f} s; log {procs.logs['server']}")
-            time.sleep(0.1)
-        port = json.loads(ready.read_text())["port"]
+        try:
+            port = procs.wait_ready("server", ready, startup_timeout_s)
+        except LaunchError as e:
+            raise SimulationError(str(e)) from None
         targets = [f"127.0.0.1:{port}"] * len(clients)
         if mode == "realtime":
             live_links = build_links(cfg, specs)
@@ -390,23 +306,17 @@ def simulate(
                 proxies.append(px)
             targets = [f"127.0.0.1:{px.port}" for px in proxies]
         edge_dir = run_dir / "edges"
+        extra = ["--backend", cfg.training.edge_backend, *(["--threads", str(edge_threads)] if edge_threads else [])]
         for name, target in zip(clients, targets):
-            argv = _cli(
-                "edge",
-                "--server",
-                target,
-                "--name",
+            procs.start_edge(
                 name,
-                "--cache-dir",
-                str(cache / "edge"),
-                "--metrics",
-                str(edge_dir / f"{name}.jsonl"),
-                "--backend",
-                cfg.training.edge_backend,
+                target,
+                cache_dir=cache / "edge",
+                metrics=edge_dir / f"{name}.jsonl",
+                log=run_dir / "logs" / f"{name}.log",
+                extra=extra,
+                quiet=True,
             )
-            if edge_threads:
-                argv += ["--threads", str(edge_threads)]
-            procs.start(name, argv, run_dir / "logs" / f"{name}.log", env)
         bar.note(f"training: {len(clients)} edges joining")
         metrics_path = run_dir / "server" / "server_metrics.jsonl"
         seen, last_progress, server_done = 0, time.monotonic(), None
@@ -463,7 +373,7 @@ def simulate(
                 f"server finished after {len(lines)} of {cfg.rounds.num_rounds} rounds; logs in {run_dir / 'logs'}"
             )
         edge_records = {n: _read_jsonl(edge_dir / f"{n}.jsonl") for n in clients}
-        summary = report.write_report(
+        summary = write_report(
             run_dir, cfg, mode, clients, edge_records, lines, lambda: build_links(cfg, specs), wall, phase=bar.phase
         )
     finally:

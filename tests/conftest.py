@@ -1,24 +1,24 @@
 """Shared fixtures: exported edge bundles, built once per session and cached on disk by config hash.
 
 Exporting a bundle takes ~25 s per tiny config, so every test module asks `edge_bundle(family)` and gets
-the same export. The on-disk cache (.cache/bundles/<hash>) is keyed by the config and by the source of the
-modules that shape the graphs, so editing them re-exports.
+the same export. The on-disk cache is the server's (`splitwave.server.setup.cached_bundle`, under
+$SPLITWAVE_TEST_CACHE or .cache/bundles): keyed by the config and by the source of every module that
+determines the bundle's bytes, so editing them re-exports.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from splitwave.common.manifest import BundleManifest
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SPLITWAVE_TEST_CACHE", ROOT / ".cache" / "bundles"))
-_SOURCES = ("server/models.py", "server/split.py", "server/export.py")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,7 +29,7 @@ class Bundle:
 
     split: object
     path: Path
-    manifest: dict
+    manifest: BundleManifest
     key: str
 
 
@@ -49,13 +49,6 @@ def make_split(family: str, task: str = "seq-cls", cut: int = 2, r: int = 4, alp
         {k: (0.2 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.server_factors().items()}
     )
     return split
-
-
-def _config_key(cfg: dict) -> str:
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    for src in _SOURCES:
-        h.update((ROOT / src).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def require_shared(rel: str) -> Path:
@@ -88,27 +81,21 @@ def shared_traces():
 @pytest.fixture(scope="session")
 def edge_bundle():
     """edge_bundle(family, task="seq-cls", cut=2, modes=("recompute","saved")) -> Bundle (cached)."""
-    from splitwave.server.export import export_bundle
+    from splitwave.server.setup import cached_bundle  # lazy: torch-free tests load this conftest too
 
     memo: dict[str, Bundle] = {}
 
     def get(family: str, task: str = "seq-cls", cut: int = 2, modes=("recompute", "saved")) -> Bundle:
-        cfg = {"family": family, "task": task, "cut": cut, "modes": list(modes), "r": 4, "alpha": 8.0, "seed": 0}
-        key = _config_key(cfg)
-        if key in memo:
-            return memo[key]
+        ident = {"family": family, "task": task, "cut": cut, "modes": list(modes), "r": 4, "alpha": 8.0, "seed": 0}
+        memo_key = json.dumps(ident, sort_keys=True)
+        if memo_key in memo:
+            return memo[memo_key]
         split = make_split(family, task, cut)
-        path = CACHE / f"{family}-{task}-cut{cut}-{key}"
-        mpath = path / "manifest.json"
-        if mpath.is_file():
-            manifest = json.loads(mpath.read_text())
-        else:
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            manifest = export_bundle(split, tmp, modes=modes, model_id=f"tiny-{family}")
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-        memo[key] = Bundle(split, path, manifest, key)
-        return memo[key]
+        path = cached_bundle(
+            CACHE, ident, split, label=f"{family}-{task}-cut{cut}", modes=modes, model_id=f"tiny-{family}"
+        )
+        manifest = BundleManifest.from_file(path)
+        memo[memo_key] = Bundle(split, path, manifest, path.name)
+        return memo[memo_key]
 
     return get

@@ -1,8 +1,7 @@
-"""Helpers shared by the network/security/fault tests: one tiny config, in-process servers and edges.
+"""Helpers shared by the network/security/fault tests: the tiny config, in-process servers and edges.
 
-Every test uses the same model, LoRA and seed (so the exported bundle is built once and cached under
-.cache/bundles) and sfl-v1 (a top adapter per client), which makes a client's result independent of how
-its steps interleave with other clients' steps: runs can then be compared bit for bit.
+The tiny config, the in-process server and the edges in threads are the package's (`splitwave.inprocess`,
+also used by the benchmarks); here they get the tests' bundle cache, built once and kept under .cache/bundles.
 """
 
 from __future__ import annotations
@@ -10,44 +9,27 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from splitwave import inprocess
+from splitwave.inprocess import final_factors, make_client, run_clients
+from splitwave.inprocess import tiny_config as tiny_cfg
 from splitwave.protos import splitwave_pb2 as pb
+from splitwave.server.service import RunningServer
+
+__all__ = ["final_factors", "make_client", "run_clients", "tiny_cfg"]  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_CACHE = ROOT / ".cache" / "bundles"
+EDGE_CACHE = ROOT / ".cache" / "edge-tests"  # the edges' bundle downloads, shared by the tests
 # what a hand-made test client declares at Join (the proto requires a protocol version and a backend)
 CAPS = pb.Capabilities(protocol_version=1, backend="custom", codecs=["raw"])
-
-BASE = {
-    "seed": 0,
-    "num_clients": 1,
-    "model": {"family": "bert", "tiny": True, "task": "seq-cls", "num_labels": 2, "cut": 2},
-    "lora": {"r": 4, "alpha": 8},
-    "data": {"dataset": "synthetic", "num_train": 128, "num_eval": 32, "max_seq_len": 16},
-    "training": {"mode": "sfl-v1", "batch_size": 8, "local_steps": 3, "optim": {"lr": 0.003}},
-    "rounds": {"num_rounds": 2, "deadline_s": 30},
-}
-
-
-def tiny_cfg(overrides: list[str] | None = None, **sections):
-    """The shared tiny config; `sections` replace/extend top-level entries, `overrides` are a.b=value."""
-    import copy
-
-    from splitwave.common.config import parse_config
-
-    raw = copy.deepcopy(BASE)
-    for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(raw.get(k), dict):
-            raw[k] = {**raw[k], **v}
-        else:
-            raw[k] = v
-    return parse_config(raw, overrides or [])
+BASE = inprocess.TINY_CONFIG
 
 
 def free_port() -> int:
@@ -57,57 +39,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(cfg, run_dir: Path, credentials=None):
-    """An in-process server (app + gRPC) that is always stopped."""
-    from splitwave.server.app import SplitServer
-    from splitwave.server.service import start_server
-
-    app = SplitServer(cfg, Path(run_dir), cache_dir=BUNDLE_CACHE)
-    running = start_server(app, credentials=credentials)
-    try:
+def serving(cfg, run_dir: Path, credentials=None) -> Iterator[RunningServer]:
+    """An in-process server (app + gRPC) with the tests' bundle cache, always stopped."""
+    with inprocess.serving(cfg, run_dir, BUNDLE_CACHE, credentials) as running:
         yield running
-    finally:
-        running.stop(0.5)
-
-
-def make_client(address: str, name: str, cache_dir: Path, cls=None, **opts):
-    from splitwave.edge.client import ClientOptions, EdgeClient
-
-    cls = cls or EdgeClient
-    return cls(address, ClientOptions(name=name, cache_dir=Path(cache_dir), threads=1, **opts))
-
-
-def run_clients(
-    address: str, names: list[str], cache_dir: Path, timeout: float = 120.0, classes: dict | None = None, **opts
-) -> dict:
-    """Run edge clients in threads until the server stops them; returns {name: summary or exception}.
-    `classes` maps a name to an EdgeClient subclass to run under that name (default EdgeClient)."""
-    out: dict = {}
-
-    def go(n):
-        c = make_client(address, n, cache_dir, cls=(classes or {}).get(n), **opts)
-        try:
-            out[n] = c.run()
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            out[n] = e
-        finally:
-            c.close()
-
-    threads = [threading.Thread(target=go, args=(n,), daemon=True) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "edge clients did not finish"
-    return out
-
-
-def final_factors(app) -> dict[str, np.ndarray]:
-    """The run's result: the global edge adapter and the (aggregated) top adapter."""
-    return {
-        **{f"edge/{k}": np.array(v) for k, v in app.global_edge_factors().items()},
-        **{f"top/{k}": np.array(v) for k, v in app.final_top_factors().items()},
-    }
 
 
 def assert_same_factors(a: dict, b: dict, atol: float = 0.0) -> None:

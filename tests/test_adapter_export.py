@@ -8,16 +8,17 @@ import threading
 import numpy as np
 import pytest
 import torch
+from net_helpers import ROOT
 from peft import PeftModel
 
 from splitwave.cli import main as cli_main
 from splitwave.common.config import parse_config
 from splitwave.edge.client import ClientOptions, EdgeClient
-from splitwave.launch import ROOT
 from splitwave.server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, apply_to_split, load_npz
-from splitwave.server.app import SplitServer, build_split
+from splitwave.server.app import SplitServer
 from splitwave.server.models import build_model
 from splitwave.server.service import start_server
+from splitwave.server.setup import build_split
 
 
 def _train(tmp_path, raw):

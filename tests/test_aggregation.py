@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from splitwave.common import lora
 from splitwave.server.aggregation import STRATEGIES, ClientUpdate, load_state, make_strategy, save_state
 from splitwave.server.aggregation import lora_math as lm
 
@@ -14,8 +15,8 @@ S = ALPHA / R
 def adapter(rng, r=R, b_zero=False, mods=MODS, scale=1.0):
     out = {}
     for m in mods:
-        out[lm.a_key(m)] = scale * rng.normal(size=(r, D_IN))
-        out[lm.b_key(m)] = np.zeros((D_OUT, r)) if b_zero else scale * rng.normal(size=(D_OUT, r))
+        out[lora.a_key(m)] = scale * rng.normal(size=(r, D_IN))
+        out[lora.b_key(m)] = np.zeros((D_OUT, r)) if b_zero else scale * rng.normal(size=(D_OUT, r))
     return out
 
 
@@ -51,7 +52,7 @@ def weights(ups):
 
 
 def AB(f, m):
-    return f[lm.a_key(m)], f[lm.b_key(m)]
+    return f[lora.a_key(m)], f[lora.b_key(m)]
 
 
 def assert_state_equal(a, b):
@@ -97,21 +98,21 @@ def test_ffa_lora_is_exact_and_checks_frozen_a():
     assert d.trainable == ("B",) and all(k.endswith("lora_B.weight") for k in d.upload_keys)
     ups = []
     for k in range(3):
-        f = {lm.b_key(m): rng.normal(size=(D_OUT, R)) for m in MODS}
+        f = {lora.b_key(m): rng.normal(size=(D_OUT, R)) for m in MODS}
         if k == 0:  # uploading the frozen A is allowed if bit-identical
-            f.update({lm.a_key(m): init[lm.a_key(m)].copy() for m in MODS})
+            f.update({lora.a_key(m): init[lora.a_key(m)].copy() for m in MODS})
         ups.append(ClientUpdate(f"c{k}", f, 5 + k))
     res = st.aggregate(0, ups)
     p = weights(ups)
     for m in MODS:
-        A0 = init[lm.a_key(m)]
+        A0 = init[lora.a_key(m)]
         A, B = AB(res.global_factors, m)
         np.testing.assert_array_equal(A, A0)
-        ideal = sum(pk * S * u.factors[lm.b_key(m)] @ A0 for pk, u in zip(p, ups))
+        ideal = sum(pk * S * u.factors[lora.b_key(m)] @ A0 for pk, u in zip(p, ups))
         np.testing.assert_allclose(S * B @ A, ideal, atol=1e-12)
     assert res.metrics["agg_error_fro"] < 1e-10
     bad = dict(ups[0].factors)
-    bad[lm.a_key(MODS[0])] = bad[lm.a_key(MODS[0])] + 1e-6
+    bad[lora.a_key(MODS[0])] = bad[lora.a_key(MODS[0])] + 1e-6
     with pytest.raises(ValueError, match="frozen factor"):
         st.aggregate(1, [ClientUpdate("c0", bad, 5)])
 
@@ -128,12 +129,14 @@ def test_rolora_alternates_starting_with_b_and_both_phases_are_exact():
         ups = []
         for k in range(3):
             f = {
-                lm.b_key(m) if phase == "B" else lm.a_key(m): rng.normal(size=(D_OUT, R) if phase == "B" else (R, D_IN))
+                lora.b_key(m) if phase == "B" else lora.a_key(m): rng.normal(
+                    size=(D_OUT, R) if phase == "B" else (R, D_IN)
+                )
                 for m in MODS
             }
             ups.append(ClientUpdate(f"c{k}", f, 3 + 4 * k))
         with pytest.raises(ValueError):  # uploading the frozen factor changed is refused
-            wrong = {**ups[0].factors, **{lm.a_key(m) if phase == "B" else lm.b_key(m): np.ones(1) for m in MODS}}
+            wrong = {**ups[0].factors, **{lora.a_key(m) if phase == "B" else lora.b_key(m): np.ones(1) for m in MODS}}
             st.aggregate(t, [ClientUpdate("c0", wrong, 1)])
         res = st.aggregate(t, ups)
         p = weights(ups)
@@ -142,7 +145,7 @@ def test_rolora_alternates_starting_with_b_and_both_phases_are_exact():
             full = [{**start, **u.factors} for u in ups]
             ideal = lm.product_sum(*zip(*(AB(f, m) for f in full)), p)
             np.testing.assert_allclose(B @ A, ideal, atol=1e-12)
-            frozen = lm.a_key(m) if phase == "B" else lm.b_key(m)
+            frozen = lora.a_key(m) if phase == "B" else lora.b_key(m)
             np.testing.assert_array_equal(res.global_factors[frozen], start[frozen])
         assert res.metrics["agg_error_fro"] < 1e-10
 
@@ -185,7 +188,8 @@ def test_flora_stacking_equals_weighted_sum_with_heterogeneous_ranks_and_scaling
     assert res.global_factors is None
     for m in MODS:
         ideal = sum(
-            pk * (a / r) * u.factors[lm.b_key(m)] @ u.factors[lm.a_key(m)] for pk, a, r, u in zip(p, alphas, ranks, ups)
+            pk * (a / r) * u.factors[lora.b_key(m)] @ u.factors[lora.a_key(m)]
+            for pk, a, r, u in zip(p, alphas, ranks, ups)
         )
         np.testing.assert_allclose(res.base_deltas[m], ideal, atol=1e-12)
         Bf, Af = res.base_delta_factors[m]
@@ -207,7 +211,10 @@ def test_flexlora_full_rank_reproduces_mean_product_and_truncates_optimally():
     dirs = st.configure_round(1, ["big", "small"])
     for m in MODS:
         dW = sum(
-            pk * (u.lora_alpha / u.factors[lm.a_key(m)].shape[0]) * u.factors[lm.b_key(m)] @ u.factors[lm.a_key(m)]
+            pk
+            * (u.lora_alpha / u.factors[lora.a_key(m)].shape[0])
+            * u.factors[lora.b_key(m)]
+            @ u.factors[lora.a_key(m)]
             for pk, u in zip(p, ups)
         )
         A, B = AB(dirs["big"].load_factors, m)  # rank 6 >= rank(dW) = 5
@@ -217,7 +224,7 @@ def test_flexlora_full_rank_reproduces_mean_product_and_truncates_optimally():
         sv = np.linalg.svd(dW, compute_uv=False)
         assert np.linalg.norm(dW - (ALPHA / 2) * B2 @ A2) == pytest.approx(np.sqrt(np.sum(sv[2:] ** 2)), rel=1e-8)
         np.testing.assert_allclose(A2 @ A2.T, np.eye(2), atol=1e-10)  # orthonormal rows
-    assert res.client_factors["c0"][lm.a_key(MODS[0])].shape == (2, D_IN)
+    assert res.client_factors["c0"][lora.a_key(MODS[0])].shape == (2, D_IN)
 
 
 # ----------------------------------------------------------------------------- §8-9 HetLoRA / RBLA
@@ -243,7 +250,7 @@ def test_rbla_masked_vs_zero_padding_with_heterogeneous_ranks():
     ups = [ClientUpdate(f"c{k}", adapter(rng, r), n[k]) for k, r in enumerate(ranks)]
     p = weights(ups)
     m = MODS[0]
-    As = [u.factors[lm.a_key(m)] for u in ups]
+    As = [u.factors[lora.a_key(m)] for u in ups]
     for name, masked in (("rbla", True), ("zero-padding", False)):
         st = make(name, lora_alpha=4.0, use_rslora=False)
         st.initialize(init)
@@ -251,15 +258,15 @@ def test_rbla_masked_vs_zero_padding_with_heterogeneous_ranks():
         for cid, r in zip(["c0", "c1", "c2"], ranks):  # truncation back to each client's rank
             A, B = AB(res.client_factors[cid], m)
             assert A.shape == (r, D_IN) and B.shape == (D_OUT, r)
-        A = res.client_factors["c2"][lm.a_key(m)]
+        A = res.client_factors["c2"][lora.a_key(m)]
         # slot 1 is owned by c1 and c2 only; slot 3 by c2 only
         w1 = p[1:] / p[1:].sum() if masked else p[1:]
         np.testing.assert_allclose(A[1], w1[0] * As[1][1] + w1[1] * As[2][1], atol=1e-12)
         np.testing.assert_allclose(A[3], As[2][3] * (1.0 if masked else p[2]), atol=1e-12)
         # B is averaged in ΔW units (s_k * B_k) and handed back divided by the receiver's s
-        B = res.client_factors["c0"][lm.b_key(m)]
+        B = res.client_factors["c0"][lora.b_key(m)]
         s = [4.0 / r for r in ranks]
-        Bs = [u.factors[lm.b_key(m)] for u in ups]
+        Bs = [u.factors[lora.b_key(m)] for u in ups]
         np.testing.assert_allclose(B[:, 0] * s[0], sum(pk * sk * Bk[:, 0] for pk, sk, Bk in zip(p, s, Bs)), atol=1e-12)
 
 
@@ -273,8 +280,8 @@ def test_hetlora_norm_weighting_and_self_prune_directive():
     m = MODS[0]
     nrm = [np.linalg.norm(AB(u.factors, m)[1] @ AB(u.factors, m)[0]) for u in ups]
     w = np.array(nrm) / sum(nrm)
-    want = w[0] * ups[0].factors[lm.a_key(m)] + w[1] * ups[1].factors[lm.a_key(m)]
-    np.testing.assert_allclose(res.client_factors["c0"][lm.a_key(m)], want, atol=1e-12)
+    want = w[0] * ups[0].factors[lora.a_key(m)] + w[1] * ups[1].factors[lora.a_key(m)]
+    np.testing.assert_allclose(res.client_factors["c0"][lora.a_key(m)], want, atol=1e-12)
     with pytest.raises(ValueError, match="rank 5"):  # above the server's r_max
         st.aggregate(1, [ClientUpdate("c0", adapter(rng, 5), 1)])
 
@@ -295,14 +302,14 @@ def test_fedsa_averages_a_and_keeps_b_per_client():
     p = weights(ups)
     for m in MODS:
         np.testing.assert_allclose(
-            res.global_factors[lm.a_key(m)], sum(pk * u.factors[lm.a_key(m)] for pk, u in zip(p, ups))
+            res.global_factors[lora.a_key(m)], sum(pk * u.factors[lora.a_key(m)] for pk, u in zip(p, ups))
         )
-        assert lm.b_key(m) not in res.global_factors
+        assert lora.b_key(m) not in res.global_factors
         for u in ups:
-            np.testing.assert_array_equal(res.client_factors[u.client_id][lm.b_key(m)], u.factors[lm.b_key(m)])
+            np.testing.assert_array_equal(res.client_factors[u.client_id][lora.b_key(m)], u.factors[lora.b_key(m)])
     view = st.configure_round(1, ["c2", "new"])
     np.testing.assert_array_equal(view["c2"].load_factors["base_model.model.classifier.weight"], np.full((2, 4), 2.0))
-    np.testing.assert_array_equal(view["new"].load_factors[lm.b_key(MODS[0])], np.zeros((D_OUT, R)))
+    np.testing.assert_array_equal(view["new"].load_factors[lora.b_key(MODS[0])], np.zeros((D_OUT, R)))
     lean = make("fedsa-lora")
     lean.initialize(init)
     assert all(k.endswith("lora_A.weight") for k in lean.configure_round(0, ["c0"])["c0"].upload_keys)
@@ -326,7 +333,7 @@ def test_server_opt_avgm_without_momentum_is_plain_and_adam_differs():
         outs.append(st.aggregate(0, ups).global_factors)
     for k in outs[0]:
         np.testing.assert_allclose(outs[1][k], outs[0][k], atol=1e-12)
-    k = lm.b_key(MODS[0])  # FedAdam's first step (no bias correction, Reddi et al.)
+    k = lora.b_key(MODS[0])  # FedAdam's first step (no bias correction, Reddi et al.)
     delta = outs[0][k] - init[k]
     want = init[k] + 0.1 * (0.1 * delta) / (np.sqrt(0.01 * delta**2) + 1e-3)
     np.testing.assert_allclose(outs[2][k], want, atol=1e-12)
@@ -395,7 +402,7 @@ def test_bad_params_raise_clear_value_error(name, kw, match):
 
 
 def _mutations(good):
-    k_a, k_b = lm.a_key(MODS[0]), lm.b_key(MODS[0])
+    k_a, k_b = lora.a_key(MODS[0]), lora.b_key(MODS[0])
     has_a, has_b = k_a in good, k_b in good
     k_any = k_a if has_a else k_b
     yield "missing", {k: v for k, v in good.items() if k != k_any}
@@ -452,6 +459,6 @@ def test_two_scopes_share_nothing_and_default_output_is_float32():
     top.initialize({k: v * 2 for k, v in init.items()})
     res = edge.aggregate(0, updates(rng))
     assert all(v.dtype == np.float32 for v in res.global_factors.values())
-    np.testing.assert_array_equal(top.global_A[MODS[0]], (2 * init[lm.a_key(MODS[0])]).astype(np.float32))
+    np.testing.assert_array_equal(top.global_A[MODS[0]], (2 * init[lora.a_key(MODS[0])]).astype(np.float32))
     assert top.rounds_done == 0 and edge.rounds_done == 1
     assert res.metrics["uplink_bytes"] > 0 and res.metrics["downlink_bytes"] > 0

@@ -23,11 +23,11 @@ def test_folded_base_delta_matches_torch(edge_bundle, family, mode):
             m = key[: -len(".lora_A.weight")]
             w = modules[m].base_layer.weight
             deltas[m] = (0.05 * rng.standard_normal(tuple(w.shape))).astype(np.float32)
-    assert rt.manifest["base_weights"] and all(rt.manifest["base_weights"][m] for m in deltas)
+    assert rt.manifest.base_weights and all(rt.manifest.base_weights[m] for m in deltas)
     ids = rng.integers(10, 100, (3, 9))
     mask = np.ones((3, 9), np.int64)
     mask[1, 5:] = 0
-    gh = rng.standard_normal((3, 9, rt.manifest["hidden_size"])).astype(np.float32)
+    gh = rng.standard_normal((3, 9, rt.manifest.hidden_size)).astype(np.float32)
     h0 = rt.forward(ids, mask)
     rt.set_base_deltas(deltas)
     h1 = rt.forward(ids, mask)

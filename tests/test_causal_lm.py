@@ -15,14 +15,17 @@ import torch
 import yaml
 from net_helpers import ROOT, run_clients, serving
 
-from splitwave.common import data as D
 from splitwave.common.config import ConfigError, parse_config
+from splitwave.common.datasets import load_e2e
 from splitwave.common.shard import build_token_dataset, partition
-from splitwave.server.app import build_split, data_spec, tokenizer_source
+from splitwave.common.synthetic import synthetic_causal_lm
+from splitwave.common.tokens import IGNORE_INDEX
+from splitwave.server.datasets import data_spec
 from splitwave.server.errors import ServiceError
 from splitwave.server.evaluation import evaluate
 from splitwave.server.models import minilm_path
 from splitwave.server.reference import centralized_train
+from splitwave.server.setup import build_split, tokenizer_source
 from splitwave.server.trainer import _accuracy
 
 E2E_CONFIG = ROOT / "configs" / "e2e-gpt2-tiny.yaml"
@@ -53,26 +56,26 @@ def _e2e_raw(**overrides) -> dict:
 
 
 def test_synthetic_causal_lm_follows_one_successor_rule_and_batches_trim_labels():
-    train = D.synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
-    evals = D.synthetic_causal_lm(64, 12, 100, seed=6, rule_seed=1)
+    train = synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
+    evals = synthetic_causal_lm(64, 12, 100, seed=6, rule_seed=1)
     succ = {}
     for ds in (train, evals):
         assert ds.per_token and ds.labels.shape == ds.input_ids.shape
         for ids, mask, lab in zip(ds.input_ids, ds.attention_mask, ds.labels):
             n = int(mask.sum())
-            assert (lab[n:] == D.IGNORE_INDEX).all() and (ids[n:] == 0).all()
-            first = int(np.flatnonzero(lab != D.IGNORE_INDEX)[0])
+            assert (lab[n:] == IGNORE_INDEX).all() and (ids[n:] == 0).all()
+            first = int(np.flatnonzero(lab != IGNORE_INDEX)[0])
             assert 1 <= first <= 3 and (lab[first:n] == ids[first:n]).all()  # prompt unlabelled, target labelled
             for prev, tok in zip(ids[first - 1 : n - 1], ids[first:n]):
                 assert succ.setdefault(int(prev), int(tok)) == tok  # train and eval share one rule
     assert len(succ) == 16 and sorted(succ.values()) == sorted(succ)  # a permutation of the 16-token alphabet
-    again = D.synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
+    again = synthetic_causal_lm(64, 12, 100, seed=5, rule_seed=1)
     assert np.array_equal(again.input_ids, train.input_ids) and np.array_equal(again.labels, train.labels)
 
     ids, mask, labels = train.batch([3, 1, 4])
     assert labels.shape == ids.shape == (3, mask.sum(1).max())
     assert np.array_equal(labels, train.labels[[3, 1, 4], : ids.shape[1]])
-    assert (train.labels[[3, 1, 4], ids.shape[1] :] == D.IGNORE_INDEX).all()  # only unlabelled columns dropped
+    assert (train.labels[[3, 1, 4], ids.shape[1] :] == IGNORE_INDEX).all()  # only unlabelled columns dropped
 
 
 def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
@@ -81,7 +84,7 @@ def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
     from splitwave.common.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(minilm_path())
-    raw = D.load_e2e("valid", limit=16, seed=0)
+    raw = load_e2e("valid", limit=16, seed=0)
     assert ds.num_labels == tok.vocab_size == 30522 and ds.input_ids.shape == (16, 64)
     sep = tok.sep_id
     for i in range(16):
@@ -92,7 +95,7 @@ def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
         p = len(prompt) + 1
         assert row.tolist() == (prompt + [sep] + target + [sep])[:n]  # cut at max_seq_len, else whole
         assert n == 64 or n == len(prompt) + len(target) + 2
-        assert (lab[:p] == D.IGNORE_INDEX).all() and (lab[p:] == row[p:]).all()  # loss on the target (+ [SEP])
+        assert (lab[:p] == IGNORE_INDEX).all() and (lab[p:] == row[p:]).all()  # loss on the target (+ [SEP])
     with pytest.raises(ValueError, match="max_seq_len"):  # rows whose prompt fills them have no loss at all
         build_token_dataset({**spec, "max_seq_len": 20}, minilm_path())
     with pytest.raises(ValueError, match="causal-LM data"):
@@ -100,7 +103,7 @@ def test_e2e_rows_are_prompt_sep_target_sep_with_loss_on_the_target():
 
 
 def test_causal_lm_is_partitioned_iid_only():
-    data = D.synthetic_causal_lm(40, 8, 100, seed=0)
+    data = synthetic_causal_lm(40, 8, 100, seed=0)
     parts = partition(data, 4, "iid", 0.3, seed=0)
     assert sorted(np.concatenate(parts).tolist()) == list(range(40))
     with pytest.raises(ValueError, match="iid"):
@@ -125,7 +128,7 @@ def test_config_errors_name_the_field(raw, field):
 
 
 def test_tiny_model_takes_the_tokenizers_vocabulary():
-    from splitwave.server.app import model_vocab_size
+    from splitwave.server.setup import model_vocab_size
 
     cfg = parse_config(_e2e_raw())
     assert tokenizer_source(cfg) == minilm_path() and model_vocab_size(cfg) == 30522
@@ -147,7 +150,7 @@ def test_evaluation_is_hf_loss_per_token_and_next_token_accuracy_at_any_batch_si
     with torch.no_grad():
         out = split.peft_model(input_ids=ids, attention_mask=mask, labels=labels)
     correct, count = _accuracy(out.logits, labels, "causal-lm")
-    assert count == int((labels[:, 1:] != D.IGNORE_INDEX).sum())
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
     for rows in (64, 7, 1):
         got = evaluate(split, data, max_rows=rows)
         assert got["eval_loss"] == pytest.approx(float(out.loss), abs=1e-5)
@@ -192,9 +195,9 @@ def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
         good = {
             "h": np.zeros((b, s, 32), np.float32),
             "attention_mask": np.ones((b, s), np.int64),
-            "labels": np.full((b, s), D.IGNORE_INDEX, np.int64),
+            "labels": np.full((b, s), IGNORE_INDEX, np.int64),
         }
-        app._check_batch(good)
+        app.check_batch(good)
         for labels, msg in [
             (np.full((b, s), 30522, np.int64), "token ids"),
             (np.full((b, s), -1, np.int64), "token ids"),
@@ -202,5 +205,5 @@ def test_fused_causal_lm_steps_over_grpc_and_label_checks(tmp_path):
             (np.zeros((b, s), np.float32), "integers"),
         ]:
             with pytest.raises(ServiceError, match=msg) as e:
-                app._check_batch({**good, "labels": labels})
+                app.check_batch({**good, "labels": labels})
             assert e.value.code == "INVALID_ARGUMENT"

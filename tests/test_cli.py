@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from net_helpers import BASE
+from net_helpers import BASE, ROOT
 
 from splitwave.cli import _Help, build_parser, main
-from splitwave.launch import ROOT, child_env
+from splitwave.launch import ProcessGroup, child_env
 
 QUICK = str(ROOT / "configs" / "quick.yaml")
 QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
@@ -149,36 +145,15 @@ def test_run_dirs_are_timestamped_and_never_shared(tmp_path):
     assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", a.name)
 
 
-def _server(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**child_env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "splitwave", "server", *args],
-        cwd=cwd,
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def _server(procs: ProcessGroup, args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m splitwave server ARGS` (the package's __main__, as a user types it)."""
+    return procs.start("server", [sys.executable, "-m", "splitwave", "server", *args], log)
 
 
-def _until(cond, proc, log: Path, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode} before {what}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > end:
-            raise AssertionError(f"no {what} after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-
-
-def _term(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait()
+def _term(procs: ProcessGroup) -> int:
+    """SIGTERM the server (the graceful stop), then its exit code."""
+    procs.stop(grace_s=30)
+    return procs["server"].returncode
 
 
 def test_taken_port_fails_in_one_line_before_any_export(tmp_path):
@@ -189,15 +164,10 @@ def test_taken_port_fails_in_one_line_before_any_export(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         log = tmp_path / "server.log"
-        proc = _server(
-            [str(cfg), "--port", str(port), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")],
-            tmp_path,
-            log,
-        )
-        try:
+        with ProcessGroup(cwd=tmp_path, env=child_env(omp_threads=1)) as procs:
+            args = [str(cfg), "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
+            proc = _server(procs, [*args, "--run-dir", str(tmp_path / "run")], log)
             rc = proc.wait(300)
-        finally:
-            _term(proc)
     out = log.read_text()
     assert rc == 2, out
     errors = [line for line in out.splitlines() if "error" in line]
@@ -223,13 +193,11 @@ def test_server_says_what_it_does(tmp_path):
         if start == "cached":  # a stale metrics file of an earlier run in the same folder
             (tmp_path / "reused").mkdir()
             (tmp_path / "reused" / "server_metrics.jsonl").write_text('{"round": 0}\n')
-        proc = _server([*common, "--ready-file", str(ready), *extra], tmp_path, log)
-        try:
-            _until(ready.exists, proc, log, 600, "ready file")
-            port = json.loads(ready.read_text())["port"]
+        with ProcessGroup(cwd=tmp_path, env=child_env(omp_threads=1)) as procs:
+            _server(procs, [*common, "--ready-file", str(ready), *extra], log)
+            port = procs.wait_ready("server", ready, 600)
             assert f"listening on 127.0.0.1:{port}" in log.read_text()
-        finally:
-            rc = _term(proc)
+            rc = _term(procs)
         out = log.read_text()
         assert rc == 0, out
         folders.append(re.search(r"run folder (\S+);", out).group(1))

@@ -10,7 +10,7 @@ import json
 import grpc
 import numpy as np
 import pytest
-from net_helpers import rpc_status, serving, tiny_cfg
+from net_helpers import ROOT, rpc_status, serving, tiny_cfg
 
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as pb_grpc
@@ -138,7 +138,6 @@ def test_an_unexpected_exception_is_internal_with_a_message_never_unknown(server
 def test_the_proto_names_the_values_the_server_accepts():
     """The accepted backends, codecs and training modes are written in the proto, so the contract and the
     server cannot drift apart silently."""
-    from splitwave.launch import ROOT
     from splitwave.protos.codec import CODECS, FACTOR_CODECS
     from splitwave.server.service import BACKENDS, TRAINING_MODES
 

@@ -57,8 +57,8 @@ def test_edge_runs_without_torch(edge_bundle):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    n = len(b.manifest["factors"])
+    n = len(b.manifest.factors)
     for mode in ("recompute", "saved"):
-        assert out[mode] == {"h": [2, 5, b.manifest["hidden_size"]], "n_grads": n, "changed": n}
+        assert out[mode] == {"h": [2, 5, b.manifest.hidden_size], "n_grads": n, "changed": n}
     assert out["torch_importable"] is False
     assert out["loaded"] == []

@@ -21,12 +21,12 @@ from test_security import _sec_cfg, pki  # noqa: F401 - the PKI fixture (CA, ser
 
 from splitwave.cli import main
 from splitwave.common.paths import DataNotFound, data_dirs, find_data_file
-from splitwave.edge.client import EdgeClient, format_summary, round_line
-from splitwave.edge.retry import Retrier, RetryPolicy, Unreachable, diagnose
+from splitwave.edge.client import ClientOptions, EdgeClient, format_summary, round_line
+from splitwave.edge.retry import Retrier, RetryPolicy, Unreachable, diagnose, recovering
+from splitwave.launch import CLI
 from splitwave.server.security import server_credentials
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
-CLI = [sys.executable, "-m", "splitwave.cli"]
 
 
 def _edge_cli(capsys, *argv) -> tuple[int, list[str]]:
@@ -193,6 +193,36 @@ def test_only_healable_failures_are_retried_and_the_budget_holds():
         r.call(lambda left: (_ for _ in ()).throw(_Err(grpc.StatusCode.INVALID_ARGUMENT, "bad")), "X")
 
 
+def test_recoveries_in_a_row_are_bounded():
+    """`recovering` (a lost session: rejoin, then call again): at most `limit` recoveries, the next failure is
+    raised; other errors pass through untouched."""
+    recovered = []
+
+    def failing(n):
+        left = iter(range(n))
+
+        def fn():
+            if next(left, None) is not None:
+                raise KeyError("lost")
+            return "done"
+
+        return fn
+
+    assert recovering(failing(2), KeyError, recovered.append, limit=2) == "done" and len(recovered) == 2
+    with pytest.raises(KeyError):
+        recovering(failing(3), KeyError, recovered.append, limit=2)
+    assert len(recovered) == 4
+    with pytest.raises(ValueError):
+        recovering(lambda: int("x"), KeyError, recovered.append, limit=2)
+
+
+def test_a_backend_other_than_onnxruntime_comes_as_a_factory():
+    """The edge client has one backend built in; another (the torch reference) is passed by the caller."""
+    with pytest.raises(ValueError, match="make_backend"):
+        EdgeClient("h:9", ClientOptions(backend="torch"))
+    EdgeClient("h:9", ClientOptions(backend="torch"), make_backend=lambda bundle, settings: None).close()
+
+
 # -- data on the device ------------------------------------------------------------------------------------
 
 SST2_CFG = {
@@ -330,7 +360,7 @@ def test_peak_rss_is_this_process_not_the_parent_that_forked_it():
 
     ballast = bytearray(300 << 20)  # touch 300 MiB in this (parent) process
     ballast[::4096] = b"x" * len(ballast[::4096])
-    code = "from edge.client import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from splitwave.edge.client import peak_rss_bytes; print(peak_rss_bytes())"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     child = int(p.stdout.strip())
     assert child < 200 << 20 < peak_rss_bytes(), (child, peak_rss_bytes())

@@ -6,8 +6,10 @@ import re
 import subprocess
 import sys
 
+from net_helpers import ROOT
+
 from splitwave.common.config import parse_config
-from splitwave.launch import ROOT, child_env
+from splitwave.launch import child_env
 from splitwave.server.app import SplitServer
 from splitwave.server.service import start_server
 

@@ -39,12 +39,12 @@ def _split_with_dropout(p: float = 0.1):
 def _random_aten_ops(split) -> list[str]:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from splitwave.server.export import _EdgeFn, _example_inputs
+    from splitwave.server.export.trace import EdgeFn, example_inputs
 
-    fn = _EdgeFn(split)
+    fn = EdgeFn(split)
     params = split.edge_factor_params()
     fs = [params[k].detach().clone() for k in fn.names]
-    ids, mask, _ = _example_inputs(split, 3, 11)
+    ids, mask, _ = example_inputs(split, 3, 11)
     gm = make_fx(fn, _allow_non_fake_inputs=True)(fs, ids, mask)
     return [
         str(n.target)

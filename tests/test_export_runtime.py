@@ -46,7 +46,7 @@ def test_ort_matches_torch(edge_bundle, family, mode):
     rt = EdgeRuntime(b.path, mode=mode, threads=1)
     for name, v in b.split.edge_factors().items():
         np.testing.assert_array_equal(rt.factors[name], v)
-    hidden = b.manifest["hidden_size"]
+    hidden = b.manifest.hidden_size
     for batch, seq in SHAPES:
         ids, mask, gh = _batch(batch, seq, hidden)
         h_ref, g_ref = _torch_ref(b.split, ids, mask, gh)
@@ -63,26 +63,25 @@ def test_bundle_layout(edge_bundle):
     b = edge_bundle("llama")
     m = b.manifest
     files = {p.name: p.stat().st_size for p in b.path.iterdir()}
-    graphs = [g for mode in m["modes"] for g in m["graphs"][mode]]
+    graphs = [g for mode in m.modes for g in m.graphs[mode]]
     assert set(graphs) == {"forward.onnx", "vjp.onnx", "forward_saved.onnx", "backward_saved.onnx"}
-    assert sha256_file(b.path / m["weights_file"]) == m["weights_sha256"]
+    assert sha256_file(b.path / m.weights_file) == m.weights_sha256
     # frozen weights written once: bundle <= 1.1 x frozen edge weight bytes + graph bytes
     factor_ids = {id(p) for p in b.split.edge_factor_params().values()}
     frozen = sum(p.numel() * 4 for p in b.split.edge.parameters() if id(p) not in factor_ids)
     graph_bytes = sum(files[g] for g in graphs)
-    assert files[m["weights_file"]] <= 1.1 * frozen
+    assert files[m.weights_file] <= 1.1 * frozen
     assert sum(files.values()) <= 1.1 * frozen + graph_bytes + files["factors.npz"] + files["manifest.json"]
     import onnx
 
     for g in graphs:  # every graph references the one weights file
         model = onnx.load(str(b.path / g), load_external_data=False)
         locs = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-        assert locs == {m["weights_file"]}
+        assert locs == {m.weights_file}
         assert [i.name for i in model.graph.input][:2] == ["input_ids", "attention_mask"] or g == "backward_saved.onnx"
-    names = [f["name"] for f in m["factors"]]
-    assert names == b.split.edge_factor_names()
-    assert m["cut"] == 2 and m["family"] == "llama" and m["lora"]["r"] == 4 and m["opset"] >= 17
-    json.dumps(m)
+    assert m.factor_names == b.split.edge_factor_names()
+    assert m.cut == 2 and m.family == "llama" and m.lora.r == 4 and m.opset >= 17
+    json.dumps(m.to_dict())
 
 
 def test_weights_hash_checked(edge_bundle, tmp_path):
@@ -91,14 +90,14 @@ def test_weights_hash_checked(edge_bundle, tmp_path):
     bad.mkdir()
     for p in b.path.iterdir():
         os.symlink(p, bad / p.name)
-    m = dict(b.manifest, weights_sha256="0" * 64)
+    m = dict(b.manifest.to_dict(), weights_sha256="0" * 64)
     (bad / "manifest.json").unlink()
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="sha256"):
         EdgeRuntime(bad)
     with pytest.raises(BundleError, match="modes"):
         EdgeRuntime(b.path.parent / "nope") if False else None
-        (bad / "manifest.json").write_text(json.dumps(dict(b.manifest, modes=["recompute"])))
+        (bad / "manifest.json").write_text(json.dumps(dict(b.manifest.to_dict(), modes=["recompute"])))
         EdgeRuntime(bad, mode="saved")
 
 
@@ -131,7 +130,7 @@ def test_train_steps_match_torch_edge(edge_bundle, mode, tmp_path):
     from tests.conftest import make_split
 
     b = edge_bundle("gpt2")
-    trainable = {k for k in b.manifest["grad_outputs"] if k.endswith("lora_B.weight")}
+    trainable = {k for k in b.manifest.grad_outputs if k.endswith("lora_B.weight")}
     rt = EdgeRuntime(b.path, mode=mode, threads=1, lr=1e-2, trainable=trainable)
     ref = TorchEdge(make_split("gpt2"), lr=1e-2, trainable=trainable)
     for k, v in rt.factors.items():
@@ -179,16 +178,16 @@ def test_minilm_cut2_forward_matches_torch(tmp_path):
     grads = rt.backward(gh)
     for k in g_ref:
         assert np.abs(grads[k] - g_ref[k]).max() <= 1e-4 * max(1.0, np.abs(g_ref[k]).max()) * 10
-    assert "tokenizer.json" in rt.manifest["tokenizer_files"]
+    assert "tokenizer.json" in rt.manifest.tokenizer_files
 
 
 def test_runtime_options_and_shared_weights(edge_bundle, tmp_path):
     """Spinning/arena options and the shared weight mapping change no numbers; old bundles still load."""
     b = edge_bundle("bert")
     m = b.manifest
-    assert m["initializers"] and set(m["graph_initializers"]) == {g for mode in m["modes"] for g in m["graphs"][mode]}
-    for e in m["initializers"].values():
-        assert e["offset"] % 64 == 0 and e["offset"] + e["length"] <= m["weights_bytes"]
+    assert m.initializers and set(m.graph_initializers) == {g for mode in m.modes for g in m.graphs[mode]}
+    for e in m.initializers.values():
+        assert e.offset % 64 == 0 and e.offset + e.length <= m.weights_bytes
     # a bundle written before the "initializers" table: ORT loads the external data itself
     old = tmp_path / "old"
     old.mkdir()
@@ -196,9 +195,9 @@ def test_runtime_options_and_shared_weights(edge_bundle, tmp_path):
         if p.name != "manifest.json":
             os.symlink(p, old / p.name)
     (old / "manifest.json").write_text(
-        json.dumps({k: v for k, v in m.items() if k not in ("initializers", "graph_initializers")})
+        json.dumps({k: v for k, v in m.to_dict().items() if k not in ("initializers", "graph_initializers")})
     )
-    ids, mask, gh = _batch(2, 9, m["hidden_size"])
+    ids, mask, gh = _batch(2, 9, m.hidden_size)
     for mode in MODES:
         ref = EdgeRuntime(b.path, mode=mode, threads=1)
         assert ref._weights.values

@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ from net_helpers import (
     wait_until,
 )
 
+from splitwave.launch import ProcessGroup
+
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
-SPLITWAVE = [sys.executable, "-m", "splitwave.cli"]
 
 
 # -- a TCP proxy that resets the connection once -----------------------------------------------------------
@@ -149,26 +149,10 @@ def test_connection_reset_mid_train_is_retried_exactly_once(tmp_path, reference,
 # -- an edge process killed mid-round ----------------------------------------------------------------------
 
 
-def _edge_proc(address: str, name: str, metrics: Path, log: Path):
-    return subprocess.Popen(
-        SPLITWAVE
-        + [
-            "-q",
-            "edge",
-            "--server",
-            address,
-            "--name",
-            name,
-            "--cache-dir",
-            str(EDGE_CACHE),
-            "--threads",
-            "1",
-            "--metrics",
-            str(metrics),
-        ],
-        cwd=ROOT,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
+def _edge_proc(procs: ProcessGroup, address: str, name: str, metrics: Path, log: Path) -> subprocess.Popen:
+    """`splitwave -q edge` NAME as a child of `procs`; a restart of NAME goes on in the same log."""
+    return procs.start_edge(
+        name, address, cache_dir=EDGE_CACHE, metrics=metrics, log=log, extra=["--threads", "1"], quiet=True, append=True
     )
 
 
@@ -186,35 +170,28 @@ def _lines(path: Path) -> list[dict]:
 
 def test_edge_killed_mid_round_rejoins_next_round(tmp_path):
     cfg = tiny_cfg(num_clients=2, training={"local_steps": 40}, rounds={"num_rounds": 4, "deadline_s": 6})
-    with serving(cfg, tmp_path / "run") as srv:
+    with serving(cfg, tmp_path / "run") as srv, ProcessGroup(cwd=ROOT) as procs:
         app, metrics_path = srv.app, tmp_path / "run" / "server_metrics.jsonl"
         vm = tmp_path / "victim.jsonl"
-        procs = [
-            _edge_proc(srv.address, "victim", vm, tmp_path / "victim.log"),
-            _edge_proc(srv.address, "steady", tmp_path / "steady.jsonl", tmp_path / "steady.log"),
-        ]
-        try:
-            # kill the victim in the middle of round 1's local steps
-            wait_until(
-                lambda: any(r.get("kind") == "step" and r["round"] == 1 and r["step"] >= 3 for r in _lines(vm)),
-                90,
-                "the victim to train in round 1",
-            )
-            procs[0].send_signal(signal.SIGKILL)
-            procs[0].wait()
-            wait_until(lambda: any(r["round"] == 1 for r in _lines(metrics_path)), 30, "round 1 to close")
-            r1 = next(r for r in _lines(metrics_path) if r["round"] == 1)
-            assert r1["late"] == ["victim"] and r1["reported"] == ["steady"]
-            # the dead client's Train stream is gone from the server; its session waits for a rejoin
-            wait_until(lambda: srv.servicer.active["Train"] <= 1, 10, "the dead stream to be cleaned up")
-            old_token = app.by_client["victim"].token
-            procs[0] = _edge_proc(srv.address, "victim", vm, tmp_path / "victim.log")
-            for p in procs:
-                assert p.wait(120) == 0
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        victim = _edge_proc(procs, srv.address, "victim", vm, tmp_path / "victim.log")
+        steady = _edge_proc(procs, srv.address, "steady", tmp_path / "steady.jsonl", tmp_path / "steady.log")
+        # kill the victim in the middle of round 1's local steps
+        wait_until(
+            lambda: any(r.get("kind") == "step" and r["round"] == 1 and r["step"] >= 3 for r in _lines(vm)),
+            90,
+            "the victim to train in round 1",
+        )
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        wait_until(lambda: any(r["round"] == 1 for r in _lines(metrics_path)), 30, "round 1 to close")
+        r1 = next(r for r in _lines(metrics_path) if r["round"] == 1)
+        assert r1["late"] == ["victim"] and r1["reported"] == ["steady"]
+        # the dead client's Train stream is gone from the server; its session waits for a rejoin
+        wait_until(lambda: srv.servicer.active["Train"] <= 1, 10, "the dead stream to be cleaned up")
+        old_token = app.by_client["victim"].token
+        victim = _edge_proc(procs, srv.address, "victim", vm, tmp_path / "victim.log")
+        for p in (victim, steady):
+            assert p.wait(120) == 0
         rounds = {r["round"]: r for r in _lines(metrics_path)}
         assert sorted(rounds) == [0, 1, 2, 3]
         assert "victim" in rounds[3]["reported"]  # back in the run
@@ -235,26 +212,19 @@ CRASH_CFG = {
 }
 
 
-def _server_proc(cfg_path: Path, port: int, run_dir: Path, ckpt: Path, ready: Path, log: Path):
-    return subprocess.Popen(
-        SPLITWAVE
-        + [
-            "server",
-            str(cfg_path),
-            "--port",
-            str(port),
-            "--run-dir",
-            str(run_dir),
-            "--ready-file",
-            str(ready),
-            "--cache-dir",
-            str(ROOT / ".cache" / "bundles"),
-            "--set",
-            f"server.checkpoint_dir={ckpt}",
-        ],
-        cwd=ROOT,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
+def _server_proc(
+    procs: ProcessGroup, cfg_path: Path, port: int, run_dir: Path, ckpt: Path, ready: Path, log: Path
+) -> subprocess.Popen:
+    """`splitwave server` on `port`, checkpointing to `ckpt`, as child "server" of `procs`; a restart goes on in
+    the same log."""
+    return procs.start_server(
+        cfg_path,
+        run_dir=run_dir,
+        cache_dir=ROOT / ".cache" / "bundles",
+        ready_file=ready,
+        log=log,
+        extra=["--port", str(port), "--set", f"server.checkpoint_dir={ckpt}"],
+        append=True,
     )
 
 
@@ -293,12 +263,11 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
     cfg_path.write_text(yaml.safe_dump(CRASH_CFG))
     port, run_dir, ckpt, ready = free_port(), tmp_path / "run", tmp_path / "ckpt", tmp_path / "ready.json"
     slog = tmp_path / "server.log"
-    server = _server_proc(cfg_path, port, run_dir, ckpt, ready, slog)
-    edges = []
-    try:
-        wait_until(ready.exists, 120, "the server to start")
+    with ProcessGroup(cwd=ROOT) as procs:
+        server = _server_proc(procs, cfg_path, port, run_dir, ckpt, ready, slog)
+        procs.wait_ready("server", ready, 120)
         ems = [tmp_path / f"e{i}.jsonl" for i in range(2)]
-        edges = [_edge_proc(f"127.0.0.1:{port}", f"e{i}", ems[i], tmp_path / f"e{i}.log") for i in range(2)]
+        edges = [_edge_proc(procs, f"127.0.0.1:{port}", f"e{i}", ems[i], tmp_path / f"e{i}.log") for i in range(2)]
         # rounds 0 and 1 are checkpointed; kill in the middle of round 2's steps, or while edges await round 3
         wait_until(
             lambda: (ckpt / "LATEST").exists() and (ckpt / "LATEST").read_text() == "round-000002",
@@ -324,14 +293,10 @@ def test_server_killed_and_resumed_gives_the_same_adapters(tmp_path, crash_refer
         if kill_at == "train-tokens-lost":
             _forget_tokens(ckpt)
         time.sleep(0.5)
-        server = _server_proc(cfg_path, port, run_dir, ckpt, ready, slog)
+        server = _server_proc(procs, cfg_path, port, run_dir, ckpt, ready, slog)
         for e in edges:
             assert e.wait(180) == 0, (tmp_path / "e0.log").read_text()[-3000:]
         assert server.wait(60) == 0
-    finally:
-        for p in [server, *edges]:
-            if p.poll() is None:
-                p.kill()
     log = slog.read_text()
     assert "resumed run" in log, log[-3000:]
     if kill_at == "train-tokens-lost":  # each edge process rejoined by itself

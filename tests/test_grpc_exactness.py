@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from splitwave.common.config import parse_config
-from splitwave.launch import server_process, start_edge, wait_all, write_config
+from splitwave.launch import ProcessGroup, child_env
 from splitwave.server.adapter_export import EDGE_FILE, FINAL_DIR, TOP_FILE, load_npz
 from splitwave.server.reference import centralized_train, federated_train
 from splitwave.server.trainer import trainable_parameters
@@ -36,11 +36,28 @@ BASE = {
 
 
 def _run(tmp_path, raw: dict, n_edges: int):
-    cfg_path = write_config(raw, tmp_path / "cfg.yaml")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
     run = tmp_path / "server"
-    with server_process(cfg_path, run) as (_, port):
-        edges = [start_edge(port, f"e{i}", tmp_path / "cache", tmp_path) for i in range(n_edges)]
-        wait_all(edges, timeout=240)
+    with ProcessGroup(cwd=ROOT, env=child_env(omp_threads=1)) as procs:
+        procs.start_server(
+            cfg_path,
+            run_dir=run,
+            cache_dir=ROOT / ".cache" / "bundles",
+            ready_file=run / "ready.json",
+            log=run / "server.log",
+        )
+        port = procs.wait_ready("server", run / "ready.json", timeout=300)
+        edges = [f"e{i}" for i in range(n_edges)]
+        for name in edges:
+            procs.start_edge(
+                name,
+                f"127.0.0.1:{port}",
+                cache_dir=tmp_path / "cache",
+                metrics=tmp_path / f"{name}.jsonl",
+                log=tmp_path / f"{name}.log",
+            )
+        procs.wait_exit(edges, timeout=240)
     final = run / FINAL_DIR
     return load_npz(final / EDGE_FILE), load_npz(final / TOP_FILE)
 
@@ -86,7 +103,7 @@ def test_one_edge_process_equals_centralized_lora(tmp_path, raw):
 
 
 def _initial_edge(raw):
-    from splitwave.server.app import build_split
+    from splitwave.server.setup import build_split
 
     return build_split(parse_config(raw)).edge_factors()
 

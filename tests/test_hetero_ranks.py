@@ -7,11 +7,11 @@ import threading
 
 import numpy as np
 import pytest
+from net_helpers import ROOT
 
 from splitwave.common.config import parse_config
 from splitwave.edge.client import ClientOptions, EdgeClient
 from splitwave.edge.ranks import RankAdapter
-from splitwave.launch import ROOT
 from splitwave.server.app import SplitServer
 from splitwave.server.service import start_server
 

@@ -30,17 +30,18 @@ from net_helpers import (
     tiny_cfg,
 )
 
+from splitwave.common import lora
 from splitwave.common.config import DEFAULT_CLIP_NORM, ConfigError
+from splitwave.common.robust_rules import min_clients_for
 from splitwave.edge.client import EdgeClient
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import encode
 from splitwave.server.aggregation import ClientUpdate, make_strategy
-from splitwave.server.aggregation import lora_math as lm
-from splitwave.server.aggregation.robust import Combiner, min_clients_for
-from splitwave.server.app import checked_float32
+from splitwave.server.aggregation.robust import Combiner
 from splitwave.server.errors import ServiceError
 from splitwave.server.rounds import HISTORY_KEEP, RoundManager
 from splitwave.server.trainer import StepInput, TopTrainer
+from splitwave.server.validation import checked_float32
 from tests.conftest import make_split
 
 EDGE_CACHE = ROOT / ".cache" / "edge-tests"
@@ -295,8 +296,8 @@ MOD = "base_model.model.enc.layer.0.attn.query"
 
 def _adapter(rng, r=2, d_in=6, d_out=8):
     return {
-        lm.a_key(MOD): rng.normal(size=(r, d_in)).astype(np.float32),
-        lm.b_key(MOD): np.zeros((d_out, r), np.float32),
+        lora.a_key(MOD): rng.normal(size=(r, d_in)).astype(np.float32),
+        lora.b_key(MOD): np.zeros((d_out, r), np.float32),
     }
 
 

@@ -6,17 +6,15 @@ must size its pool for 32 clients' parked calls rather than deadlock); the slow 
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 
 import pytest
-from net_helpers import ROOT
+from net_helpers import BUNDLE_CACHE, EDGE_CACHE
 
+from splitwave import loadtest
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("splitwave_load_bench", ROOT / "benchmarks" / "load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# benchmarks/load.py's load, with the tests' caches
+run_load = functools.partial(loadtest.run_load, bundle_cache=BUNDLE_CACHE, edge_cache=EDGE_CACHE)
 
 
 def _check(res):
@@ -29,12 +27,12 @@ def _check(res):
 
 
 def test_32_clients_short(tmp_path):
-    res = _load_module().run_load(32, duration_s=3.0, local_steps=2, run_dir=tmp_path, max_workers=4, min_rounds=1)
+    res = run_load(32, duration_s=3.0, local_steps=2, run_dir=tmp_path, max_workers=4, min_rounds=1)
     _check(res)
 
 
 @pytest.mark.slow
 def test_32_clients_60s(tmp_path):
-    res = _load_module().run_load(32, duration_s=60.0, local_steps=5, run_dir=tmp_path)
+    res = run_load(32, duration_s=60.0, local_steps=5, run_dir=tmp_path)
     _check(res)
     assert res["rss_end_mb"] - res["rss_start_mb"] < 1024

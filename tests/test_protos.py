@@ -34,10 +34,10 @@ def test_committed_stubs_match_the_proto(tmp_path):
     assert not stale, f"stale generated files {stale}: run `python -m splitwave.protos.generate`"
 
 
-def test_protos_import_from_repo_root_without_torch():
+def test_protos_import_without_torch():
     code = (
         "import sys\n"
-        "from protos import codec, metering, splitwave_pb2, splitwave_pb2_grpc\n"
+        "from splitwave.protos import codec, metering, splitwave_pb2, splitwave_pb2_grpc\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnxruntime'))\n"
         "assert not bad, bad\n"
         "assert splitwave_pb2_grpc.splitwave__pb2 is splitwave_pb2\n"

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from splitwave.common import lora
 from splitwave.server.aggregation import (
     ClientUpdate,
     compute_epsilon,
@@ -19,7 +20,7 @@ D_OUT, D_IN, R = 8, 6, 2
 
 
 def init_adapter(rng):
-    return {lm.a_key(MOD): rng.normal(size=(R, D_IN)), lm.b_key(MOD): np.zeros((D_OUT, R))}
+    return {lora.a_key(MOD): rng.normal(size=(R, D_IN)), lora.b_key(MOD): np.zeros((D_OUT, R))}
 
 
 def honest_round(rng, init, n=9, noise=0.05):
@@ -27,7 +28,7 @@ def honest_round(rng, init, n=9, noise=0.05):
     direction = rng.normal(size=(D_OUT, R))
     ups = [
         ClientUpdate(
-            f"c{k}", {lm.b_key(MOD): init[lm.b_key(MOD)] + direction + noise * rng.normal(size=(D_OUT, R))}, 10
+            f"c{k}", {lora.b_key(MOD): init[lora.b_key(MOD)] + direction + noise * rng.normal(size=(D_OUT, R))}, 10
         )
         for k in range(n)
     ]
@@ -35,14 +36,14 @@ def honest_round(rng, init, n=9, noise=0.05):
 
 
 def poison(ups, factor=100.0):
-    bad = ups[0].factors[lm.b_key(MOD)] * factor
-    return [ClientUpdate("evil", {lm.b_key(MOD): bad}, ups[0].num_samples)] + ups[1:]
+    bad = ups[0].factors[lora.b_key(MOD)] * factor
+    return [ClientUpdate("evil", {lora.b_key(MOD): bad}, ups[0].num_samples)] + ups[1:]
 
 
 def aggregate_b(init, ups, **kw):
     st = make_strategy("ffa-lora", dtype="float64", **kw)
     st.initialize(init)
-    return st.aggregate(0, ups).global_factors[lm.b_key(MOD)], st
+    return st.aggregate(0, ups).global_factors[lora.b_key(MOD)], st
 
 
 def test_median_shrugs_off_a_scaled_poisoned_update_that_wrecks_fedavg():
@@ -66,9 +67,9 @@ def test_norm_clipping_bounds_each_clients_influence():
     C = 0.5
     got, st = aggregate_b(init, poison(ups), robust={"clip_norm": C})
     p = lm.sample_weights([u.num_samples for u in ups])
-    expect = init[lm.b_key(MOD)].copy()
+    expect = init[lora.b_key(MOD)].copy()
     for pk, u in zip(p, poison(ups)):
-        d = u.factors[lm.b_key(MOD)] - init[lm.b_key(MOD)]
+        d = u.factors[lora.b_key(MOD)] - init[lora.b_key(MOD)]
         expect += pk * d * min(1.0, C / np.linalg.norm(d))
     np.testing.assert_allclose(got, expect, atol=1e-12)
 
@@ -87,9 +88,9 @@ def test_clipping_is_relative_to_the_rounds_start_not_zero():
 
 def test_gaussian_mechanism_is_seeded_calibrated_and_accounted():
     rng = np.random.default_rng(3)
-    init = {lm.a_key(MOD): rng.normal(size=(R, 400)), lm.b_key(MOD): np.zeros((500, R))}
+    init = {lora.a_key(MOD): rng.normal(size=(R, 400)), lora.b_key(MOD): np.zeros((500, R))}
     K, z, C = 5, 2.0, 0.1
-    ups = [ClientUpdate(f"c{k}", {lm.b_key(MOD): np.zeros((500, R))}, 1 + k) for k in range(K)]  # zero updates
+    ups = [ClientUpdate(f"c{k}", {lora.b_key(MOD): np.zeros((500, R))}, 1 + k) for k in range(K)]  # zero updates
     dp = {"noise_multiplier": z, "clip_norm": C, "seed": 7, "delta": 1e-5, "sampling_rate": 1.0}
 
     def run(seed):
@@ -98,9 +99,9 @@ def test_gaussian_mechanism_is_seeded_calibrated_and_accounted():
         return [st.aggregate(t, ups) for t in range(3)]
 
     a, b, c = run(7), run(7), run(8)
-    noise = a[0].global_factors[lm.b_key(MOD)]
-    np.testing.assert_array_equal(noise, b[0].global_factors[lm.b_key(MOD)])
-    assert not np.array_equal(noise, c[0].global_factors[lm.b_key(MOD)])
+    noise = a[0].global_factors[lora.b_key(MOD)]
+    np.testing.assert_array_equal(noise, b[0].global_factors[lora.b_key(MOD)])
+    assert not np.array_equal(noise, c[0].global_factors[lora.b_key(MOD)])
     assert np.std(noise) == pytest.approx(z * C / K, rel=0.1)  # N(0, (zC)^2) on the sum, / K
     eps = [r.metrics["dp_epsilon"] for r in a]
     assert eps[0] < eps[1] < eps[2]
@@ -113,7 +114,7 @@ def test_dp_uses_uniform_weights_and_clips():
     ups, _ = honest_round(rng, init, n=3)
     ups = [ClientUpdate(u.client_id, u.factors, 10**k) for k, u in enumerate(ups)]
     got, _ = aggregate_b(init, ups, dp={"noise_multiplier": 1e-12, "clip_norm": 1e3})
-    want = np.mean([u.factors[lm.b_key(MOD)] for u in ups], axis=0)
+    want = np.mean([u.factors[lora.b_key(MOD)] for u in ups], axis=0)
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -173,8 +174,8 @@ def test_dp_clips_each_update_before_the_uniform_mean():
     ups, _ = honest_round(rng, init, n=3)
     C = 0.01
     got, _ = aggregate_b(init, ups, dp={"noise_multiplier": 1e-12, "clip_norm": C})
-    deltas = [u.factors[lm.b_key(MOD)] - init[lm.b_key(MOD)] for u in ups]
-    want = init[lm.b_key(MOD)] + np.mean([d * C / np.linalg.norm(d) for d in deltas], axis=0)
+    deltas = [u.factors[lora.b_key(MOD)] - init[lora.b_key(MOD)] for u in ups]
+    want = init[lora.b_key(MOD)] + np.mean([d * C / np.linalg.norm(d) for d in deltas], axis=0)
     np.testing.assert_allclose(got, want, atol=1e-9)
 
 
@@ -190,12 +191,12 @@ def test_robust_methods_compose_with_every_strategy(name, robust):
     ranks = (2, 3, 4, 4) if hetero else (R, R, R, R)
     st = make_strategy(name, robust=robust)
     r0 = 4 if hetero else R
-    st.initialize({lm.a_key(MOD): rng.normal(size=(r0, D_IN)), lm.b_key(MOD): np.zeros((D_OUT, r0))})
+    st.initialize({lora.a_key(MOD): rng.normal(size=(r0, D_IN)), lora.b_key(MOD): np.zeros((D_OUT, r0))})
     for t in range(2):
         ups = []
         for k, r in enumerate(ranks):  # random uploads following each client's directive
             d = st.configure_round(t, [f"c{k}"])[f"c{k}"]
-            shape = {lm.a_key(MOD): (r, D_IN), lm.b_key(MOD): (D_OUT, r)}
+            shape = {lora.a_key(MOD): (r, D_IN), lora.b_key(MOD): (D_OUT, r)}
             ups.append(ClientUpdate(f"c{k}", {key: rng.normal(size=shape[key]) for key in d.upload_keys}, 1 + k))
         # the last client is poisoned: x100 on everything it uploads
         ups[-1] = ClientUpdate(ups[-1].client_id, {k: 100 * v for k, v in ups[-1].factors.items()}, 1)

@@ -5,7 +5,6 @@ FLOP model lands within an order of magnitude of the measured one on a tiny mode
 from __future__ import annotations
 
 import itertools
-import json
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from splitwave.common.config import parse_config
+from splitwave.common.manifest import BundleManifest
 from splitwave.sim import costs as C
 
 TINY = {
@@ -80,7 +80,7 @@ def test_a_cached_table_gives_identical_values_without_measuring(setup, monkeypa
     assert values(again) == values(measured)
     assert values(C.build_cost_model(tiny(cost_model="flops"), bundle, cache)) == values(flops)
     # what the table depends on is in its key: another batch size is another table
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = BundleManifest.from_file(bundle)
     other = parse_config({**TINY, "training": {"batch_size": 8}})
     assert C.table_spec(other, manifest) != C.table_spec(tiny(), manifest)
 

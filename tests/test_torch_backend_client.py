@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from net_helpers import ROOT
 
 from splitwave.common.config import parse_config
 from splitwave.edge.client import ClientOptions, EdgeClient
-from splitwave.launch import ROOT
 from splitwave.server.app import SplitServer
 from splitwave.server.service import start_server
+from splitwave.server.torch_edge import torch_backend
 
 RAW = {
     "num_clients": 1,
@@ -25,7 +26,8 @@ def _run(tmp_path, backend):
     app = SplitServer(parse_config(RAW), tmp_path / backend, cache_dir=ROOT / ".cache/bundles")
     start = {k: v.copy() for k, v in app.global_edge_factors().items()}
     with start_server(app) as srv:
-        EdgeClient(srv.address, ClientOptions(name="e0", backend=backend, cache_dir=tmp_path / "cache")).run()
+        opts = ClientOptions(name="e0", backend=backend, cache_dir=tmp_path / "cache")
+        EdgeClient(srv.address, opts, make_backend=torch_backend if backend == "torch" else None).run()
     return start, app.global_edge_factors()
 
 

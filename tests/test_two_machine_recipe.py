@@ -14,18 +14,15 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import stat
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from net_helpers import BASE, BUNDLE_CACHE, ROOT, free_port
 
-from splitwave.launch import child_env
+from splitwave.launch import ProcessGroup, child_env
 
 SECTION = "## Running server and edges on two machines"
 README_CONFIG = "configs/sst2-minilm-wireless.yaml"
@@ -64,39 +61,10 @@ def _localize(script: str, config: Path, port: int) -> str:
     return re.sub(r"(?m)^splitwave ", f"{shlex.quote(sys.executable)} -m splitwave ", script)
 
 
-def _start(script: str, cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**child_env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _env() -> dict[str, str]:
+    env = child_env(omp_threads=1)
     env.pop("SPLITWAVE_EDGE_CACHE", None)  # the README's devices use the default cache folder
-    return subprocess.Popen(
-        ["bash", "-euc", script],
-        cwd=cwd,
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def _wait_for(log: Path, proc: subprocess.Popen, text: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        if proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode} before {text!r}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > end:
-            raise AssertionError(f"no {text!r} after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
+    return env
 
 
 def test_readme_has_the_recipe_and_its_mtls_variant():
@@ -125,12 +93,10 @@ def test_two_machine_recipe_runs_as_written(tmp_path, mtls):
     cache.mkdir(parents=True, exist_ok=True)
     (machine / ".cache" / "bundles").symlink_to(cache, target_is_directory=True)  # exported once for all tests
 
-    procs: list[subprocess.Popen] = []
-    try:
-        slog = tmp_path / "server.log"
-        server = _start(_localize(server_script, config, port), machine, slog)
-        procs.append(server)
-        _wait_for(slog, server, "listening on", 600)
+    slog = tmp_path / "server.log"
+    with ProcessGroup(env=_env()) as procs:  # each script runs in a bash of its own, in its machine's folder
+        server = procs.start("server", ["bash", "-euc", _localize(server_script, config, port)], slog, cwd=machine)
+        procs.wait_until("server", lambda: "listening on" in slog.read_text(errors="replace"), 600, "listening")
         certs = machine / "certs"
         for f in ("ca.key", "server.key"):
             assert stat.S_IMODE((certs / f).stat().st_mode) == 0o600, f
@@ -145,13 +111,10 @@ def test_two_machine_recipe_runs_as_written(tmp_path, mtls):
                     shutil.copy(certs / f"{name}.{ext}", device / "certs" / f"{name}.{ext}")
             script = _localize(device_script, config, port).replace("phone-1", name)
             logs.append(tmp_path / f"{name}.log")
-            edges.append(_start(script, device, logs[-1]))
-            procs.append(edges[-1])
+            edges.append(procs.start(name, ["bash", "-euc", script], logs[-1], cwd=device))
         for e, log in zip(edges, logs):
             assert e.wait(600) == 0, log.read_text()[-4000:]
         assert server.wait(120) == 0, slog.read_text()[-4000:]
-    finally:
-        _stop(procs)
 
     out = slog.read_text()
     run_dirs = sorted((machine / "runs" / "recipe").iterdir())

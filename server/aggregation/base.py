@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from splitwave.common import lora
+
 from . import lora_math as lm
 from .robust import Combiner
 from .server_opt import ServerOptimizer
@@ -160,7 +162,7 @@ class Strategy:
     def initialize(self, factors: Mapping[str, np.ndarray]) -> None:
         """Set the round-0 global adapter (e.g. peft init: A random, B = 0). Hetero-rank strategies
         take it at the largest rank any client will use; clients get the first r_k components."""
-        modules, extras = lm.split_factors(factors)
+        modules, extras = lora.split_factors(factors)
         if not modules:
             raise ValueError("initialize: no '*.lora_A.weight' / '*.lora_B.weight' keys found")
         for m, ab in modules.items():
@@ -181,7 +183,7 @@ class Strategy:
         return np.array(a, dtype=self.dtype)
 
     def _scaling(self, alpha: float, rank: int) -> float:
-        return lm.lora_scaling(alpha, rank, self.use_rslora)
+        return lora.scaling(alpha, rank, self.use_rslora)
 
     def is_fan_in_fan_out(self, module: str) -> bool:
         if isinstance(self.fan_in_fan_out, bool):
@@ -207,7 +209,7 @@ class Strategy:
 
     def upload_keys(self) -> tuple[str, ...]:
         kinds = self.upload_kinds()
-        keys = [lm.a_key(m) if k == "A" else lm.b_key(m) for m in self.shapes for k in ("A", "B") if k in kinds]
+        keys = [lora.factor_key(m, k) for m in self.shapes for k in ("A", "B") if k in kinds]
         return tuple(keys + (sorted(self.extras) if self.upload_extras() else []))
 
     def average_extras(self) -> bool:
@@ -221,7 +223,7 @@ class Strategy:
             A, B = lm.truncate_rank(self.global_A[m], self.global_B[m], r)
             if self.FOLD_SCALING:
                 B = B / self._scaling(self.lora_alpha, r)
-            out[lm.a_key(m)], out[lm.b_key(m)] = self._cast(A), self._cast(B)
+            out[lora.a_key(m)], out[lora.b_key(m)] = self._cast(A), self._cast(B)
         return out
 
     def directive_extra(self, client_id: str) -> dict:
@@ -311,8 +313,8 @@ class Strategy:
         if not alpha > 0:
             raise ValueError(f"client {cid!r}: lora_alpha must be > 0, got {u.lora_alpha!r}")
         expected, got = set(self.upload_keys()), set(u.factors)
-        frozen_sfx = tuple(lm.A_SUFFIX if k == "A" else lm.B_SUFFIX for k in ("A", "B") if k not in self.trainable())
-        frozen = {k for k in got - expected if k.endswith(frozen_sfx) and k[: k.rfind(".lora_")] in self.shapes}
+        frozen_sfx = tuple(lora.FACTOR_SUFFIXES[k] for k in ("A", "B") if k not in self.trainable())
+        frozen = {k for k in got - expected if k.endswith(frozen_sfx) and lora.module_of(k) in self.shapes}
         missing, unexpected = sorted(expected - got), sorted(got - expected - frozen)
         if missing or unexpected:
             raise ValueError(f"client {cid!r}: key mismatch; missing {missing[:5]} unexpected {unexpected[:5]}")
@@ -324,7 +326,7 @@ class Strategy:
                 raise ValueError(
                     f"client {cid!r}: {k!r} has shape {np.shape(u.factors[k])}, expected {self.extras[k].shape}"
                 )
-        rank = self._upload_rank(cid, lm.split_factors({k: np.asarray(v) for k, v in u.factors.items()})[0])
+        rank = self._upload_rank(cid, lora.split_factors({k: np.asarray(v) for k, v in u.factors.items()})[0])
         start = self.client_view(cid, rank) if rank is not None else None
         for k in frozen:
             if start is None or k not in start or not np.array_equal(np.asarray(u.factors[k], self.dtype), start[k]):
@@ -375,8 +377,8 @@ class Strategy:
         """Store a module's outcome (server optimizer applied here); return the downlink bytes it adds."""
         down = 0
         for _kind, arr, store, key in (
-            ("A", out.A, self.global_A, lm.a_key(m)),
-            ("B", out.B, self.global_B, lm.b_key(m)),
+            ("A", out.A, self.global_A, lora.a_key(m)),
+            ("B", out.B, self.global_B, lora.b_key(m)),
         ):
             if arr is None:
                 continue
@@ -386,9 +388,7 @@ class Strategy:
             down += store[m].nbytes
         self.shapes[m] = self.shapes[m][:2] + (self.global_A[m].shape[0],)
         for cid, ab in out.client.items():
-            self.client_state.setdefault(cid, {}).update(
-                {(lm.a_key(m) if k == "A" else lm.b_key(m)): self._cast(v) for k, v in ab.items()}
-            )
+            self.client_state.setdefault(cid, {}).update({lora.factor_key(m, k): self._cast(v) for k, v in ab.items()})
         if out.base_delta is not None:
             fifo = self.is_fan_in_fan_out(m)
             result.base_deltas[m] = self._cast(out.base_delta.T if fifo else out.base_delta)
@@ -410,7 +410,7 @@ class Strategy:
         for m in self.shapes:
             entries = [
                 ModuleEntry(
-                    cid, f[lm.a_key(m)], f[lm.b_key(m)], self._scaling(alpha, f[lm.a_key(m)].shape[0]), float(w)
+                    cid, f[lora.a_key(m)], f[lora.b_key(m)], self._scaling(alpha, f[lora.a_key(m)].shape[0]), float(w)
                 )
                 for (cid, alpha, f), w in zip(clients, p)
             ]
@@ -480,7 +480,7 @@ class Strategy:
             return None
         out = dict(self.extras)
         for m in self.shapes:
-            out[lm.a_key(m)], out[lm.b_key(m)] = self.global_A[m].copy(), self.global_B[m].copy()
+            out[lora.a_key(m)], out[lora.b_key(m)] = self.global_A[m].copy(), self.global_B[m].copy()
         return out
 
     def client_output(self, client_id: str, rank: int | None) -> dict[str, np.ndarray] | None:

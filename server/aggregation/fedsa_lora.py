@@ -5,7 +5,8 @@ otherwise only A travels and B stays on the client. Evaluation must be per clien
 
 from __future__ import annotations
 
-from . import lora_math as lm
+from splitwave.common import lora
+
 from .base import ModuleEntry, ModuleResult, Strategy
 
 
@@ -43,7 +44,7 @@ class FedSALoRA(Strategy):
                 self.client_state.setdefault(cid, {}).update({k: self._cast(uploaded[k]) for k in self.extras})
 
     def global_output(self):
-        out = {lm.a_key(m): a.copy() for m, a in self.global_A.items()}
+        out = {lora.a_key(m): a.copy() for m, a in self.global_A.items()}
         if not self.personalize_extras:
             out.update(self.extras)
         return out

@@ -1,46 +1,16 @@
 """Shared numpy math for federated LoRA aggregation (see shared/specs/aggregation.md).
 
-Every strategy is a thin policy over these helpers, so the formulas live (and are tested) once.
+Every strategy is a thin policy over these helpers, so the formulas live (and are tested) once. Factor key
+naming and the LoRA scaling are peft's and shared with the edge: splitwave.common.lora.
 Layout: A is [r, d_in], B is [d_out, r], the update is s * B @ A in nn.Linear layout [d_out, d_in].
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-
-
-def a_key(module: str) -> str:
-    return module + A_SUFFIX
-
-
-def b_key(module: str) -> str:
-    return module + B_SUFFIX
-
-
-def split_factors(factors: Mapping[str, np.ndarray]):
-    """Split a flat peft adapter dict into {module: {"A": .., "B": ..}} and the non-LoRA extras
-    (modules_to_save heads, LoRA biases), which strategies average like ordinary weights."""
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    extras: dict[str, np.ndarray] = {}
-    for key, value in factors.items():
-        if key.endswith(A_SUFFIX):
-            modules.setdefault(key[: -len(A_SUFFIX)], {})["A"] = value
-        elif key.endswith(B_SUFFIX):
-            modules.setdefault(key[: -len(B_SUFFIX)], {})["B"] = value
-        else:
-            extras[key] = value
-    return modules, extras
-
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """peft's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
 def sample_weights(num_samples: Sequence[float]) -> np.ndarray:

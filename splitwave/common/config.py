@@ -15,7 +15,9 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from splitwave.channel.factory import check_link_spec
 from splitwave.common.device_classes import class_names
+from splitwave.common.robust_rules import min_clients_for
 
 
 class ConfigError(ValueError):
@@ -32,16 +34,16 @@ class ModelConfig(_Strict):
     family: Literal["gpt2", "bert", "llama", "minilm"] = "gpt2"
     tiny: bool = True  # a tiny randomly initialised config built in code (tests, quick runs)
     task: Literal["seq-cls", "causal-lm"] = "seq-cls"
-    num_labels: int = Field(2, ge=2)
-    cut: int = Field(1, ge=1)
+    num_labels: int = Field(default=2, ge=2)
+    cut: int = Field(default=1, ge=1)
     # the tokenizer text data is encoded with (shipped to the edges in the bundle). None: the model's own
     # (minilm has one; tiny models have none, so they take synthetic data). "minilm": the all-MiniLM-L6-v2
     # WordPiece tokenizer, the only one at hand offline, for tiny models on text data
     tokenizer: Literal["minilm"] | None = None
     # tiny models only: None -> 100 ids, or the tokenizer's vocabulary (MiniLM: 30,522) when one is set
-    vocab_size: int | None = Field(None, ge=2)
+    vocab_size: int | None = Field(default=None, ge=2)
     # tiny models only: std of the random weights; None -> HF's 0.02 (see server.models.tiny_config)
-    init_std: float | None = Field(None, gt=0)
+    init_std: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _real_or_tiny(self) -> ModelConfig:
@@ -54,41 +56,41 @@ class ModelConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    r: int = Field(4, ge=1)
-    alpha: float = Field(8.0, gt=0)
+    r: int = Field(default=4, ge=1)
+    alpha: float = Field(default=8.0, gt=0)
     targets: list[str] | None = None  # None: the family's default attention projections
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     rslora: bool = False
 
 
 class DataConfig(_Strict):
     dataset: Literal["synthetic", "sst2", "ag_news", "e2e"] = "synthetic"
-    num_train: int | None = Field(2000, ge=1)  # None: the whole split
-    num_eval: int | None = Field(256, ge=1)
-    max_seq_len: int = Field(32, ge=2)
+    num_train: int | None = Field(default=2000, ge=1)  # None: the whole split
+    num_eval: int | None = Field(default=256, ge=1)
+    max_seq_len: int = Field(default=32, ge=2)
     partition: Literal["iid", "dirichlet"] = "iid"
-    dirichlet_alpha: float = Field(0.3, gt=0)
+    dirichlet_alpha: float = Field(default=0.3, gt=0)
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    eps: float = Field(default=1e-8, gt=0)
 
 
 class TrainingConfig(_Strict):
     mode: Literal["sl", "sfl-v1", "sfl-v2"] = "sfl-v2"
-    batch_size: int = Field(16, ge=1)
-    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    local_steps: int = Field(default=10, ge=1)
     edge_backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     edge_mode: Literal["recompute", "saved"] = "recompute"
     codec_up: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
     codec_down: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
-    topk_fraction: float = Field(0.1, gt=0, le=1)
+    topk_fraction: float = Field(default=0.1, gt=0, le=1)
     # sfl-v2: most client steps (of different clients, waiting at the same time) fused into one server step
-    server_batch: int = Field(1, ge=1)
-    server_batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # how long a pending step waits for company
+    server_batch: int = Field(default=1, ge=1)
+    server_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)  # how long a pending step waits for company
     optim: OptimConfig = OptimConfig()
 
     @model_validator(mode="after")
@@ -102,11 +104,11 @@ class TrainingConfig(_Strict):
 
 
 class RoundsConfig(_Strict):
-    num_rounds: int = Field(3, ge=1)
-    fraction: float = Field(1.0, gt=0, le=1)
-    min_clients: int = Field(1, ge=1)
-    deadline_s: float = Field(600.0, gt=0)
-    eval_every: int = Field(1, ge=1)
+    num_rounds: int = Field(default=3, ge=1)
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    min_clients: int = Field(default=1, ge=1)
+    deadline_s: float = Field(default=600.0, gt=0)
+    eval_every: int = Field(default=1, ge=1)
 
 
 # L2 bound on one client's adapter UPDATE (uploaded factors minus the round's start) before aggregation, on
@@ -120,7 +122,7 @@ class AggregationConfig(_Strict):
     strategy: str = "fedit"
     params: dict[str, Any] = Field(default_factory=dict)
     # clip_norm (default DEFAULT_CLIP_NORM, null: off), method (mean | median | trimmed_mean), trim_ratio
-    robust: dict[str, Any] | None = Field(None, validate_default=True)
+    robust: dict[str, Any] | None = Field(default=None, validate_default=True)
     dp: dict[str, Any] | None = None
     server_opt: dict[str, Any] | None = None
 
@@ -148,8 +150,6 @@ class ChannelConfig(_Strict):
     def _links(self) -> ChannelConfig:
         """Link dicts follow channel_sim.factory's schema (kind, keys, static `loss_model`, trace `strict`
         for Mahimahi mm-link's convention and `mtu`): checked at load time, not when the run starts."""
-        from splitwave.channel.factory import check_link_spec
-
         specs = [] if self.cell is not None else [("uplink", self.uplink), ("downlink", self.downlink)]
         for i, pc in enumerate(self.per_client):  # full specs only; partial overrides are merged at run start
             specs += [
@@ -174,11 +174,11 @@ class SecurityConfig(_Strict):
     allow_list: list[str] | None = None
     # every float a client sends (activations after decoding to float32, adapter factors) must be finite and
     # at most this in absolute value (sent to clients as JoinReply.limits.max_abs_value)
-    max_abs_value: float = Field(1e4, gt=0)
+    max_abs_value: float = Field(default=1e4, gt=0)
     # a client-sent metrics map (PushAdapter's AdapterEnd.metrics) may hold at most this many entries, each
     # name at most max_metric_name_bytes bytes (JoinReply.limits.max_metrics_entries)
-    max_metrics_entries: int = Field(64, ge=0)
-    max_metric_name_bytes: int = Field(64, ge=1)
+    max_metrics_entries: int = Field(default=64, ge=0)
+    max_metric_name_bytes: int = Field(default=64, ge=1)
 
 
 class LimitsConfig(_Strict):
@@ -186,29 +186,29 @@ class LimitsConfig(_Strict):
 
     # a frame that is not the last of its tensor must carry at least this many bytes (an honest encoder fills
     # frames up to ~1 MiB; tiny frames only multiply per-frame work)
-    min_frame_bytes: int = Field(64 << 10, ge=1, le=1 << 20)
+    min_frame_bytes: int = Field(default=64 << 10, ge=1, le=1 << 20)
     # a stream (Train, Evaluate, PushAdapter) whose first message has not arrived after this is closed
-    first_message_timeout_s: float = Field(10.0, gt=0)
+    first_message_timeout_s: float = Field(default=10.0, gt=0)
     # an authenticated stream that sends nothing for this long is closed (an edge sends its next step in seconds)
-    stream_idle_timeout_s: float = Field(300.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=300.0, gt=0)
     # open calls of one client (session) at once: an edge needs 1-2 (a stream + one that is dying)
-    max_calls_per_client: int = Field(4, ge=1)
+    max_calls_per_client: int = Field(default=4, ge=1)
     # calls that have not yet shown a session token (their first message): per peer address and in all, each
     # plus one per client of the run; beyond these, the oldest such call is closed, so silent streams cannot
     # pile up and a newcomer always gets in
-    max_pending_per_peer: int = Field(8, ge=1)
-    max_pending_calls: int = Field(16, ge=1)
+    max_pending_per_peer: int = Field(default=8, ge=1)
+    max_pending_calls: int = Field(default=16, ge=1)
     # a client that joined but has not trained this long after a round selected it loses its slot when
     # someone else needs one (two strangers' joins cannot lock the honest edges out of a run); below the ~50 s
     # an edge keeps retrying a Join answered UNAVAILABLE
-    unused_slot_s: float = Field(30.0, gt=0)
+    unused_slot_s: float = Field(default=30.0, gt=0)
 
 
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
-    max_workers: int = Field(32, ge=1)
-    max_tensor_bytes: int = Field(256 << 20, ge=1)
+    port: int = Field(default=0, ge=0, le=65535)
+    max_workers: int = Field(default=32, ge=1)
+    max_tensor_bytes: int = Field(default=256 << 20, ge=1)
     checkpoint_dir: str | None = None
     security: SecurityConfig = SecurityConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -389,7 +389,7 @@ class SimConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
-    num_clients: int = Field(2, ge=1)
+    num_clients: int = Field(default=2, ge=1)
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
@@ -428,8 +428,6 @@ class ExperimentConfig(_Strict):
 
     def _robust_has_enough_clients(self) -> None:
         """Median / trimmed mean over fewer clients than they need are a plain mean: refuse them here."""
-        from splitwave.server.aggregation.robust import min_clients_for
-
         robust = self.aggregation.robust or {}
         try:
             need = min_clients_for(robust.get("method", "mean"), robust.get("trim_ratio", 0.1))
@@ -460,7 +458,7 @@ def check_override(item: str) -> str:
     return item
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
     out = copy.deepcopy(raw)
     for item in overrides:
@@ -478,7 +476,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def _section_model(annotation) -> type[BaseModel] | None:
+def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The config section class of a field's annotation (also inside Optional[...]), or None for plain values."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -489,18 +487,19 @@ def _section_model(annotation) -> type[BaseModel] | None:
     return None
 
 
-def valid_keys(loc: tuple) -> list[str]:
+def valid_keys(loc: tuple[str | int, ...]) -> list[str]:
     """The field names allowed beside loc[-1] (loc: the path of a key, e.g. ("training", "batchsize"))."""
-    model: type[BaseModel] | None = ExperimentConfig
+    model: type[BaseModel] = ExperimentConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        model = _section_model(field.annotation) if field is not None else None
-        if model is None:
+        section = _section_model(field.annotation) if field is not None else None
+        if section is None:
             return []
+        model = section
     return [f.alias or n for n, f in model.model_fields.items()]  # the YAML name (sim.devices.class)
 
 
-def all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
     """Every dotted field path of the schema (sections and their fields), e.g. "training.optim.lr"."""
     out = []
     for name, field in (model or ExperimentConfig).model_fields.items():
@@ -512,7 +511,7 @@ def all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key_hint(loc: tuple) -> str:
+def unknown_key_hint(loc: tuple[str | int, ...]) -> str:
     """ "did you mean training.batch_size?": the closest name in the same section, else a close name in another
     section (`batch_size` at the top level), else the list of the section's names."""
     keys = valid_keys(loc)
@@ -520,7 +519,7 @@ def unknown_key_hint(loc: tuple) -> str:
         return "unknown key"
     prefix = ".".join(str(x) for x in loc[:-1])
     name = str(loc[-1])
-    leaves = {}
+    leaves: dict[str, str] = {}
     for p in all_keys():
         leaves.setdefault(p.rsplit(".", 1)[-1], p)
     if name in leaves:  # the right name in the wrong section
@@ -543,7 +542,7 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def parse_config(raw: dict | None, overrides: list[str] | None = None) -> ExperimentConfig:
+def parse_config(raw: dict[str, Any] | None, overrides: list[str] | None = None) -> ExperimentConfig:
     raw = apply_overrides(raw or {}, overrides or [])
     try:
         return ExperimentConfig.model_validate(raw)

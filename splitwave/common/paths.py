@@ -7,7 +7,7 @@ easy to say and easy to diagnose. Order, first set wins:
   3. env SPLITWAVE_SHARED (the shared folder; its data is in `data/`),
   4. otherwise: `./data` in the working directory, then `../shared/data` beside the repository checkout.
 Layout inside a data folder: `sst2/train.tsv`, `ag_news/train_sample_alps.tsv`, `e2e/lora_format/train.txt`, ...
-(the same as `../shared/data`; see `splitwave.common.data.DATA_FILES`).
+(the same as `../shared/data`; see `splitwave.common.datasets.DATA_FILES`).
 """
 
 from __future__ import annotations

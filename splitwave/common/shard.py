@@ -8,26 +8,24 @@ training comparable to centralized training batch for batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from splitwave.common.data import (
-    PromptDataset,
-    TokenDataset,
-    data_file,
-    load_dataset,
-    synthetic_causal_lm,
-    synthetic_classification,
-    tokenize_dataset,
-    tokenize_prompts,
-)
+from splitwave.common.batching import Batcher
+from splitwave.common.datasets import PromptDataset, data_file, load_dataset
+from splitwave.common.encoding import tokenize_dataset, tokenize_prompts
+from splitwave.common.partition import partition_dirichlet, partition_iid
 from splitwave.common.paths import find_data_file
+from splitwave.common.synthetic import synthetic_causal_lm, synthetic_classification
+from splitwave.common.tokens import TokenDataset
 
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003
 
 
-def check_data(spec: dict, data_dir: str | Path | None = None) -> list[Path]:
+def check_data(spec: Mapping[str, Any], data_dir: str | Path | None = None) -> list[Path]:
     """The local files `spec` needs (none for synthetic data); DataNotFound names the missing one and every
     folder searched. Cheap, so an edge checks it right after Join, before a long bundle download."""
     if spec["dataset"] == "synthetic":
@@ -36,7 +34,7 @@ def check_data(spec: dict, data_dir: str | Path | None = None) -> list[Path]:
 
 
 def build_token_dataset(
-    spec: dict, tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None
+    spec: Mapping[str, Any], tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None
 ) -> TokenDataset:
     """Token arrays for `spec`: {dataset, split, limit, seed, max_seq_len, task?, vocab_size?, num_labels?}.
 
@@ -59,6 +57,8 @@ def build_token_dataset(
         )
     if tokenizer_dir is None:
         raise ValueError(f"dataset {name!r} needs a tokenizer; the bundle has none (export with tokenizer files)")
+    # lazy: `tokenizers` is an optional dependency (the [edge] extra) that only text datasets need; synthetic
+    # data is built without it
     from splitwave.common.tokenizer import Tokenizer
 
     rows = load_dataset(name, split, limit=limit, seed=seed, data_dir=data_dir)
@@ -68,16 +68,16 @@ def build_token_dataset(
             f"dataset {name!r} is {'causal-LM' if is_prompts else 'classification'} data, but the "
             f"task is {spec.get('task', 'seq-cls')!r}"
         )
-    tokenize = tokenize_prompts if causal else tokenize_dataset
-    return tokenize(rows, Tokenizer.from_dir(tokenizer_dir), max_len)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    if isinstance(rows, PromptDataset):
+        return tokenize_prompts(rows, tokenizer, max_len)
+    return tokenize_dataset(rows, tokenizer, max_len)
 
 
 def partition(
     data: TokenDataset, num_clients: int, scheme: str, alpha: float, seed: int, min_size: int = 1
 ) -> list[np.ndarray]:
     """Client shards as index arrays: IID, or Dirichlet(alpha) over the class labels (classification only)."""
-    from splitwave.common.data import partition_dirichlet, partition_iid
-
     if scheme == "iid":
         return partition_iid(len(data), num_clients, seed)
     if scheme == "dirichlet":
@@ -87,7 +87,9 @@ def partition(
     raise ValueError(f"unknown partition {scheme!r}; use 'iid' or 'dirichlet'")
 
 
-def round_batch(data: TokenDataset, batcher, local_steps: int, round_idx: int, step: int):
+def round_batch(
+    data: TokenDataset, batcher: Batcher, local_steps: int, round_idx: int, step: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch `step` of round `round_idx`: a pure function of (seed, shard, round, step), so a restarted edge,
     a centralized reference and the edge itself all train on exactly the same rows."""
     g = round_idx * local_steps + step

@@ -12,8 +12,10 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
+from tokenizers import Encoding
 from tokenizers import Tokenizer as _HFTokenizer
 
 logger = logging.getLogger(__name__)
@@ -24,14 +26,14 @@ PadTo = None | str | int
 _HUGE_MAX_LEN = 1_000_000
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     return {}
 
 
-def _token_content(tok) -> str | None:
+def _token_content(tok: str | dict[str, Any] | None) -> str | None:
     """special_tokens_map / tokenizer_config store a token as a string or as an AddedToken dict."""
     if tok is None:
         return None
@@ -108,16 +110,39 @@ class Tokenizer:
         encs = self._encode(texts, text_pairs, add_special_tokens)
         return [list(e.ids) for e in encs]
 
-    def _encode(self, texts, text_pairs, add_special_tokens):
-        texts = list(texts)
+    def _encode(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None, add_special_tokens: bool
+    ) -> list[Encoding]:
+        inputs: list[str] | list[tuple[str, str]] = list(texts)
         if text_pairs is not None:
-            text_pairs = list(text_pairs)
-            if len(text_pairs) != len(texts):
-                raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs")
-            inputs = list(zip(texts, text_pairs))
-        else:
-            inputs = texts
+            pairs = list(text_pairs)
+            if len(pairs) != len(inputs):
+                raise ValueError(f"{len(inputs)} texts but {len(pairs)} text_pairs")
+            inputs = list(zip(texts, pairs))
         return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+
+    @overload
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        max_len: int | None = None,
+        pad_to: PadTo = None,
+        text_pairs: Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        return_token_type_ids: Literal[False] = False,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        max_len: int | None = None,
+        pad_to: PadTo = None,
+        text_pairs: Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        *,
+        return_token_type_ids: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def encode_batch(
         self,
@@ -127,7 +152,7 @@ class Tokenizer:
         text_pairs: Sequence[str] | None = None,
         add_special_tokens: bool = True,
         return_token_type_ids: bool = False,
-    ):
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokenize, truncate to `max_len` (longest-first for pairs) and right-pad with the pad id.
 
         pad_to: None -> pad every row to `max_len` (fixed shapes, = HF padding="max_length");
@@ -148,6 +173,7 @@ class Tokenizer:
             self._tok.no_truncation()
         longest = max((len(e.ids) for e in encs), default=0)
         if pad_to is None:
+            assert max_len is not None  # refused above: only pad_to="longest" may go without a max_len
             width = int(max_len)
         elif pad_to == "longest":
             width = longest
@@ -167,6 +193,6 @@ class Tokenizer:
             mask[i, :n] = 1
             if tti is not None:
                 tti[i, :n] = e.type_ids
-        if return_token_type_ids:
+        if tti is not None:
             return ids, mask, tti
         return ids, mask

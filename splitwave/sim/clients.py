@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from splitwave.common.manifest import BundleManifest
 from splitwave.edge.client import fresh_lora
 from splitwave.edge.ranks import RankAdapter
 from splitwave.protos import splitwave_pb2 as pb
@@ -177,8 +178,8 @@ def _set(edge: EdgeState, values: dict[str, np.ndarray], shapes: dict[str, tuple
         edge.factors[k] = a
 
 
-def rank_adapter(manifest: dict, ranks: dict[str, int]) -> RankAdapter:
-    lora = manifest["lora"]
-    ra = RankAdapter(lora["r"], lora["alpha"], lora.get("rslora", False))
+def rank_adapter(manifest: BundleManifest, ranks: dict[str, int]) -> RankAdapter:
+    lora = manifest.lora
+    ra = RankAdapter(lora.r, lora.alpha, lora.rslora)
     ra.ranks = dict(ranks)
     return ra

@@ -33,12 +33,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from splitwave.common.config import ExperimentConfig
-from splitwave.edge.runtime import EdgeRuntime, load_factors
+from splitwave.common.factors import load_factors
+from splitwave.common.manifest import BundleManifest
+from splitwave.edge.runtime import EdgeRuntime
 from splitwave.server.aggregation import ClientUpdate, make_strategy
 from splitwave.server.aggregation.robust import min_clients_for
-from splitwave.server.app import build_split
 from splitwave.server.evaluation import batch_rows
 from splitwave.server.models import tiny_config
+from splitwave.server.setup import build_split
 from splitwave.server.split import LoraSpec, split_model
 from splitwave.server.trainer import StepInput, TopTrainer
 from splitwave.sim import flops as F
@@ -266,11 +268,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def graph_ops(bundle_dir: Path, manifest: dict, mode: str) -> tuple[int, int]:
+def graph_ops(bundle_dir: Path, manifest: BundleManifest, mode: str) -> tuple[int, int]:
     """Operators of the edge's forward and backward graphs (ONNX nodes, less Constant/Identity, which ORT
     folds away)."""
     out = []
-    for name in manifest["graphs"][mode]:
+    for name in manifest.graphs[mode]:
         graph = onnx.load(str(bundle_dir / name), load_external_data=False).graph
         out.append(sum(1 for n in graph.node if n.op_type not in ("Constant", "Identity")))
     return out[0], out[1]
@@ -348,12 +350,12 @@ def _inputs(rows: int, seq: int, task: str, seed: int = 0) -> tuple[np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def _manifest_key(manifest: dict) -> str:
-    stable = {k: v for k, v in manifest.items() if k != "export_seconds"}  # re-exporting changes only this
+def _manifest_key(manifest: BundleManifest) -> str:
+    stable = {k: v for k, v in manifest.to_dict().items() if k != "export_seconds"}  # re-exporting changes only this
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def table_spec(cfg: ExperimentConfig, manifest: dict) -> dict:
+def table_spec(cfg: ExperimentConfig, manifest: BundleManifest) -> dict:
     """Everything the measured numbers depend on (the cache key is its hash)."""
     tr, agg = cfg.training, cfg.aggregation
     b, k = tr.batch_size, tr.server_batch
@@ -446,7 +448,7 @@ def measure_table(cfg: ExperimentConfig, bundle_dir: Path, spec: dict) -> dict:
             load,
             os.cpu_count() or 1,
         )
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest = BundleManifest.from_file(bundle_dir)
     task, seqs = cfg.model.task, spec["seqs"]
     opt = cfg.training.optim
     rt = EdgeRuntime(bundle_dir, mode=spec["edge_mode"], threads=1, lr=opt.lr, weight_decay=opt.weight_decay)
@@ -467,7 +469,7 @@ def measure_table(cfg: ExperimentConfig, bundle_dir: Path, spec: dict) -> dict:
     torch.set_num_threads(spec["server_threads"])
     try:
         split = build_split(cfg)
-        hidden = int(manifest["hidden_size"])
+        hidden = manifest.hidden_size
         trainer = TopTrainer(split, task, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps)
         b, k = cfg.training.batch_size, spec["server_batch"]
         step = []
@@ -486,7 +488,7 @@ def measure_table(cfg: ExperimentConfig, bundle_dir: Path, spec: dict) -> dict:
         eval_rows = sorted({1, batch_rows(split, seqs[-1], EVAL_ROWS)})
         ev = [[time_eval(split, *_inputs(rows, s, task)[:2]) for s in seqs] for rows in eval_rows]
         family = split.family
-        edge_factors = load_factors(bundle_dir / manifest["factors_file"])
+        edge_factors = load_factors(bundle_dir / manifest.factors_file)
         top_factors = trainer.factors() if spec["aggregation"]["top_too"] else None
     finally:
         torch.set_num_threads(threads_before)
@@ -514,7 +516,7 @@ def build_cost_model(cfg: ExperimentConfig, bundle_dir: str | Path, cache_dir: s
     host) and reads the cached table on every later one."""
     bundle_dir = Path(bundle_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest = BundleManifest.from_file(bundle_dir)
     if cfg.sim.cost_model == "flops":
         mode, shape = cfg.training.edge_mode, F.model_shape(cfg, manifest)
         return FlopCosts(

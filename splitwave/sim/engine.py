@@ -46,8 +46,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from splitwave.channel import LinkPair
+from splitwave.common.batching import Batcher
 from splitwave.common.config import ExperimentConfig
-from splitwave.common.data import Batcher
 from splitwave.common.shard import round_batch
 from splitwave.server.evaluation import batch_rows
 from splitwave.sim.clients import (
@@ -212,7 +212,7 @@ class Engine:
         self.q = EventQueue()
         app = self.app
         self.manifest = app.manifest
-        self.shapes = {f["name"]: tuple(f["shape"]) for f in self.manifest["factors"]}
+        self.shapes = self.manifest.factor_shapes()
         self.initial = initial_factors(app.bundle_dir)
         self.data = app.train_data  # what each edge builds from its Join's spec, the same call
         self.clients: list[ClientState] = []

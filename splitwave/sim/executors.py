@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from splitwave.edge.runtime import EdgeRuntime, load_factors
+from splitwave.common.factors import load_factors
+from splitwave.common.manifest import BundleManifest
+from splitwave.edge.runtime import EdgeRuntime
 from splitwave.sim.clients import EdgeState, rank_adapter
 
 log = logging.getLogger(__name__)
@@ -103,10 +105,9 @@ class EdgeWorker:
 
 def initial_factors(bundle_dir: Path) -> dict[str, np.ndarray]:
     """The bundle's LoRA factors (what a client that never trained holds)."""
-    import json
 
-    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
-    return load_factors(Path(bundle_dir) / manifest["factors_file"])
+    manifest = BundleManifest.from_file(Path(bundle_dir))
+    return load_factors(Path(bundle_dir) / manifest.factors_file)
 
 
 # ----------------------------------------------------------------------------------------------- pools

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from transformers import AutoConfig, PretrainedConfig
 
 from splitwave.common.config import ExperimentConfig
+from splitwave.common.manifest import BundleManifest
 from splitwave.server.models import TINY_VOCAB, minilm_path, tiny_config
 from splitwave.server.split import DEFAULT_TARGETS
 
@@ -106,15 +107,16 @@ class ModelShape:
         return sum(self.lora_r * (di + do) for di, do in self.lora_modules())
 
 
-def model_shape(cfg: ExperimentConfig, manifest: dict | None = None) -> ModelShape:
+def model_shape(cfg: ExperimentConfig, manifest: BundleManifest | None = None) -> ModelShape:
     """The shape of cfg's model; LoRA targets from the bundle's manifest when given (the resolved list)."""
     m = cfg.model
     if m.tiny:
-        vocab = (manifest or {}).get("source", {}).get("vocab_size") or m.vocab_size or TINY_VOCAB
+        source = manifest.source if manifest is not None else None
+        vocab = (source.vocab_size if source is not None else None) or m.vocab_size or TINY_VOCAB
         hf = tiny_config(m.family, m.task, m.num_labels, vocab, m.init_std)
     else:
         hf = AutoConfig.from_pretrained(minilm_path())
-    targets = ((manifest or {}).get("lora") or {}).get("targets") or cfg.lora.targets
+    targets = (manifest.lora.targets if manifest is not None else None) or cfg.lora.targets
     return ModelShape.from_hf(hf, m.task, m.cut, cfg.lora.r, targets, m.num_labels)
 
 
