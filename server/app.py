@@ -80,7 +80,9 @@ class SplitServer:
         tok_dir = self.bundle_dir if self.manifest.tokenizer_files else None
         self.train_spec = data_spec(cfg, "train", vocab)
         self.eval_spec = data_spec(cfg, "eval", vocab)
-        self.shards = client_shards(cfg, build_token_dataset(self.train_spec, tok_dir))
+        # the arrays every edge rebuilds from train_spec (kept: the simulation engine's clients read theirs here)
+        self.train_data = build_token_dataset(self.train_spec, tok_dir)
+        self.shards = client_shards(cfg, self.train_data)
         self.eval_data = build_token_dataset(self.eval_spec, tok_dir)
         # text generation scored at each evaluation (generation.num_prompts > 0; E2E only)
         self.generator = Generator.from_config(cfg, tok_dir, self.run_dir) if cfg.generation.num_prompts else None

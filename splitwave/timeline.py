@@ -1,4 +1,8 @@
-"""Virtual time of a finished run: replay the edges' measured step records through the link models.
+"""Virtual time of a finished realtime run: replay the edges' measured step records through the link models.
+
+What it is for now: a realtime run (real processes behind shaping proxies) is compared with its own replay
+(the agreement figure of its summary), and `splitwave plan` feeds it a profiled step. `channel.mode: virtual`
+no longer replays anything: it runs on the simulation engine (splitwave.sim).
 
 Nothing sleeps. Each client's simulated clock is advanced by the compute it measured (edge forward,
 backward and the edge's own overhead between steps) and by `link.done(n, t)` for the exact serialized

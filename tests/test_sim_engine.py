@@ -257,15 +257,30 @@ def test_engine_equals_real_grpc_processes(tmp_path, mode, clients):
     """The engine's final adapters equal a run of real server and edge processes over gRPC (ORT edges with one
     thread, as the engine's executors) to 1e-6: sfl-v1, where the order of clients does not matter, and one
     client."""
-    from splitwave.launch import server_process, start_edge, wait_all, write_config
+    import yaml
+
+    from splitwave.launch import ProcessGroup, child_env
 
     raw = {**V1, "num_clients": clients, "training": {**V1["training"], "mode": mode}}
-    cfg_path = write_config({**raw, "channel": {"mode": "none"}}, tmp_path / "cfg.yaml")
-    with server_process(cfg_path, tmp_path / "server") as (_, port):
-        edges = [
-            start_edge(port, f"client-{i}", tmp_path / "cache", tmp_path, ["--threads", "1"]) for i in range(clients)
-        ]
-        wait_all(edges, timeout=600)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({**raw, "channel": {"mode": "none"}}))
+    run = tmp_path / "server"
+    root = Path(__file__).resolve().parents[1]
+    with ProcessGroup(cwd=root, env=child_env(omp_threads=1)) as procs:
+        procs.start_server(
+            cfg_path, run_dir=run, cache_dir=CACHE, ready_file=run / "ready.json", log=run / "server.log"
+        )
+        port = procs.wait_ready("server", run / "ready.json", timeout=300)
+        names = [f"client-{i}" for i in range(clients)]
+        for name in names:
+            procs.start_edge(
+                name,
+                f"127.0.0.1:{port}",
+                cache_dir=tmp_path / "cache",
+                log=tmp_path / f"{name}.log",
+                extra=["--threads", "1"],
+            )
+        procs.wait_exit(names, timeout=600)
     final = tmp_path / "server" / FINAL_DIR
     real_edge, real_top = load_npz(final / EDGE_FILE), load_npz(final / TOP_FILE)
     _, edge, top, _ = _run(tmp_path / "engine", parse_config({**raw, "channel": {"mode": "virtual"}}))
@@ -323,3 +338,21 @@ def test_server_batch_with_groups_of_every_size_is_reproducible(tmp_path):
     sizes = a[3].stats["server_steps_by_size"]
     assert set(sizes) == {1, 2} and sizes[1] + 2 * sizes[2] == 3 * 3 * 2  # every client step served once
     assert _digest(*_run(tmp_path, cfg, workers=2)[:3]) == _digest(*a[:3])
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"aggregation__strategy": "fedex-lora"},  # base-weight deltas: executors rebuild their graphs per version
+        {"aggregation__strategy": "flora", "aggregation__params": {"client_ranks": {"client-0": 2, "client-1": 3}}},
+        {"training__mode": "sl", "training__edge_mode": "saved", "training__codec_up": "int8"},
+    ],
+    ids=["fedex-lora", "flora-ranks", "sl-saved-int8"],
+)
+def test_strategies_and_modes_are_reproducible_across_executors(tmp_path, over):
+    """The edge-side paths of the directives (base deltas, FLoRA re-init at a client's rank), saved
+    activations and a lossy codec give the same run in process and on a worker process."""
+    cfg = _cfg(**over)
+    a = _run(tmp_path, cfg)
+    assert len(a[0]) == 2 and all(r["reported"] for r in a[0])
+    assert _digest(*_run(tmp_path, cfg, workers=1)[:3]) == _digest(*a[:3])

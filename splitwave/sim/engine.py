@@ -48,7 +48,7 @@ import numpy as np
 from splitwave.channel import LinkPair
 from splitwave.common.batching import Batcher
 from splitwave.common.config import ExperimentConfig
-from splitwave.common.shard import build_token_dataset, round_batch
+from splitwave.common.shard import round_batch
 from splitwave.server.evaluation import batch_rows
 from splitwave.sim.clients import (
     ClientState,
@@ -214,8 +214,7 @@ class Engine:
         self.manifest = app.manifest
         self.shapes = self.manifest.factor_shapes()
         self.initial = initial_factors(app.bundle_dir)
-        tok = app.bundle_dir if self.manifest.tokenizer_files else None
-        self.data = build_token_dataset(app.train_spec, tok)  # what each edge builds from its Join's spec
+        self.data = app.train_data  # what each edge builds from its Join's spec, the same call
         self.clients: list[ClientState] = []
         self.by_name: dict[str, int] = {}
         for k in range(self.n):

@@ -20,10 +20,13 @@ Torch-free: worker processes import only numpy, onnxruntime and the protocol cod
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import socket
+import subprocess
+import sys
 import threading
 import traceback
 from collections import deque
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -161,27 +164,37 @@ def _serve(conn, worker_args: tuple) -> None:
 
 
 class ProcessPool:
-    """`n` spawned worker processes (the `local` executor with `sim.workers` > 0). A reader thread per worker
-    drains its results, so neither side ever blocks the other on a full pipe."""
+    """`n` worker processes (the `local` executor with `sim.workers` > 0), each `python -m
+    splitwave.sim.executors FD` talking over a socket pair: unlike multiprocessing's spawn, nothing re-imports
+    the caller's main module, so any script can run the engine. A reader thread per worker drains its
+    results, so neither side ever blocks the other on a full socket."""
 
     name = "local"
 
     def __init__(self, worker_args: tuple, n: int):
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch and gRPC threads
         self.size = n
-        self._conns, self._procs = [], []
+        self._conns: list[Connection] = []
+        self._procs: list[subprocess.Popen] = []
         self._pending: list[deque[Handle]] = [deque() for _ in range(n)]
         self._cv = threading.Condition()
         self._send_locks = [threading.Lock() for _ in range(n)]
-        for i in range(n):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_serve, args=(child, worker_args), name=f"sim-edge-{i}", daemon=True)
-            p.start()
-            child.close()
-            self._conns.append(parent)
+        for _ in range(n):
+            mine, theirs = socket.socketpair()
+            p = subprocess.Popen(
+                [sys.executable, "-m", "splitwave.sim.executors", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+            theirs.close()
+            conn = Connection(mine.detach())
+            conn.send(worker_args)
+            self._conns.append(conn)
             self._procs.append(p)
         for i, c in enumerate(self._conns):  # every worker up (bundle loaded) before the first event
-            ok, err = c.recv()
+            try:
+                ok, err = c.recv()
+            except (EOFError, OSError):
+                ok, err = False, f"exited with code {self._procs[i].wait()}"
             if not ok:
                 self.close()
                 raise ExecutorError(f"edge worker {i} failed to start: {err}")
@@ -219,8 +232,8 @@ class ProcessPool:
         with self._cv:
             while not h.done:
                 self._cv.wait(1.0)
-                if not h.done and not self._procs[h.worker].is_alive():
-                    raise ExecutorError(f"edge worker {h.worker} died (exit code {self._procs[h.worker].exitcode})")
+                if not h.done and self._procs[h.worker].poll() is not None:
+                    raise ExecutorError(f"edge worker {h.worker} died (exit code {self._procs[h.worker].returncode})")
         if not h.ok:
             raise ExecutorError(f"edge worker {h.worker}: {h.value}")
         return h.value
@@ -232,10 +245,11 @@ class ProcessPool:
             except OSError:
                 pass
         for p in self._procs:
-            p.join(5)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
         for c in self._conns:
             c.close()
 
@@ -302,3 +316,8 @@ def make_pool(
     if workers <= 0:
         return InlinePool(args)
     return ProcessPool(args, workers)
+
+
+if __name__ == "__main__":  # a ProcessPool worker: its socket's file descriptor is the argument
+    _conn = Connection(int(sys.argv[1]))
+    _serve(_conn, _conn.recv())
