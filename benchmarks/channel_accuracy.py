@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 import splitwave.channel as cs
+from splitwave.channel.probe import proxy_exchange, virtual_exchange
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -95,63 +96,12 @@ def grpc_upload(make: Callable[[], cs.Link], nbytes: int) -> tuple[float, float]
     return meas, pred
 
 
-def _real_exchange(up: cs.Link, down: cs.Link, steps: int, nbytes: int, server_s: float, edge_s: float) -> float:
-    """Wall time of `steps` x [edge compute, nbytes up, server compute, nbytes down] through the shaping proxy
-    (compute is a sleep: deterministic on a loaded host). tests/test_virtual_clock.py scripts the same."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-
-    def server():
-        c, _ = srv.accept()
-        with c:
-            for _ in range(steps):
-                got = 0
-                while got < nbytes:
-                    got += len(c.recv(1 << 16))
-                time.sleep(server_s)
-                c.sendall(b"g" * nbytes)
-
-    th = threading.Thread(target=server, daemon=True)
-    th.start()
-    try:
-        with cs.ShapingProxy("127.0.0.1", 0, srv.getsockname(), up, down) as px:
-            with socket.create_connection(("127.0.0.1", px.port)) as s:
-                time.sleep(0.02)
-                w0 = time.monotonic()
-                for _ in range(steps):
-                    time.sleep(edge_s)
-                    s.sendall(b"a" * nbytes)
-                    got = 0
-                    while got < nbytes:
-                        got += len(s.recv(1 << 16))
-                return time.monotonic() - w0
-    finally:
-        th.join(10)
-        srv.close()
-
-
-def _virtual_exchange(up: cs.Link, down: cs.Link, steps: int, nbytes: int, server_s: float, edge_s: float) -> float:
-    """The same exchange on the simulated clock: measured compute, link and server-queue times."""
-    clock, server = cs.VirtualClock(), cs.ServerQueue()
-    for _ in range(steps):
-        t = time.perf_counter()
-        time.sleep(edge_s)
-        clock.compute(time.perf_counter() - t)
-        clock.send(up, nbytes)
-        t = time.perf_counter()
-        time.sleep(server_s)
-        clock.t = server.serve(clock.t, time.perf_counter() - t)
-        clock.send(down, nbytes)
-    return clock.t
-
-
 def virtual_vs_real(steps: int = 3, nbytes: int = MB, server_s: float = 0.05, edge_s: float = 0.02) -> dict:
     up, down = cs.StaticLink(20e6, 0.01), cs.StaticLink(20e6, 0.01)
     w0 = time.monotonic()
-    virtual = _virtual_exchange(copy.deepcopy(up), copy.deepcopy(down), steps, nbytes, server_s, edge_s)
+    virtual = virtual_exchange(copy.deepcopy(up), copy.deepcopy(down), steps, nbytes, server_s, edge_s)
     wall_v = time.monotonic() - w0
-    real = _real_exchange(up, down, steps, nbytes, server_s, edge_s)
+    real = proxy_exchange(up, down, steps, nbytes, server_s, edge_s)
     # pure link part, no compute: the speedup of the simulated clock itself
     w0 = time.perf_counter()
     c = cs.VirtualClock()

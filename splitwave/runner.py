@@ -24,6 +24,7 @@ from splitwave import report
 from splitwave.channel import Cell, LinkPair, ShapingProxy, make_link_pair, place_clients
 from splitwave.common.config import ConfigError, ExperimentConfig, dump_config
 from splitwave.launch import LaunchError, ProcessGroup, child_env
+from splitwave.progress import RoundProgress
 from splitwave.report import write_report
 from splitwave.sim.costs import build_cost_model
 from splitwave.sim.devices import build_devices, server_factor
@@ -131,50 +132,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-class _Progress:
-    """A rich progress bar over rounds on a terminal; one log line per round otherwise."""
-
-    def __init__(self, total: int, name: str, enabled: bool):
-        self.total, self.bar, self.task = total, None, None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self.bar = Progress(
-                    TextColumn(f"[bold]{name}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(),
-                    console=console,
-                )
-                self.task = self.bar.add_task("rounds", total=total, info="starting")
-                self.bar.start()
-
-    def update(self, line: dict) -> None:
-        acc = line.get("eval_accuracy")
-        info = f"round {line['round']}" + (f" acc {acc:.3f}" if acc is not None else "")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=line["round"] + 1, info=info)
-        else:
-            log.info("%s/%d rounds: %s", line["round"] + 1, self.total, info)
-
-    def note(self, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, info=info)
-
-    def phase(self, name: str, detail: str = "") -> None:
-        """A new phase of the run (training, replay, report): on the bar and in the log."""
-        self.note(f"{name}: {detail}" if detail else name)
-        log.info("phase %s%s", name, f": {detail}" if detail else "")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def _cache_root() -> Path:
     return Path(os.environ.get("SPLITWAVE_CACHE", ".cache"))
 
@@ -273,7 +230,7 @@ def simulate(
     procs = ProcessGroup(env=child_env())
     proxies: list[ShapingProxy] = []
     live_links: list[LinkPair] = []
-    bar = _Progress(cfg.rounds.num_rounds, cfg.name, progress)
+    bar = RoundProgress(cfg.rounds.num_rounds, cfg.name, progress)
     old_term = None
     if threading.current_thread() is threading.main_thread():
 
@@ -323,7 +280,7 @@ def simulate(
         while True:
             lines = _read_jsonl(metrics_path)
             for line in lines[seen:]:
-                bar.update(line)
+                bar.round_done(line["round"], line.get("eval_accuracy"))
                 for pair in live_links:
                     pair.set_round(line["round"] + 1)  # per-round shadowing follows the real rounds
                 last_progress = time.monotonic()

@@ -2,13 +2,12 @@
 proxy on the same scripted transfer sequence (within 5%, at least 5x faster in wall time)."""
 
 import copy
-import socket
-import threading
 import time
 
 import pytest
 
 import splitwave.channel as cs
+from splitwave.channel.probe import proxy_exchange, virtual_exchange
 
 MB = 1 << 20
 
@@ -94,65 +93,12 @@ def test_activation_bytes_scale_check():
 STEPS, SERVER_S, EDGE_S = 3, 0.05, 0.02
 
 
-def _work(seconds):
-    """Stand-in for measured compute (sleep: deterministic on a loaded 2-core box)."""
-    time.sleep(seconds)
-
-
-def _real_run(up, down):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-
-    def server():
-        c, _ = srv.accept()
-        with c:
-            for _ in range(STEPS):
-                got = 0
-                while got < MB:
-                    got += len(c.recv(1 << 16))
-                _work(SERVER_S)
-                c.sendall(b"g" * MB)
-
-    th = threading.Thread(target=server, daemon=True)
-    th.start()
-    try:
-        with cs.ShapingProxy("127.0.0.1", 0, srv.getsockname(), up, down) as px:
-            with socket.create_connection(("127.0.0.1", px.port)) as s:
-                time.sleep(0.02)
-                w0 = time.monotonic()
-                for _ in range(STEPS):
-                    _work(EDGE_S)
-                    s.sendall(b"a" * MB)
-                    got = 0
-                    while got < MB:
-                        got += len(s.recv(1 << 16))
-                return time.monotonic() - w0
-    finally:
-        th.join(10)
-        srv.close()
-
-
-def _virtual_run(up, down):
-    clock, server = cs.VirtualClock(), cs.ServerQueue()
-    for _ in range(STEPS):
-        t = time.perf_counter()
-        _work(EDGE_S)
-        clock.compute(time.perf_counter() - t)
-        clock.send(up, MB)
-        t = time.perf_counter()
-        _work(SERVER_S)
-        clock.t = server.serve(clock.t, time.perf_counter() - t)
-        clock.send(down, MB)
-    return clock.t
-
-
 def test_virtual_time_matches_real_time_proxy_and_is_faster():
     up, down = cs.StaticLink(20e6, 0.01), cs.StaticLink(20e6, 0.01)
     w0 = time.monotonic()
-    virtual = _virtual_run(copy.deepcopy(up), copy.deepcopy(down))
+    virtual = virtual_exchange(copy.deepcopy(up), copy.deepcopy(down), STEPS, MB, SERVER_S, EDGE_S)
     wall_virtual = time.monotonic() - w0
-    real = _real_run(up, down)
+    real = proxy_exchange(up, down, STEPS, MB, SERVER_S, EDGE_S)
     expect = STEPS * (EDGE_S + SERVER_S + 2 * (0.01 + 8 * MB / 20e6))
     assert virtual == pytest.approx(expect, rel=0.03)
     assert virtual == pytest.approx(real, rel=0.05)

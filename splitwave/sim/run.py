@@ -16,6 +16,7 @@ import torch
 
 from splitwave.channel import LinkPair
 from splitwave.common.config import ExperimentConfig
+from splitwave.progress import RoundProgress
 from splitwave.sim.engine import CostModel, Device, Engine, RoundTiming
 from splitwave.sim.executors import make_pool
 from splitwave.sim.server import InProcessServer
@@ -85,57 +86,6 @@ class _Timed:
         return timed
 
 
-class _Bar:
-    """A rich progress bar over rounds showing simulated and wall time (terminal only; a log line per round
-    otherwise)."""
-
-    def __init__(self, total: int, name: str, enabled: bool):
-        self.total, self.bar, self.task, self.t0 = total, None, None, time.monotonic()
-        self._last = 0.0
-        if enabled:
-            from rich.console import Console  # only on a terminal that shows it
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self.bar = Progress(
-                    TextColumn(f"[bold]{name}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("simulated {task.fields[sim]:>9.1f} s"),
-                    TextColumn("{task.fields[info]}"),
-                    TextColumn("wall"),
-                    TimeElapsedColumn(),
-                    console=console,
-                )
-                self.task = self.bar.add_task("rounds", total=total, sim=0.0, info="")
-                self.bar.start()
-
-    def event(self, t: float) -> None:
-        if self.bar is not None and time.monotonic() - self._last > 0.2:
-            self._last = time.monotonic()
-            self.bar.update(self.task, sim=t)
-
-    def round(self, t: RoundTiming) -> None:
-        acc = t.metrics.get("eval_accuracy")
-        info = f"round {t.round + 1}" + (f" acc {acc:.3f}" if acc is not None else "")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=t.round + 1, sim=t.close, info=info)
-        else:
-            log.info(
-                "%d/%d rounds: %s, simulated %.1f s, wall %.1f s",
-                t.round + 1,
-                self.total,
-                info,
-                t.close,
-                time.monotonic() - self.t0,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run_engine(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -161,7 +111,7 @@ def run_engine(
     tr = cfg.training
     optim = dict(lr=tr.optim.lr, weight_decay=tr.optim.weight_decay, betas=tr.optim.betas, eps=tr.optim.eps)
     pool = None
-    bar = _Bar(cfg.rounds.num_rounds, cfg.name, progress)
+    bar = RoundProgress(cfg.rounds.num_rounds, cfg.name, progress, simulated=True)
     try:
         cost_model = costs(app.bundle_dir)
         pool = make_pool(executor, workers, app.bundle_dir, tr.edge_mode, optim, ray_address)
@@ -176,7 +126,7 @@ def run_engine(
             links,
             server_factor=server_factor,
             server_workers=server_workers,
-            on_round=bar.round,
+            on_round=lambda r: bar.round_done(r.round, r.metrics.get("eval_accuracy"), r.close),
             on_event=bar.event,
         )
         joins = dict(spent)
