@@ -33,6 +33,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	rm -rf .cache/layout && $(BIN)/pip install -q --no-deps --target .cache/layout .
+	# one installed name: the package installs `splitwave` (+ its metadata and the `splitwave` command in bin/)
+	test "$$(ls .cache/layout | grep -v -e '\.dist-info$$' -e '^bin$$')" = splitwave
 	cd .cache/layout && ../../$(BIN)/lint-imports ../../pyproject.toml
 	cd .cache/layout && ../../$(BIN)/mypy --config-file ../../pyproject.toml
 
