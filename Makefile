@@ -39,6 +39,7 @@ lint: setup
 	cd .cache/layout && ../../$(BIN)/mypy --config-file ../../pyproject.toml
 
 test-slow: setup
+	$(BIN)/pip install -q -e '.[ray]'  # the engine's Ray executor is tested here (two-node cluster)
 	$(BIN)/pytest -q -m slow --durations=15
 
 bench: setup

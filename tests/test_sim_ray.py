@@ -7,7 +7,14 @@ import pytest
 
 from tests.test_sim_engine import _cfg, _digest, _run
 
-ray = pytest.importorskip("ray", reason="the [ray] extra (pip install 'splitwave[ray]')")
+
+@pytest.fixture(autouse=True)
+def _ray_installed():
+    """`make test-slow` installs the [ray] extra; a slow run without it fails rather than passing silently."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pytest.fail("the Ray tests need the [ray] extra: pip install 'splitwave[ray]' (make test-slow does)")
 
 
 @pytest.mark.slow
@@ -19,6 +26,7 @@ def test_ray_executor_gives_the_local_results(tmp_path):
 
 @pytest.mark.slow
 def test_ray_two_node_cluster(tmp_path, monkeypatch):
+    import ray
     from ray.cluster_utils import Cluster
 
     import splitwave.sim.executors as ex
