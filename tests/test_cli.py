@@ -179,6 +179,7 @@ def test_taken_port_fails_in_one_line_before_any_export(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing built, nothing written
 
 
+@pytest.mark.slow  # two server starts, the first exporting a bundle into its own cache (~60 s on CI)
 def test_server_says_what_it_does(tmp_path):
     """First start: the run folder, that the bundle is exported and how long it took, no third-party warnings;
     a stop before any round says so. A second start finds the bundle and starts a run of its own."""
