@@ -53,7 +53,7 @@ class CodecSpec(_message.Message):
     def __init__(self, codec: _Optional[str] = ..., topk_fraction: _Optional[float] = ..., topk_k: _Optional[int] = ...) -> None: ...
 
 class StepEnd(_message.Message):
-    __slots__ = ("batch_size", "metrics")
+    __slots__ = ("batch_size", "metrics", "codec_down")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,9 +63,11 @@ class StepEnd(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_DOWN_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, batch_size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    codec_down: str
+    def __init__(self, batch_size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec_down: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("loss", "correct", "count", "metrics", "stop_local_work")
@@ -165,7 +167,7 @@ class DataShard(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., indices: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("learning_mode", "codec_up", "codec_down", "batch_size", "local_steps", "optimizer", "seed", "max_seq_len", "shard", "training_mode", "lora_rank", "num_rounds")
+    __slots__ = ("learning_mode", "codec_up", "codec_down", "batch_size", "local_steps", "optimizer", "seed", "max_seq_len", "shard", "training_mode", "lora_rank", "num_rounds", "codec_policy")
     LEARNING_MODE_FIELD_NUMBER: _ClassVar[int]
     CODEC_UP_FIELD_NUMBER: _ClassVar[int]
     CODEC_DOWN_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,7 @@ class RunConfig(_message.Message):
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_POLICY_FIELD_NUMBER: _ClassVar[int]
     learning_mode: str
     codec_up: CodecSpec
     codec_down: CodecSpec
@@ -190,7 +193,20 @@ class RunConfig(_message.Message):
     training_mode: str
     lora_rank: int
     num_rounds: int
-    def __init__(self, learning_mode: _Optional[str] = ..., codec_up: _Optional[_Union[CodecSpec, _Mapping]] = ..., codec_down: _Optional[_Union[CodecSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., shard: _Optional[_Union[DataShard, _Mapping]] = ..., training_mode: _Optional[str] = ..., lora_rank: _Optional[int] = ..., num_rounds: _Optional[int] = ...) -> None: ...
+    codec_policy: CodecPolicy
+    def __init__(self, learning_mode: _Optional[str] = ..., codec_up: _Optional[_Union[CodecSpec, _Mapping]] = ..., codec_down: _Optional[_Union[CodecSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., shard: _Optional[_Union[DataShard, _Mapping]] = ..., training_mode: _Optional[str] = ..., lora_rank: _Optional[int] = ..., num_rounds: _Optional[int] = ..., codec_policy: _Optional[_Union[CodecPolicy, _Mapping]] = ...) -> None: ...
+
+class CodecPolicy(_message.Message):
+    __slots__ = ("kind", "ladder", "budget_s", "directions")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LADDER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    ladder: _containers.RepeatedScalarFieldContainer[str]
+    budget_s: float
+    directions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., ladder: _Optional[_Iterable[str]] = ..., budget_s: _Optional[float] = ..., directions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "session_token", "run_id", "config", "manifest_json", "bundle_hash", "current_round", "resume_secret", "limits")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from splitwave.channel.factory import check_link_spec
+from splitwave.common.codec_policy import check_ladder
 from splitwave.common.device_classes import class_names
 from splitwave.common.robust_rules import min_clients_for
 
@@ -85,6 +86,38 @@ class OptimConfig(_Strict):
     eps: float = Field(default=1e-8, gt=0)
 
 
+class CodecPolicyConfig(_Strict):
+    """Per-step codec choice from each client's link (splitwave.common.codec_policy):
+
+        kind: channel_aware          # fixed (default): codec_up / codec_down for every step, as always
+        ladder: [raw, fp16, int8]    # finest -> coarsest: each step takes the first whose transfer fits
+        budget_s: 0.5                # seconds for one step's transfer per direction (latency + bytes / rate)
+        directions: [up, down]       # which tensors it steers: up = h, down = grad_h; the other stays fixed
+
+    The engine (channel.mode virtual) reads each link's rate at the step's send time; a real edge estimates it
+    from its own transfers. Uploaded adapters keep codec_up's factor codec.
+    """
+
+    kind: Literal["fixed", "channel_aware"] = "fixed"
+    ladder: list[str] = Field(default_factory=lambda: ["raw", "fp16", "int8"])
+    budget_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    directions: list[Literal["up", "down"]] = Field(default_factory=lambda: ["up", "down"])
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder(cls, v: list[str]) -> list[str]:
+        return list(check_ladder(v))
+
+    @field_validator("directions")
+    @classmethod
+    def _directions(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one direction (up, down), or kind: fixed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a direction appears twice in {v}")
+        return v
+
+
 class TrainingConfig(_Strict):
     mode: Literal["sl", "sfl-v1", "sfl-v2"] = "sfl-v2"
     batch_size: int = Field(default=16, ge=1)
@@ -98,6 +131,7 @@ class TrainingConfig(_Strict):
     server_batch: int = Field(default=1, ge=1)
     server_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)  # how long a pending step waits for company
     optim: OptimConfig = OptimConfig()
+    codec_policy: CodecPolicyConfig = CodecPolicyConfig()  # per-step codecs from the link (default: fixed)
 
     @model_validator(mode="after")
     def _batching_needs_shared_top(self) -> TrainingConfig:
