@@ -23,6 +23,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitwave.common.codec_policy import CodecPolicy
 from splitwave.common.config import LimitsConfig
 from splitwave.common.lora import FACTOR_SUFFIXES
 from splitwave.protos import splitwave_pb2 as pb
@@ -107,6 +108,12 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         self.app = app
         cfg = app.cfg
         self.codec_down = _codec_spec(cfg.training.codec_down, cfg.training.topk_fraction)
+        # a channel-aware policy lets each step ask for its grad_h codec (StepEnd.codec_down) from its ladder
+        self.codec_policy = CodecPolicy.from_config(cfg.training.codec_policy)
+        self.codecs_down = {
+            c: _codec_spec(c, cfg.training.topk_fraction)
+            for c in self.codec_policy.allowed_down(cfg.training.codec_down)
+        }
         self.max_tensor_bytes = cfg.server.max_tensor_bytes
         # what one step or one adapter upload can legitimately need (x4 slack on batch and rank): an
         # authenticated peer cannot make the server reserve more than this per call
@@ -188,6 +195,28 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         except CodecError as e:
             _abort(context, "RESOURCE_EXHAUSTED" if e.code == "too_large" else "INVALID_ARGUMENT", str(e))
 
+    def _step_codec_down(self, asked: str, context) -> pb.CodecSpec:
+        """grad_h's codec for this step: the run's codec_down, or the one the step asked for (StepEnd.codec_down),
+        which must be the run's or in its policy's ladder."""
+        if not asked:
+            return self.codec_down
+        spec = self.codecs_down.get(asked)
+        if spec is None:
+            steered = self.codec_policy.steers("down")
+            _abort(
+                context,
+                "INVALID_ARGUMENT",
+                f"StepEnd.codec_down {asked[:16]!r} is not a codec this run sends grad_h in: "
+                f"{list(self.codecs_down)} ("
+                + (
+                    "training.codec_down and the policy's ladder"
+                    if steered
+                    else "training.codec_down; its codec policy does not steer the downlink"
+                )
+                + ")",
+            )
+        return spec
+
     def _finish(self, asm: Assembler, context) -> dict[str, np.ndarray]:
         try:
             return asm.finish()
@@ -250,6 +279,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             training_mode=tr.edge_mode,
             lora_rank=cfg.lora.r,
             num_rounds=cfg.rounds.num_rounds,
+            codec_policy=self.codec_policy.to_proto(),
         )
         return pb.JoinReply(
             client_id=s.client_id,
@@ -333,12 +363,13 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 _abort(context, "INVALID_ARGUMENT", "message has neither a frame nor end_step")
             tensors = self._finish(asm, context)
             if train:
+                codec_down = self._step_codec_down(req.end_step.codec_down, context)  # checked before training
                 res = self._guard(context, self.app.train_step, s, req.header.round, req.header.step, tensors)
             else:
                 res = self._guard(context, self.app.eval_step, s, tensors)
             header = pb.Header(run_id=self.app.run_id, round=req.header.round, step=req.header.step)
             if train:
-                for frame in encode("grad_h", res.grad_h, self.codec_down):
+                for frame in encode("grad_h", res.grad_h, codec_down):
                     yield reply_cls(header=header, frame=frame)
             yield reply_cls(
                 header=header,

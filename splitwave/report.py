@@ -265,6 +265,7 @@ def engine_records(lines: list[dict], pre_eval: dict | None = None) -> list[dict
             "per_client": sim["per_client"],
             "server_close_s": sim["close_s"],
             "server_eval_s": sim["eval_s"],
+            "codecs": line.get("codecs") or {},  # {"up": {codec: steps}, "down": {...}}
         }
         if r == 0 and pre_eval:
             rec["pre_eval_accuracy"] = pre_eval.get("eval_accuracy")

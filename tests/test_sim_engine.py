@@ -356,3 +356,32 @@ def test_strategies_and_modes_are_reproducible_across_executors(tmp_path, over):
     a = _run(tmp_path, cfg)
     assert len(a[0]) == 2 and all(r["reported"] for r in a[0])
     assert _digest(*_run(tmp_path, cfg, workers=1)[:3]) == _digest(*a[:3])
+
+
+# ----------------------------------------------------------------------------------------------- codec policy
+def test_channel_aware_policy_picks_each_clients_codecs_from_its_links(tmp_path):
+    """Three clients, one with a slow uplink and one with a slow downlink (0.05 Mbit/s: nothing fits the
+    50 ms budget, so the coarsest rung), the rest 1 Gbit/s (raw fits): every step's codecs follow its client's
+    links, the server sends grad_h in the codec the step asked for, the counts are in metrics, the run is
+    reproducible, and the slow links carry fewer bytes than under the fixed raw codec."""
+    fast, slow = {"rate_mbps": 1000}, {"rate_mbps": 0.05}
+    policy = {"kind": "channel_aware", "ladder": ["raw", "fp16", "int8"], "budget_s": 0.05}
+    cfg = _cfg(
+        training__codec_policy=policy,
+        channel__per_client=[
+            {"uplink": fast, "downlink": fast},
+            {"uplink": slow, "downlink": fast},
+            {"uplink": fast, "downlink": slow},
+        ],
+        rounds__deadline_s=1000,
+    )
+    first = _run(tmp_path, cfg)
+    for r in first[0]:
+        assert r["codecs"] == {"up": {"int8": 3, "raw": 6}, "down": {"int8": 3, "raw": 6}}
+        assert r["reported"] == ["client-0", "client-1", "client-2"]
+    assert _digest(*_run(tmp_path, cfg)[:3]) == _digest(*first[:3])
+    fixed, _, _, _ = _run(tmp_path, _cfg(channel__per_client=cfg.channel.per_client, rounds__deadline_s=1000))
+    assert [r["codecs"] for r in fixed] == [{"up": {"raw": 9}, "down": {"raw": 9}}] * 2
+    for a, b in zip(first[0], fixed):
+        assert a["bytes_by_method"]["Train|up"] < b["bytes_by_method"]["Train|up"]
+        assert a["bytes_by_method"]["Train|down"] < b["bytes_by_method"]["Train|down"]

@@ -67,13 +67,25 @@ def await_request(c: ClientState, run_id: str) -> pb.RoundRequest:
     return pb.RoundRequest(header=c.header(run_id, c.last_round), no_wait=False)
 
 
-def step_messages(header: pb.Header, h, mask, labels, codec_up, metrics: dict[str, float]) -> list:
-    """A Train step's request messages (EdgeClient._step_messages)."""
+def step_messages(
+    header: pb.Header, h, mask, labels, codec_up, metrics: dict[str, float], codec_down: str = ""
+) -> list:
+    """A Train step's request messages (EdgeClient._step_messages); `codec_down`: the grad_h codec the step
+    asks for (channel-aware policy; "" = the run's)."""
     msgs = [pb.TrainRequest(header=header, frame=f) for f in encode("h", h, codec_up)]
     msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
     msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("labels", labels, "raw")]
-    msgs.append(pb.TrainRequest(header=header, end_step=pb.StepEnd(batch_size=len(labels), metrics=metrics)))
+    end = pb.StepEnd(batch_size=len(labels), metrics=metrics, codec_down=codec_down)
+    msgs.append(pb.TrainRequest(header=header, end_step=end))
     return msgs
+
+
+def frame_codec(msgs: list, name: str) -> str | None:
+    """The codec the first frame of tensor `name` in a step's messages (or replies) travelled in."""
+    for m in msgs:
+        if m.WhichOneof("body") == "frame" and m.frame.name == name:
+            return m.frame.codec or "raw"
+    return None
 
 
 def step_reply(replies: list) -> tuple[np.ndarray, pb.StepResult]:

@@ -30,6 +30,12 @@ The server (actor N):
              late clients learn it when they next reach the server (refused), as real edges do
     OPEN     the close's work is over: the next round's selected clients are answered
 
+Codecs: under a channel-aware `training.codec_policy` each step's codecs are chosen when it leaves the edge
+(FORWARD done, at t): h's from the uplink's `rate_at(t)` and latency, grad_h's from the downlink's, both with
+the policy's `choose_codec` (what a perfectly informed edge could know at that moment; a real edge has only
+its estimates); grad_h's goes to the server in the step's `StepEnd.codec_down`, as a real edge sends it. The
+codecs each step travelled in are counted per round (`RoundTiming.codecs`).
+
 The math is the real system's: the server is `InProcessServer` (SplitServer behind its servicer), the edge
 math `EdgeRuntime` in an executor pool (splitwave.sim.executors).
 """
@@ -39,6 +45,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,13 +54,16 @@ import numpy as np
 
 from splitwave.channel import LinkPair
 from splitwave.common.batching import Batcher
+from splitwave.common.codec_policy import CodecPolicy, wire_bytes
 from splitwave.common.config import ExperimentConfig
 from splitwave.common.shard import round_batch
+from splitwave.protos import splitwave_pb2 as pb
 from splitwave.server.evaluation import batch_rows
 from splitwave.sim.clients import (
     ClientState,
     apply_assignment,
     await_request,
+    frame_codec,
     join_request,
     push_messages,
     rank_adapter,
@@ -180,6 +190,8 @@ class RoundTiming:
     bytes: dict[str, int]  # the meter at the close, "client|direction|method" -> bytes
     close_s: float
     eval_s: float
+    # steps per codec in the round, per direction: {"up": {"fp16": 24}, "down": {"raw": 24}} (sent before the close)
+    codecs: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
@@ -224,6 +236,8 @@ class Engine:
             self.by_name[c.name] = k
         self.run_id = j.run_id
         self.codec_up = j.config.codec_up
+        self.policy = CodecPolicy.from_proto(j.config.codec_policy)  # as the edge reads it from its Join
+        self.codec_counts: dict[int, dict[str, Counter]] = {}  # round -> direction -> codec -> steps
         self.seed, self.batch_size, self.local_steps = j.config.seed, j.config.batch_size, j.config.local_steps
         self.flights: dict[int, Flight] = {}
         self.ready_at = [0.0] * self.n  # when each idle client's AwaitRound request reached the server
@@ -341,7 +355,9 @@ class Engine:
             if f is not None and f.round == r:
                 per_client[name] = {**f.parts, "push_arrival": f.push_arrival}
         snap = {f"{c}|{d}|{m}": n for (c, d, m), n in self.server.meter.snapshot().items()}
-        timing = RoundTiming(r, start, end, crit, bd, per_client, rec, metrics, snap, agg + ev, ev)
+        counts = self.codec_counts.pop(r, {})
+        codecs = {d: dict(sorted(counts[d].items())) for d in ("up", "down") if d in counts}
+        timing = RoundTiming(r, start, end, crit, bd, per_client, rec, metrics, snap, agg + ev, ev, codecs)
         self.timings.append(timing)
         if self.on_round is not None:
             self.on_round(timing)
@@ -402,12 +418,26 @@ class Engine:
         h = self.pool.result(f.handles[-1])
         self._results(f)
         mask, labels, fwd_s = f.batch
-        msgs = step_messages(
-            c.header(self.run_id, f.round, f.step), h, mask, labels, self.codec_up, {"edge_fwd_s": fwd_s}
-        )
+        up, down = self._step_codecs(k, t, h, mask, labels)
+        msgs = step_messages(c.header(self.run_id, f.round, f.step), h, mask, labels, up, {"edge_fwd_s": fwd_s}, down)
+        self._count(f.round, "up", frame_codec(msgs, "h") or (up if isinstance(up, str) else up.codec or "raw"))
         arrival = self.links[k].uplink.done(sum(m.ByteSize() for m in msgs), t)
         f.parts["uplink"] += arrival - t
         self.q.push(arrival, k, ARRIVE, (msgs, int(h.shape[0])))
+
+    def _step_codecs(self, k: int, t: float, h, mask, labels) -> tuple[pb.CodecSpec | str, str]:
+        """(h's codec, the grad_h codec the step asks for, "" = the run's) of a step leaving client k at t: the
+        run's fixed codecs, or the policy's choice from each link's rate at t (rate_at is bit/s)."""
+        if self.policy.kind == "fixed":
+            return self.codec_up, ""
+        up_link, down_link = self.links[k].uplink, self.links[k].downlink
+        extra = wire_bytes(mask.dtype.name, mask.shape, "raw") + wire_bytes(labels.dtype.name, labels.shape, "raw")
+        up = self.policy.choose("up", h.dtype.name, h.shape, up_link.rate_at(t) / 8, up_link.latency_s, extra)
+        down = self.policy.choose("down", "float32", h.shape, down_link.rate_at(t) / 8, down_link.latency_s)
+        return up or self.codec_up, down or ""
+
+    def _count(self, r: int, direction: str, codec: str) -> None:
+        self.codec_counts.setdefault(r, {}).setdefault(direction, Counter())[codec] += 1
 
     def _arrive(self, t: float, k: int, data) -> None:
         msgs, rows = data
@@ -542,6 +572,7 @@ class Engine:
             k = w.client
             f = self.flights[k]
             grad_h, res = step_reply(replies)
+            self._count(f.round, "down", frame_codec(replies, "grad_h") or "raw")
             f.losses.append(res.loss)
             f.correct += res.correct
             f.count += res.count

@@ -49,6 +49,7 @@ def round_line(t: RoundTiming) -> dict:
         "clients": rec.client_metrics,
         "bytes": t.bytes,
         "aggregate_refused": rec.refused or None,
+        "codecs": t.codecs,  # steps per codec and direction in the round
         **{k: v for k, v in t.metrics.items() if k.startswith("eval_") and k != "eval_s"},
         "sim": {
             "start": t.start,
