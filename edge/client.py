@@ -22,6 +22,7 @@ import re
 import resource
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -34,6 +35,7 @@ import numpy as np
 
 from splitwave.common.backend import BackendFactory, BackendSettings, EdgeBackend
 from splitwave.common.batching import Batcher
+from splitwave.common.codec_policy import CodecPolicy, RateEstimator, wire_bytes
 from splitwave.common.lora import is_a_key
 from splitwave.common.manifest import MANIFEST_FILE, BundleManifest
 from splitwave.common.paths import DataNotFound
@@ -118,21 +120,69 @@ def fresh_lora(factors: Mapping[str, np.ndarray], seed: int | Sequence[int]) -> 
     return out
 
 
+class StepTiming(NamedTuple):
+    """How a step's transfers went, as the edge sees them (rate estimates for the codec policy).
+
+    up_s: from gRPC taking the step's first message to the write of its end_step completing (gRPC asks for the
+    next message only then). Writes complete once the bytes are in HTTP/2's flow-control window and the socket
+    buffers, so the last ~window of a step is not timed: the uplink rate is over-estimated for steps not much
+    bigger than those buffers (hundreds of kB), and a step that fits in them looks instantaneous.
+    down_s: from that write to the reply's end, less the server's compute (StepResult "server_s"): also holds
+    the uplink's untimed tail, both latencies and any server queueing, so the downlink rate is
+    under-estimated unless grad_h's transfer dominates. None where not measured."""
+
+    up_bytes: int
+    up_s: float | None
+    down_bytes: int
+    down_s: float | None
+    codec_down: str | None  # the codec grad_h came in
+
+
 class _StepStream:
-    """One Train (or Evaluate) call driven in lock-step: put a step's messages, read until its end_step."""
+    """One Train (or Evaluate) call driven in lock-step: put a step's messages, read until its end_step.
+    `last` holds the timing of the last step (StepTiming)."""
 
     def __init__(self, rpc: Callable[..., Iterator[Any]], metadata: Any = None):
         self._q: queue.Queue[Any] = queue.Queue()
-        self._replies = rpc(iter(self._q.get, None), metadata=metadata)
+        self._taken: float | None = None  # when gRPC took the step's first message
+        self._written: float | None = None  # when the write of its end_step completed
+        self._sent = threading.Event()
+        self.last: StepTiming | None = None
+        self._replies = rpc(self._requests(), metadata=metadata)
+
+    def _requests(self) -> Iterator[Any]:
+        """The request iterator gRPC consumes: it asks for a message once the previous one is written."""
+        while True:
+            m = self._q.get()
+            if m is None:
+                return
+            if self._taken is None:
+                self._taken = time.perf_counter()
+            yield m
+            if m.WhichOneof("body") == "end_step":
+                self._written = time.perf_counter()
+                self._sent.set()
 
     def step(self, messages: Iterable[Any]) -> tuple[dict[str, np.ndarray], pb.StepResult]:
-        for m in messages:
+        msgs = list(messages)
+        self._taken, self._written = None, None
+        self._sent.clear()
+        for m in msgs:
             self._q.put(m)
         asm = Assembler()
+        down, codec = 0, None
         for reply in self._replies:
+            down += reply.ByteSize()
             if reply.WhichOneof("body") == "frame":
+                codec = codec or reply.frame.codec or "raw"
                 asm.add(reply.frame)
             else:
+                done = time.perf_counter()
+                up_s = down_s = None
+                if self._sent.wait(1.0) and self._taken is not None and self._written is not None:
+                    up_s = self._written - self._taken
+                    down_s = done - self._written - float(reply.end_step.metrics.get("server_s", 0.0))
+                self.last = StepTiming(sum(m.ByteSize() for m in msgs), up_s, down, down_s, codec)
                 return asm.finish(), reply.end_step
         raise EdgeError("server closed the stream before answering the step")
 
@@ -188,6 +238,8 @@ class EdgeClient:
         self._resume_secret = ""
         self._round_start: _RoundStart | None = None
         self._t0 = time.perf_counter()
+        # this edge's link rates (bytes/s) from its own Train steps, for a channel-aware codec policy
+        self.rate_up, self.rate_down = RateEstimator(), RateEstimator()
 
     @property
     def joined(self) -> pb.JoinReply:
@@ -462,13 +514,35 @@ class EdgeClient:
         h: np.ndarray,
         metrics: Mapping[str, float],
     ) -> list[T]:
-        codec = self.joined.config.codec_up
+        codec, codec_down = self.step_codecs(h, mask, labels)
         header = self._header(round_idx, step)
         msgs = [cls(header=header, frame=f) for f in encode("h", h, codec)]
         msgs += [cls(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
         msgs += [cls(header=header, frame=f) for f in encode("labels", labels, "raw")]
-        msgs.append(cls(header=header, end_step=pb.StepEnd(batch_size=len(labels), metrics=metrics)))
+        end = pb.StepEnd(batch_size=len(labels), metrics=metrics, codec_down=codec_down)
+        msgs.append(cls(header=header, end_step=end))
         return msgs
+
+    def step_codecs(self, h: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> tuple[pb.CodecSpec | str, str]:
+        """(h's codec, the grad_h codec to ask for; "" = the run's): the run's fixed codecs, or under a
+        channel-aware policy the choice for this step from the rate estimates (link latency unknown here: 0)."""
+        cfg = self.joined.config
+        policy = CodecPolicy.from_proto(cfg.codec_policy, CODECS)
+        if policy.kind == "fixed":
+            return cfg.codec_up, ""
+        extra = wire_bytes(mask.dtype.name, mask.shape, "raw") + wire_bytes(labels.dtype.name, labels.shape, "raw")
+        up = policy.choose("up", h.dtype.name, h.shape, self.rate_up.rate, 0.0, extra)
+        down = policy.choose("down", "float32", h.shape, self.rate_down.rate)
+        return up or cfg.codec_up, down or ""
+
+    def _observe(self, timing: StepTiming | None) -> None:
+        """A finished step's transfers update the rate estimates."""
+        if timing is None:
+            return
+        if timing.up_s is not None:
+            self.rate_up.observe(timing.up_bytes, timing.up_s)
+        if timing.down_s is not None:
+            self.rate_down.observe(timing.down_bytes, timing.down_s)
 
     def train_round(self, round_idx: int) -> dict[str, Any]:
         cfg = self.joined.config
@@ -501,6 +575,10 @@ class EdgeClient:
                 t1 = time.perf_counter()
                 tensors, res = self._call(lambda _: send(msgs), f"Train round {round_idx} step {step}")
                 t_net = time.perf_counter() - t1
+                timing = stream.last if stream is not None else None
+                # the estimates this step's codecs were chosen with (None: none yet, or not finite)
+                rates = [r if np.isfinite(r) else None for r in (self.rate_up.rate, self.rate_down.rate)]
+                self._observe(timing)
                 if res.stop_local_work:
                     break
                 t2 = time.perf_counter()
@@ -527,6 +605,10 @@ class EdgeClient:
                     "step_s": t_end - t0,
                     "bytes_up": self.meter.total(direction="up") - up0,
                     "bytes_down": self.meter.total(direction="down") - down0,
+                    "codec_up": msgs[0].frame.codec or "raw",
+                    "codec_down": timing.codec_down if timing is not None else None,
+                    "rate_up_Bps": rates[0],
+                    "rate_down_Bps": rates[1],
                     "time": time.time(),
                 }
                 self._record(rec)

@@ -54,6 +54,21 @@ def round_bytes(lines: list[dict]) -> list[dict]:
     return out
 
 
+def edge_codecs(edge_records: dict[str, list[dict]], round_idx: int) -> dict[str, dict[str, int]]:
+    """Steps per codec and direction in one round, from the edges' step records (real processes; the engine
+    counts its own): {"up": {"fp16": 24}, "down": {"raw": 24}}."""
+    out: dict[str, dict[str, int]] = {}
+    for recs in edge_records.values():
+        for rec in recs:
+            if rec.get("kind") != "step" or rec.get("round") != round_idx:
+                continue
+            for d in ("up", "down"):
+                codec = rec.get(f"codec_{d}")
+                if codec:
+                    out.setdefault(d, {})[codec] = out.get(d, {}).get(codec, 0) + 1
+    return {d: dict(sorted(c.items())) for d, c in sorted(out.items(), reverse=True)}
+
+
 def agreement(sim: list[float], real: list[float], first: int = 1) -> dict:
     """Relative error of simulated vs measured round times over rounds >= `first` (round 0 carries the
     edges' start-up skew, which the simulation leaves out)."""
@@ -110,6 +125,7 @@ def merge_rounds(
             "server_round_wall_s": line.get("round_wall_s"),
             "server_close_s": close[r],
             "server_eval_s": line.get("eval_s"),
+            "codecs": edge_codecs(edge_records, line.get("round", r)),
         }
         if line.get("pre_eval"):  # the global model before training (round 0's line only)
             rec["pre_eval_accuracy"] = line["pre_eval"].get("eval_accuracy")
