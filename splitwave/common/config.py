@@ -86,6 +86,13 @@ class OptimConfig(_Strict):
     eps: float = Field(default=1e-8, gt=0)
 
 
+Direction = Literal["up", "down"]
+
+
+def _both_directions() -> list[Direction]:
+    return ["up", "down"]
+
+
 class CodecPolicyConfig(_Strict):
     """Per-step codec choice from each client's link (splitwave.common.codec_policy):
 
@@ -101,7 +108,7 @@ class CodecPolicyConfig(_Strict):
     kind: Literal["fixed", "channel_aware"] = "fixed"
     ladder: list[str] = Field(default_factory=lambda: ["raw", "fp16", "int8"])
     budget_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    directions: list[Literal["up", "down"]] = Field(default_factory=lambda: ["up", "down"])
+    directions: list[Direction] = Field(default_factory=_both_directions)
 
     @field_validator("ladder")
     @classmethod
