@@ -121,21 +121,30 @@ def fresh_lora(factors: Mapping[str, np.ndarray], seed: int | Sequence[int]) -> 
 
 
 class StepTiming(NamedTuple):
-    """How a step's transfers went, as the edge sees them (rate estimates for the codec policy).
+    """How a step's transfers went, as the edge sees them; `EdgeClient._observe` turns them into the rate
+    estimates of a channel-aware codec policy. Measured on the edge alone (no clock is shared with the server);
+    the times err long rather than short, so the rates err low (coarser codecs than needed, budgets kept).
 
-    up_s: from gRPC taking the step's first message to the write of its end_step completing (gRPC asks for the
-    next message only then). Writes complete once the bytes are in HTTP/2's flow-control window and the socket
-    buffers, so the last ~window of a step is not timed: the uplink rate is over-estimated for steps not much
-    bigger than those buffers (hundreds of kB), and a step that fits in them looks instantaneous.
-    down_s: from that write to the reply's end, less the server's compute (StepResult "server_s"): also holds
-    the uplink's untimed tail, both latencies and any server queueing, so the downlink rate is
-    under-estimated unless grad_h's transfer dominates. None where not measured."""
+    up_s: from gRPC taking the step's first message until the first reply message arrives, less the server's
+    compute (StepResult "server_s"). Besides the uplink transfer it holds both latencies, any server queueing
+    and the downlink transfer of that first message (`first_down_bytes`, which `_observe` takes off at the
+    downlink estimate). Not the time until gRPC's writes complete (`written_s`, kept as a lower bound): writes
+    complete once the bytes sit in HTTP/2's window, the socket buffers or a shaping proxy's (4 MiB), so a whole
+    MiniLM step (1.2 MB raw) would look instantaneous.
+    down_s: when grad_h came in several frames (a policy that steers the downlink has the server send 64 KiB
+    frames), the time from the first frame's arrival to the last's, for the bytes after the first
+    (`down_bytes`): the link's pace, independent of the uplink. With one frame, from the write of the step's
+    end_step completing to the reply's end, less the server's compute: that also holds the uplink's buffered
+    tail (the whole step when it fits in those buffers), both latencies and any queueing, so the rate reads low,
+    most when the uplink is the slow direction. None where not measured."""
 
     up_bytes: int
     up_s: float | None
     down_bytes: int
     down_s: float | None
     codec_down: str | None  # the codec grad_h came in
+    first_down_bytes: int = 0
+    written_s: float | None = None
 
 
 class _StepStream:
@@ -170,19 +179,30 @@ class _StepStream:
         for m in msgs:
             self._q.put(m)
         asm = Assembler()
-        down, codec = 0, None
+        down, codec, first = 0, None, None
+        frames: list[tuple[float, int]] = []  # (arrival, bytes) of each reply frame
         for reply in self._replies:
+            now = time.perf_counter()
+            first = first or now
             down += reply.ByteSize()
             if reply.WhichOneof("body") == "frame":
                 codec = codec or reply.frame.codec or "raw"
+                frames.append((now, reply.ByteSize()))
                 asm.add(reply.frame)
             else:
                 done = time.perf_counter()
                 up_s = down_s = None
+                server_s = float(reply.end_step.metrics.get("server_s", 0.0))
+                written_s = None
                 if self._sent.wait(1.0) and self._taken is not None and self._written is not None:
-                    up_s = self._written - self._taken
-                    down_s = done - self._written - float(reply.end_step.metrics.get("server_s", 0.0))
-                self.last = StepTiming(sum(m.ByteSize() for m in msgs), up_s, down, down_s, codec)
+                    up_s = first - self._taken - server_s
+                    down_s = done - self._written - server_s
+                    written_s = self._written - self._taken
+                if len(frames) > 1:  # the frames' pace, after the first
+                    down, down_s = sum(b for _, b in frames[1:]), frames[-1][0] - frames[0][0]
+                first_bytes = frames[0][1] if frames else reply.ByteSize()
+                up = sum(m.ByteSize() for m in msgs)
+                self.last = StepTiming(up, up_s, down, down_s, codec, first_bytes, written_s)
                 return asm.finish(), reply.end_step
         raise EdgeError("server closed the stream before answering the step")
 
@@ -536,13 +556,17 @@ class EdgeClient:
         return up or cfg.codec_up, down or ""
 
     def _observe(self, timing: StepTiming | None) -> None:
-        """A finished step's transfers update the rate estimates."""
+        """A finished step's transfers update the rate estimates (see StepTiming): the downlink first, then the
+        uplink, less the first reply message's transfer at the downlink estimate, never below the writes' time."""
         if timing is None:
             return
-        if timing.up_s is not None:
-            self.rate_up.observe(timing.up_bytes, timing.up_s)
         if timing.down_s is not None:
             self.rate_down.observe(timing.down_bytes, timing.down_s)
+        if timing.up_s is not None:
+            up_s, down = timing.up_s, self.rate_down.rate
+            if np.isfinite(down) and down > 0:
+                up_s -= timing.first_down_bytes / down
+            self.rate_up.observe(timing.up_bytes, max(up_s, timing.written_s or 0.0))
 
     def train_round(self, round_idx: int) -> dict[str, Any]:
         cfg = self.joined.config

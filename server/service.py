@@ -369,7 +369,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
                 res = self._guard(context, self.app.eval_step, s, tensors)
             header = pb.Header(run_id=self.app.run_id, round=req.header.round, step=req.header.step)
             if train:
-                for frame in encode("grad_h", res.grad_h, codec_down):
+                for frame in encode("grad_h", res.grad_h, codec_down, self.codec_policy.grad_frame_bytes):
                     yield reply_cls(header=header, frame=frame)
             yield reply_cls(
                 header=header,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from splitwave.common.codec_policy import (
     FRAME_MARGIN_BYTES,
+    PROBE_FRAME_BYTES,
     CodecPolicy,
     RateEstimator,
     check_ladder,
@@ -126,6 +127,19 @@ def test_wire_bytes_bound_the_step_messages_within_the_margin(codec, shape):
     n_frames = max(1, -(-encoded_size("float32", shape, codec) // (MAX_FRAME_BYTES - FRAME_MARGIN_BYTES)))
     assert len(frames) <= n_frames
     assert est - n_frames * FRAME_MARGIN_BYTES <= real <= est
+
+
+@pytest.mark.parametrize("codec", LADDER_CODECS)
+def test_wire_bytes_bound_grad_h_in_probe_frames(codec):
+    """grad_h in the 64 KiB frames of a run whose policy steers the downlink, inside TrainReplies."""
+    g = np.random.default_rng(1).standard_normal((16, 48, 384)).astype(np.float32)
+    header = pb.Header(run_id="0123456789ab", round=4_000_000, step=70_000)
+    frames = encode("grad_h", g, codec, PROBE_FRAME_BYTES)
+    real = sum(pb.TrainReply(header=header, frame=f).ByteSize() for f in frames)
+    est = wire_bytes("float32", g.shape, codec, max_frame_bytes=PROBE_FRAME_BYTES)
+    assert len(frames) > 1 and est - len(frames) * FRAME_MARGIN_BYTES <= real <= est
+    assert CodecPolicy("channel_aware", ("fp16",), 1.0, frozenset({"down"})).grad_frame_bytes == PROBE_FRAME_BYTES
+    assert CodecPolicy("channel_aware", ("fp16",), 1.0, frozenset({"up"})).grad_frame_bytes == MAX_FRAME_BYTES
 
 
 # ----------------------------------------------------------------------------------------------- ladder, config, proto

@@ -114,3 +114,30 @@ def test_server_honours_codec_down_from_the_ladder_only(tmp_path, policy):
         assert {r.frame.codec for r in replies if r.WhichOneof("body") == "frame"} == {want}
         replies = list(stub.Train(iter(_step(me, hidden, 1, "")), timeout=30))  # empty: the run's codec_down
         assert {r.frame.codec for r in replies if r.WhichOneof("body") == "frame"} == {"raw"}
+
+
+@pytest.mark.slow  # real time through a shaping proxy: timing-dependent, ~20 s
+@pytest.mark.parametrize("up_mbps, down_mbps", [(4, 40), (40, 4)])
+def test_edge_estimates_track_a_shaped_link(tmp_path, up_mbps, down_mbps):
+    """Behind a ShapingProxy with static links the edge's estimates come within a few tens of percent of the
+    link rates, erring low (the policy steers the downlink, so grad_h comes in 64 KiB frames the edge times)."""
+    from splitwave.channel import ShapingProxy, StaticLink
+
+    policy = {"kind": "channel_aware", "ladder": ["raw", "fp16"], "budget_s": 100.0}
+    cfg = tiny_cfg(
+        training={"local_steps": 4, "batch_size": 32, "codec_policy": policy},
+        data={"max_seq_len": 64, "num_train": 256},
+    )
+    up, down = StaticLink(up_mbps * 1e6, 0.01), StaticLink(down_mbps * 1e6, 0.01)
+    with serving(cfg, tmp_path / "run") as srv:
+        host, port = srv.address.rsplit(":", 1)
+        with ShapingProxy("127.0.0.1", 0, (host, int(port)), up, down) as px:
+            c = make_client(f"127.0.0.1:{px.port}", "edge-0", EDGE_CACHE)
+            try:
+                c.run()
+            finally:
+                c.close()
+    steps = [r for r in c.history if r["kind"] == "step"]
+    assert {s["codec_up"] for s in steps} == {"raw"} and min(s["bytes_up"] for s in steps) > 100_000
+    assert 0.5 < c.rate_up.rate / (up_mbps * 1e6 / 8) < 1.05
+    assert 0.5 < c.rate_down.rate / (down_mbps * 1e6 / 8) < 1.05

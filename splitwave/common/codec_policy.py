@@ -42,6 +42,7 @@ from splitwave.protos.codec import CODECS, MAX_FRAME_BYTES, encoded_size
 __all__ = [
     "DIRECTIONS",
     "FRAME_MARGIN_BYTES",
+    "PROBE_FRAME_BYTES",
     "KINDS",
     "CodecPolicy",
     "RateEstimator",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 FRAME_MARGIN_BYTES = 256  # per frame: TensorFrame header + request header (session token, run id, round, step)
+# grad_h's frame size when a policy steers the downlink: the edge times the frames' arrivals to estimate its
+# downlink rate (one 1 MiB frame would arrive all at once); 256 of 64 KiB is 0.4 % more bytes at most
+PROBE_FRAME_BYTES = 64 << 10
 KINDS = ("fixed", "channel_aware")
 DIRECTIONS = ("up", "down")
 _NEEDS_PARAMETER = ("topk",)  # a codec whose size depends on a parameter the ladder does not carry
@@ -80,11 +84,18 @@ def _usable(known: Iterable[str]) -> list[str]:
     return [c for c in known if c not in _NEEDS_PARAMETER]
 
 
-def wire_bytes(dtype: str, shape: Iterable[int], codec: str, frame_margin: int = FRAME_MARGIN_BYTES) -> int:
-    """Bytes one tensor puts on the wire with `codec`: exact encoded size plus `frame_margin` per frame (an
-    upper bound of the frame and request headers; the frame count is an upper bound of `encode`'s too)."""
+def wire_bytes(
+    dtype: str,
+    shape: Iterable[int],
+    codec: str,
+    frame_margin: int = FRAME_MARGIN_BYTES,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+) -> int:
+    """Bytes one tensor puts on the wire with `codec` in frames of at most `max_frame_bytes`: exact encoded size
+    plus `frame_margin` per frame (an upper bound of the frame and request headers; the frame count is an upper
+    bound of `encode`'s too)."""
     n = encoded_size(dtype, shape, codec)
-    frames = max(1, -(-n // (MAX_FRAME_BYTES - frame_margin)))
+    frames = max(1, -(-n // (max_frame_bytes - frame_margin)))
     return n + frames * frame_margin
 
 
@@ -103,10 +114,11 @@ def choose_codec(
     rate_Bps: float,
     latency_s: float = 0.0,
     extra_bytes: int = 0,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
 ) -> str:
-    """The first codec of `ladder` (finest -> coarsest) whose transfer of a `dtype`/`shape` tensor, plus
-    `extra_bytes`, at `rate_Bps` bytes/s after `latency_s` takes at most `budget_s`; the last codec when none
-    does. rate NaN (no estimate): the first; see the module docstring for 0 and inf."""
+    """The first codec of `ladder` (finest -> coarsest) whose transfer of a `dtype`/`shape` tensor (in frames of
+    `max_frame_bytes`), plus `extra_bytes`, at `rate_Bps` bytes/s after `latency_s` takes at most `budget_s`;
+    the last codec when none does. rate NaN (no estimate): the first; see the module docstring for 0 and inf."""
     if not ladder:
         raise ValueError("the codec ladder is empty")
     if not budget_s > 0:  # also refuses NaN
@@ -121,7 +133,8 @@ def choose_codec(
         raise ValueError(f"rate must be >= 0 bytes/s (or NaN for unknown), got {rate_Bps!r}")
     shape = tuple(int(d) for d in shape)
     for codec in ladder:
-        if transfer_s(wire_bytes(dtype, shape, codec) + int(extra_bytes), rate_Bps, latency_s) <= budget_s:
+        nbytes = wire_bytes(dtype, shape, codec, max_frame_bytes=max_frame_bytes) + int(extra_bytes)
+        if transfer_s(nbytes, rate_Bps, latency_s) <= budget_s:
             return codec
     return ladder[-1]
 
@@ -165,7 +178,13 @@ class CodecPolicy:
         """This step's codec for `direction`, or None when the policy does not steer it (the fixed codec)."""
         if not self.steers(direction):
             return None
-        return choose_codec(self.ladder, self.budget_s, dtype, shape, rate_Bps, latency_s, extra_bytes)
+        frame = PROBE_FRAME_BYTES if direction == "down" else MAX_FRAME_BYTES
+        return choose_codec(self.ladder, self.budget_s, dtype, shape, rate_Bps, latency_s, extra_bytes, frame)
+
+    @property
+    def grad_frame_bytes(self) -> int:
+        """Frame size of grad_h: PROBE_FRAME_BYTES when the policy steers the downlink (the edge times them)."""
+        return PROBE_FRAME_BYTES if self.steers("down") else MAX_FRAME_BYTES
 
     def allowed_down(self, default: str) -> tuple[str, ...]:
         """The grad_h codecs an edge may ask for (StepEnd.codec_down): the run's codec_down, and the ladder
