@@ -57,7 +57,7 @@ CELL = ROOT / "configs/sst2-minilm-wireless.yaml"
 log = logging.getLogger("codecs")
 
 ROWS: dict[str, dict[str, Any]] = {
-    "reference": {"codec_up": "raw", "codec_down": "raw"},
+    "reference": {"packed": False, "codec_up": "raw", "codec_down": "raw"},
     "packed-fp32": {"packed": True, "codec_up": "raw", "codec_down": "raw"},
     "packed-fp16": {"packed": True, "codec_up": "fp16", "codec_down": "fp16"},
     "packed-int8": {"packed": True, "codec_up": "int8", "codec_down": "int8"},
@@ -103,15 +103,15 @@ def row_config(args: argparse.Namespace, row: str, seed: int) -> tuple[dict | No
     tr = raw["training"]
     tr.pop("codec_up", None)
     note = ""
-    lacks = [
-        f"training.{k}" for k in ROWS[row] if f"training.{k}" not in keys and not (k == "packed" and row == "policy")
-    ]
+    # a checkout without training.packed runs padded steps: right for the reference, noted for the policy
+    optional = {"packed"} if row in ("reference", "policy") else set()
+    lacks = [f"training.{k}" for k in ROWS[row] if f"training.{k}" not in keys and k not in optional]
     lacks += [f"codec {c}" for k in ("codec_up", "codec_down") if (c := ROWS[row].get(k)) and c not in CODECS]
     if lacks:
         return None, "needs " + ", ".join(dict.fromkeys(lacks))
     for k, v in ROWS[row].items():
-        if k == "packed" and "training.packed" not in keys and row == "policy":
-            note = "unpacked: this checkout has no training.packed"
+        if k == "packed" and "training.packed" not in keys:
+            note = "unpacked: this checkout has no training.packed" if v else ""
             continue
         if k == "codec_policy":
             tr[k] = {"kind": v, "ladder": ladder(), "budget_s": args.budget, "directions": ["up", "down"]}
