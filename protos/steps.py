@@ -135,6 +135,8 @@ class Step:
             if g.shape[:2] != want:
                 raise ValueError(f"grad_h of shape {list(g.shape)} for a step of [batch, seq] = {list(want)}")
             return g
+        if g.ndim != 2:
+            raise ValueError(f"grad_h of shape {list(g.shape)} for a packed step: expected [tokens, hidden]")
         return unpack_rows(g, self.row_lengths, self.seq)
 
 
