@@ -45,6 +45,7 @@ from splitwave.edge.runtime import EdgeRuntime
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
 from splitwave.protos.metering import ByteMeter, MeteredStub
+from splitwave.protos.steps import build_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -451,25 +452,6 @@ class EdgeClient:
     def _batch(self, round_idx: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return round_batch(self.data, self.batcher, self.joined.config.local_steps, round_idx, step)
 
-    def _step_messages(
-        self,
-        cls: Callable[..., T],
-        round_idx: int,
-        step: int,
-        ids: np.ndarray,
-        mask: np.ndarray,
-        labels: np.ndarray,
-        h: np.ndarray,
-        metrics: Mapping[str, float],
-    ) -> list[T]:
-        codec = self.joined.config.codec_up
-        header = self._header(round_idx, step)
-        msgs = [cls(header=header, frame=f) for f in encode("h", h, codec)]
-        msgs += [cls(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
-        msgs += [cls(header=header, frame=f) for f in encode("labels", labels, "raw")]
-        msgs.append(cls(header=header, end_step=pb.StepEnd(batch_size=len(labels), metrics=metrics)))
-        return msgs
-
     def train_round(self, round_idx: int) -> dict[str, Any]:
         cfg = self.joined.config
         stream: _StepStream | None = None
@@ -494,9 +476,8 @@ class EdgeClient:
                 t0 = time.perf_counter()
                 h = self.runtime.forward(ids, mask)
                 t_fwd = time.perf_counter() - t0
-                msgs = self._step_messages(
-                    pb.TrainRequest, round_idx, step, ids, mask, labels, h, {"edge_fwd_s": t_fwd}
-                )
+                sent = build_step(h, mask, labels, cfg.codec_up, packed=cfg.packed_steps)
+                msgs = sent.messages(pb.TrainRequest, self._header(round_idx, step), {"edge_fwd_s": t_fwd})
                 up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
                 t1 = time.perf_counter()
                 tensors, res = self._call(lambda _: send(msgs), f"Train round {round_idx} step {step}")
@@ -504,7 +485,7 @@ class EdgeClient:
                 if res.stop_local_work:
                     break
                 t2 = time.perf_counter()
-                grads = self.runtime.backward(tensors["grad_h"])
+                grads = self.runtime.backward(sent.grad_h(tensors))  # a packed grad_h unpacked
                 self.runtime.step(self.ranks.mask(grads) if self.ranks.ranks else grads)
                 t_end = time.perf_counter()
                 t_bwd = t_end - t2

@@ -29,11 +29,12 @@ from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as pb_grpc
 from splitwave.protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
 from splitwave.protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
+from splitwave.protos.steps import ROW_LENGTHS, grad_frames
 from splitwave.server.app import SplitServer
 from splitwave.server.errors import ServiceError
 from splitwave.server.peers import CallGuard
 from splitwave.server.sessions import PROTOCOL_VERSION, Session
-from splitwave.server.validation import STEP_TENSORS
+from splitwave.server.validation import STEP_TENSORS, step_byte_limit
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         # what one step or one adapter upload can legitimately need (x4 slack on batch and rank): an
         # authenticated peer cannot make the server reserve more than this per call
         hidden = app.manifest.hidden_size
-        b, sq = cfg.training.batch_size, cfg.data.max_seq_len
-        self.step_bytes = min(self.max_tensor_bytes, 4 * b * sq * (hidden + 2) * 8 + (64 << 10))
+        self.step_bytes = step_byte_limit(cfg.training.batch_size, cfg.data.max_seq_len, hidden, self.max_tensor_bytes)
         sizes = [int(np.prod(f.shape)) * 4 for f in app.manifest.factors]
         self.adapter_bytes = min(self.max_tensor_bytes, 4 * sum(sizes) + (64 << 10))
         self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
@@ -250,6 +250,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             training_mode=tr.edge_mode,
             lora_rank=cfg.lora.r,
             num_rounds=cfg.rounds.num_rounds,
+            packed_steps=tr.packed,
         )
         return pb.JoinReply(
             client_id=s.client_id,
@@ -337,8 +338,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             else:
                 res = self._guard(context, self.app.eval_step, s, tensors)
             header = pb.Header(run_id=self.app.run_id, round=req.header.round, step=req.header.step)
-            if train:
-                for frame in encode("grad_h", res.grad_h, self.codec_down):
+            if train:  # packed like the step's "h" when the step came packed
+                for frame in grad_frames(res.grad_h, tensors.get(ROW_LENGTHS), self.codec_down):
                     yield reply_cls(header=header, frame=frame)
             yield reply_cls(
                 header=header,

@@ -97,6 +97,8 @@ class TrainingConfig(_Strict):
     # sfl-v2: most client steps (of different clients, waiting at the same time) fused into one server step
     server_batch: int = Field(default=1, ge=1)
     server_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)  # how long a pending step waits for company
+    # steps sent packed (only real-token positions of h and grad_h; RunConfig.packed_steps): lossless, fewer bytes
+    packed: bool = False
     optim: OptimConfig = OptimConfig()
 
     @model_validator(mode="after")

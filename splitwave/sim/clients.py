@@ -2,8 +2,9 @@
 side of the protocol (the messages it sends, how it applies a round's directives).
 
 Torch-free (it runs in executor processes too). The protocol side mirrors `splitwave.edge.client.EdgeClient`
-message for message (`_step_messages`, `push_adapter`, `await_round`), so the bytes the engine puts on a link
-are the exact serialized sizes a real edge would send.
+message for message (`push_adapter`, `await_round`; a step's framing is the edge's own,
+`splitwave.protos.steps`), so the bytes the engine puts on a link are the exact serialized sizes a real edge
+would send.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from splitwave.edge.client import fresh_lora
 from splitwave.edge.ranks import RankAdapter
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.steps import Step
 
 CAPABILITIES = pb.Capabilities(
     protocol_version=1, backend="onnxruntime", codecs=list(CODECS), training_modes=["recompute", "saved"]
@@ -67,23 +69,15 @@ def await_request(c: ClientState, run_id: str) -> pb.RoundRequest:
     return pb.RoundRequest(header=c.header(run_id, c.last_round), no_wait=False)
 
 
-def step_messages(header: pb.Header, h, mask, labels, codec_up, metrics: dict[str, float]) -> list:
-    """A Train step's request messages (EdgeClient._step_messages)."""
-    msgs = [pb.TrainRequest(header=header, frame=f) for f in encode("h", h, codec_up)]
-    msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
-    msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("labels", labels, "raw")]
-    msgs.append(pb.TrainRequest(header=header, end_step=pb.StepEnd(batch_size=len(labels), metrics=metrics)))
-    return msgs
-
-
-def step_reply(replies: list) -> tuple[np.ndarray, pb.StepResult]:
-    """grad_h (decoded as the edge decodes it) and the StepResult of a Train step's replies."""
+def step_reply(replies: list, sent: Step) -> tuple[np.ndarray, pb.StepResult]:
+    """grad_h (decoded and, for a packed step, unpacked as the edge does) and the StepResult of the replies
+    to the step `sent` (the edge's framing, `splitwave.protos.steps.build_step`)."""
     asm = Assembler()
     for r in replies:
         if r.WhichOneof("body") == "frame":
             asm.add(r.frame)
         else:
-            return asm.finish()["grad_h"], r.end_step
+            return sent.grad_h(asm.finish()), r.end_step
     raise RuntimeError("Train replies without end_step")
 
 

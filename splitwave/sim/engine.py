@@ -49,6 +49,8 @@ from splitwave.channel import LinkPair
 from splitwave.common.batching import Batcher
 from splitwave.common.config import ExperimentConfig
 from splitwave.common.shard import round_batch
+from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.steps import Step, build_step
 from splitwave.server.evaluation import batch_rows
 from splitwave.sim.clients import (
     ClientState,
@@ -58,7 +60,6 @@ from splitwave.sim.clients import (
     push_messages,
     rank_adapter,
     read_assignment,
-    step_messages,
     step_reply,
 )
 from splitwave.sim.executors import initial_factors
@@ -148,6 +149,7 @@ class Flight:
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     handles: list = field(default_factory=list)  # executor work whose result is not needed yet
     batch: tuple | None = None  # (mask, labels, fwd seconds) of the step in progress
+    sent: Step | None = None  # its frames as sent (padded or packed): how its grad_h is read back
     losses: list[float] = field(default_factory=list)
     correct: int = 0
     count: int = 0
@@ -224,6 +226,7 @@ class Engine:
             self.by_name[c.name] = k
         self.run_id = j.run_id
         self.codec_up = j.config.codec_up
+        self.packed = j.config.packed_steps
         self.seed, self.batch_size, self.local_steps = j.config.seed, j.config.batch_size, j.config.local_steps
         self.flights: dict[int, Flight] = {}
         self.ready_at = [0.0] * self.n  # when each idle client's AwaitRound request reached the server
@@ -402,9 +405,8 @@ class Engine:
         h = self.pool.result(f.handles[-1])
         self._results(f)
         mask, labels, fwd_s = f.batch
-        msgs = step_messages(
-            c.header(self.run_id, f.round, f.step), h, mask, labels, self.codec_up, {"edge_fwd_s": fwd_s}
-        )
+        f.sent = build_step(h, mask, labels, self.codec_up, packed=self.packed)
+        msgs = f.sent.messages(pb.TrainRequest, c.header(self.run_id, f.round, f.step), {"edge_fwd_s": fwd_s})
         arrival = self.links[k].uplink.done(sum(m.ByteSize() for m in msgs), t)
         f.parts["uplink"] += arrival - t
         self.q.push(arrival, k, ARRIVE, (msgs, int(h.shape[0])))
@@ -527,7 +529,7 @@ class Engine:
             return
         self.server_steps[len(done)] = self.server_steps.get(len(done), 0) + 1
         rows = sum(w.rows for w, _ in done)
-        seq = max(int(w.msgs[0].frame.shape[1]) for w, _ in done)
+        seq = max(self.flights[w.client].sent.seq for w, _ in done)
         dur = self.costs.server_step_s(rows, seq) * self.server_factor  # the fused step's total rows
         self.busy_until[worker] = t + dur
         for w, _ in done:
@@ -541,7 +543,7 @@ class Engine:
         for w, (replies, nbytes) in done:
             k = w.client
             f = self.flights[k]
-            grad_h, res = step_reply(replies)
+            grad_h, res = step_reply(replies, f.sent)
             f.losses.append(res.loss)
             f.correct += res.correct
             f.count += res.count
