@@ -60,16 +60,15 @@ class ErrorFeedback:
     ) -> list[pb.TensorFrame]:
         """The frames of ``array + residual(name)`` (see the module rules); updates the residual."""
         x = np.asarray(array)
-        kw = {"topk_k": topk_k, "topk_fraction": topk_fraction}
         if x.dtype.name not in FLOAT_DTYPES:
-            return encode(name, x, codec, max_frame_bytes, **kw)
+            return encode(name, x, codec, max_frame_bytes, topk_k=topk_k, topk_fraction=topk_fraction)
         e = self._residuals.pop(name, None)
         if e is not None and (e.shape != x.shape or e.dtype != x.dtype):
             e = None  # another shape (batch, sequence length, rank): that residual belongs to no such tensor
         target = x if e is None else x + e
         if not np.isfinite(target).all():
-            return encode(name, x, codec, max_frame_bytes, **kw)
-        frames = encode(name, target, codec, max_frame_bytes, **kw)
+            return encode(name, x, codec, max_frame_bytes, topk_k=topk_k, topk_fraction=topk_fraction)
+        frames = encode(name, target, codec, max_frame_bytes, topk_k=topk_k, topk_fraction=topk_fraction)
         if frames[0].codec != "raw":
             decoded = decode(frames, max_tensor_bytes=_NO_LIMIT)[name]
             residual = target - decoded

@@ -8,6 +8,7 @@ are the exact serialized sizes a real edge would send.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,8 @@ from splitwave.common.manifest import BundleManifest
 from splitwave.edge.client import fresh_lora
 from splitwave.edge.ranks import RankAdapter
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.codec import CODECS, Assembler, encode
+from splitwave.protos.feedback import ErrorFeedback
 
 CAPABILITIES = pb.Capabilities(
     protocol_version=1, backend="onnxruntime", codecs=list(CODECS), training_modes=["recompute", "saved"]
@@ -51,6 +53,7 @@ class ClientState:
     num_samples: int = 0
     last_round: int = -1  # the last round it was assigned (the round its AwaitRound header names)
     edge: EdgeState = field(default_factory=EdgeState)
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # the edge's "up"/"adapter_up" residuals
 
     def header(self, run_id: str, round_idx: int = 0, step: int = 0) -> pb.Header:
         return pb.Header(session_token=self.token, run_id=run_id, round=round_idx, step=step)
@@ -67,9 +70,14 @@ def await_request(c: ClientState, run_id: str) -> pb.RoundRequest:
     return pb.RoundRequest(header=c.header(run_id, c.last_round), no_wait=False)
 
 
-def step_messages(header: pb.Header, h, mask, labels, codec_up, metrics: dict[str, float]) -> list:
-    """A Train step's request messages (EdgeClient._step_messages)."""
-    msgs = [pb.TrainRequest(header=header, frame=f) for f in encode("h", h, codec_up)]
+Encoder = Callable[..., list]  # splitwave.protos.codec.encode, or an ErrorFeedback's encode
+
+
+def step_messages(
+    header: pb.Header, h, mask, labels, codec_up, metrics: dict[str, float], encoder: Encoder = encode
+) -> list:
+    """A Train step's request messages (EdgeClient._step_messages); `encoder` encodes "h"."""
+    msgs = [pb.TrainRequest(header=header, frame=f) for f in encoder("h", h, codec_up)]
     msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
     msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("labels", labels, "raw")]
     msgs.append(pb.TrainRequest(header=header, end_step=pb.StepEnd(batch_size=len(labels), metrics=metrics)))
@@ -92,16 +100,17 @@ def push_messages(
     edge: EdgeState,
     keys: list[str],
     ranks: RankAdapter,
-    codec_up: str,
+    codec: str | pb.CodecSpec,
     num_samples: int,
     stats: dict,
+    encoder: Encoder = encode,
 ) -> list:
-    """A PushAdapter's request messages (EdgeClient.push_adapter): the upload keys at the client's own rank."""
-    codec = factor_codec(codec_up)
+    """A PushAdapter's request messages (EdgeClient.push_adapter): the upload keys at the client's own rank, in
+    the adapter codec (`adapter_codec_up` of the JoinReply's RunConfig)."""
     msgs = [
         pb.AdapterRequest(header=header, frame=f)
         for k in keys
-        for f in encode(k, ranks.from_graph(k, edge.factors[k]), codec)
+        for f in encoder(k, ranks.from_graph(k, edge.factors[k]), codec)
     ]
     msgs.append(
         pb.AdapterRequest(
