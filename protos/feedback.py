@@ -10,6 +10,7 @@ Rules, all per name:
 - a tensor whose shape or dtype differs from the residual's drops the residual (activations of different
   batches share a residual only when their shapes agree: a shorter last batch, another sequence length);
 - raw (a raw fallback too) delivers ``x + e`` exactly, so the residual becomes zero;
+- the codec may change from one tensor to the next (a per-step codec choice): the residual carries over;
 - non-floating tensors (masks, labels) pass through untouched;
 - a non-finite ``x + e`` drops the residual and ``x`` is sent as :func:`encode` would.
 
