@@ -43,7 +43,8 @@ from splitwave.edge.ranks import RankAdapter
 from splitwave.edge.retry import Retrier, RetryPolicy, recovering
 from splitwave.edge.runtime import EdgeRuntime
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.codec import CODECS, Assembler, adapter_codec_up, encode
+from splitwave.protos.feedback import ErrorFeedback
 from splitwave.protos.metering import ByteMeter, MeteredStub
 from splitwave.protos.steps import build_step
 
@@ -188,6 +189,8 @@ class EdgeClient:
         self.rejoins = 0
         self._resume_secret = ""
         self._round_start: _RoundStart | None = None
+        # error-feedback residuals of "up" (h) and "adapter_up" (RunConfig.error_feedback); reset at every Join
+        self.feedback = ErrorFeedback()
         self._t0 = time.perf_counter()
 
     @property
@@ -292,6 +295,7 @@ class EdgeClient:
         if previous is not None and joined.bundle_hash != previous.bundle_hash:
             raise EdgeError(f"{self.target} now serves another bundle: start the edge again")
         self._joined = joined
+        self.feedback.reset()  # the server starts this session afresh: residuals of the old one are stale
         self.stub.client_key = joined.client_id
         if joined.resume_secret:
             self._resume_secret = joined.resume_secret
@@ -476,7 +480,8 @@ class EdgeClient:
                 t0 = time.perf_counter()
                 h = self.runtime.forward(ids, mask)
                 t_fwd = time.perf_counter() - t0
-                sent = build_step(h, mask, labels, cfg.codec_up, packed=cfg.packed_steps)
+                enc = self.feedback.encode if "up" in cfg.error_feedback else encode
+                sent = build_step(h, mask, labels, cfg.codec_up, packed=cfg.packed_steps, encode=enc)
                 msgs = sent.messages(pb.TrainRequest, self._header(round_idx, step), {"edge_fwd_s": t_fwd})
                 up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
                 t1 = time.perf_counter()
@@ -535,12 +540,15 @@ class EdgeClient:
         keys = upload or list(self.runtime.factors)
         header = self._header(round_idx, stats.get("steps", 0))
 
-        codec = factor_codec(self.joined.config.codec_up.codec)  # int8/top-k are for activations, not adapters
+        cfg = self.joined.config
+        codec = adapter_codec_up(cfg)
+        enc = self.feedback.encode if "adapter_up" in cfg.error_feedback else encode
+        # encoded once: a retried push resends the same bytes (and error feedback moves its residual once)
+        frames = [f for k in keys for f in enc(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec)]
 
         def messages() -> Iterator[pb.AdapterRequest]:
-            for k in keys:
-                for f in encode(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec):
-                    yield pb.AdapterRequest(header=header, frame=f)
+            for f in frames:
+                yield pb.AdapterRequest(header=header, frame=f)
             yield pb.AdapterRequest(
                 header=header,
                 end=pb.AdapterEnd(
@@ -649,6 +657,7 @@ class EdgeClient:
         start = self._round_start
         if start is not None and start.round == round_idx:
             log.warning("round %d handed out again (server restarted): rolling back to its start", round_idx)
+            self.feedback.reset()  # residuals of the round being redone would be applied twice
             rt.set_factors(start.factors)
             rt.load_optimizer_state(start.optimizer)
             rt.trainable = set(start.trainable)

@@ -27,7 +27,7 @@ from splitwave.channel import round_latency_model
 from splitwave.channel.factory import rate_summary
 from splitwave.common.config import ExperimentConfig
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import encode, factor_codec
+from splitwave.protos.codec import encode
 from splitwave.protos.steps import build_step, grad_frames
 from splitwave.runner import build_links
 from splitwave.server.setup import build_split
@@ -57,9 +57,9 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
     down.append(
         pb.TrainReply(header=hdr, end_step=pb.StepResult(loss=0.5, correct=1, count=b, metrics={"server_s": 0.01}))
     )
-    push_codec = factor_codec(tr.codec_up)
-    push = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v, push_codec)]
-    bcast = [pb.RoundReply(header=hdr, factor=f) for k, v in factors.items() for f in encode(k, v, "raw")]
+    up_codec, down_codec = tr.adapter_codec_up, tr.codec_adapter_down
+    push = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v, up_codec)]
+    bcast = [pb.RoundReply(header=hdr, factor=f) for k, v in factors.items() for f in encode(k, v, down_codec)]
     return {
         "act_bytes": sum(m.ByteSize() for m in up),
         "grad_bytes": sum(m.ByteSize() for m in down),

@@ -9,6 +9,7 @@ would send.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,8 @@ from splitwave.common.manifest import BundleManifest
 from splitwave.edge.client import fresh_lora
 from splitwave.edge.ranks import RankAdapter
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.codec import CODECS, Assembler, encode
+from splitwave.protos.feedback import ErrorFeedback
 from splitwave.protos.steps import Step
 
 CAPABILITIES = pb.Capabilities(
@@ -53,6 +55,7 @@ class ClientState:
     num_samples: int = 0
     last_round: int = -1  # the last round it was assigned (the round its AwaitRound header names)
     edge: EdgeState = field(default_factory=EdgeState)
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # the edge's "up"/"adapter_up" residuals
 
     def header(self, run_id: str, round_idx: int = 0, step: int = 0) -> pb.Header:
         return pb.Header(session_token=self.token, run_id=run_id, round=round_idx, step=step)
@@ -67,6 +70,9 @@ def await_request(c: ClientState, run_id: str) -> pb.RoundRequest:
     if c.last_round < 0:
         return pb.RoundRequest(header=c.header(run_id, 0), no_wait=True)
     return pb.RoundRequest(header=c.header(run_id, c.last_round), no_wait=False)
+
+
+Encoder = Callable[..., list]  # splitwave.protos.codec.encode, or an ErrorFeedback's encode
 
 
 def step_reply(replies: list, sent: Step) -> tuple[np.ndarray, pb.StepResult]:
@@ -86,16 +92,17 @@ def push_messages(
     edge: EdgeState,
     keys: list[str],
     ranks: RankAdapter,
-    codec_up: str,
+    codec: str | pb.CodecSpec,
     num_samples: int,
     stats: dict,
+    encoder: Encoder = encode,
 ) -> list:
-    """A PushAdapter's request messages (EdgeClient.push_adapter): the upload keys at the client's own rank."""
-    codec = factor_codec(codec_up)
+    """A PushAdapter's request messages (EdgeClient.push_adapter): the upload keys at the client's own rank, in
+    the adapter codec (`adapter_codec_up` of the JoinReply's RunConfig)."""
     msgs = [
         pb.AdapterRequest(header=header, frame=f)
         for k in keys
-        for f in encode(k, ranks.from_graph(k, edge.factors[k]), codec)
+        for f in encoder(k, ranks.from_graph(k, edge.factors[k]), codec)
     ]
     msgs.append(
         pb.AdapterRequest(

@@ -50,6 +50,7 @@ from splitwave.common.batching import Batcher
 from splitwave.common.config import ExperimentConfig
 from splitwave.common.shard import round_batch
 from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import adapter_codec_up, encode
 from splitwave.protos.steps import Step, build_step
 from splitwave.server.evaluation import batch_rows
 from splitwave.sim.clients import (
@@ -227,6 +228,8 @@ class Engine:
         self.run_id = j.run_id
         self.codec_up = j.config.codec_up
         self.packed = j.config.packed_steps
+        self.codec_adapter_up = adapter_codec_up(j.config)
+        self.feedback = frozenset(j.config.error_feedback)  # the edge's directions: "up", "adapter_up"
         self.seed, self.batch_size, self.local_steps = j.config.seed, j.config.batch_size, j.config.local_steps
         self.flights: dict[int, Flight] = {}
         self.ready_at = [0.0] * self.n  # when each idle client's AwaitRound request reached the server
@@ -405,7 +408,8 @@ class Engine:
         h = self.pool.result(f.handles[-1])
         self._results(f)
         mask, labels, fwd_s = f.batch
-        f.sent = build_step(h, mask, labels, self.codec_up, packed=self.packed)
+        enc = c.feedback.encode if "up" in self.feedback else encode
+        f.sent = build_step(h, mask, labels, self.codec_up, packed=self.packed, encode=enc)
         msgs = f.sent.messages(pb.TrainRequest, c.header(self.run_id, f.round, f.step), {"edge_fwd_s": fwd_s})
         arrival = self.links[k].uplink.done(sum(m.ByteSize() for m in msgs), t)
         f.parts["uplink"] += arrival - t
@@ -459,9 +463,9 @@ class Engine:
             "train_accuracy": f.correct / max(f.count, 1),
         }
         ranks = rank_adapter(self.manifest, c.edge.ranks)
-        msgs = push_messages(
-            c.header(self.run_id, f.round, f.step), c.edge, f.upload, ranks, self.codec_up.codec, c.num_samples, stats
-        )
+        hdr = c.header(self.run_id, f.round, f.step)
+        enc = c.feedback.encode if "adapter_up" in self.feedback else encode
+        msgs = push_messages(hdr, c.edge, f.upload, ranks, self.codec_adapter_up, c.num_samples, stats, enc)
         arrival = self.links[k].uplink.done(sum(m.ByteSize() for m in msgs), t)
         f.parts["uplink"] += arrival - t
         self.q.push(arrival, k, PUSH, msgs)
