@@ -7,7 +7,14 @@ the loop's wall time went (server logic and math, edge math, the engine itself: 
 the whole process tree (sampled every 0.2 s from /proc), and the bytes an idle client holds. Each run is a
 fresh `splitwave simulate` process. Prints a table and writes benchmarks/results/sim_scale.json.
 
-    .venv/bin/python benchmarks/sim_scale.py [--sizes 10 100 1000] [--rounds 3] [--compare 10] [--set k=v ...]
+The Flower-equivalent workload (`--flower`, on by default): 1,000 clients, 8 sampled per round, 5 local steps
+of batch 16 -- the sampled work Flower 1.42 on Ray was measured with on this kind of machine (1,000 MiniLM LoRA
+clients, whole model on the client, 2 actors: 11-13 s per round, 13-16 s to start, 2.8-3.9 GB process tree;
+figures from the issue that asked for the engine). Its round time excludes the global evaluation (Flower's
+figure has none); the evaluation's wall time is reported beside it.
+
+    .venv/bin/python benchmarks/sim_scale.py [--sizes 10 32 100 1000] [--rounds 3] [--compare 10 32] [--no-flower]
+        [--set k=v ...] [--results FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +30,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Flower 1.42 on Ray, 2 actors, 1,000 MiniLM LoRA clients, 8 sampled x 5 steps x batch 16 (see the docstring)
+FLOWER = {"round_s": (11.0, 13.0), "start_s": (13.0, 16.0), "tree_gb": (2.8, 3.9)}
+FLOWER_WORKLOAD = [
+    "rounds.fraction=0.008",
+    "rounds.min_clients=8",
+    "training.local_steps=5",
+    "training.batch_size=16",
+    "rounds.eval_every=1000",  # only the final round evaluates
+]
 
 
 def _tree_rss(pid: int) -> int:
@@ -104,23 +120,34 @@ def engine_row(n: int, res: dict) -> dict:
         "idle_client_bytes_max": e["idle_client_bytes_max"],
         "final_accuracy": s["final_accuracy"],
         "sim_time_s": s["total_sim_time_s"],
+        "eval_wall_s": e.get("eval_wall_s", 0.0),
+        "pre_eval_wall_s": e.get("pre_eval_wall_s", 0.0),
+        "train_wall_per_round_s": (loop - e.get("eval_wall_s", 0.0)) / s["rounds"],
+        "setup_without_pre_eval_s": e["setup_s"] - e.get("pre_eval_wall_s", 0.0),
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/cell-1000.yaml")
-    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--compare", type=int, nargs="*", default=[10], help="sizes also run as real processes")
+    p.add_argument("--sizes", type=int, nargs="*", default=[10, 32, 100, 1000])
+    p.add_argument("--compare", type=int, nargs="*", default=[10, 32], help="sizes also run as real processes")
+    p.add_argument("--no-flower", dest="flower", action="store_false", help="skip the Flower-equivalent workload")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--set", action="append", default=[], help="extra override for every run")
     p.add_argument("--out", type=Path, help="runs folder (default: a temporary one)")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "sim_scale.json")
     args = p.parse_args()
+    load_at_start = list(os.getloadavg())
     out = args.out or Path(tempfile.mkdtemp(prefix="sw-scale-"))
     rows, procs = [], {}
     for n in args.sizes:
         rows.append(engine_row(n, run_one(args.config, n, args.rounds, "virtual", out, args.set)))
         print(json.dumps(rows[-1]), flush=True)
+    flower = None
+    if args.flower:
+        flower = engine_row(1000, run_one(args.config, 1000, args.rounds, "virtual", out, args.set + FLOWER_WORKLOAD))
+        print(json.dumps(flower), flush=True)
     for n in args.compare:
         res = run_one(args.config, n, args.rounds, "none", out, args.set)
         s = res["summary"]
@@ -165,6 +192,17 @@ def main() -> int:
         print(
             f"peak tree RSS growth per added client ({sizes[-2]['clients']} -> {sizes[-1]['clients']}): {growth:.0f} B"
         )
+    if flower is not None:
+        lo, hi = FLOWER["round_s"]
+        print(
+            f"Flower-equivalent workload (1,000 clients, 8 x 5 steps x batch 16): "
+            f"{flower['train_wall_per_round_s']:.2f} s per round without evaluation "
+            f"(Flower 1.42 on Ray: {lo:.0f}-{hi:.0f} s -> {flower['train_wall_per_round_s'] / lo:.2f}-"
+            f"{flower['train_wall_per_round_s'] / hi:.2f}x), final evaluation {flower['eval_wall_s']:.1f} s; "
+            f"setup {flower['setup_without_pre_eval_s']:.1f} s without the pre-training evaluation "
+            f"({flower['pre_eval_wall_s']:.1f} s), whole process {flower['process_wall_s']:.1f} s; "
+            f"tree RSS {flower['peak_tree_rss_mb']:.0f} MB (Flower: {FLOWER['tree_gb'][0]}-{FLOWER['tree_gb'][1]} GB)"
+        )
     res = {
         "config": args.config,
         "rounds": args.rounds,
@@ -172,9 +210,12 @@ def main() -> int:
         "engine": sizes,
         "processes": list(procs.values()),
         "rss_growth_per_client_bytes": growth,
-        "load_average": list(os.getloadavg()),
+        "flower_workload": flower,
+        "flower_reference": FLOWER,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()),
     }
-    dest = ROOT / "benchmarks" / "results" / "sim_scale.json"
+    dest = args.results
     dest.write_text(json.dumps(res, indent=1))
     print(f"written {dest}")
     return 0

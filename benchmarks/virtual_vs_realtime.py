@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,12 +35,14 @@ SLOW_LINK = [
 
 def run(config: str = "configs/quick.yaml", overrides: list[str] | None = None, out: str | None = None) -> dict:
     out = out or tempfile.mkdtemp(prefix="sw-bench-")
+    load_at_start = os.getloadavg()  # the realtime half measures wall time: a loaded host shows here
     sets = SLOW_LINK + list(overrides or []) + [f"output_dir={out}"]
     host = ["sim.devices=host", "sim.server_device=host", "sim.availability={}"]  # device factor 1: the host
     v_dir = simulate(load_config(ROOT / config, sets + host + ["channel.mode=virtual"]), progress=False)
     r_dir = simulate(load_config(ROOT / config, sets + ["channel.mode=realtime"]), progress=False)
     res = compare_runs(v_dir, r_dir)
     res["config"], res["overrides"] = config, sets
+    res["load_average_at_start"] = list(load_at_start)
     return res
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from splitwave.common.backend import BackendFactory, BackendSettings, EdgeBackend
 from splitwave.common.batching import Batcher
-from splitwave.common.codec_policy import CodecPolicy, RateEstimator, wire_bytes
+from splitwave.common.codec_policy import CodecPolicy, RateEstimator, step_shapes
 from splitwave.common.lora import is_a_key
 from splitwave.common.manifest import MANIFEST_FILE, BundleManifest
 from splitwave.common.paths import DataNotFound
@@ -45,8 +45,10 @@ from splitwave.edge.ranks import RankAdapter
 from splitwave.edge.retry import Retrier, RetryPolicy, recovering
 from splitwave.edge.runtime import EdgeRuntime
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.codec import CODECS, Assembler, adapter_codec_up, encode
+from splitwave.protos.feedback import ErrorFeedback
 from splitwave.protos.metering import ByteMeter, MeteredStub
+from splitwave.protos.steps import build_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -257,6 +259,8 @@ class EdgeClient:
         self.rejoins = 0
         self._resume_secret = ""
         self._round_start: _RoundStart | None = None
+        # error-feedback residuals of "up" (h) and "adapter_up" (RunConfig.error_feedback); reset at every Join
+        self.feedback = ErrorFeedback()
         self._t0 = time.perf_counter()
         # this edge's link rates (bytes/s) from its own Train steps, for a channel-aware codec policy
         self.rate_up, self.rate_down = RateEstimator(), RateEstimator()
@@ -363,6 +367,7 @@ class EdgeClient:
         if previous is not None and joined.bundle_hash != previous.bundle_hash:
             raise EdgeError(f"{self.target} now serves another bundle: start the edge again")
         self._joined = joined
+        self.feedback.reset()  # the server starts this session afresh: residuals of the old one are stale
         self.stub.client_key = joined.client_id
         if joined.resume_secret:
             self._resume_secret = joined.resume_secret
@@ -523,26 +528,6 @@ class EdgeClient:
     def _batch(self, round_idx: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return round_batch(self.data, self.batcher, self.joined.config.local_steps, round_idx, step)
 
-    def _step_messages(
-        self,
-        cls: Callable[..., T],
-        round_idx: int,
-        step: int,
-        ids: np.ndarray,
-        mask: np.ndarray,
-        labels: np.ndarray,
-        h: np.ndarray,
-        metrics: Mapping[str, float],
-    ) -> list[T]:
-        codec, codec_down = self.step_codecs(h, mask, labels)
-        header = self._header(round_idx, step)
-        msgs = [cls(header=header, frame=f) for f in encode("h", h, codec)]
-        msgs += [cls(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
-        msgs += [cls(header=header, frame=f) for f in encode("labels", labels, "raw")]
-        end = pb.StepEnd(batch_size=len(labels), metrics=metrics, codec_down=codec_down)
-        msgs.append(cls(header=header, end_step=end))
-        return msgs
-
     def step_codecs(self, h: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> tuple[pb.CodecSpec | str, str]:
         """(h's codec, the grad_h codec to ask for; "" = the run's): the run's fixed codecs, or under a
         channel-aware policy the choice for this step from the rate estimates (link latency unknown here: 0)."""
@@ -550,9 +535,9 @@ class EdgeClient:
         policy = CodecPolicy.from_proto(cfg.codec_policy, CODECS)
         if policy.kind == "fixed":
             return cfg.codec_up, ""
-        extra = wire_bytes(mask.dtype.name, mask.shape, "raw") + wire_bytes(labels.dtype.name, labels.shape, "raw")
-        up = policy.choose("up", h.dtype.name, h.shape, self.rate_up.rate, 0.0, extra)
-        down = policy.choose("down", "float32", h.shape, self.rate_down.rate)
+        shape, extra = step_shapes(h, mask, labels, cfg.packed_steps)  # as the step travels (packed or padded)
+        up = policy.choose("up", h.dtype.name, shape, self.rate_up.rate, 0.0, extra)
+        down = policy.choose("down", "float32", shape, self.rate_down.rate)
         return up or cfg.codec_up, down or ""
 
     def _observe(self, timing: StepTiming | None) -> None:
@@ -592,9 +577,11 @@ class EdgeClient:
                 t0 = time.perf_counter()
                 h = self.runtime.forward(ids, mask)
                 t_fwd = time.perf_counter() - t0
-                msgs = self._step_messages(
-                    pb.TrainRequest, round_idx, step, ids, mask, labels, h, {"edge_fwd_s": t_fwd}
-                )
+                enc = self.feedback.encode if "up" in cfg.error_feedback else encode
+                codec_up, codec_down = self.step_codecs(h, mask, labels)
+                sent = build_step(h, mask, labels, codec_up, packed=cfg.packed_steps, encode=enc)
+                header = self._header(round_idx, step)
+                msgs = sent.messages(pb.TrainRequest, header, {"edge_fwd_s": t_fwd}, codec_down=codec_down)
                 up0, down0 = self.meter.total(direction="up"), self.meter.total(direction="down")
                 t1 = time.perf_counter()
                 tensors, res = self._call(lambda _: send(msgs), f"Train round {round_idx} step {step}")
@@ -606,7 +593,7 @@ class EdgeClient:
                 if res.stop_local_work:
                     break
                 t2 = time.perf_counter()
-                grads = self.runtime.backward(tensors["grad_h"])
+                grads = self.runtime.backward(sent.grad_h(tensors))  # a packed grad_h unpacked
                 self.runtime.step(self.ranks.mask(grads) if self.ranks.ranks else grads)
                 t_end = time.perf_counter()
                 t_bwd = t_end - t2
@@ -660,12 +647,15 @@ class EdgeClient:
         keys = upload or list(self.runtime.factors)
         header = self._header(round_idx, stats.get("steps", 0))
 
-        codec = factor_codec(self.joined.config.codec_up.codec)  # int8/top-k are for activations, not adapters
+        cfg = self.joined.config
+        codec = adapter_codec_up(cfg)
+        enc = self.feedback.encode if "adapter_up" in cfg.error_feedback else encode
+        # encoded once: a retried push resends the same bytes (and error feedback moves its residual once)
+        frames = [f for k in keys for f in enc(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec)]
 
         def messages() -> Iterator[pb.AdapterRequest]:
-            for k in keys:
-                for f in encode(k, self.ranks.from_graph(k, self.runtime.factors[k]), codec):
-                    yield pb.AdapterRequest(header=header, frame=f)
+            for f in frames:
+                yield pb.AdapterRequest(header=header, frame=f)
             yield pb.AdapterRequest(
                 header=header,
                 end=pb.AdapterEnd(
@@ -774,6 +764,7 @@ class EdgeClient:
         start = self._round_start
         if start is not None and start.round == round_idx:
             log.warning("round %d handed out again (server restarted): rolling back to its start", round_idx)
+            self.feedback.reset()  # residuals of the round being redone would be applied twice
             rt.set_factors(start.factors)
             rt.load_optimizer_state(start.optimizer)
             rt.trainable = set(start.trainable)

@@ -3,7 +3,8 @@
 It follows protos/splitwave.proto alone: joins as backend "custom" speaking only the "raw" codec, asks for the
 open round, streams its own cut-layer activations `h` ([batch, seq, hidden], hidden from the manifest, seq
 shorter than max_seq_len) for a few steps without waiting for each reply, half-closes the stream, and prints
-the loss and the gradient it gets back.
+the loss and the gradient it gets back. Its steps are padded; the server also takes packed ones (only the
+real-token rows of h, plus "row_lengths"; see TrainRequest in the .proto), which save bytes on padded batches.
 Usage: python examples/minimal_client.py HOST:PORT [STEPS]
 """
 

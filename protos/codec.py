@@ -9,8 +9,10 @@ The receiver derives the exact encoded size from (dtype, shape, codec, topk_k) a
 limits before allocating, so a hostile or buggy peer cannot make it allocate more than it allows.
 
 Encoding a finite tensor never fails on its values: a lossy codec that cannot represent them (fp16/bf16
-overflow, an int8 scale beyond float32) sends that tensor "raw" and says so in its frames, as the proto
+overflow, an int8/int4 scale beyond float32) sends that tensor "raw" and says so in its frames, as the proto
 promises; tests/test_codec_properties.py checks every codec's error bound and fallback with hypothesis.
+Error feedback (a sender-side residual that makes a lossy codec's errors cancel over time) is a wrapper
+around :func:`encode`: splitwave.protos.feedback.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from splitwave.protos import splitwave_pb2 as pb
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ADAPTER_CODECS",
     "CODECS",
     "FACTOR_CODECS",
     "DTYPES",
@@ -39,14 +42,20 @@ __all__ = [
     "encode",
     "decode",
     "encoded_size",
+    "adapter_codec_up",
     "factor_codec",
+    "factor_codecs_accepted",
     "wire_size",
 ]
 
-CODECS = ("raw", "fp16", "bf16", "int8", "topk")
+CODECS = ("raw", "fp16", "bf16", "int8", "topk", "int4")
 LOSSY_CODECS = frozenset(CODECS) - {"raw"}
-# LoRA factors travel with these only: int8's per-row scales and top-k's zeros would wreck an adapter
+# What uploaded LoRA factors use by default (no `codec_adapter_up`): `codec_up` when it is one of these, else raw
 FACTOR_CODECS = ("raw", "fp16", "bf16")
+# What a run may choose for LoRA factors (`codec_adapter_up` / `codec_adapter_down`); never top-k, whose zeros
+# would wipe most of an adapter
+ADAPTER_CODECS = ("raw", "fp16", "bf16", "int8", "int4")
+INT4_GROUP = 64  # int4: elements per float32 scale, consecutive along the last dimension
 # Wire element types (always little-endian) of the dtypes the protocol allows.
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -64,7 +73,7 @@ MAX_FRAME_BYTES = 1 << 20
 DEFAULT_MAX_TENSOR_BYTES = 1 << 29  # 512 MiB per tensor: far above any activation we send, bounds abuse
 MAX_NDIM = 32
 _U32_MAX = (1 << 32) - 1
-_SIDE_FIELD = {"int8": "scales", "topk": "indices"}
+_SIDE_FIELD = {"int8": "scales", "int4": "scales", "topk": "indices"}
 
 _Body = tuple[bytes, bytes, int]  # (side bytes, value bytes, topk_k) of an encoded tensor
 
@@ -87,10 +96,16 @@ class CodecError(ValueError):
 
 
 def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    """int8 rows/cols: rows = product of all but the last dim (a 0-d tensor is one row of one)."""
+    """int8/int4 rows/cols: rows = product of all but the last dim (a 0-d tensor is one row of one)."""
     if not shape:
         return 1, 1
     return math.prod(shape[:-1]), shape[-1]
+
+
+def _int4_groups(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(rows, cols, groups per row) of int4: groups of INT4_GROUP along a row, the last one maybe shorter."""
+    rows, cols = _rows_cols(shape)
+    return rows, cols, -(-cols // INT4_GROUP)
 
 
 def _section_sizes(dtype: str, shape: tuple[int, ...], codec: str, k: int) -> tuple[int, int]:
@@ -103,14 +118,34 @@ def _section_sizes(dtype: str, shape: tuple[int, ...], codec: str, k: int) -> tu
         return 0, n * 2
     if codec == "int8":
         return _rows_cols(shape)[0] * 4, n
+    if codec == "int4":
+        rows, _, groups = _int4_groups(shape)
+        return rows * groups * 4, (n + 1) // 2
     if codec == "topk":
         return k * 4, k * item
     raise CodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
 
 
 def factor_codec(codec_up: str) -> str:
-    """The codec for uploaded LoRA factors under a run's `codec_up`: itself if it suits factors, else raw."""
+    """The default codec for uploaded LoRA factors under a run's `codec_up`: itself if it is lossless enough
+    for factors (raw/fp16/bf16), else raw. A run's `codec_adapter_up` overrides it."""
     return codec_up if codec_up in FACTOR_CODECS else "raw"
+
+
+def factor_codecs_accepted(codec_adapter_up: str) -> tuple[str, ...]:
+    """The codecs a server accepts on uploaded factors when its run's adapter codec is `codec_adapter_up`:
+    raw/fp16/bf16 always (older clients send those), int8 when the run allows int8 or int4, int4 only when it
+    allows int4. Never top-k."""
+    extra = {"int8": ("int8",), "int4": ("int8", "int4")}.get(codec_adapter_up, ())
+    return FACTOR_CODECS + extra
+
+
+def adapter_codec_up(config: pb.RunConfig) -> pb.CodecSpec:
+    """The codec an edge uses for its PushAdapter frames: `RunConfig.codec_adapter_up` when the server set it,
+    else (a server from before that field) `factor_codec(codec_up)`."""
+    if config.HasField("codec_adapter_up"):
+        return config.codec_adapter_up
+    return pb.CodecSpec(codec=factor_codec(config.codec_up.codec))
 
 
 def encoded_size(dtype: str, shape: Iterable[int], codec: str = "raw", topk_k: int = 0) -> int:
@@ -183,16 +218,17 @@ def _bf16(arr: np.ndarray, dtype: str) -> _Body | None:
     return b"", bits.tobytes(), 0
 
 
-def int8_scales(x: np.ndarray) -> np.ndarray | None:
-    """Per-row float32 scales of a [rows, cols] float64 array: absmax/127 rounded UP to a float32, so
-    |x / scale| <= 127 and a non-zero row never gets scale 0; 0 for an all-zero row. None when some
-    row's 127 * scale is not a finite float32 (only float64 input beyond float32's range)."""
-    absmax = np.abs(x).max(axis=1) if x.shape[1] > 0 else np.zeros(x.shape[0])
+def int8_scales(x: np.ndarray, qmax: int = 127) -> np.ndarray | None:
+    """Float32 scales along the last axis of a float64 array (int8: [rows, cols] -> per row; int4 with
+    qmax=7: [rows, groups, 64] -> per group): absmax/qmax rounded UP to a float32, so |x / scale| <= qmax and
+    a non-zero row never gets scale 0; 0 for an all-zero row. None when some qmax * scale is not a finite
+    float32 (only values at the top of float32's range, or float64 beyond it)."""
+    absmax = np.abs(x).max(axis=-1) if x.shape[-1] > 0 else np.zeros(x.shape[:-1])
     with np.errstate(over="ignore", under="ignore"):
-        scale = (absmax / 127.0).astype(np.float32)
-        low = scale.astype(np.float64) * 127.0 < absmax  # exact in float64 (24 + 7 significant bits)
+        scale = np.asarray((absmax / qmax).astype(np.float32))
+        low = scale.astype(np.float64) * qmax < absmax  # exact in float64 (24 + 7 significant bits)
         scale[low] = np.nextafter(scale[low], np.float32(np.inf))
-        top = np.float32(127) * scale
+        top = np.float32(qmax) * scale
     return scale if np.isfinite(top).all() else None
 
 
@@ -206,6 +242,40 @@ def _int8(arr: np.ndarray) -> _Body | None:
     q = np.divide(x, s64, out=np.zeros_like(x), where=s64 > 0)
     q = np.clip(np.rint(q), -127, 127).astype(np.int8)
     return scale.astype("<f4").tobytes(), q.tobytes(), 0
+
+
+def _int4(arr: np.ndarray) -> _Body | None:
+    rows, cols, groups = _int4_groups(arr.shape)
+    x = arr.astype(np.float64).reshape(rows, cols)
+    pad = groups * INT4_GROUP - cols
+    xg = (np.pad(x, ((0, 0), (0, pad))) if pad else x).reshape(rows, groups, INT4_GROUP)
+    scale = int8_scales(xg, 7)
+    if scale is None:
+        return None
+    s64 = scale.astype(np.float64)[:, :, None]
+    q = np.divide(xg, s64, out=np.zeros_like(xg), where=s64 > 0)
+    q = np.clip(np.rint(q), -7, 7).astype(np.int8).reshape(rows, groups * INT4_GROUP)[:, :cols].reshape(-1)
+    return scale.astype("<f4").tobytes(), pack_nibbles(q).tobytes(), 0
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Signed 4-bit values (flat int8 in [-8, 7]) -> bytes, two per byte, low nibble first; an odd count
+    leaves the last high nibble 0."""
+    u = (q.astype(np.uint8) & np.uint8(0x0F)).reshape(-1)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return u[0::2] | (u[1::2] << np.uint8(4))
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """(the first n signed 4-bit values as int8, the padding nibble: 0 unless n is odd) of packed bytes."""
+    b = np.asarray(packed, dtype=np.uint8)
+    u = np.empty(b.size * 2, dtype=np.uint8)
+    u[0::2], u[1::2] = b & np.uint8(0x0F), b >> np.uint8(4)
+    pad = int(u[n]) if u.size > n else 0
+    q = u[:n].astype(np.int8)
+    q[q > 7] -= 16
+    return q, pad
 
 
 def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
@@ -241,9 +311,9 @@ def _encode_body(
     arr: np.ndarray, dtype: str, codec: str, topk_k: int | None, topk_fraction: float | None
 ) -> tuple[str, bytes, bytes, int]:
     """(codec used, side, values, topk_k). A lossy codec that cannot represent a finite tensor (fp16/bf16
-    overflow, int8 scale beyond float32) falls back to "raw" for this tensor; the frames say so."""
+    overflow, int8/int4 scale beyond float32) falls back to "raw" for this tensor; the frames say so."""
     wire = DTYPES[dtype]
-    if codec in ("int8", "topk") and not np.isfinite(arr).all():
+    if codec in ("int8", "int4", "topk") and not np.isfinite(arr).all():
         raise CodecError(f"codec {codec!r} needs finite values; tensor has NaN/Inf")
     if codec == "fp16":
         body = _fp16(arr, dtype)
@@ -251,6 +321,8 @@ def _encode_body(
         body = _bf16(arr, dtype)
     elif codec == "int8":
         body = _int8(arr)
+    elif codec == "int4":
+        body = _int4(arr)
     elif codec == "topk":
         body = _topk(arr, wire, topk_k, topk_fraction)
     elif codec == "raw":
@@ -320,7 +392,7 @@ def encode(
             name=name, dtype=dtype, shape=shape, codec=codec, topk_k=k, frame_index=i, frame_count=count
         )
         if lo < len(side):
-            setattr(frame, _SIDE_FIELD[codec], side[lo : min(hi, len(side))])  # only int8/topk have side bytes
+            setattr(frame, _SIDE_FIELD[codec], side[lo : min(hi, len(side))])  # only int8/int4/topk have side bytes
         if hi > len(side):
             frame.payload = values[max(lo - len(side), 0) : hi - len(side)]
         frames.append(frame)
@@ -454,6 +526,8 @@ class Assembler:
                 f"({self._held} already held)",
                 "too_large",
             )
+        if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize >= 1 << 63:  # empty, yet beyond numpy
+            raise CodecError(f"tensor {name!r}: shape {list(shape)[:8]} has dimensions too large for any array")
         if count < 1 or count > max(1, total):
             raise CodecError(f"tensor {name!r}: frame_count={count} invalid for {total} encoded bytes")
         return _Pending(meta=meta, side_len=side, total=total, decoded_bytes=decoded, buf=bytearray(total))
@@ -503,6 +577,8 @@ class Assembler:
             if q.size and q.min() < -127:
                 raise CodecError(f"tensor {name!r}: int8 value -128 is outside [-127, 127]")
             arr = (q.astype(np.float32) * scales[:, None]).astype(wire).reshape(shape)
+        elif codec == "int4":
+            arr = self._decode_int4(name, shape, side, values).astype(wire)
         elif codec == "topk":
             idx = np.frombuffer(side, "<u4").astype(np.int64)
             n = math.prod(shape)
@@ -517,6 +593,24 @@ class Assembler:
             raise CodecError(f"tensor {name!r} contains NaN or Inf")
         self._held += p.decoded_bytes
         return arr
+
+    @staticmethod
+    def _decode_int4(name: str, shape: tuple[int, ...], side: memoryview, values: memoryview) -> np.ndarray:
+        """float32 of an int4 stream whose section lengths were checked against `shape` already."""
+        n = math.prod(shape)
+        if n == 0:
+            return np.zeros(shape, np.float32)
+        rows, cols, groups = _int4_groups(shape)
+        scales = np.frombuffer(side, "<f4")
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise CodecError(f"tensor {name!r}: int4 scales must be finite and >= 0")
+        q, pad = unpack_nibbles(np.frombuffer(values, np.uint8), n)
+        if pad:
+            raise CodecError(f"tensor {name!r}: the padding nibble after the last int4 value must be 0")
+        if q.min() < -7:
+            raise CodecError(f"tensor {name!r}: int4 value -8 is outside [-7, 7]")
+        per_elem = np.repeat(scales.reshape(rows, groups), INT4_GROUP, axis=1)[:, :cols]
+        return (q.astype(np.float32).reshape(rows, cols) * per_elem).reshape(shape)
 
 
 def decode(frames: Iterable[pb.TensorFrame], **assembler_kwargs: Any) -> dict[str, np.ndarray]:

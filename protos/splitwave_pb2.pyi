@@ -167,7 +167,7 @@ class DataShard(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., indices: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("learning_mode", "codec_up", "codec_down", "batch_size", "local_steps", "optimizer", "seed", "max_seq_len", "shard", "training_mode", "lora_rank", "num_rounds", "codec_policy")
+    __slots__ = ("learning_mode", "codec_up", "codec_down", "batch_size", "local_steps", "optimizer", "seed", "max_seq_len", "shard", "training_mode", "lora_rank", "num_rounds", "packed_steps", "codec_adapter_up", "codec_adapter_down", "error_feedback", "codec_policy")
     LEARNING_MODE_FIELD_NUMBER: _ClassVar[int]
     CODEC_UP_FIELD_NUMBER: _ClassVar[int]
     CODEC_DOWN_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,10 @@ class RunConfig(_message.Message):
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_ADAPTER_UP_FIELD_NUMBER: _ClassVar[int]
+    CODEC_ADAPTER_DOWN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     CODEC_POLICY_FIELD_NUMBER: _ClassVar[int]
     learning_mode: str
     codec_up: CodecSpec
@@ -193,8 +197,12 @@ class RunConfig(_message.Message):
     training_mode: str
     lora_rank: int
     num_rounds: int
+    packed_steps: bool
+    codec_adapter_up: CodecSpec
+    codec_adapter_down: CodecSpec
+    error_feedback: _containers.RepeatedScalarFieldContainer[str]
     codec_policy: CodecPolicy
-    def __init__(self, learning_mode: _Optional[str] = ..., codec_up: _Optional[_Union[CodecSpec, _Mapping]] = ..., codec_down: _Optional[_Union[CodecSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., shard: _Optional[_Union[DataShard, _Mapping]] = ..., training_mode: _Optional[str] = ..., lora_rank: _Optional[int] = ..., num_rounds: _Optional[int] = ..., codec_policy: _Optional[_Union[CodecPolicy, _Mapping]] = ...) -> None: ...
+    def __init__(self, learning_mode: _Optional[str] = ..., codec_up: _Optional[_Union[CodecSpec, _Mapping]] = ..., codec_down: _Optional[_Union[CodecSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., shard: _Optional[_Union[DataShard, _Mapping]] = ..., training_mode: _Optional[str] = ..., lora_rank: _Optional[int] = ..., num_rounds: _Optional[int] = ..., packed_steps: _Optional[bool] = ..., codec_adapter_up: _Optional[_Union[CodecSpec, _Mapping]] = ..., codec_adapter_down: _Optional[_Union[CodecSpec, _Mapping]] = ..., error_feedback: _Optional[_Iterable[str]] = ..., codec_policy: _Optional[_Union[CodecPolicy, _Mapping]] = ...) -> None: ...
 
 class CodecPolicy(_message.Message):
     __slots__ = ("kind", "ladder", "budget_s", "directions")

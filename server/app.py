@@ -34,7 +34,7 @@ from splitwave.server.rounds import Assignment, RoundManager, RoundRecord
 from splitwave.server.sessions import Session, SessionTable, check_join
 from splitwave.server.setup import build_split, ensure_bundle, index_bundle
 from splitwave.server.trainer import TopTrainer
-from splitwave.server.validation import check_batch, check_factors, same_tensors
+from splitwave.server.validation import check_batch, check_factors, same_tensors, step_byte_limit
 
 log = logging.getLogger(__name__)
 
@@ -271,15 +271,20 @@ class SplitServer:
             )
 
     def check_batch(self, tensors: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A step's tensors checked against this run's model and limits (validation.check_batch)."""
+        """A step's tensors (padded or packed) checked against this run's model and limits, in the padded
+        layout (validation.check_batch)."""
+        hidden, max_seq_len = self.manifest.hidden_size, self.cfg.data.max_seq_len
         return check_batch(
             tensors,
-            hidden=self.manifest.hidden_size,
-            max_seq_len=self.cfg.data.max_seq_len,
+            hidden=hidden,
+            max_seq_len=max_seq_len,
             task=self.cfg.model.task,
             num_labels=self.cfg.model.num_labels,
             vocab=int(self.split.peft_model.config.vocab_size),
             max_abs=self.cfg.server.security.max_abs_value,
+            max_bytes=step_byte_limit(
+                self.cfg.training.batch_size, max_seq_len, hidden, self.cfg.server.max_tensor_bytes
+            ),
         )
 
     def _live(self, s: Session) -> None:

@@ -28,13 +28,22 @@ from splitwave.common.config import LimitsConfig
 from splitwave.common.lora import FACTOR_SUFFIXES
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos import splitwave_pb2_grpc as pb_grpc
-from splitwave.protos.codec import CODECS, FACTOR_CODECS, MAX_FRAME_BYTES, Assembler, CodecError, encode
+from splitwave.protos.codec import (
+    CODECS,
+    MAX_FRAME_BYTES,
+    Assembler,
+    CodecError,
+    encode,
+    factor_codec,
+    factor_codecs_accepted,
+)
 from splitwave.protos.metering import ByteMeter, add_metered_servicer_to_server, reflection_service_names
+from splitwave.protos.steps import ROW_LENGTHS, grad_frames
 from splitwave.server.app import SplitServer
 from splitwave.server.errors import ServiceError
 from splitwave.server.peers import CallGuard
 from splitwave.server.sessions import PROTOCOL_VERSION, Session
-from splitwave.server.validation import STEP_TENSORS
+from splitwave.server.validation import STEP_TENSORS, step_byte_limit
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +112,22 @@ def _codec_spec(name: str, fraction: float) -> pb.CodecSpec:
     return pb.CodecSpec(codec=name, topk_fraction=fraction if name == "topk" else 0.0)
 
 
+def adapter_codecs(training, codecs: list[str]) -> tuple[str, str]:
+    """(up, down) LoRA factor codecs for a client that declares `codecs`: the run's, or where the client lacks
+    one (a client from before "int4"), what a run without adapter codecs uses: factor_codec(codec_up), raw."""
+    have = {"raw", *codecs}
+    up = training.adapter_codec_up if training.adapter_codec_up in have else factor_codec(training.codec_up)
+    down = training.codec_adapter_down if training.codec_adapter_down in have else "raw"
+    return up, down
+
+
 class SplitWaveServicer(pb_grpc.SplitWaveServicer):
     def __init__(self, app: SplitServer):
         self.app = app
         cfg = app.cfg
         self.codec_down = _codec_spec(cfg.training.codec_down, cfg.training.topk_fraction)
+        self.factor_codecs = factor_codecs_accepted(cfg.training.adapter_codec_up)  # on PushAdapter frames
+        self.error_feedback = frozenset(cfg.training.error_feedback)
         # a channel-aware policy lets each step ask for its grad_h codec (StepEnd.codec_down) from its ladder
         self.codec_policy = CodecPolicy.from_config(cfg.training.codec_policy)
         self.codecs_down = {
@@ -118,8 +138,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         # what one step or one adapter upload can legitimately need (x4 slack on batch and rank): an
         # authenticated peer cannot make the server reserve more than this per call
         hidden = app.manifest.hidden_size
-        b, sq = cfg.training.batch_size, cfg.data.max_seq_len
-        self.step_bytes = min(self.max_tensor_bytes, 4 * b * sq * (hidden + 2) * 8 + (64 << 10))
+        self.step_bytes = step_byte_limit(cfg.training.batch_size, cfg.data.max_seq_len, hidden, self.max_tensor_bytes)
         sizes = [int(np.prod(f.shape)) * 4 for f in app.manifest.factors]
         self.adapter_bytes = min(self.max_tensor_bytes, 4 * sum(sizes) + (64 << 10))
         self.active = Counter()  # open calls per method: shows that streams of vanished clients are cleaned up
@@ -223,6 +242,41 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         except CodecError as e:
             _abort(context, "INVALID_ARGUMENT", str(e))
 
+    def _grad_frames(
+        self, s: Session, res, row_lengths: np.ndarray | None, codec: pb.CodecSpec
+    ) -> list[pb.TensorFrame]:
+        """grad_h's frames in this step's codec (`_step_codec_down`), packed like the step's "h" when the step
+        came packed (`row_lengths`), in 64 KiB frames when a codec policy steers the downlink (the edge times
+        them); with error feedback on "down" from the client's residual, and a retried step (the server's
+        cached result) gets the frames sent before: the same bytes, the residual moved once."""
+        if "down" not in self.error_feedback:
+            return grad_frames(res.grad_h, row_lengths, codec, self._framed(encode))
+        w = s.wire
+        if w.last_grad is None or w.last_grad[0] is not res:
+            w.last_grad = (res, grad_frames(res.grad_h, row_lengths, codec, self._framed(w.feedback.encode)))
+        return w.last_grad[1]
+
+    def _framed(self, enc):
+        """`enc` with grad_h's frame size (`CodecPolicy.grad_frame_bytes`); itself at the usual 1 MiB."""
+        size = self.codec_policy.grad_frame_bytes
+        return enc if size == MAX_FRAME_BYTES else (lambda name, array, codec="raw": enc(name, array, codec, size))
+
+    def _factor_frames(self, s: Session, d) -> list[pb.TensorFrame]:
+        """The round's factors for this client in its adapter codec; with error feedback on "adapter_down" a
+        retried AwaitRound of the same assignment gets the frames sent before (as `_grad_frames`)."""
+        codec = s.wire.adapter_down
+        ef = "adapter_down" in self.error_feedback and codec != "raw"
+        w = s.wire
+        if ef and w.last_factors is not None and w.last_factors[0] is d:
+            return w.last_factors[1]
+        enc = w.feedback.encode if ef else encode
+        frames = [
+            f for k, v in d.load_factors.items() for f in enc(k, np.ascontiguousarray(v, dtype=np.float32), codec)
+        ]
+        if ef:
+            w.last_factors = (d, frames)
+        return frames
+
     # -- RPCs ----------------------------------------------------------------------------------------------
     def Join(self, request, context):
         with self._track("Join", context):
@@ -247,6 +301,7 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             peer_names(context),
         )
         cfg, tr = self.app.cfg, self.app.cfg.training
+        adapter_up, s.wire.adapter_down = adapter_codecs(tr, list(caps.codecs))
         idx = self.app.shard_indices(s)
         shard = pb.DataShard(
             dataset=cfg.data.dataset,
@@ -279,6 +334,10 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             training_mode=tr.edge_mode,
             lora_rank=cfg.lora.r,
             num_rounds=cfg.rounds.num_rounds,
+            packed_steps=tr.packed,
+            codec_adapter_up=pb.CodecSpec(codec=adapter_up),
+            codec_adapter_down=pb.CodecSpec(codec=s.wire.adapter_down),
+            error_feedback=list(tr.error_feedback),
             codec_policy=self.codec_policy.to_proto(),
         )
         return pb.JoinReply(
@@ -368,8 +427,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             else:
                 res = self._guard(context, self.app.eval_step, s, tensors)
             header = pb.Header(run_id=self.app.run_id, round=req.header.round, step=req.header.step)
-            if train:
-                for frame in encode("grad_h", res.grad_h, codec_down, self.codec_policy.grad_frame_bytes):
+            if train:  # packed like the step's "h" when the step came packed
+                for frame in self._grad_frames(s, res, tensors.get(ROW_LENGTHS), codec_down):
                     yield reply_cls(header=header, frame=frame)
             yield reply_cls(
                 header=header,
@@ -423,11 +482,11 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
             if which == "frame":
                 if req.frame.name not in names:
                     _abort(context, "INVALID_ARGUMENT", f"unknown factor {req.frame.name[:200]!r}")
-                if req.frame.codec not in FACTOR_CODECS:
+                if req.frame.codec not in self.factor_codecs:
                     _abort(
                         context,
                         "INVALID_ARGUMENT",
-                        f"factors travel as {list(FACTOR_CODECS)}, not {req.frame.codec[:16]!r}",
+                        f"factors travel as {list(self.factor_codecs)} in this run, not {req.frame.codec[:16]!r}",
                     )
                 self._add_frame(asm, req.frame, context)
                 call.idle()
@@ -470,9 +529,8 @@ class SplitWaveServicer(pb_grpc.SplitWaveServicer):
         header = pb.Header(run_id=self.app.run_id, round=a.round_idx)
         d = a.directive
         if d is not None and d.load_factors:
-            for name, value in d.load_factors.items():
-                for frame in encode(name, np.ascontiguousarray(value, dtype=np.float32), "raw"):
-                    yield pb.RoundReply(header=header, factor=frame)
+            for frame in self._factor_frames(s, d):
+                yield pb.RoundReply(header=header, factor=frame)
         # strategies that fold residuals into frozen weights (FedEx-LoRA, FLoRA): the running sum of the deltas,
         # sent whenever this client has not seen the current version (idempotent, so missed rounds catch up)
         version = self.app.base_version

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitwave.common.config import ExperimentConfig
+from splitwave.protos.feedback import ErrorFeedback
 from splitwave.server.checkpoint import token_digest
 from splitwave.server.errors import ServiceError
 
@@ -25,6 +26,19 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass
+class ClientWire:
+    """What the server encodes for one client beyond the run's codecs: the adapter codec negotiated at its Join
+    ("raw" for a session restored from a checkpoint: its capabilities are not kept), the error-feedback
+    residuals of "down" and "adapter_down", and the frames last sent with them, so that a retried call gets
+    the same bytes and a residual moves once. A new session (a rejoin) starts with none of it."""
+
+    adapter_down: str = "raw"
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
+    last_grad: tuple | None = None  # (StepResult, frames)
+    last_factors: tuple | None = None  # (ClientDirective, frames)
 
 
 @dataclass
@@ -43,6 +57,7 @@ class Session:
     trained: bool = False  # has trained at least one step (a slot of a client that never does may be freed)
     round_mark: dict = field(default_factory=dict)  # round -> top adapter state before this session's first step
     round_steps: dict[int, int] = field(default_factory=dict)  # round -> server steps this session took in it
+    wire: ClientWire = field(default_factory=ClientWire)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

@@ -27,7 +27,8 @@ from splitwave.channel import round_latency_model
 from splitwave.channel.factory import rate_summary
 from splitwave.common.config import ExperimentConfig
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import encode, factor_codec
+from splitwave.protos.codec import encode
+from splitwave.protos.steps import build_step, grad_frames
 from splitwave.runner import build_links
 from splitwave.server.setup import build_split
 from splitwave.server.torch_edge import TorchEdge
@@ -49,17 +50,16 @@ def message_sizes(cfg: ExperimentConfig, h: np.ndarray, factors: dict[str, np.nd
     def spec(name):
         return pb.CodecSpec(codec=name, topk_fraction=tr.topk_fraction if name == "topk" else 0.0)
 
-    up = [pb.TrainRequest(header=hdr, frame=f) for f in encode("h", h, spec(tr.codec_up))]
-    up += [pb.TrainRequest(header=hdr, frame=f) for f in encode("attention_mask", np.ones((b, s), np.int64), "raw")]
-    up += [pb.TrainRequest(header=hdr, frame=f) for f in encode("labels", np.zeros(b, np.int64), "raw")]
-    up.append(pb.TrainRequest(header=hdr, end_step=pb.StepEnd(batch_size=b, metrics={"edge_fwd_s": 0.01})))
-    down = [pb.TrainReply(header=hdr, frame=f) for f in encode("grad_h", h, spec(tr.codec_down))]
+    # full-length rows (no padding): a packed step saves nothing here but carries its row lengths
+    sent = build_step(h, np.ones((b, s), np.int64), np.zeros(b, np.int64), spec(tr.codec_up), packed=tr.packed)
+    up = sent.messages(pb.TrainRequest, hdr, {"edge_fwd_s": 0.01})
+    down = [pb.TrainReply(header=hdr, frame=f) for f in grad_frames(h, sent.row_lengths, spec(tr.codec_down))]
     down.append(
         pb.TrainReply(header=hdr, end_step=pb.StepResult(loss=0.5, correct=1, count=b, metrics={"server_s": 0.01}))
     )
-    push_codec = factor_codec(tr.codec_up)
-    push = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v, push_codec)]
-    bcast = [pb.RoundReply(header=hdr, factor=f) for k, v in factors.items() for f in encode(k, v, "raw")]
+    up_codec, down_codec = tr.adapter_codec_up, tr.codec_adapter_down
+    push = [pb.AdapterRequest(header=hdr, frame=f) for k, v in factors.items() for f in encode(k, v, up_codec)]
+    bcast = [pb.RoundReply(header=hdr, factor=f) for k, v in factors.items() for f in encode(k, v, down_codec)]
     return {
         "act_bytes": sum(m.ByteSize() for m in up),
         "grad_bytes": sum(m.ByteSize() for m in down),

@@ -325,3 +325,51 @@ def test_bad_input_is_refused_and_harmless(tmp_path, reference, attack, code, te
     assert_same_factors(factors, reference)
     # nothing left behind: the honest client left, no round is open, no session lingers
     assert not srv.app.sessions and not srv.app.by_client
+
+
+def _packed_step(j, **over):
+    """Messages of one packed Train step (h [tokens, H] + row_lengths; valid unless told otherwise; a tensor
+    given as None is left out)."""
+    t = {"h": np.zeros((4 * B, H), np.float32), "row_lengths": np.full(B, 4, np.int32), "labels": np.zeros(B, np.int64)}
+    t.update(over)
+    hdr = _hdr(j)
+    msgs = [pb.TrainRequest(header=hdr, frame=f) for name, a in t.items() if a is not None for f in encode(name, a)]
+    return msgs + [pb.TrainRequest(header=hdr, end_step=pb.StepEnd(batch_size=B))]
+
+
+PACKED_CASES = [
+    (dict(row_lengths=np.full(B, 4.0)), C.INVALID_ARGUMENT, "row_lengths must be integers"),
+    (dict(row_lengths=np.array([4] * (B - 1) + [0], np.int32)), C.INVALID_ARGUMENT, "row_lengths must be in"),
+    (dict(row_lengths=np.array([4] * (B - 1) + [S + 1], np.int32)), C.INVALID_ARGUMENT, "row_lengths must be in"),
+    (dict(h=np.zeros((4 * B - 1, H), np.float32)), C.INVALID_ARGUMENT, f"sum(row_lengths) = {4 * B}"),
+    (dict(h=np.zeros((4 * B, H - 1), np.float32)), C.INVALID_ARGUMENT, "packed h must be float"),
+    (dict(h=np.zeros((B, 4, H), np.float32)), C.INVALID_ARGUMENT, "packed h must be float"),
+    (dict(labels=np.zeros(B + 1, np.int64)), C.INVALID_ARGUMENT, f"labels must be integers of shape [{B}]"),
+    (dict(attention_mask=np.ones((B, 4), np.int64)), C.INVALID_ARGUMENT, "unexpected tensors ['attention_mask']"),
+    (dict(h=None), C.INVALID_ARGUMENT, "step lacks tensors ['h']"),
+    # 600 rows of one token and one of S: a small message whose padded layout is over the step limit
+    (
+        dict(
+            row_lengths=np.array([S] + [1] * 599, np.int32),
+            h=np.zeros((S + 599, H), np.float16),
+            labels=np.zeros(600, np.int8),
+        ),
+        C.RESOURCE_EXHAUSTED,
+        "rebuilds to h [600, 16, 32]",
+    ),
+]
+
+
+def test_bad_packed_steps_are_refused_and_harmless(tmp_path, reference):
+    """Broken packed steps (splitwave.proto, TrainRequest "Packed step"), fired one after another with the
+    honest client's token mid-round: each refused with its status and a message naming the problem, and the
+    honest client's final adapters are those of a run without them."""
+
+    def attack(stub, j):
+        return [_train(stub, _packed_step(j, **over)) for over, _, _ in PACKED_CASES]
+
+    factors, got, srv = _run(tmp_path, attack)
+    for (code, details), (over, want, text) in zip(got, PACKED_CASES):
+        assert code == want and text in details, (sorted(over), code, details)
+    assert_same_factors(factors, reference)
+    assert not srv.app.sessions and not srv.app.by_client

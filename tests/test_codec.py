@@ -199,13 +199,15 @@ def test_assembler_streams_several_tensors_and_returns_each_when_complete():
 def test_wire_bytes_over_raw_bytes_for_minilm_activation(record_property):
     x = np.random.default_rng(RNG_SEED).standard_normal((16, 64, 384)).astype(np.float32)
     ratios = {}
-    for name, kw in (("raw", {}), ("fp16", {}), ("bf16", {}), ("int8", {}), ("topk", {"topk_fraction": 0.1})):
+    codecs = (("raw", {}), ("fp16", {}), ("bf16", {}), ("int8", {}), ("int4", {}), ("topk", {"topk_fraction": 0.1}))
+    for name, kw in codecs:
         ratios[name] = codec.wire_size(encode("h", x, name, **kw)) / x.nbytes
         record_property(f"wire_ratio_{name}", round(ratios[name], 5))
     log.info("wire/raw ratios for 16x64x384 fp32: %s", ratios)
     assert 1.0 <= ratios["raw"] <= 1.02
     assert 0.49 <= ratios["fp16"] <= 0.51 and 0.49 <= ratios["bf16"] <= 0.51
     assert 0.25 <= ratios["int8"] <= 0.27  # + one float32 scale per row of 384
+    assert 0.14 <= ratios["int4"] <= 0.15  # half a byte per value + one float32 scale per 64 values
     assert 0.19 <= ratios["topk"] <= 0.21  # 10% kept x (4 B value + 4 B index)
 
 
@@ -279,6 +281,19 @@ def test_rejects_negative_and_huge_dims_before_allocating():
     two = encode("a", np.zeros(10, np.float32)) + encode("b", np.zeros(10, np.float32))
     _expect(two, "total limit", code="too_large", max_total_bytes=60)
     assert decode(two, max_total_bytes=80).keys() == {"a", "b"}
+
+
+def test_int4_frames_with_wrong_sections_or_huge_shapes_are_refused_before_allocating():
+    q = encode("q", np.arange(-5, 125, dtype=np.float32).reshape(2, 65), "int4")[0]  # 4 scales, 65 bytes
+    assert len(q.scales) == 16 and len(q.payload) == 65
+    _expect([_edit(q, scales=q.scales[:12])], "payload received before all scales")  # a scale short
+    _expect([_edit(q, scales=q.scales + q.scales[:4])], "more scales bytes")  # a scale too many
+    _expect([_edit(q, shape=[2, 64])], "more scales bytes")  # the shape implies 2 groups, 64 bytes
+    _expect([_edit(q, shape=[1 << 40, 1 << 40])], "exceeds the limit", code="too_large")
+    empty = _edit(q, shape=[0, 1 << 40], scales=b"", payload=b"")  # no element, no group: nothing to allocate
+    assert decode([empty])["q"].shape == (0, 1 << 40)
+    for c in ("int4", "raw"):  # no element either, but numpy cannot even describe that shape
+        _expect([_edit(q, codec=c, shape=[1 << 62, 0], scales=b"", payload=b"")], "too large for any array")
 
 
 def test_rejects_out_of_order_missing_and_extra_frames():

@@ -245,3 +245,23 @@ def test_rate_estimator_follows_a_change():
     for _ in range(8):
         e.observe(1_000_000, 1.0)  # then 1 MB/s
     assert e.rate == pytest.approx(1e6, rel=0.05)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_step_shapes_are_what_build_step_sends(packed):
+    """The shape "h" travels in and the bytes of the step's other tensors, padded or packed, as
+    protos.steps.build_step frames the step (the policy sizes the step it will really send)."""
+    from splitwave.common.codec_policy import step_shapes
+    from splitwave.protos.steps import build_step
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 9, 3, 9])
+    mask = (np.arange(9)[None, :] < lengths[:, None]).astype(np.int64)
+    labels = rng.integers(0, 2, 4).astype(np.int64)
+    h = rng.standard_normal((4, 9, 16)).astype(np.float32)
+    shape, extra = step_shapes(h, mask, labels, packed)
+    step = build_step(h, mask, labels, "fp16", packed=packed)
+    hs = [f for f in step.frames if f.name == "h"]
+    assert tuple(hs[0].shape) == shape == ((26, 16) if packed else (4, 9, 16))
+    others = sum(len(f.payload) for f in step.frames if f.name != "h")
+    assert others <= extra <= others + 2 * FRAME_MARGIN_BYTES

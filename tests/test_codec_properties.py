@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from splitwave.protos import codec
+from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import decode, encode
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -89,6 +90,22 @@ def _check_within_bound(codec_name: str, x: np.ndarray, out: np.ndarray, frames)
             if f16:
                 bound = bound + 2.0**-11 * np.abs(o64.reshape(rows, cols)) + 2.0**-25
             assert np.all(err.reshape(rows, cols) <= bound)
+    elif codec_name == "int4":
+        rows, cols, groups = codec._int4_groups(x.shape)
+        scales = np.frombuffer(b"".join(f.scales for f in frames), "<f4").astype(np.float64)
+        assert scales.shape == (rows * groups,)
+        if x.size:
+            per = np.repeat(scales.reshape(rows, groups), codec.INT4_GROUP, axis=1)[:, :cols]
+            xa = np.abs(x64.reshape(rows, cols))
+            pad = groups * codec.INT4_GROUP - cols
+            absmax = np.pad(xa, ((0, 0), (0, pad))).reshape(rows, groups, -1).max(axis=2).reshape(-1)
+            assert np.all(scales * 7 >= absmax * (1 - 1e-15))  # |q| <= 7
+            assert np.all(scales <= absmax / 7 * (1 + 2.0**-23) + 2.0**-149)  # rounded up by one ulp at most
+            assert np.all((scales == 0) == (absmax == 0))  # all-zero groups (only they) get scale 0
+            bound = per / 2 + 2.0**-24 * np.abs(o64.reshape(rows, cols))  # + float32 product rounding
+            if f16:
+                bound = bound + 2.0**-11 * np.abs(o64.reshape(rows, cols)) + 2.0**-25
+            assert np.all(err.reshape(rows, cols) <= bound)
     elif codec_name == "topk":
         flat, k = x.reshape(-1), frames[0].topk_k
         # the k largest |x|; of equal |x| the lower flat index: a stable sort by descending |x|
@@ -113,24 +130,104 @@ def test_every_finite_tensor_round_trips_within_bound_or_falls_back_exactly(code
     if codec_name == "raw":  # lossless, bit for bit (signed zeros too)
         assert used == "raw" and out.tobytes() == x.tobytes()
         return
-    assert _would_overflow(codec_name, x) == (used == "raw") or codec_name == "int8"
+    side, values = codec._section_sizes(x.dtype.name, x.shape, used, frames[0].topk_k)
+    assert sum(len(f.scales) + len(f.indices) for f in frames) == side  # sizes derived exactly, before decoding
+    assert sum(len(f.payload) for f in frames) == values
+    assert codec.encoded_size(x.dtype.name, x.shape, used, frames[0].topk_k) == side + values
+    assert _would_overflow(codec_name, x) == (used == "raw") or codec_name in ("int8", "int4")
     if used == "raw":
-        assert codec_name in ("fp16", "bf16", "int8")  # top-k never needs it
+        assert codec_name in ("fp16", "bf16", "int8", "int4")  # top-k never needs it
         np.testing.assert_array_equal(out, x)
         assert frames[0].topk_k == 0 and not any(f.scales or f.indices for f in frames)
-        if codec_name == "int8":  # only values at the edge of float32's range (float64 input) need it
+        if codec_name in ("int8", "int4"):  # only values at the edge of float32's range (float64 input) need it
             assert np.abs(x.astype(np.float64)).max() >= F32_MAX * (1 - 2.0**-20)
     else:
         assert used == codec_name
         _check_within_bound(codec_name, x, out, frames)
 
 
+@pytest.mark.parametrize("codec_name", ["int8", "int4"])
 @settings(max_examples=100, deadline=None)
 @given(x=tensors("float32"))
-def test_int8_falls_back_for_float32_only_at_the_top_of_its_range(x):
-    """Only a row whose 127 * scale would overflow float32 (|x| within 2**-22 of float32's max) goes raw."""
+def test_int8_int4_fall_back_for_float32_only_at_the_top_of_its_range(codec_name, x):
+    """Only a row (group) whose 127 (7) * scale would overflow float32 (|x| within ~2**-21 of float32's max)
+    goes raw."""
     x = np.clip(x, -F32_MAX / 2, F32_MAX / 2)
-    assert encode("t", x, "int8")[0].codec == "int8"
+    assert encode("t", x, codec_name)[0].codec == codec_name
+
+
+def test_int4_falls_back_to_raw_when_a_scale_would_overflow():
+    """7 * scale beyond float32 only happens for float64 input beyond float32's range (F32_MAX / 7 rounded up,
+    times 7, still rounds to F32_MAX); that tensor goes raw."""
+    top = np.array([[1.0, -F32_MAX], [0.0, 2.0]], np.float32)
+    assert encode("t", top, "int4")[0].codec == "int4"
+    huge = np.array([[3.5e38, 1.0], [0.0, 2.0]])
+    frames = encode("t", huge, "int4")
+    assert frames[0].codec == "raw" and not frames[0].scales
+    np.testing.assert_array_equal(decode(frames)["t"], huge)
+
+
+def test_int4_layout_groups_of_64_low_nibble_first():
+    """Byte layout as splitwave.proto states it: scales per group of 64 along the last dim, row-major; q as
+    4-bit two's complement, element 2i in the low nibble of byte i, a 0 padding nibble for odd counts."""
+    x = np.zeros((2, 65), np.float32)
+    x[0, 0], x[0, 1], x[0, 64] = 7.0, -7.0, 3.0  # row 0: group 0 absmax 7 -> scale 1; group 1 (one element)
+    x[1, 2] = -14.0  # row 1: group 0 scale 2, q = -7; group 1 all zero -> scale 0
+    f = encode("t", x, "int4")[0]
+    scales = np.frombuffer(f.scales, "<f4")
+    assert scales.size == 4 and (scales[0], scales[2], scales[3]) == (1.0, 2.0, 0.0)
+    s1 = scales[1]  # absmax 3 / 7 rounded UP: the smallest float32 s with 7 * s >= 3
+    assert 7 * float(s1) >= 3 > 7 * float(np.nextafter(s1, np.float32(0)))
+    payload = np.frombuffer(f.payload, np.uint8)
+    assert payload.size == (130 + 1) // 2 == 65
+    assert payload[0] == (0x7 | (0x9 << 4))  # +7 low, -7 (0b1001) high
+    assert payload[32] == 0x7  # element 64 (row 0, group 1): 3 / scale(3/7) = 7
+    assert payload[33] == (0x9 << 4)  # row 1 element 2 = flat 67: high nibble of byte 33
+    odd = encode("t", np.array([1.0, 2.0, 3.0], np.float32), "int4")[0]
+    assert len(odd.payload) == 2 and odd.payload[1] >> 4 == 0
+    np.testing.assert_array_equal(decode([f])["t"], x)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=70), elements=_finite("float32")
+    ),
+    how=st.sampled_from(
+        ["short_scales", "long_scales", "nan_scale", "neg_scale", "truncated", "long_values", "minus8", "padding"]
+    ),
+    where=st.integers(0, 1 << 30),
+)
+def test_hostile_int4_frames_are_refused_with_codec_error(x, how, where):
+    """A peer cannot crash the decoder or make it allocate: every corruption of a valid int4 frame is a
+    CodecError (never another exception, never a silently wrong tensor)."""
+    x = np.clip(x, -1e30, 1e30)
+    f = encode("t", x, "int4")[0]
+    scales, payload = bytearray(f.scales), bytearray(f.payload)
+    n = x.size
+    if how == "short_scales":
+        scales = scales[:-4]
+    elif how == "long_scales":
+        scales += b"\0\0\0\0"
+    elif how in ("nan_scale", "neg_scale"):
+        i = where % (len(scales) // 4)
+        scales[4 * i : 4 * i + 4] = np.array([np.nan if how == "nan_scale" else -1.0], "<f4").tobytes()
+    elif how == "truncated":
+        payload = payload[: where % len(payload)]
+    elif how == "long_values":
+        payload += b"\0"
+    elif how == "minus8":
+        i = where % n
+        payload[i // 2] = (payload[i // 2] & 0xF0) | 0x8 if i % 2 == 0 else (payload[i // 2] & 0x0F) | 0x80
+    elif how == "padding":
+        if n % 2 == 0:
+            return  # no padding nibble to corrupt
+        payload[-1] |= 0x10
+    bad = pb.TensorFrame()
+    bad.CopyFrom(f)
+    bad.scales, bad.payload = bytes(scales), bytes(payload)
+    with pytest.raises(codec.CodecError):
+        decode([bad])
 
 
 @settings(max_examples=150, deadline=None)

@@ -113,3 +113,48 @@ def test_unknown_keys_in_a_yaml_file_get_the_same_hint(tmp_path):
 def test_set_needs_key_equals_value(item):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(ROOT / "configs" / "quick.yaml", [item])
+
+
+def test_codec_choices_for_activations_and_adapters():
+    quick = ROOT / "configs" / "quick.yaml"
+    tr = load_config(quick, ["training.codec_up=int4", "training.codec_down=int4"]).training
+    assert (tr.codec_up, tr.codec_down, tr.adapter_codec_up, tr.codec_adapter_down) == ("int4", "int4", "raw", "raw")
+    assert load_config(quick, ["training.codec_up=bf16"]).training.adapter_codec_up == "bf16"  # today's rule
+    tr = load_config(quick, ["training.codec_adapter_up=int8", "training.codec_adapter_down=int4"]).training
+    assert (tr.adapter_codec_up, tr.codec_adapter_down) == ("int8", "int4")
+    for side in ("up", "down"):
+        with pytest.raises(ConfigError, match=rf"training.codec_adapter_{side}: .*top-k is not an adapter codec"):
+            load_config(quick, [f"training.codec_adapter_{side}=topk"])
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["training.error_feedback=[up]"], ["'up'", "training.codec_up is 'raw'"]),
+        (
+            ["training.codec_up=int8", "training.error_feedback=[adapter_up]"],
+            ["'adapter_up'", "codec_adapter_up is unset"],
+        ),
+        (["training.codec_down=fp16", "training.error_feedback=[down, adapter_down]"], ["'adapter_down'"]),
+        (["training.codec_up=int8", "training.error_feedback=[up, up]"], ["twice"]),
+        (["training.error_feedback=[sideways]"], ["training.error_feedback"]),
+    ],
+)
+def test_error_feedback_needs_a_lossy_direction(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "quick.yaml", overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_error_feedback_on_lossy_directions_loads():
+    tr = load_config(
+        ROOT / "configs" / "quick.yaml",
+        [
+            "training.codec_up=int4",
+            "training.codec_down=topk",
+            "training.codec_adapter_up=int8",
+            "training.codec_adapter_down=fp16",
+            "training.error_feedback=[up, down, adapter_up, adapter_down]",
+        ],
+    ).training
+    assert tr.error_feedback == ["up", "down", "adapter_up", "adapter_down"]

@@ -1,6 +1,6 @@
 """The server keeps the promises protos/splitwave.proto makes to a client written from it alone: Join refuses
 unset or unknown capabilities by name, a gradient too big for the fp16 downlink still arrives (raw), adapters
-never travel int8/top-k, a retried step gets the cached reply, and an unexpected server exception is a
+travel int8/int4 only in a run that chose them and never top-k, a retried step gets the cached reply, and an unexpected server exception is a
 status with a message (INTERNAL), never gRPC's bare UNKNOWN."""
 
 from __future__ import annotations
@@ -101,12 +101,14 @@ def test_identical_retry_gets_the_cached_reply_and_a_changed_one_is_refused(serv
     assert code == C.FAILED_PRECONDITION and "out of order" in details
 
 
-def test_adapters_never_travel_int8_or_topk(server):
+def test_adapters_travel_int8_or_int4_only_when_the_run_allows_and_never_topk(server):
+    """This run has no adapter codec (codec_adapter_up unset): factors go raw/fp16/bf16 only. A run that sets
+    int8/int4 accepts those (tests/test_adapter_codecs.py); top-k is never accepted."""
     _, stub, me = server
     factors = json.loads(me.manifest_json)["factors"]
     name, shape = factors[0]["name"], factors[0]["shape"]
     hdr = pb.Header(session_token=me.session_token, run_id=me.run_id, round=0, step=3)
-    for codec_name in ("topk", "int8"):
+    for codec_name in ("topk", "int8", "int4"):
         msgs = [
             pb.AdapterRequest(header=hdr, frame=f)
             for f in encode(name, np.ones(shape, np.float32), codec_name, topk_fraction=0.1)
@@ -138,7 +140,7 @@ def test_an_unexpected_exception_is_internal_with_a_message_never_unknown(server
 def test_the_proto_names_the_values_the_server_accepts():
     """The accepted backends, codecs and training modes are written in the proto, so the contract and the
     server cannot drift apart silently."""
-    from splitwave.protos.codec import CODECS, FACTOR_CODECS
+    from splitwave.protos.codec import ADAPTER_CODECS, CODECS, FACTOR_CODECS
     from splitwave.server.service import BACKENDS, TRAINING_MODES
 
     text = (ROOT / "protos" / "splitwave.proto").read_text()
@@ -147,3 +149,5 @@ def test_the_proto_names_the_values_the_server_accepts():
     assert all(f'"{m}"' in text for m in TRAINING_MODES) and all(f'"{c}"' in text for c in CODECS)
     factor_codecs = ", ".join(f'"{c}"' for c in FACTOR_CODECS[:-1]) + f' or "{FACTOR_CODECS[-1]}"'
     assert f"uploaded LoRA factors use it only when it is {factor_codecs}" in text
+    adapter_codecs = ", ".join(f'"{c}"' for c in ADAPTER_CODECS[:-1]) + f' or "{ADAPTER_CODECS[-1]}"'
+    assert f'each\n//   {adapter_codecs}, never "topk"' in text

@@ -103,7 +103,7 @@ class Fuzzer:
         k = rng.integers(10)
         if k == 0:
             a[rng.integers(8), 0, 0] = rng.choice([np.nan, np.inf, -np.inf])
-        frames = encode(str(name) or "h", a, str(rng.choice(["raw", "fp16", "bf16", "int8"])) if k else "raw")
+        frames = encode(str(name) or "h", a, str(rng.choice(["raw", "fp16", "bf16", "int8", "int4"])) if k else "raw")
         f = frames[0]
         m = rng.integers(9)
         if m == 0:
@@ -112,7 +112,7 @@ class Fuzzer:
         elif m == 1:
             f.dtype = str(rng.choice(["complex64", "float8", "", "object", "int64"]))
         elif m == 2:
-            f.codec = str(rng.choice(["zip", "topk", "", "int8"]))
+            f.codec = str(rng.choice(["zip", "topk", "", "int8", "int4"]))
             f.topk_k = int(rng.integers(0, 1 << 40))
         elif m == 3:
             f.frame_count, f.frame_index = int(rng.integers(0, 1 << 32)), int(rng.integers(0, 1 << 32))

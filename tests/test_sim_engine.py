@@ -366,20 +366,23 @@ def test_channel_aware_policy_picks_each_clients_codecs_from_its_links(tmp_path)
     reproducible, and the slow links carry fewer bytes than under the fixed raw codec."""
     fast, slow = {"rate_mbps": 1000}, {"rate_mbps": 0.05}
     policy = {"kind": "channel_aware", "ladder": ["raw", "fp16", "int8"], "budget_s": 0.05}
-    cfg = _cfg(
-        training__codec_policy=policy,
-        channel__per_client=[
+    over = {
+        "training__codec_policy": policy,
+        "channel__per_client": [
             {"uplink": fast, "downlink": fast},
             {"uplink": slow, "downlink": fast},
             {"uplink": fast, "downlink": slow},
         ],
-        rounds__deadline_s=1000,
-    )
+        "rounds__deadline_s": 1000,
+    }
+    cfg = _cfg(**over)
     first = _run(tmp_path, cfg)
     for r in first[0]:
         assert r["codecs"] == {"up": {"int8": 3, "raw": 6}, "down": {"int8": 3, "raw": 6}}
         assert r["reported"] == ["client-0", "client-1", "client-2"]
     assert _digest(*_run(tmp_path, cfg)[:3]) == _digest(*first[:3])
+    packed = _run(tmp_path, _cfg(training__packed=True, **over))
+    assert [r["codecs"] for r in packed[0]] == [r["codecs"] for r in first[0]]  # packed steps: the same choices here
     fixed, _, _, _ = _run(tmp_path, _cfg(channel__per_client=cfg.channel.per_client, rounds__deadline_s=1000))
     assert [r["codecs"] for r in fixed] == [{"up": {"raw": 9}, "down": {"raw": 9}}] * 2
     for a, b in zip(first[0], fixed):

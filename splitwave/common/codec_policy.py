@@ -36,8 +36,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from splitwave.protos import splitwave_pb2 as pb
 from splitwave.protos.codec import CODECS, MAX_FRAME_BYTES, encoded_size
+from splitwave.protos.steps import packable_lengths
 
 __all__ = [
     "DIRECTIONS",
@@ -48,6 +51,7 @@ __all__ = [
     "RateEstimator",
     "check_ladder",
     "choose_codec",
+    "step_shapes",
     "transfer_s",
     "wire_bytes",
 ]
@@ -97,6 +101,18 @@ def wire_bytes(
     n = encoded_size(dtype, shape, codec)
     frames = max(1, -(-n // (max_frame_bytes - frame_margin)))
     return n + frames * frame_margin
+
+
+def step_shapes(h: np.ndarray, mask: np.ndarray, labels: np.ndarray, packed: bool) -> tuple[tuple[int, ...], int]:
+    """(shape "h" travels in, wire bytes of the step's other tensors) of a Train step as `protos.steps.build_step`
+    frames it: packed ([tokens, hidden] and "row_lengths") when asked and lossless, else padded ("h" as is and
+    "attention_mask"); "grad_h" comes back in the same shape."""
+    lengths = packable_lengths(mask, labels) if packed else None
+    other = wire_bytes(labels.dtype.name, labels.shape, "raw")
+    if lengths is None:
+        return tuple(h.shape), other + wire_bytes(mask.dtype.name, mask.shape, "raw")
+    shape = (int(np.sum(lengths)), *h.shape[2:])
+    return shape, other + wire_bytes(lengths.dtype.name, lengths.shape, "raw")
 
 
 def transfer_s(nbytes: int, rate_Bps: float, latency_s: float = 0.0) -> float:

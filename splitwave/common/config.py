@@ -19,6 +19,7 @@ from splitwave.channel.factory import check_link_spec
 from splitwave.common.codec_policy import check_ladder
 from splitwave.common.device_classes import class_names
 from splitwave.common.robust_rules import min_clients_for
+from splitwave.protos.codec import factor_codec
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,9 @@ class DataConfig(_Strict):
     dirichlet_alpha: float = Field(default=0.3, gt=0)
 
 
+AdapterCodec = Literal["raw", "fp16", "bf16", "int8", "int4"]  # protos.codec.ADAPTER_CODECS
+
+
 class OptimConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -131,14 +135,62 @@ class TrainingConfig(_Strict):
     local_steps: int = Field(default=10, ge=1)
     edge_backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     edge_mode: Literal["recompute", "saved"] = "recompute"
-    codec_up: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
-    codec_down: Literal["raw", "fp16", "bf16", "int8", "topk"] = "raw"
+    codec_up: Literal["raw", "fp16", "bf16", "int8", "int4", "topk"] = "raw"
+    codec_down: Literal["raw", "fp16", "bf16", "int8", "int4", "topk"] = "raw"
     topk_fraction: float = Field(default=0.1, gt=0, le=1)
+    # LoRA factors' codecs: edge uploads (None: codec_up when raw/fp16/bf16, else raw) and the server's
+    # broadcast of the round's factors; never topk (protos/splitwave.proto, "Codecs")
+    codec_adapter_up: AdapterCodec | None = None
+    codec_adapter_down: AdapterCodec = "raw"
+    # directions whose lossy codec runs with error feedback (splitwave.protos.feedback): the edge keeps the
+    # residuals of "up" (h) and "adapter_up", the server one per client of "down" (grad_h) and "adapter_down"
+    error_feedback: list[Literal["up", "down", "adapter_up", "adapter_down"]] = Field(default_factory=list)
     # sfl-v2: most client steps (of different clients, waiting at the same time) fused into one server step
     server_batch: int = Field(default=1, ge=1)
     server_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)  # how long a pending step waits for company
+    # steps sent packed (only real-token positions of h and grad_h; RunConfig.packed_steps): lossless, fewer bytes
+    packed: bool = False
     optim: OptimConfig = OptimConfig()
     codec_policy: CodecPolicyConfig = CodecPolicyConfig()  # per-step codecs from the link (default: fixed)
+
+    @field_validator("codec_adapter_up", "codec_adapter_down", mode="before")
+    @classmethod
+    def _no_topk_for_adapters(cls, v: Any) -> Any:
+        if v == "topk":
+            raise ValueError(
+                "top-k is not an adapter codec (its zeros would wipe most of a LoRA factor); "
+                f"use one of {list(get_args(AdapterCodec))}"
+            )
+        return v
+
+    @property
+    def adapter_codec_up(self) -> str:
+        """The codec of uploaded factors: codec_adapter_up, else today's rule (codec_up if raw/fp16/bf16)."""
+        return self.codec_adapter_up or factor_codec(self.codec_up)
+
+    @model_validator(mode="after")
+    def _error_feedback_needs_a_lossy_codec(self) -> TrainingConfig:
+        ef = self.error_feedback
+        if len(set(ef)) != len(ef):
+            raise ValueError(f"training.error_feedback lists a direction twice: {ef}")
+        why = {
+            "up": (self.codec_up, "training.codec_up is 'raw'"),
+            "down": (self.codec_down, "training.codec_down is 'raw'"),
+            "adapter_up": (
+                self.adapter_codec_up,
+                "training.codec_adapter_up is 'raw'"
+                if self.codec_adapter_up
+                else f"training.codec_adapter_up is unset, and under codec_up {self.codec_up!r} factors go raw",
+            ),
+            "adapter_down": (self.codec_adapter_down, "training.codec_adapter_down is 'raw'"),
+        }
+        raw = [f"{d!r} ({why[d][1]})" for d in ef if why[d][0] == "raw"]
+        if raw:
+            raise ValueError(
+                f"training.error_feedback on a raw direction feeds nothing back: {', '.join(raw)}; "
+                f"choose a lossy codec for it or drop it from the list"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batching_needs_shared_top(self) -> TrainingConfig:

@@ -2,12 +2,14 @@
 side of the protocol (the messages it sends, how it applies a round's directives).
 
 Torch-free (it runs in executor processes too). The protocol side mirrors `splitwave.edge.client.EdgeClient`
-message for message (`_step_messages`, `push_adapter`, `await_round`), so the bytes the engine puts on a link
-are the exact serialized sizes a real edge would send.
+message for message (`push_adapter`, `await_round`; a step's framing is the edge's own,
+`splitwave.protos.steps`), so the bytes the engine puts on a link are the exact serialized sizes a real edge
+would send.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +18,9 @@ from splitwave.common.manifest import BundleManifest
 from splitwave.edge.client import fresh_lora
 from splitwave.edge.ranks import RankAdapter
 from splitwave.protos import splitwave_pb2 as pb
-from splitwave.protos.codec import CODECS, Assembler, encode, factor_codec
+from splitwave.protos.codec import CODECS, Assembler, encode
+from splitwave.protos.feedback import ErrorFeedback
+from splitwave.protos.steps import Step
 
 CAPABILITIES = pb.Capabilities(
     protocol_version=1, backend="onnxruntime", codecs=list(CODECS), training_modes=["recompute", "saved"]
@@ -51,6 +55,7 @@ class ClientState:
     num_samples: int = 0
     last_round: int = -1  # the last round it was assigned (the round its AwaitRound header names)
     edge: EdgeState = field(default_factory=EdgeState)
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # the edge's "up"/"adapter_up" residuals
 
     def header(self, run_id: str, round_idx: int = 0, step: int = 0) -> pb.Header:
         return pb.Header(session_token=self.token, run_id=run_id, round=round_idx, step=step)
@@ -67,19 +72,6 @@ def await_request(c: ClientState, run_id: str) -> pb.RoundRequest:
     return pb.RoundRequest(header=c.header(run_id, c.last_round), no_wait=False)
 
 
-def step_messages(
-    header: pb.Header, h, mask, labels, codec_up, metrics: dict[str, float], codec_down: str = ""
-) -> list:
-    """A Train step's request messages (EdgeClient._step_messages); `codec_down`: the grad_h codec the step
-    asks for (channel-aware policy; "" = the run's)."""
-    msgs = [pb.TrainRequest(header=header, frame=f) for f in encode("h", h, codec_up)]
-    msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("attention_mask", mask, "raw")]
-    msgs += [pb.TrainRequest(header=header, frame=f) for f in encode("labels", labels, "raw")]
-    end = pb.StepEnd(batch_size=len(labels), metrics=metrics, codec_down=codec_down)
-    msgs.append(pb.TrainRequest(header=header, end_step=end))
-    return msgs
-
-
 def frame_codec(msgs: list, name: str) -> str | None:
     """The codec the first frame of tensor `name` in a step's messages (or replies) travelled in."""
     for m in msgs:
@@ -88,14 +80,18 @@ def frame_codec(msgs: list, name: str) -> str | None:
     return None
 
 
-def step_reply(replies: list) -> tuple[np.ndarray, pb.StepResult]:
-    """grad_h (decoded as the edge decodes it) and the StepResult of a Train step's replies."""
+Encoder = Callable[..., list]  # splitwave.protos.codec.encode, or an ErrorFeedback's encode
+
+
+def step_reply(replies: list, sent: Step) -> tuple[np.ndarray, pb.StepResult]:
+    """grad_h (decoded and, for a packed step, unpacked as the edge does) and the StepResult of the replies
+    to the step `sent` (the edge's framing, `splitwave.protos.steps.build_step`)."""
     asm = Assembler()
     for r in replies:
         if r.WhichOneof("body") == "frame":
             asm.add(r.frame)
         else:
-            return asm.finish()["grad_h"], r.end_step
+            return sent.grad_h(asm.finish()), r.end_step
     raise RuntimeError("Train replies without end_step")
 
 
@@ -104,16 +100,17 @@ def push_messages(
     edge: EdgeState,
     keys: list[str],
     ranks: RankAdapter,
-    codec_up: str,
+    codec: str | pb.CodecSpec,
     num_samples: int,
     stats: dict,
+    encoder: Encoder = encode,
 ) -> list:
-    """A PushAdapter's request messages (EdgeClient.push_adapter): the upload keys at the client's own rank."""
-    codec = factor_codec(codec_up)
+    """A PushAdapter's request messages (EdgeClient.push_adapter): the upload keys at the client's own rank, in
+    the adapter codec (`adapter_codec_up` of the JoinReply's RunConfig)."""
     msgs = [
         pb.AdapterRequest(header=header, frame=f)
         for k in keys
-        for f in encode(k, ranks.from_graph(k, edge.factors[k]), codec)
+        for f in encoder(k, ranks.from_graph(k, edge.factors[k]), codec)
     ]
     msgs.append(
         pb.AdapterRequest(

@@ -54,10 +54,12 @@ import numpy as np
 
 from splitwave.channel import LinkPair
 from splitwave.common.batching import Batcher
-from splitwave.common.codec_policy import CodecPolicy, wire_bytes
+from splitwave.common.codec_policy import CodecPolicy, step_shapes
 from splitwave.common.config import ExperimentConfig
 from splitwave.common.shard import round_batch
 from splitwave.protos import splitwave_pb2 as pb
+from splitwave.protos.codec import adapter_codec_up, encode
+from splitwave.protos.steps import Step, build_step
 from splitwave.server.evaluation import batch_rows
 from splitwave.sim.clients import (
     ClientState,
@@ -68,7 +70,6 @@ from splitwave.sim.clients import (
     push_messages,
     rank_adapter,
     read_assignment,
-    step_messages,
     step_reply,
 )
 from splitwave.sim.executors import initial_factors
@@ -158,6 +159,7 @@ class Flight:
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     handles: list = field(default_factory=list)  # executor work whose result is not needed yet
     batch: tuple | None = None  # (mask, labels, fwd seconds) of the step in progress
+    sent: Step | None = None  # its frames as sent (padded or packed): how its grad_h is read back
     losses: list[float] = field(default_factory=list)
     correct: int = 0
     count: int = 0
@@ -236,6 +238,9 @@ class Engine:
             self.by_name[c.name] = k
         self.run_id = j.run_id
         self.codec_up = j.config.codec_up
+        self.packed = j.config.packed_steps
+        self.codec_adapter_up = adapter_codec_up(j.config)
+        self.feedback = frozenset(j.config.error_feedback)  # the edge's directions: "up", "adapter_up"
         self.policy = CodecPolicy.from_proto(j.config.codec_policy)  # as the edge reads it from its Join
         self.codec_counts: dict[int, dict[str, Counter]] = {}  # round -> direction -> codec -> steps
         self.seed, self.batch_size, self.local_steps = j.config.seed, j.config.batch_size, j.config.local_steps
@@ -418,8 +423,11 @@ class Engine:
         h = self.pool.result(f.handles[-1])
         self._results(f)
         mask, labels, fwd_s = f.batch
+        enc = c.feedback.encode if "up" in self.feedback else encode
         up, down = self._step_codecs(k, t, h, mask, labels)
-        msgs = step_messages(c.header(self.run_id, f.round, f.step), h, mask, labels, up, {"edge_fwd_s": fwd_s}, down)
+        f.sent = build_step(h, mask, labels, up, packed=self.packed, encode=enc)
+        header = c.header(self.run_id, f.round, f.step)
+        msgs = f.sent.messages(pb.TrainRequest, header, {"edge_fwd_s": fwd_s}, codec_down=down)
         self._count(f.round, "up", frame_codec(msgs, "h") or (up if isinstance(up, str) else up.codec or "raw"))
         arrival = self.links[k].uplink.done(sum(m.ByteSize() for m in msgs), t)
         f.parts["uplink"] += arrival - t
@@ -431,9 +439,9 @@ class Engine:
         if self.policy.kind == "fixed":
             return self.codec_up, ""
         up_link, down_link = self.links[k].uplink, self.links[k].downlink
-        extra = wire_bytes(mask.dtype.name, mask.shape, "raw") + wire_bytes(labels.dtype.name, labels.shape, "raw")
-        up = self.policy.choose("up", h.dtype.name, h.shape, up_link.rate_at(t) / 8, up_link.latency_s, extra)
-        down = self.policy.choose("down", "float32", h.shape, down_link.rate_at(t) / 8, down_link.latency_s)
+        shape, extra = step_shapes(h, mask, labels, self.packed)  # as the step travels (packed or padded)
+        up = self.policy.choose("up", h.dtype.name, shape, up_link.rate_at(t) / 8, up_link.latency_s, extra)
+        down = self.policy.choose("down", "float32", shape, down_link.rate_at(t) / 8, down_link.latency_s)
         return up or self.codec_up, down or ""
 
     def _count(self, r: int, direction: str, codec: str) -> None:
@@ -487,9 +495,9 @@ class Engine:
             "train_accuracy": f.correct / max(f.count, 1),
         }
         ranks = rank_adapter(self.manifest, c.edge.ranks)
-        msgs = push_messages(
-            c.header(self.run_id, f.round, f.step), c.edge, f.upload, ranks, self.codec_up.codec, c.num_samples, stats
-        )
+        hdr = c.header(self.run_id, f.round, f.step)
+        enc = c.feedback.encode if "adapter_up" in self.feedback else encode
+        msgs = push_messages(hdr, c.edge, f.upload, ranks, self.codec_adapter_up, c.num_samples, stats, enc)
         arrival = self.links[k].uplink.done(sum(m.ByteSize() for m in msgs), t)
         f.parts["uplink"] += arrival - t
         self.q.push(arrival, k, PUSH, msgs)
@@ -557,7 +565,7 @@ class Engine:
             return
         self.server_steps[len(done)] = self.server_steps.get(len(done), 0) + 1
         rows = sum(w.rows for w, _ in done)
-        seq = max(int(w.msgs[0].frame.shape[1]) for w, _ in done)
+        seq = max(self.flights[w.client].sent.seq for w, _ in done)
         dur = self.costs.server_step_s(rows, seq) * self.server_factor  # the fused step's total rows
         self.busy_until[worker] = t + dur
         for w, _ in done:
@@ -571,7 +579,7 @@ class Engine:
         for w, (replies, nbytes) in done:
             k = w.client
             f = self.flights[k]
-            grad_h, res = step_reply(replies)
+            grad_h, res = step_reply(replies, f.sent)
             self._count(f.round, "down", frame_codec(replies, "grad_h") or "raw")
             f.losses.append(res.loss)
             f.correct += res.correct

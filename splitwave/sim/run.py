@@ -143,6 +143,10 @@ def run_engine(
             "idle_clients": len(held),
             "idle_client_bytes_max": max(held, default=0),
             "idle_client_bytes_mean": sum(held) / max(len(held), 1),
+            # wall seconds of the global evaluations (the close's, inside loop_s; the pre-training one, inside
+            # setup_s): a benchmark can set the training apart from the evaluation
+            "eval_wall_s": sum(float(t.metrics.get("eval_s", 0.0)) for t in timings),
+            "pre_eval_wall_s": float((app.pre_eval or {}).get("eval_s", 0.0)),
         }
     finally:
         bar.close()
