@@ -141,10 +141,18 @@ class _Rewriter:
     activations "row": A is quantized with one scale per row (token), symmetric; "tensor": one per tensor.
     """
 
-    def __init__(self, model: onnx.ModelProto, quant: Mapping[str, tuple[str, str, int]], activations: str):
-        self.model, self.g, self.quant, self.activations = model, model.graph, quant, activations
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        quant: Mapping[str, tuple[str, str, int]],
+        shapes: Mapping[str, tuple[int, ...]],
+        activations: str,
+    ):
+        self.model, self.g, self.quant, self.shapes, self.activations = model, model.graph, quant, shapes, activations
         self.new_inits: dict[str, onnx.TensorProto] = {}
         self.count = 0
+        self.rank = _ranks(model)
+        self.quantized_a: dict[tuple[str, str], tuple[str, str]] = {}  # (A, K-scales) -> (A as uint8, row scales)
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -163,40 +171,87 @@ class _Rewriter:
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else ""
         nodes = []
         b = q
-        if u.transposed:
+        if u.transposed:  # a Transpose of an initializer: ORT folds it into a constant when the session loads
             b = self.name("wT")
             nodes.append(helper.make_node("Transpose", [q], [b], perm=[1, 0]))
         n_axis = 0 if u.transposed else 1  # the axis of the stored weight that is N of this product
         one = self.const("q8.one", np.array(1.0, dtype=np.float32))
-        if axis == n_axis:
-            b_scale = s
-        else:  # the scale runs along K: fold it into A
-            scaled = self.name("a")
-            nodes.append(helper.make_node("Mul", [a_in, s], [scaled]))
-            a_in = scaled
-            b_scale = one
+        fold = axis != n_axis  # the weight's scales run along K: they multiply A's columns instead
+        b_scale = one if fold else s
         if self.activations == "tensor":
+            if fold:
+                scaled = self.name("a")
+                nodes.append(helper.make_node("Mul", [a_in, s], [scaled]))
+                a_in = scaled
             inputs = [a_in, b, b_scale, "", bias] if bias else [a_in, b, b_scale]
             nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, [out], domain=MS_DOMAIN))
             return nodes
-        # one symmetric scale per row of A: sa = max|A[row]| / 127; A / sa rounds into uint8 around 128
-        absn, amax, sa0, sa, a_div, a_q, y0 = (self.name(x) for x in ("abs", "amax", "sa0", "sa", "adiv", "aq", "y0"))
+        flat = self.rank.get(a_in) != 2
+        key = (a_in, s if fold else "")
+        if key not in self.quantized_a:  # Q, K and V read the same A: quantized once
+            nodes += self.quantize_rows(u, a_in, s if fold else "", flat)
+        a_q, sa2 = self.quantized_a[key]
         zp = self.const("q8.zp", np.array(128, dtype=np.uint8))
-        nodes += [
-            helper.make_node("Abs", [a_in], [absn]),
-            helper.make_node("ReduceMax", [absn, self.const("q8.last", np.array([-1], np.int64))], [amax], keepdims=1),
-            helper.make_node("Max", [amax, self.const("q8.tiny", np.array(1e-30, np.float32))], [sa0]),
-            helper.make_node("Mul", [sa0, self.const("q8.inv127", np.array(1 / 127, np.float32))], [sa]),
-            helper.make_node("Div", [a_in, sa], [a_div]),
-            helper.make_node("QuantizeLinear", [a_div, one, zp], [a_q]),
-            helper.make_node("MatMulIntegerToFloat", [a_q, b, one, b_scale, zp], [y0], domain=MS_DOMAIN),
-        ]
+        y0 = self.name("y0")
+        # a_scale [M, 1]: ORT broadcasts it per row (it would scale a fused bias too: the bias is added after)
+        nodes.append(helper.make_node("MatMulIntegerToFloat", [a_q, b, sa2, b_scale, zp], [y0], domain=MS_DOMAIN))
+        y = y0
         if bias:
-            y1 = self.name("y1")
-            nodes += [helper.make_node("Mul", [y0, sa], [y1]), helper.make_node("Add", [y1, bias], [out])]
+            y = self.name("y1") if flat else out
+            nodes.append(helper.make_node("Add", [y0, bias], [y]))
+        if flat:  # back to A's leading dims
+            lead, shape_out = self.name("lead"), self.name("shape")
+            n = self.const(f"q8.n.{self.n_of(u)}", np.array([self.n_of(u)], np.int64))
+            nodes += [
+                helper.make_node("Shape", [node.input[0]], [lead], start=0, end=-1),
+                helper.make_node("Concat", [lead, n], [shape_out], axis=0),
+                helper.make_node("Reshape", [y, shape_out], [out]),
+            ]
         else:
-            nodes.append(helper.make_node("Mul", [y0, sa], [out]))
+            nodes[-1].output[0] = out
         return nodes
+
+    def quantize_rows(self, u: _Use, a_in: str, fold: str, flat: bool) -> list[onnx.NodeProto]:
+        """A (times the weight's K-axis scales `fold`, if any) as uint8 with one symmetric scale per row:
+        sa = max|A[row]| / 127, A / sa rounded around 128 by one QuantizeLinear along axis 0 (A made 2-D)."""
+        key = (a_in, fold)
+        nodes = []
+        if flat:  # [..., K] -> [M, K]; the product is reshaped back
+            a2, k = self.name("a2d"), self.k_of(u)
+            shape = self.const(f"q8.shape.{k}", np.array([-1, k], np.int64))
+            nodes.append(helper.make_node("Reshape", [a_in, shape], [a2]))
+            a_in = a2
+        if fold:
+            scaled = self.name("a")
+            nodes.append(helper.make_node("Mul", [a_in, fold], [scaled]))
+            a_in = scaled
+        mx, mn, nmn, amax, sa, shp, zpv, a_q, sa2 = (
+            self.name(x) for x in ("max", "min", "negmin", "amax", "sa", "shape", "zp", "aq", "sa2")
+        )
+        last = self.const("q8.last", np.array([-1], np.int64))
+        nodes += [
+            helper.make_node("ReduceMax", [a_in, last], [mx], keepdims=0),
+            helper.make_node("ReduceMin", [a_in, last], [mn], keepdims=0),
+            helper.make_node("Neg", [mn], [nmn]),
+            helper.make_node("Max", [mx, nmn, self.const("q8.tiny", np.array(1e-30, np.float32))], [amax]),
+            helper.make_node("Mul", [amax, self.const("q8.inv127", np.array(1 / 127, np.float32))], [sa]),
+            helper.make_node("Shape", [sa], [shp]),
+            helper.make_node(
+                "ConstantOfShape", [shp], [zpv], value=helper.make_tensor("zp", onnx.TensorProto.UINT8, [1], [128])
+            ),
+            helper.make_node("QuantizeLinear", [a_in, sa, zpv], [a_q], axis=0),
+            helper.make_node("Unsqueeze", [sa, self.const("q8.axis1", np.array([1], np.int64))], [sa2]),
+        ]
+        self.quantized_a[key] = (a_q, sa2)
+        return nodes
+
+    def k_of(self, u: _Use) -> int:
+        rows, cols = self.shapes[u.weight]
+        return cols if u.transposed else rows
+
+    def n_of(self, u: _Use) -> int:
+        rows, cols = self.shapes[u.weight]
+        return rows if u.transposed else cols
 
     def gather(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         q, s, axis = self.quant[node.input[0]]
@@ -223,6 +278,17 @@ class _Rewriter:
         self.g.node.extend(nodes)
         if replace_at and not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor ONNX shape inference can tell (the exporter's graphs carry symbolic shapes)."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    out = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = len(t.shape.dim)
+    return out
 
 
 def _prune(g: onnx.GraphProto) -> None:
@@ -315,7 +381,7 @@ def quantize_bundle(
         q_inits[w] = inits
     for f, model in models.items():
         products, gathers, other = found[f]
-        rw = _Rewriter(model, quant, activations)
+        rw = _Rewriter(model, quant, {w: man.initializers[w].shape for w in quant}, activations)
         rw.run(products, gathers)
         g = model.graph
         inlined = []
