@@ -61,6 +61,51 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _profile_worker(args) -> None:
+    """Runs in a fresh process: ORT's per-node profile of --runs steps of one ORT backend. Each node's time is
+    its minimum over the steps (load from other processes only adds), summed per op type, per graph."""
+    import collections
+
+    import splitwave.edge.runtime as rt_module
+    from splitwave.edge.runtime import EdgeRuntime
+
+    data = np.load(args.data)
+    ids, mask, gh = data["input_ids"], data["attention_mask"], data["grad_h"]
+    plain = rt_module.session_options
+
+    def profiled(*a, **kw):
+        so = plain(*a, **kw)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(args.out).with_suffix("")) + "-ort"
+        return so
+
+    rt_module.session_options = profiled
+    rt = EdgeRuntime(
+        args.bundle,
+        mode="saved" if args.worker == "int8" else args.worker,
+        threads=args.threads,
+        opt_level=args.opt_level,
+    )
+    rt.set_factors({k[len("f:") :]: data[k] for k in data.files if k.startswith("f:")})
+    for _ in range(args.warmup + args.runs):
+        rt.forward(ids, mask)
+        rt.backward(gh)
+    out = {}
+    for label, sess in (("forward", rt._fwd), ("backward", rt._bwd)):
+        trace = Path(sess.end_profiling())
+        per_node, op_of = collections.defaultdict(list), {}
+        for e in json.loads(trace.read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node[e["name"]].append(e["dur"])
+                op_of[e["name"]] = e["args"]["op_name"]
+        by_op: dict[str, float] = collections.defaultdict(float)
+        for node, durs in per_node.items():
+            by_op[op_of[node]] += min(durs[args.warmup :] or durs) / 1e3
+        out[label] = dict(sorted(((k, round(v, 3)) for k, v in by_op.items()), key=lambda kv: -kv[1]))
+        trace.unlink()
+    print(json.dumps(out))
+
+
 # The project imports of this file stay inside the functions: the same file is the worker of each backend,
 # and a worker measures its memory, so the ORT workers must never load torch (nor the torch worker ORT).
 def _worker(args) -> None:
@@ -209,6 +254,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--opt-level", default="all")
     ap.add_argument("--worker", choices=["torch", "recompute", "saved", "int8"])
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each ORT backend (per op type, each node's minimum over the steps) into the result",
+    )
+    ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle")
     ap.add_argument("--data")
     ap.add_argument("--out")
@@ -223,7 +274,7 @@ def main() -> None:
         args.result = str(ROOT / "benchmarks" / "results" / name)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
-        _worker(args)
+        (_profile_worker if args.profile_worker else _worker)(args)
         return
     cache = ROOT / ".cache" / "bench"
     cache.mkdir(parents=True, exist_ok=True)
@@ -265,6 +316,36 @@ def main() -> None:
             if p.returncode != 0:
                 raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
             per_round[backend].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    profiles = {}
+    for backend in backends[1:] if args.profile else ():
+        out = cache / f"profile_{backend}.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            backend,
+            "--profile-worker",
+            "--bundle",
+            str(bundles["int8" if backend == "int8" else "fp32"]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            args.model,
+            "--runs",
+            str(args.runs),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+            "--opt-level",
+            args.opt_level,
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"{backend} profile worker failed:\n{p.stderr[-4000:]}")
+        profiles[backend] = json.loads(p.stdout.strip().splitlines()[-1])
     res = {}
     for backend, rounds in per_round.items():
         times = [t for r in rounds for t in r["times_ms"]]
@@ -294,6 +375,8 @@ def main() -> None:
             },
             "first": cache / f"first_{backend}.npz",
         }
+        if backend in profiles:
+            res[backend]["profile_ms"] = profiles[backend]
     ref = np.load(res["torch"].pop("first"))
     for backend in backends[1:]:
         got = np.load(res[backend].pop("first"))
@@ -416,6 +499,10 @@ def main() -> None:
             f"{result['int8_bundle_bytes'][manifest.weights_file] / 1e6:.1f} MB int8 "
             f"({result['int8_weights_ratio']:.3f}x); whole bundle {result['int8_bundle_ratio']:.3f}x"
         )
+    for b, prof in profiles.items():
+        for graph, ops in prof.items():
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:9])
+            print(f"profile {b} {graph} (sum of node minimums {sum(ops.values()):.1f} ms): {top}")
     print(f"result: {args.result}")
 
 
