@@ -173,3 +173,12 @@ def test_split_training_with_an_int8_edge_learns(tmp_path):
     assert last["eval_loss"] < first["pre_eval_loss"]
     assert last["train_loss"] < first["train_loss"]
     assert edge and all(np.isfinite(v).all() for v in edge.values())
+
+
+@pytest.mark.parametrize("strategy", ["fedex-lora", "flora"])
+def test_server_refuses_base_merging_strategies_with_an_int8_edge(tmp_path, strategy):
+    from splitwave.server.app import SplitServer
+    from tests.test_sim_engine import _cfg
+
+    with pytest.raises(ValueError, match="folds updates into the frozen base weights"):
+        SplitServer(_cfg(edge__quantize="int8", aggregation__strategy=strategy), tmp_path, CACHE)
