@@ -8,10 +8,13 @@ derived from the fp32 one, so both come from the same graphs, and only the froze
   forward, W itself in the backward's grad-input product). Those chains are resolved to (W, transposed): the
   Transposes are folded away and each weight is quantized ONCE, symmetric int8 with a scale per output channel
   of its forward use (the axis chosen from the forward graphs), and shared by every graph that uses it.
-* A product whose N axis is the scale axis becomes com.microsoft DynamicQuantizeMatMul(A, Wq, scale, bias);
-  one whose K axis is the scale axis (the backward's grad_y @ W) folds the scales into A first:
-  grad_y @ (diag(s) Wq) = (grad_y * s) @ Wq. ORT quantizes A per tensor (uint8) at run time and runs the
-  integer GEMM (VNNI where the CPU has it). Where B is Wq transposed, ORT folds the Transpose at load.
+* Each product becomes an integer GEMM (com.microsoft MatMulIntegerToFloat, VNNI where the CPU has it) with A
+  quantized at run time, symmetric, one scale per row (token): max|A[row]| / 127 (`activations="row"`, the
+  default; one scale per tensor, DynamicQuantizeMatMul, is `activations="tensor"`: faster but 3x the error on
+  real text, since a few tokens carry 5-10x larger activations). Q, K and V read the same A: it is quantized
+  once. A product whose N axis is the weight's scale axis takes the scales as its B scales; one whose K axis is
+  (the backward's grad_y @ W) folds them into A first: grad_y @ (diag(s) Wq) = (grad_y * s) @ Wq. Where B is
+  Wq transposed, ORT folds the Transpose into a constant when the session loads.
 * An embedding table read by Gather is gathered as int8 and scaled per row: Cast(Gather(Wq)) * Gather(s).
 * LoRA factors are graph inputs, never initializers: their products, and all activation-activation products
   (attention), stay fp32, and so do the gradients. Biases and norms stay fp32 (they are small).
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 QUANT_SCHEMES = ("int8",)
-#: the activation side: what DynamicQuantizeMatMul does with A (recorded in the manifest)
+#: how the products quantize their activation input A (recorded in the manifest)
 ACTIVATIONS = {
     "row": "dynamic symmetric 8-bit, one scale per row (token)",
     "tensor": "dynamic asymmetric uint8, one scale per tensor (DynamicQuantizeMatMul)",
