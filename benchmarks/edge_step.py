@@ -1,7 +1,9 @@
-"""One full edge training step (forward -> h, LoRA grads, AdamW) on the real all-MiniLM-L6-v2 bottom.
+"""One full edge training step (forward -> h, LoRA grads, AdamW) on the real all-MiniLM-L6-v2 bottom (or
+SmolLM2-135M's with --model smollm2).
 
-ORT recompute mode, ORT saved mode and torch eager side by side, each measured in a fresh subprocess.
-The backends alternate over --rounds rounds (torch, recompute, saved, torch, ...) so that load from other
+ORT recompute mode, ORT saved mode, ORT saved mode on the int8 bundle (edge.quantize: int8, `int8`) and torch
+eager side by side, each measured in a fresh subprocess; --backends picks some of them.
+The backends alternate over --rounds rounds (torch, recompute, saved, int8, torch, ...) so that load from other
 processes on the shared cores hits all of them alike; the step times of all rounds are pooled (median and
 min reported). Memory, per worker: `peak_rss_mb` (VmHWM over the whole process), `step_peak_delta_mb`
 (VmHWM minus RSS before the first step: includes first-step lazy loads and warm-up), and the steady-state
@@ -9,9 +11,12 @@ min reported). Memory, per worker: `peak_rss_mb` (VmHWM over the whole process),
 the same RSS before the first step: excludes one-off first-step spikes, includes what arenas retain).
 Under outside load torch's OpenMP threads degrade far more than ORT's non-spinning ones, so the pooled
 median mixes speed with load tolerance: per-round medians and each backend's best round are printed too.
-Prints a table and writes benchmarks/results/edge_step.json.
+The int8 rows compare with torch (speedup), with fp32 saved mode (`vs saved`) and give the grad/h errors
+against torch fp32; `bundle_bytes` lists both bundles' files.
+Prints a table and writes benchmarks/results/edge_step.json (edge_step_smollm2.json for --model smollm2).
 
     .venv/bin/python benchmarks/edge_step.py [--cut 2 --batch 16 --seq 64 --runs 15 --rounds 3 --threads 2]
+    .venv/bin/python benchmarks/edge_step.py --model smollm2 --batch 8 --seq 96
 """
 
 from __future__ import annotations
@@ -56,6 +61,51 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _profile_worker(args) -> None:
+    """Runs in a fresh process: ORT's per-node profile of --runs steps of one ORT backend. Each node's time is
+    its minimum over the steps (load from other processes only adds), summed per op type, per graph."""
+    import collections
+
+    import splitwave.edge.runtime as rt_module
+    from splitwave.edge.runtime import EdgeRuntime
+
+    data = np.load(args.data)
+    ids, mask, gh = data["input_ids"], data["attention_mask"], data["grad_h"]
+    plain = rt_module.session_options
+
+    def profiled(*a, **kw):
+        so = plain(*a, **kw)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(args.out).with_suffix("")) + "-ort"
+        return so
+
+    rt_module.session_options = profiled
+    rt = EdgeRuntime(
+        args.bundle,
+        mode="saved" if args.worker == "int8" else args.worker,
+        threads=args.threads,
+        opt_level=args.opt_level,
+    )
+    rt.set_factors({k[len("f:") :]: data[k] for k in data.files if k.startswith("f:")})
+    for _ in range(args.warmup + args.runs):
+        rt.forward(ids, mask)
+        rt.backward(gh)
+    out = {}
+    for label, sess in (("forward", rt._fwd), ("backward", rt._bwd)):
+        trace = Path(sess.end_profiling())
+        per_node, op_of = collections.defaultdict(list), {}
+        for e in json.loads(trace.read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node[e["name"]].append(e["dur"])
+                op_of[e["name"]] = e["args"]["op_name"]
+        by_op: dict[str, float] = collections.defaultdict(float)
+        for node, durs in per_node.items():
+            by_op[op_of[node]] += min(durs[args.warmup :] or durs) / 1e3
+        out[label] = dict(sorted(((k, round(v, 3)) for k, v in by_op.items()), key=lambda kv: -kv[1]))
+        trace.unlink()
+    print(json.dumps(out))
+
+
 # The project imports of this file stay inside the functions: the same file is the worker of each backend,
 # and a worker measures its memory, so the ORT workers must never load torch (nor the torch worker ORT).
 def _worker(args) -> None:
@@ -67,20 +117,15 @@ def _worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        from splitwave.server.models import build_model, minilm_path
-        from splitwave.server.split import LoraSpec, split_model
         from splitwave.server.torch_edge import TorchEdge
 
-        split = split_model(
-            build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls"
-        )
-        backend = TorchEdge(split)
+        backend = TorchEdge(_split(args))
     else:
         from splitwave.edge.runtime import EdgeRuntime
 
         backend = EdgeRuntime(
             args.bundle,
-            mode=args.worker,
+            mode="saved" if args.worker == "int8" else args.worker,
             threads=args.threads,
             opt_level=args.opt_level,
             spinning=not args.no_spin,
@@ -89,12 +134,13 @@ def _worker(args) -> None:
     backend.set_factors(factors)
     rss_setup = _rss_now_kb()
     first = None
-    times, t_fwd, t_bwd, t_opt = [], [], [], []
+    times, t_fwd, t_bwd, t_opt, cpu = [], [], [], [], []
     reset_ok, peak_warm = False, None
     for i in range(args.warmup + args.runs):
         if i == args.warmup:
             peak_warm = _peak_rss_kb()
             reset_ok = _reset_peak_rss()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         h = backend.forward(ids, mask)
         t1 = time.perf_counter()
@@ -102,10 +148,12 @@ def _worker(args) -> None:
         t2 = time.perf_counter()
         backend.step(grads)
         t3 = time.perf_counter()
+        c3 = time.process_time()
         if first is None:
             first = {"h": h, **{"g:" + k: v for k, v in grads.items()}}
         if i >= args.warmup:
             times.append(t3 - t0)
+            cpu.append(c3 - c0)
             t_fwd.append(t1 - t0)
             t_bwd.append(t2 - t1)
             t_opt.append(t3 - t2)
@@ -116,6 +164,7 @@ def _worker(args) -> None:
         json.dumps(
             {
                 "times_ms": [1000 * t for t in times],
+                "cpu_ms": [1000 * t for t in cpu],
                 "fwd_ms": 1000 * statistics.median(t_fwd),
                 "bwd_ms": 1000 * statistics.median(t_bwd),
                 "opt_ms": 1000 * statistics.median(t_opt),
@@ -128,34 +177,46 @@ def _worker(args) -> None:
     )
 
 
-def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
-    """Export (or reuse) the MiniLM cut bundle; write the batch + factors every backend uses."""
-    import torch
+MODELS = {  # --model: (task, model id in the manifest, a token id range of ordinary words)
+    "minilm": ("seq-cls", "sentence-transformers/all-MiniLM-L6-v2", (1000, 30000)),
+    "smollm2": ("causal-lm", "HuggingFaceTB/SmolLM2-135M-Instruct", (1000, 48000)),
+}
 
-    from splitwave.server.models import build_model, minilm_path
-    from splitwave.server.setup import bundle_dir, cached_bundle
+
+def _split(args):
+    """The model's split at --cut with LoRA r (what the torch worker trains and the bundles are exported from)."""
+    from splitwave.server.models import build_model
+    from splitwave.server.pretrained import PRETRAINED
     from splitwave.server.split import LoraSpec, split_model
 
-    ident = {"model": "minilm", "cut": args.cut, "r": args.r, "v": 2}  # the exporter's code is in the key too
-    split = split_model(
-        build_model(minilm_path(), "seq-cls"), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), "seq-cls"
+    task = MODELS[args.model][0]
+    return split_model(
+        build_model(PRETRAINED[args.model](), task), args.cut, LoraSpec(r=args.r, alpha=2 * args.r), task
     )
+
+
+def _prepare(args, cache: Path) -> tuple[dict[str, Path], Path, float | None]:
+    """Export (or reuse) the model's cut bundle and its int8 version; write the batch + factors every backend uses."""
+    import torch
+
+    from splitwave.server.pretrained import PRETRAINED
+    from splitwave.server.setup import bundle_dir, cached_bundle
+
+    # the exporter's (and the quantizer's) code is in the key too
+    ident = {"model": args.model, "cut": args.cut, "r": args.r, "v": 2}
+    split = _split(args)
     g = torch.Generator().manual_seed(0)
     factors = {k: (0.05 * torch.randn(v.shape, generator=g)).numpy() for k, v in split.edge_factors().items()}
-    fresh = not (bundle_dir(cache, ident, "minilm") / "manifest.json").is_file()
+    fresh = not (bundle_dir(cache, ident, args.model) / "manifest.json").is_file()
     t0 = time.perf_counter()
-    bundle = cached_bundle(
-        cache,
-        ident,
-        split,
-        label="minilm",
-        model_id="sentence-transformers/all-MiniLM-L6-v2",
-        tokenizer_dir=minilm_path(),
-        trace_shape=(3, 11),
-    )
+    export = dict(model_id=MODELS[args.model][1], tokenizer_dir=PRETRAINED[args.model](), trace_shape=(3, 11))
+    bundles = {"fp32": cached_bundle(cache, ident, split, label=args.model, **export)}
     export_s = time.perf_counter() - t0 if fresh else None
+    if "int8" in args.backends:
+        bundles["int8"] = cached_bundle(cache, ident, split, label=args.model, quantize="int8", **export)
     rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 30000, size=(args.batch, args.seq)).astype(np.int64)
+    lo, hi = MODELS[args.model][2]
+    ids = rng.integers(lo, hi, size=(args.batch, args.seq)).astype(np.int64)
     mask = np.ones_like(ids)
     lengths = rng.integers(args.seq // 4, args.seq + 1, size=args.batch)
     for i, n in enumerate(lengths):
@@ -164,13 +225,17 @@ def _prepare(args, cache: Path) -> tuple[Path, Path, float | None]:
     gh = rng.standard_normal((args.batch, args.seq, split.peft_model.base_model.model.config.hidden_size)).astype(
         np.float32
     )
-    data = cache / f"edge_step_data_{args.batch}x{args.seq}.npz"
+    data = cache / f"edge_step_data_{args.model}_{args.batch}x{args.seq}.npz"
     np.savez(data, input_ids=ids, attention_mask=mask, grad_h=gh, **{"f:" + k: v for k, v in factors.items()})
-    return bundle, data, export_s
+    return bundles, data, export_s
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="minilm")
+    ap.add_argument(
+        "--backends", default="torch,recompute,saved,int8", help="comma-separated: torch, recompute, saved, int8"
+    )
     ap.add_argument("--cut", type=int, default=2)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
@@ -188,20 +253,33 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--opt-level", default="all")
-    ap.add_argument("--worker", choices=["torch", "recompute", "saved"])
+    ap.add_argument("--worker", choices=["torch", "recompute", "saved", "int8"])
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each ORT backend (per op type, each node's minimum over the steps) into the result",
+    )
+    ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle")
     ap.add_argument("--data")
     ap.add_argument("--out")
-    ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "edge_step.json"))
+    ap.add_argument("--result", help="default: benchmarks/results/edge_step.json (edge_step_<model>.json)")
     args = ap.parse_args()
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = set(args.backends) - {"torch", "recompute", "saved", "int8"}
+    if bad or "torch" not in args.backends:
+        raise SystemExit(f"--backends: torch (the reference) plus any of recompute, saved, int8; got {args.backends}")
+    if args.result is None:
+        name = "edge_step.json" if args.model == "minilm" else f"edge_step_{args.model}.json"
+        args.result = str(ROOT / "benchmarks" / "results" / name)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
-        _worker(args)
+        (_profile_worker if args.profile_worker else _worker)(args)
         return
     cache = ROOT / ".cache" / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    bundle, data, export_s = _prepare(args, cache)
-    backends = ("torch", "recompute", "saved")
+    bundles, data, export_s = _prepare(args, cache)
+    backends = tuple(args.backends)
     per_round: dict[str, list[dict]] = {b: [] for b in backends}
     for _rnd in range(args.rounds):
         for backend in backends:
@@ -212,7 +290,9 @@ def main() -> None:
                 "--worker",
                 backend,
                 "--bundle",
-                str(bundle),
+                str(bundles["int8" if backend == "int8" else "fp32"]),
+                "--model",
+                args.model,
                 "--data",
                 str(data),
                 "--out",
@@ -236,6 +316,36 @@ def main() -> None:
             if p.returncode != 0:
                 raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
             per_round[backend].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    profiles = {}
+    for backend in backends[1:] if args.profile else ():
+        out = cache / f"profile_{backend}.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            backend,
+            "--profile-worker",
+            "--bundle",
+            str(bundles["int8" if backend == "int8" else "fp32"]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            args.model,
+            "--runs",
+            str(args.runs),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+            "--opt-level",
+            args.opt_level,
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"{backend} profile worker failed:\n{p.stderr[-4000:]}")
+        profiles[backend] = json.loads(p.stdout.strip().splitlines()[-1])
     res = {}
     for backend, rounds in per_round.items():
         times = [t for r in rounds for t in r["times_ms"]]
@@ -248,6 +358,9 @@ def main() -> None:
             "median_ms": statistics.median(times),
             "min_ms": min(times),
             "round_medians_ms": [statistics.median(r["times_ms"]) for r in rounds],
+            # CPU seconds of the worker per step: with --threads 1 the work of a step without the time other
+            # processes held the core (the load-robust figure; with more threads it counts spinning too)
+            "cpu_median_ms": statistics.median([t for r in rounds for t in r["cpu_ms"]]),
             **{
                 k: med(k)
                 for k in (
@@ -262,8 +375,10 @@ def main() -> None:
             },
             "first": cache / f"first_{backend}.npz",
         }
+        if backend in profiles:
+            res[backend]["profile_ms"] = profiles[backend]
     ref = np.load(res["torch"].pop("first"))
-    for backend in ("recompute", "saved"):
+    for backend in backends[1:]:
         got = np.load(res[backend].pop("first"))
         gkeys = [k for k in ref.files if k.startswith("g:")]
         abs_err = max(float(np.abs(got[k] - ref[k]).max()) for k in gkeys)
@@ -271,6 +386,7 @@ def main() -> None:
         res[backend].update(
             {
                 "speedup_vs_torch": res["torch"]["median_ms"] / res[backend]["median_ms"],
+                "cpu_speedup_vs_torch": res["torch"]["cpu_median_ms"] / res[backend]["cpu_median_ms"],
                 "min_speedup_vs_torch": res["torch"]["min_ms"] / res[backend]["min_ms"],
                 # per round (the backends of one round ran back to back, under about the same outside load)
                 "round_speedups": [
@@ -289,11 +405,23 @@ def main() -> None:
                 "grad_max_abs_err": abs_err,
                 "grad_max_rel_err": rel_err,
                 "h_max_abs_err": float(np.abs(got["h"] - ref["h"]).max()),
+                # relative Frobenius errors against torch fp32 (the int8 bundle's quantization error)
+                "h_rel_err": float(np.linalg.norm(got["h"] - ref["h"]) / np.linalg.norm(ref["h"])),
+                "grad_max_fro_rel_err": max(
+                    float(np.linalg.norm(got[k] - ref[k]) / (np.linalg.norm(ref[k]) + 1e-12)) for k in gkeys
+                ),
             }
         )
-    manifest = BundleManifest.from_file(bundle)
+    if "int8" in res and "saved" in res:  # int8 against the fp32 ORT saved mode, the same graphs in fp32
+        r8, r32 = res["int8"], res["saved"]
+        r8["speedup_vs_saved"] = r32["median_ms"] / r8["median_ms"]
+        r8["cpu_speedup_vs_saved"] = r32["cpu_median_ms"] / r8["cpu_median_ms"]
+        r8["round_speedups_vs_saved"] = [s / q for s, q in zip(r32["round_medians_ms"], r8["round_medians_ms"])]
+        r8["best_round_speedup_vs_saved"] = min(r32["round_medians_ms"]) / min(r8["round_medians_ms"])
+        r8["peak_rss_ratio_vs_saved"] = r8["peak_rss_mb"] / r32["peak_rss_mb"]
+    manifest = BundleManifest.from_file(bundles["fp32"])
     result = {
-        "model": "all-MiniLM-L6-v2",
+        "model": manifest.model_id,
         "cut": args.cut,
         "lora_r": args.r,
         "batch": args.batch,
@@ -309,12 +437,18 @@ def main() -> None:
         "backends": res,
         "export_seconds": export_s if export_s is not None else manifest.export_seconds.get("total"),
         "export_breakdown_s": manifest.export_seconds,
-        "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
+        "bundle_bytes": {p.name: p.stat().st_size for p in sorted(bundles["fp32"].iterdir())},
     }
+    if "int8" in bundles:
+        q = BundleManifest.from_file(bundles["int8"])
+        result["int8_bundle_bytes"] = {p.name: p.stat().st_size for p in sorted(bundles["int8"].iterdir())}
+        result["int8_weights_ratio"] = q.weights_bytes / manifest.weights_bytes
+        result["int8_bundle_ratio"] = sum(result["int8_bundle_bytes"].values()) / sum(result["bundle_bytes"].values())
+        result["int8_quantization"] = q.quantization.to_dict() if q.quantization else None
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(result, indent=2))
     print(
-        f"edge step, all-MiniLM-L6-v2 cut {args.cut}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
+        f"edge step, {manifest.model_id} cut {args.cut}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
         f"{args.rounds} rounds x {args.runs} steps (load avg {os.getloadavg()[0]:.1f})"
     )
     print(
@@ -338,9 +472,37 @@ def main() -> None:
         + "; ".join(f"{b} " + "/".join(f"{t:.0f}" for t in r["round_medians_ms"]) for b, r in res.items())
     )
     print(
+        "CPU ms per step (median): "
+        + "; ".join(
+            f"{b} {r['cpu_median_ms']:.0f}" + (f" ({r['cpu_speedup_vs_torch']:.2f}x)" if b != "torch" else "")
+            for b, r in res.items()
+        )
+    )
+    print(
         "best round of each: "
         + ", ".join(f"{b} {r['best_round_speedup']:.2f}x" for b, r in res.items() if b != "torch")
     )
+    if "int8" in res:
+        r8 = res["int8"]
+        if "speedup_vs_saved" in r8:
+            print(
+                f"int8 vs fp32 saved: {r8['speedup_vs_saved']:.2f}x, CPU {r8['cpu_speedup_vs_saved']:.2f}x (rounds "
+                + "/".join(f"{x:.2f}" for x in r8["round_speedups_vs_saved"])
+                + f", best rounds {r8['best_round_speedup_vs_saved']:.2f}x), peak RSS {r8['peak_rss_ratio_vs_saved']:.2f}x"
+            )
+        print(
+            f"int8 vs torch fp32: {r8['speedup_vs_torch']:.2f}x; h rel err {r8['h_rel_err']:.3f}, "
+            f"grad rel err (max over factors) {r8['grad_max_fro_rel_err']:.3f}"
+        )
+        print(
+            f"bundle: weights {manifest.weights_bytes / 1e6:.1f} MB fp32 -> "
+            f"{result['int8_bundle_bytes'][manifest.weights_file] / 1e6:.1f} MB int8 "
+            f"({result['int8_weights_ratio']:.3f}x); whole bundle {result['int8_bundle_ratio']:.3f}x"
+        )
+    for b, prof in profiles.items():
+        for graph, ops in prof.items():
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:9])
+            print(f"profile {b} {graph} (sum of node minimums {sum(ops.values()):.1f} ms): {top}")
     print(f"result: {args.result}")
 
 

@@ -228,6 +228,11 @@ class EdgeRuntime:
         """Frozen weight of each LoRA module := bundle weight + delta (torch layout; the running sum the server
         sends for FedEx-LoRA/FLoRA). Rebuilds the two sessions with the changed initializers."""
         table = self.manifest.base_weights
+        if self.manifest.quantization is not None:
+            raise BundleError(
+                f"this bundle's frozen weights are {self.manifest.quantization.scheme}: base-weight deltas "
+                "(FedEx-LoRA, FLoRA) need an fp32 bundle (edge.quantize: none)"
+            )
         if not self._weights.table:
             raise BundleError("this bundle predates shared initializers: re-export it to fold base deltas")
         overrides: dict[str, ort.OrtValue] = {}

@@ -70,6 +70,11 @@ class SplitServer:
             server_batch_wait_s=tr.server_batch_wait_ms / 1e3,
         )
         self.strategy = self._make_strategy("edge")
+        if cfg.edge.quantize != "none" and self.strategy.MERGES_INTO_BASE:
+            raise ValueError(
+                f"aggregation.strategy {cfg.aggregation.strategy!r} folds updates into the frozen base weights, "
+                f"which an edge.quantize {cfg.edge.quantize!r} bundle cannot take; use edge.quantize: none"
+            )
         self.strategy.initialize(self.split.edge_factors())
         self.top_strategy = None
         if tr.mode == "sfl-v1":

@@ -25,6 +25,7 @@ from splitwave.common.config import ConfigError, ExperimentConfig
 from splitwave.common.manifest import MANIFEST_FILE, BundleManifest, BundleSource
 from splitwave.common.tokenizer import Tokenizer
 from splitwave.server.export import export_bundle
+from splitwave.server.export.quantize import quantize_bundle, weight_names
 from splitwave.server.models import build_model
 from splitwave.server.pretrained import MODEL_IDS, PRETRAINED, TOKENIZERS
 from splitwave.server.split import LoraSpec, SplitModel, split_model
@@ -32,10 +33,13 @@ from splitwave.server.split import LoraSpec, SplitModel, split_model
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
+#: the int8 pass, applied to a finished fp32 bundle: it keys the int8 bundles only, so editing it re-quantizes
+#: them and leaves the fp32 bundles in the cache
+QUANTIZE_SOURCES = (_HERE / "export" / "quantize.py",)
 #: the source files whose code determines a bundle's bytes: building and splitting the model, exporting it, and
 #: this module (the manifest's "source" block, the model a config builds). Editing any of them re-exports.
 BUNDLE_SOURCES = (
-    *sorted((_HERE / "export").glob("*.py")),
+    *sorted(p for p in (_HERE / "export").glob("*.py") if p not in QUANTIZE_SOURCES),
     _HERE / "models.py",
     _HERE / "split.py",
     _HERE / "setup.py",
@@ -89,26 +93,68 @@ def build_split(cfg: ExperimentConfig) -> SplitModel:
 
 
 # -- the bundle cache -------------------------------------------------------------------------------------------
-def exporter_digest() -> str:
+def exporter_digest(sources=BUNDLE_SOURCES) -> str:
     """Digest of the code that determines a bundle's bytes (BUNDLE_SOURCES)."""
-    code = b"".join(p.read_bytes() for p in BUNDLE_SOURCES)
+    code = b"".join(p.read_bytes() for p in sources)
     return hashlib.sha256(code).hexdigest()[:12]
 
 
 def bundle_dir(cache_dir: Path, ident: dict, label: str = "") -> Path:
-    """Where `cached_bundle` keeps the bundle of `ident` (what the bundle is made of, as JSON)."""
-    key = hashlib.sha256(json.dumps({**ident, "exporter": exporter_digest()}, sort_keys=True).encode())
+    """Where `cached_bundle` keeps the bundle of `ident` (what the bundle is made of, as JSON); an ident with a
+    "quantize" entry is an int8 bundle, keyed by the quantizer's code too."""
+    code = {"exporter": exporter_digest()}
+    if ident.get("quantize"):
+        code["quantizer"] = exporter_digest(QUANTIZE_SOURCES)
+    key = hashlib.sha256(json.dumps({**ident, **code}, sort_keys=True).encode())
     key = key.hexdigest()[:16]
     return Path(cache_dir) / (f"{label}-{key}" if label else key)
 
 
 def cached_bundle(
-    cache_dir: Path, ident: dict, split: SplitModel, label: str = "", source: BundleSource | None = None, **export
+    cache_dir: Path,
+    ident: dict,
+    split: SplitModel,
+    label: str = "",
+    source: BundleSource | None = None,
+    quantize: str = "none",
+    keep_fp32: list[str] | tuple[str, ...] = (),
+    **export,
 ) -> Path:
     """Export `split`'s edge bundle once per `ident` (and exporter code) into `cache_dir`; later calls, in this
     process or another, reuse it. `export`: keyword arguments of `export_bundle`; `source`: what built the
-    model, written into the manifest. The split's requires_grad flags are as they were before (the export changes them)."""
+    model, written into the manifest. The split's requires_grad flags are as they were before (the export changes them).
+
+    quantize "int8": the int8 version of that fp32 bundle (exported or reused first), cached under `ident` plus
+    the quantize settings (`keep_fp32`: parameter-name patterns left fp32)."""
+    if quantize != "none":
+        fp32 = cached_bundle(cache_dir, ident, split, label, source, **export)
+        qident = {**ident, "quantize": quantize, "keep_fp32": list(keep_fp32)}
+        names = weight_names(
+            {k: p.detach().to(torch.float32).numpy() for k, p in split.edge.named_parameters()},
+            BundleManifest.from_file(fp32),
+        )
+        return _cache_into(
+            bundle_dir(cache_dir, qident, f"{label}-{quantize}" if label else quantize),
+            cache_dir,
+            lambda tmp: quantize_bundle(fp32, tmp, quantize, keep=keep_fp32, names=names),
+        )
     target = bundle_dir(cache_dir, ident, label)
+
+    def build(tmp: Path) -> None:
+        flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
+        try:
+            export_bundle(split, tmp, **export)
+        finally:
+            for p in split.peft_model.parameters():
+                p.requires_grad_(flags[id(p)])
+        if source is not None:
+            replace(BundleManifest.from_file(tmp), source=source).write(tmp)
+
+    return _cache_into(target, cache_dir, build)
+
+
+def _cache_into(target: Path, cache_dir: Path, build) -> Path:
+    """`target` if it is in the cache, else build(tmp) in a temporary folder renamed to `target` when done."""
     if (target / MANIFEST_FILE).exists():
         log.info("edge bundle found in the cache (%s)", target)
         return target
@@ -119,14 +165,7 @@ def cached_bundle(
     )
     t0 = time.perf_counter()
     tmp = Path(cache_dir) / f".tmp-{uuid.uuid4().hex[:8]}"
-    flags = {id(p): p.requires_grad for p in split.peft_model.parameters()}
-    try:
-        export_bundle(split, tmp, **export)
-    finally:
-        for p in split.peft_model.parameters():
-            p.requires_grad_(flags[id(p)])
-    if source is not None:
-        replace(BundleManifest.from_file(tmp), source=source).write(tmp)
+    build(tmp)
     try:
         tmp.rename(target)
     except OSError:  # another process exported it meanwhile
@@ -136,7 +175,8 @@ def cached_bundle(
 
 
 def bundle_ident(cfg: ExperimentConfig) -> dict:
-    """What determines a run's bundle besides the exporter code: model, cut, LoRA, seed (not training settings)."""
+    """What determines a run's fp32 bundle besides the exporter code: model, cut, LoRA, seed (not training
+    settings); an int8 bundle (edge.quantize) is keyed by this plus its quantize settings (`cached_bundle`)."""
     return {"model": cfg.model.model_dump(), "lora": cfg.lora.model_dump(), "seed": cfg.seed}
 
 
@@ -158,6 +198,8 @@ def ensure_bundle(cfg: ExperimentConfig, cache_dir: Path, split: SplitModel | No
         bundle_ident(cfg),
         split,
         source=source,
+        quantize=cfg.edge.quantize,
+        keep_fp32=cfg.edge.keep_fp32,
         model_id=cfg.model.family if cfg.model.tiny else MODEL_IDS[cfg.model.family],
         tokenizer_dir=tokenizer_source(cfg),
     )

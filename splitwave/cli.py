@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,7 +82,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     split = build_split(cfg)
     tok = tokenizer_source(cfg)
-    manifest = export_bundle(split, args.out, modes=tuple(args.modes), model_id=model_source(cfg), tokenizer_dir=tok)
+    export = dict(modes=tuple(args.modes), model_id=model_source(cfg), tokenizer_dir=tok)
+    if cfg.edge.quantize == "none":
+        manifest = export_bundle(split, args.out, **export)
+    else:  # edge.quantize: the int8 bundle is derived from the fp32 one
+        from splitwave.server.export.quantize import quantize_bundle, weight_names
+
+        with tempfile.TemporaryDirectory() as fp32:
+            fp32_manifest = export_bundle(split, fp32, **export)
+            params = {k: p.detach().float().numpy() for k, p in split.edge.named_parameters()}
+            names = weight_names(params, fp32_manifest)
+            manifest = quantize_bundle(fp32, args.out, cfg.edge.quantize, keep=cfg.edge.keep_fp32, names=names)
     print(
         json.dumps({"cut": manifest.cut, "weights_sha256": manifest.weights_sha256, "modes": manifest.modes}, indent=2)
     )

@@ -80,19 +80,28 @@ def shared_traces():
 
 @pytest.fixture(scope="session")
 def edge_bundle():
-    """edge_bundle(family, task="seq-cls", cut=2, modes=("recompute","saved")) -> Bundle (cached)."""
+    """edge_bundle(family, task="seq-cls", cut=2, modes=("recompute","saved"), quantize="none") -> Bundle (cached);
+    quantize "int8": the int8 version of the same bundle (server/export/quantize.py)."""
     from splitwave.server.setup import cached_bundle  # lazy: torch-free tests load this conftest too
 
     memo: dict[str, Bundle] = {}
 
-    def get(family: str, task: str = "seq-cls", cut: int = 2, modes=("recompute", "saved")) -> Bundle:
+    def get(
+        family: str, task: str = "seq-cls", cut: int = 2, modes=("recompute", "saved"), quantize: str = "none"
+    ) -> Bundle:
         ident = {"family": family, "task": task, "cut": cut, "modes": list(modes), "r": 4, "alpha": 8.0, "seed": 0}
-        memo_key = json.dumps(ident, sort_keys=True)
+        memo_key = json.dumps({**ident, "quantize": quantize}, sort_keys=True)
         if memo_key in memo:
             return memo[memo_key]
         split = make_split(family, task, cut)
         path = cached_bundle(
-            CACHE, ident, split, label=f"{family}-{task}-cut{cut}", modes=modes, model_id=f"tiny-{family}"
+            CACHE,
+            ident,
+            split,
+            label=f"{family}-{task}-cut{cut}",
+            quantize=quantize,
+            modes=modes,
+            model_id=f"tiny-{family}",
         )
         manifest = BundleManifest.from_file(path)
         memo[memo_key] = Bundle(split, path, manifest, path.name)

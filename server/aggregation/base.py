@@ -99,6 +99,7 @@ class Strategy:
     SUPPORTS_ROBUST_METHOD: ClassVar[bool] = True
     SUPPORTS_SERVER_OPT: ClassVar[bool] = True
     REINIT: ClassVar[bool] = False
+    MERGES_INTO_BASE: ClassVar[bool] = False  # sends base-weight deltas (an int8 edge bundle cannot fold them)
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from .base import ModuleEntry, ModuleResult, Strategy
 
 class FedExLoRA(Strategy):
     name = "fedex-lora"
+    MERGES_INTO_BASE = True
     SUPPORTS_SERVER_OPT = False  # the optimizer would move B̄, Ā away from the residual's reference
 
     def aggregate_module(self, module: str, entries: list[ModuleEntry]) -> ModuleResult:

@@ -14,6 +14,7 @@ from .base import ModuleEntry, ModuleResult, Strategy
 
 class FLoRA(Strategy):
     name = "flora"
+    MERGES_INTO_BASE = True
     HETEROGENEOUS = True
     REINIT = True
     SUPPORTS_SERVER_OPT = False

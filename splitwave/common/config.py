@@ -202,6 +202,19 @@ class TrainingConfig(_Strict):
         return self
 
 
+class EdgeConfig(_Strict):
+    """How the edge bundle stores its frozen base (part of the bundle's cache key: int8 and fp32 never mix).
+
+    quantize: int8 stores the frozen weights as int8 with one scale per output channel and runs the frozen
+    MatMuls quantized in the forward and backward graphs (server/export/quantize.py); LoRA factors, their
+    gradients, biases and norms stay fp32. keep_fp32: fnmatch patterns of edge parameter names whose weights
+    stay fp32 (e.g. "*output.dense*"), for outlier-sensitive products.
+    """
+
+    quantize: Literal["none", "int8"] = "none"
+    keep_fp32: list[str] = Field(default_factory=list)
+
+
 class RoundsConfig(_Strict):
     num_rounds: int = Field(default=3, ge=1)
     fraction: float = Field(default=1.0, gt=0, le=1)
@@ -506,6 +519,7 @@ class ExperimentConfig(_Strict):
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
+    edge: EdgeConfig = EdgeConfig()
     rounds: RoundsConfig = RoundsConfig()
     aggregation: AggregationConfig = AggregationConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -533,6 +547,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"model.tokenizer: data.dataset {self.data.dataset!r} is text and a tiny model has no "
                 f"tokenizer; set model.tokenizer: minilm"
+            )
+        if self.edge.quantize != "none" and self.training.edge_backend != "onnxruntime":
+            raise ValueError(
+                f"edge.quantize {self.edge.quantize!r} is a bundle for the ONNX Runtime edge; "
+                f"training.edge_backend is {self.training.edge_backend!r}"
             )
         if self.generation.num_prompts and (self.model.task != "causal-lm" or self.data.dataset != "e2e"):
             raise ValueError("generation.num_prompts: text generation is scored on E2E (model.task: causal-lm)")

@@ -228,6 +228,43 @@ class BundleSource:
         }
 
 
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """How an int8 bundle's frozen weights are stored (server/export/quantize.py); absent: all fp32.
+
+    LoRA factors, their gradients, biases and norms are fp32 in every bundle; `kept_fp32` names the 2-D frozen
+    weights left in fp32 (outlier-sensitive products, or weights no quantized op reads).
+    """
+
+    scheme: str  # "int8"
+    weights: str  # e.g. "symmetric int8, one scale per output channel"
+    activations: str  # what the quantized products do with their activation input
+    quantized: list[str] = field(default_factory=list)
+    kept_fp32: list[str] = field(default_factory=list)
+    fp32_weights_bytes: int = 0  # weights.bin of the fp32 bundle it was made from
+
+    @classmethod
+    def _read(cls, o: _Obj) -> QuantizationInfo:
+        return cls(
+            scheme=o.text("scheme"),
+            weights=o.text("weights"),
+            activations=o.text("activations"),
+            quantized=o.texts("quantized"),
+            kept_fp32=o.texts("kept_fp32"),
+            fp32_weights_bytes=o.integer("fp32_weights_bytes"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "weights": self.weights,
+            "activations": self.activations,
+            "quantized": list(self.quantized),
+            "kept_fp32": list(self.kept_fp32),
+            "fp32_weights_bytes": self.fp32_weights_bytes,
+        }
+
+
 # manifest.json's keys in the order the exporter writes them (to_dict keeps it); "source" is the server's
 _KEYS = (
     "format",
@@ -255,6 +292,7 @@ _KEYS = (
     "saved_names",
     "tokenizer_files",
     "export_seconds",
+    "quantization",
     "source",
 )
 
@@ -292,6 +330,7 @@ class BundleManifest:
     saved_names: list[str] = field(default_factory=list)
     tokenizer_files: list[str] = field(default_factory=list)
     export_seconds: dict[str, float] = field(default_factory=dict)
+    quantization: QuantizationInfo | None = None  # None: fp32 frozen weights
     source: BundleSource | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -351,6 +390,7 @@ class BundleManifest:
             saved_names=o.texts("saved_names") if "saved_names" in o else [],
             tokenizer_files=o.texts("tokenizer_files") if "tokenizer_files" in o else [],
             export_seconds={k: times.number(k) for k in times.keys()},
+            quantization=QuantizationInfo._read(o.obj("quantization")) if "quantization" in o else None,
             source=BundleSource._read(o.obj("source")) if "source" in o else None,
             extra={k: v for k, v in o.d.items() if k not in _KEYS},
         )
@@ -425,6 +465,8 @@ class BundleManifest:
             "tokenizer_files": list(self.tokenizer_files),
             "export_seconds": dict(self.export_seconds),
         }
+        if self.quantization is not None:
+            d["quantization"] = self.quantization.to_dict()
         if self.source is not None:
             d["source"] = self.source.to_dict()
         d.update((k, v) for k, v in self.extra.items() if k not in d)
