@@ -267,6 +267,7 @@ def test_packed_classification_on_the_engine_is_lossless_and_smaller(tmp_path, m
     _check_lossless_and_metered(pair, 32)
 
 
+@pytest.mark.slow  # exports its own tiny GPT-2 bundle (synthetic vocabulary): about 2 min on 2 cores
 def test_packed_causal_lm_on_the_engine_is_lossless_and_smaller(tmp_path, monkeypatch):
     """Tiny GPT-2 causal LM (configs/e2e-gpt2-tiny.yaml's model: its cached bundle) on synthetic text, whose
     per-token labels stay [batch, longest row]."""
