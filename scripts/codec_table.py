@@ -48,7 +48,7 @@ from splitwave.common.shard import build_token_dataset
 from splitwave.protos.codec import CODECS
 from splitwave.runner import simulate
 from splitwave.server.datasets import data_spec
-from splitwave.server.reference import make_optimizer, train_data, unsplit_step
+from splitwave.server.reference import dev_accuracy, make_optimizer, train_data, unsplit_step
 from splitwave.server.setup import build_split, tokenizer_source
 from splitwave.server.trainer import trainable_parameters
 
@@ -228,18 +228,8 @@ def centralized(args: argparse.Namespace, seed: int) -> dict:
         for _ in range(per_round):
             _, _, idx = next(stream)
             unsplit_step(split, opt, data.batch(idx))
-        acc.append(_accuracy(split, dev))
+        acc.append(dev_accuracy(split, dev))
     return {"accuracy_per_round": acc, "final_accuracy": float(np.mean(acc[-4:])), "wall_s": time.time() - t0}
-
-
-@torch.no_grad()
-def _accuracy(split, dev) -> float:
-    correct = 0
-    for i in range(0, len(dev), 128):
-        ids, mask, labels = dev.batch(np.arange(i, min(len(dev), i + 128)))
-        logits = split.peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-        correct += int((logits.argmax(-1).numpy() == labels).sum())
-    return correct / len(dev)
 
 
 # ----------------------------------------------------------------------------------------------- table

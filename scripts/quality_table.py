@@ -26,7 +26,7 @@ from splitwave.common.shard import build_token_dataset
 from splitwave.runner import simulate
 from splitwave.server.datasets import data_spec
 from splitwave.server.models import minilm_path
-from splitwave.server.reference import make_optimizer, train_data, unsplit_step
+from splitwave.server.reference import dev_accuracy, make_optimizer, train_data, unsplit_step
 from splitwave.server.setup import build_split
 from splitwave.server.trainer import trainable_parameters
 
@@ -84,7 +84,7 @@ def centralized(args: argparse.Namespace) -> dict:
         for _ in range(per_round):
             _, _, idx = next(stream)
             unsplit_step(split, opt, data.batch(idx))
-        acc.append(_accuracy(split, dev))
+        acc.append(dev_accuracy(split, dev))
         log.info("centralized: %d/%d steps, dev accuracy %.4f", (r + 1) * per_round, args.rounds * per_round, acc[-1])
     return {
         "accuracy_per_round": acc,
@@ -92,16 +92,6 @@ def centralized(args: argparse.Namespace) -> dict:
         "wall_s": time.time() - t0,
         "steps": args.rounds * per_round,
     }
-
-
-@torch.no_grad()
-def _accuracy(split, dev) -> float:
-    correct = 0
-    for i in range(0, len(dev), 128):
-        ids, mask, labels = dev.batch(np.arange(i, min(len(dev), i + 128)))
-        logits = split.peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-        correct += int((logits.argmax(-1).numpy() == labels).sum())
-    return correct / len(dev)
 
 
 def federated(args: argparse.Namespace, strategy: str, partition: str) -> dict:

@@ -45,6 +45,18 @@ def unsplit_step(split: SplitModel, opt: torch.optim.Optimizer, batch) -> float:
     return loss.item()
 
 
+@torch.no_grad()
+def dev_accuracy(split: SplitModel, dev: TokenDataset, batch_size: int = 128) -> float:
+    """Accuracy of the unsplit classifier (peft model) on a tokenized dev set: the centralized reference's
+    score, beside which the tables put the split runs' own evaluations."""
+    correct = 0
+    for i in range(0, len(dev), batch_size):
+        ids, mask, labels = dev.batch(np.arange(i, min(len(dev), i + batch_size)))
+        logits = split.peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+        correct += int((logits.argmax(-1).numpy() == labels).sum())
+    return correct / len(dev)
+
+
 def centralized_train(cfg, client: int = 0, split=None):
     """Returns (split model after training, losses)."""
     split = split or build_split(cfg)
