@@ -230,6 +230,18 @@ def _prepare(args, cache: Path) -> tuple[dict[str, Path], Path, float | None]:
     return bundles, data, export_s
 
 
+def _spawn(args, backend: str, bundles: dict, data: Path, out: Path, extra: list[str], what: str):
+    """Run one backend in its own process (so each measures its own memory); its finished process."""
+    cmd = [sys.executable, __file__, "--worker", backend, *extra]
+    cmd += ["--bundle", str(bundles["int8" if backend == "int8" else "fp32"]), "--model", args.model]
+    cmd += ["--data", str(data), "--out", str(out), "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    cmd += ["--threads", str(args.threads), "--opt-level", args.opt_level]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{backend} {what} failed:\n{p.stderr[-4000:]}")
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="minilm")
@@ -284,67 +296,14 @@ def main() -> None:
     for _rnd in range(args.rounds):
         for backend in backends:
             out = cache / f"first_{backend}.npz"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                backend,
-                "--bundle",
-                str(bundles["int8" if backend == "int8" else "fp32"]),
-                "--model",
-                args.model,
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--cut",
-                str(args.cut),
-                "--r",
-                str(args.r),
-                "--runs",
-                str(args.runs),
-                "--warmup",
-                str(args.warmup),
-                "--threads",
-                str(args.threads),
-                "--opt-level",
-                args.opt_level,
-                *(["--no-spin"] if args.no_spin else []),
-                *(["--arena"] if args.arena else []),
-            ]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise SystemExit(f"{backend} worker failed:\n{p.stderr[-4000:]}")
+            extra = ["--cut", str(args.cut), "--r", str(args.r)]
+            extra += [*(["--no-spin"] if args.no_spin else []), *(["--arena"] if args.arena else [])]
+            p = _spawn(args, backend, bundles, data, out, extra, "worker")
             per_round[backend].append(json.loads(p.stdout.strip().splitlines()[-1]))
     profiles = {}
     for backend in backends[1:] if args.profile else ():
         out = cache / f"profile_{backend}.json"
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            backend,
-            "--profile-worker",
-            "--bundle",
-            str(bundles["int8" if backend == "int8" else "fp32"]),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--model",
-            args.model,
-            "--runs",
-            str(args.runs),
-            "--warmup",
-            str(args.warmup),
-            "--threads",
-            str(args.threads),
-            "--opt-level",
-            args.opt_level,
-        ]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"{backend} profile worker failed:\n{p.stderr[-4000:]}")
+        p = _spawn(args, backend, bundles, data, out, ["--profile-worker"], "profile worker")
         profiles[backend] = json.loads(p.stdout.strip().splitlines()[-1])
     res = {}
     for backend, rounds in per_round.items():
