@@ -38,7 +38,12 @@ FLOWER_WORKLOAD = [
     "training.local_steps=5",
     "training.batch_size=16",
     "rounds.eval_every=1000",  # only the final round evaluates
+    # the same work as Flower's rounds: every sampled client online and done (no dropout, no offline spell,
+    # no deadline), so each round is 8 x 5 = 40 client steps
+    "sim.availability={}",
+    "rounds.deadline_s=86400",
 ]
+FLOWER_STEPS_PER_ROUND = 40
 
 
 def _tree_rss(pid: int) -> int:
@@ -147,6 +152,9 @@ def main() -> int:
     flower = None
     if args.flower:
         flower = engine_row(1000, run_one(args.config, 1000, args.rounds, "virtual", out, args.set + FLOWER_WORKLOAD))
+        want = FLOWER_STEPS_PER_ROUND * flower["rounds"]
+        if flower["client_steps"] != want:  # a like-for-like comparison or none
+            raise RuntimeError(f"Flower-equivalent run did {flower['client_steps']} client steps, not {want}")
         print(json.dumps(flower), flush=True)
     for n in args.compare:
         res = run_one(args.config, n, args.rounds, "none", out, args.set)
