@@ -6,17 +6,21 @@ them, so every row sees the same number of training samples):
 - centralized LoRA: the unsplit peft model, one torch AdamW, on the same batches the split run sees;
 - split, 1 client (sfl-v2): `splitwave simulate` with one ONNX Runtime edge process over gRPC; should equal
   the centralized row (tests/test_llm.py checks that step for step);
-- SFL, 4 clients, fedit; and SFL, 4 clients with the best LoRA-aware strategy of `--strategies` (best BLEU).
+- SFL, 4 clients, fedit; and SFL, 4 clients with the best LoRA-aware strategy of `--strategies` (best BLEU);
+- optional (`--rows ... sfl-4-int8`): SFL, 4 clients, fedit with the frozen edge base in int8 (`edge.quantize:
+  int8`), to compare with the fp32 edge's fedit row.
 Columns: BLEU and ROUGE-L (and NIST) of greedy decoding on `--num-prompts` E2E dev MRs against all their
 references, eval loss per target token and perplexity on `--num-eval` dev rows, and the exact transport bytes
 of training (activations, gradients, adapters; not the one-off bundle download) per training sample.
 
 Writes results/llm/TAG.json and TAG.md. The default budget (800 batches of 8 x 96 tokens) is about an hour per row
 on 2 uncontended cores (a LoRA step of the whole model at 8 x 96 takes ~3.5 s there, plus two evaluations of
-~1.5 min); six rows with two LoRA-aware candidates: about six hours. `--quick` runs every row at toy sizes in
-minutes to show the script works (its numbers mean nothing).
+~1.5 min); six rows with two LoRA-aware candidates: about six hours. The committed table (results/llm/llm.md)
+was run with `--steps 240 --local-steps 5`, about 17 min per row, so that all six rows fit in one working
+session. `--quick` runs every row at toy sizes in minutes to show the script works (its numbers mean nothing).
 
     python scripts/llm_table.py [--steps 800] [--strategies fedex-lora fedsa-lora] [--tag llm]
+    python scripts/llm_table.py --steps 240 --local-steps 5      # the committed table
     python scripts/llm_table.py --quick
 """
 
@@ -57,7 +61,7 @@ QUICK = dict(
 )
 
 
-def config(args, clients: int, strategy: str = "fedit", name: str = "row") -> dict:
+def config(args, clients: int, strategy: str = "fedit", name: str = "row", quantize: str = "none") -> dict:
     """The run's config: configs/e2e-smollm2.yaml's model and LoRA, this table's data, budget and evaluation."""
     per_round = clients * args.local_steps
     if args.steps % per_round:
@@ -72,6 +76,7 @@ def config(args, clients: int, strategy: str = "fedit", name: str = "row") -> di
         "num_clients": clients,
         "model": model,
         "lora": {"r": args.r, "alpha": 2 * args.r, "targets": ["q_proj", "v_proj"]},
+        "edge": {"quantize": quantize},
         "data": {
             "dataset": "e2e",
             "num_train": args.num_train,
@@ -126,8 +131,9 @@ def centralized(args) -> dict:
     return out
 
 
-def split_run(args, clients: int, strategy: str) -> dict:
-    cfg = parse_config(config(args, clients, strategy, name=f"sfl{clients}-{strategy}"))
+def split_run(args, clients: int, strategy: str, quantize: str = "none") -> dict:
+    name = f"sfl{clients}-{strategy}" + ("" if quantize == "none" else f"-{quantize}")
+    cfg = parse_config(config(args, clients, strategy, name=name, quantize=quantize))
     t0 = time.time()
     run = simulate(cfg, progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -174,6 +180,7 @@ def table(results: dict, args) -> str:
     ]
     if best:
         rows.append((f"SFL, 4 clients, {best} (best LoRA-aware)", f"sfl-4/{best}"))
+    rows.append(("SFL, 4 clients, fedit, int8 edge base", "sfl-4-int8/fedit"))
     for label, key in rows:
         r = results.get(key)
         if r is None:
@@ -210,7 +217,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, help="LoRA-aware candidates (best BLEU)")
-    ap.add_argument("--rows", nargs="+", default=["pretrained", "centralized", "split-1", "sfl-4"])
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        choices=["pretrained", "centralized", "split-1", "sfl-4", "sfl-4-int8"],
+        default=["pretrained", "centralized", "split-1", "sfl-4"],
+        help="rows to run (results of earlier runs with the same --tag are kept)",
+    )
     ap.add_argument("--model", choices=["smollm2", "llama-tiny"], default="smollm2")
     ap.add_argument("--quick", action="store_true", help="toy sizes: proves the script runs, in minutes")
     ap.add_argument("--tag", default=None, help="result file name under results/llm/ (default: llm, or llm-quick)")
@@ -245,6 +258,8 @@ def main() -> None:
     if "sfl-4" in args.rows:
         for s in ["fedit", *args.strategies]:
             record(f"sfl-4/{s}", lambda s=s: split_run(args, 4, s))
+    if "sfl-4-int8" in args.rows:
+        record("sfl-4-int8/fedit", lambda: split_run(args, 4, "fedit", quantize="int8"))
     tried = [s for s in args.strategies if "error" not in results.get(f"sfl-4/{s}", {"error": ""})]
     if tried:
         results["best_strategy"] = max(
