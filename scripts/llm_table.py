@@ -16,7 +16,7 @@ of training (activations, gradients, adapters; not the one-off bundle download) 
 Writes results/llm/TAG.json and TAG.md. The default budget (800 batches of 8 x 96 tokens) is about an hour per row
 on 2 uncontended cores (a LoRA step of the whole model at 8 x 96 takes ~3.5 s there, plus two evaluations of
 ~1.5 min); six rows with two LoRA-aware candidates: about six hours. The committed table (results/llm/llm.md)
-was run with `--steps 240 --local-steps 5`, about 17 min per row, so that all six rows fit in one working
+was run with `--steps 240 --local-steps 5`, 12-16 min per row here, so that all its rows fit in one working
 session. `--quick` runs every row at toy sizes in minutes to show the script works (its numbers mean nothing).
 
     python scripts/llm_table.py [--steps 800] [--strategies fedex-lora fedsa-lora] [--tag llm]
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,11 +39,13 @@ import torch
 from splitwave.common.config import parse_config
 from splitwave.common.shard import build_token_dataset
 from splitwave.runner import simulate
+from splitwave.server.adapter_export import export_adapter
 from splitwave.server.datasets import data_spec
 from splitwave.server.evaluation import evaluate
-from splitwave.server.generation import Generator
+from splitwave.server.generation import Generator, text_metrics
+from splitwave.server.models import build_model
 from splitwave.server.reference import centralized_train
-from splitwave.server.setup import build_split, tokenizer_source
+from splitwave.server.setup import build_split, model_source, tokenizer_source
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("llm_table")
@@ -153,6 +156,25 @@ def split_run(args, clients: int, strategy: str, quantize: str = "none") -> dict
     }
 
 
+def rescore(args, row: dict) -> dict:
+    """BLEU / ROUGE-L / NIST of a split row's final adapters on `--rescore-prompts` dev MRs (all 547 by default:
+    the run's own 64 are a noisy sample), decoded by the unsplit base model with the run's adapters exported as a
+    standard PEFT folder (`splitwave export-adapter`), the path a user of the trained adapters takes."""
+    from peft import PeftModel
+
+    raw = config(args, 1, name="rescore")
+    raw["generation"]["num_prompts"] = args.rescore_prompts
+    cfg = parse_config(raw)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_adapter(ROOT / row["run_dir"], Path(tmp) / "adapter")
+        base = build_model(model_source(cfg), "causal-lm", seed=cfg.seed)
+        model = PeftModel.from_pretrained(base, str(Path(tmp) / "adapter")).eval()
+    gen = Generator.from_config(cfg, tokenizer_source(cfg))
+    with torch.no_grad():
+        texts = gen.decode(model)
+    return {"prompts": len(texts), **{f"gen_{k}": v for k, v in text_metrics(texts, gen.references).items()}}
+
+
 def _kb(v) -> str:
     return "—" if v is None else f"{v / 1e3:.1f}"
 
@@ -192,6 +214,19 @@ def table(results: dict, args) -> str:
             f"| {label} | {r['gen_bleu']:.2f} | {r['gen_rouge_l']:.2f} | {r['gen_nist']:.3f} | {r['eval_loss']:.4f} | "
             f"{r['eval_perplexity']:.3f} | {_kb(r['bytes_up_per_sample'])} | {_kb(r['bytes_down_per_sample'])} |"
         )
+    rescored = {k: r["rescored"] for k, r in results.items() if isinstance(r, dict) and "rescored" in r}
+    if rescored:
+        n = next(iter(rescored.values()))["prompts"]
+        lines += [
+            "",
+            f"The same final adapters decoded on {n} dev MRs (`--rescore`, through export-adapter -> PeftModel):",
+            "",
+        ]
+        lines += ["| row | BLEU | ROUGE-L | NIST |", "|---|---|---|---|"]
+        names = dict(rows)
+        for key, m in rescored.items():
+            label = next((lab for lab, k in names.items() if k == key), key)
+            lines.append(f"| {label} | {m['gen_bleu']:.2f} | {m['gen_rouge_l']:.2f} | {m['gen_nist']:.3f} |")
     others = [s for s in args.strategies if s != best and f"sfl-4/{s}" in results]
     if others:
         lines += [
@@ -219,13 +254,21 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, help="LoRA-aware candidates (best BLEU)")
     ap.add_argument(
         "--rows",
-        nargs="+",
+        nargs="*",
         choices=["pretrained", "centralized", "split-1", "sfl-4", "sfl-4-int8"],
         default=["pretrained", "centralized", "split-1", "sfl-4"],
-        help="rows to run (results of earlier runs with the same --tag are kept)",
+        help="rows to run (results of earlier runs with the same --tag are kept; `--rows` alone: none)",
     )
     ap.add_argument("--model", choices=["smollm2", "llama-tiny"], default="smollm2")
     ap.add_argument("--quick", action="store_true", help="toy sizes: proves the script runs, in minutes")
+    ap.add_argument(
+        "--rescore",
+        nargs="*",
+        default=[],
+        metavar="ROW",
+        help="re-decode these split rows' final adapters (e.g. sfl-4/fedit)",
+    )
+    ap.add_argument("--rescore-prompts", type=int, default=10**6, help="dev MRs for --rescore (default: all)")
     ap.add_argument("--tag", default=None, help="result file name under results/llm/ (default: llm, or llm-quick)")
     args = ap.parse_args()
     if args.quick:
@@ -260,6 +303,12 @@ def main() -> None:
             record(f"sfl-4/{s}", lambda s=s: split_run(args, 4, s))
     if "sfl-4-int8" in args.rows:
         record("sfl-4-int8/fedit", lambda: split_run(args, 4, "fedit", quantize="int8"))
+    for key in args.rescore:
+        if "run_dir" not in results.get(key, {}):
+            raise SystemExit(f"--rescore {key}: no split run of that row in {path}")
+        results[key]["rescored"] = rescore(args, results[key])
+        log.info("%s rescored: %s", key, results[key]["rescored"])
+        path.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     tried = [s for s in args.strategies if "error" not in results.get(f"sfl-4/{s}", {"error": ""})]
     if tried:
         results["best_strategy"] = max(
