@@ -13,7 +13,9 @@ One client's round, as the real edge runs it (splitwave.edge.client):
     FORWARD  edge forward done (device-scaled cost): h is encoded, its Train messages go up the uplink
     ARRIVE   the step reaches the server: refused if the round is closed, else it queues
     GRAD     grad_h has come back down: edge backward + AdamW (device-scaled cost), then the next FORWARD,
-             or after the last step PUSH_SEND
+             or after the last step PUSH_SEND. (The math of both went to the executor as soon as the server
+             had computed grad_h: it depends on grad_h and the client's own state only, so the edge computes
+             while the engine replays the server's next steps; only the clock waits for GRAD.)
     PUSH_SEND the adapter's PushAdapter messages go up
     PUSH     they reach the server; the push that completes the round closes it (aggregation and
              evaluation with the real strategy), whose reply leaves only after the close
@@ -158,6 +160,9 @@ class Flight:
     step: int = 0
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     handles: list = field(default_factory=list)  # executor work whose result is not needed yet
+    fwd: tuple | None = None  # (handle, mask, labels) of the next step's forward, submitted ahead of its event
+    reply: Any = None  # the StepResult of the step whose grad_h is on its way down
+    release: Any = None  # the handle of the round's last call: the client's state back from its worker
     batch: tuple | None = None  # (mask, labels, fwd seconds) of the step in progress
     sent: Step | None = None  # its frames as sent (padded or packed): how its grad_h is read back
     losses: list[float] = field(default_factory=list)
@@ -406,21 +411,30 @@ class Engine:
         f.handles.append(self.pool.submit(w, "begin", k, c.edge, new))
         self._start_step(k, arrival)
 
+    def _submit_forward(self, k: int, step: int) -> None:
+        """Hand step `step`'s forward to the client's executor now: its inputs are a pure function of (seed,
+        shard, round, step), so it can run while the virtual clock is still before the event that needs it."""
+        f = self.flights[k]
+        ids, mask, labels = round_batch(self.data, f.batcher, self.local_steps, f.round, step)
+        f.fwd = (self.pool.submit(f.worker, "forward", k, ids, mask), mask, labels)
+
     def _start_step(self, k: int, t: float) -> None:
         f = self.flights[k]
         t = self._online(k, t)
         if not math.isfinite(t):
             return  # the device never comes back: the client is late for good
-        ids, mask, labels = round_batch(self.data, f.batcher, self.local_steps, f.round, f.step)
-        dur = self.costs.edge_forward_s(*ids.shape) * self.devices[k].edge_factor
+        if f.fwd is None:  # the round's first step (later ones were handed over with the step before's backward)
+            self._submit_forward(k, f.step)
+        _, mask, labels = f.fwd
+        dur = self.costs.edge_forward_s(*mask.shape) * self.devices[k].edge_factor
         f.batch = (mask, labels, dur)
-        f.handles.append(self.pool.submit(f.worker, "forward", k, ids, mask))
         f.parts["edge_compute"] += dur
         self.q.push(t + dur, k, FORWARD)
 
     def _forward_done(self, t: float, k: int, _data) -> None:
         f, c = self.flights[k], self.clients[k]
-        h = self.pool.result(f.handles[-1])
+        h = self.pool.result(f.fwd[0])
+        f.fwd = None
         self._results(f)
         mask, labels, fwd_s = f.batch
         enc = c.feedback.encode if "up" in self.feedback else encode
@@ -468,7 +482,7 @@ class Engine:
         self.clients[k].edge = self.pool.result(self.pool.submit(f.worker, "release", k))
         self._next_request(k, self.links[k].downlink.done(0, t))
 
-    def _grad(self, t: float, k: int, grad_h: np.ndarray) -> None:
+    def _grad(self, t: float, k: int, _data) -> None:
         f = self.flights[k]
         t = self._online(k, t)
         if not math.isfinite(t):
@@ -476,18 +490,29 @@ class Engine:
         mask, _, _ = f.batch
         b, s = mask.shape
         dur = (self.costs.edge_backward_s(b, s) + self.costs.edge_optimizer_s()) * self.devices[k].edge_factor
-        f.handles.append(self.pool.submit(f.worker, "backward", k, grad_h))
         f.parts["edge_compute"] += dur
-        f.step += 1
+        f.step += 1  # its backward (and the next step's forward) went to the executor with grad_h (_hand_over)
         if f.step < self.local_steps:
             self._start_step(k, t + dur)
         else:
-            f.handles.append(self.pool.submit(f.worker, "release", k))
             self.q.push(t + dur, k, PUSH_SEND)
+
+    def _hand_over(self, k: int, grad_h: np.ndarray) -> None:
+        """grad_h of client k's step exists (the server's math is done): its backward and AdamW step, and the
+        next step's forward or the release of its state, go to its executor now. The math depends only on
+        grad_h and the client's own state, not on when the virtual clock reaches GRAD, so the edge works while
+        the engine replays the server steps in between (a device that never comes back computes for nothing)."""
+        f = self.flights[k]
+        f.handles.append(self.pool.submit(f.worker, "backward", k, grad_h))
+        if f.step + 1 < self.local_steps:
+            self._submit_forward(k, f.step + 1)
+        else:
+            f.release = self.pool.submit(f.worker, "release", k)
 
     def _push_send(self, t: float, k: int, _data) -> None:
         f, c = self.flights[k], self.clients[k]
-        c.edge = self.pool.result(f.handles[-1])
+        c.edge = self.pool.result(f.release)
+        f.release = None
         self._results(f)
         stats = {
             "steps": f.step,
@@ -568,10 +593,12 @@ class Engine:
         seq = max(self.flights[w.client].sent.seq for w, _ in done)
         dur = self.costs.server_step_s(rows, seq) * self.server_factor  # the fused step's total rows
         self.busy_until[worker] = t + dur
-        for w, _ in done:
-            p = self.flights[w.client].parts
-            p["server_wait"] += t - w.arrived
-            p["server_compute"] += dur
+        for w, (replies, _) in done:
+            f = self.flights[w.client]
+            f.parts["server_wait"] += t - w.arrived
+            f.parts["server_compute"] += dur
+            grad_h, f.reply = step_reply(replies, f.sent)
+            self._hand_over(w.client, grad_h)
         self.q.push(t + dur, self.n, SERVED, (worker, done))
 
     def _served(self, t: float, _actor: int, data) -> None:
@@ -579,14 +606,14 @@ class Engine:
         for w, (replies, nbytes) in done:
             k = w.client
             f = self.flights[k]
-            grad_h, res = step_reply(replies, f.sent)
+            res, f.reply = f.reply, None
             self._count(f.round, "down", frame_codec(replies, "grad_h") or "raw")
             f.losses.append(res.loss)
             f.correct += res.correct
             f.count += res.count
             arrival = self.links[k].downlink.done(nbytes, t)
             f.parts["downlink"] += arrival - t
-            self.q.push(arrival, k, GRAD, grad_h)
+            self.q.push(arrival, k, GRAD)
         if self.waiting:
             self._dispatch_soon(t)
 
