@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitwave.common.config import parse_config
 from splitwave.common.manifest import BundleManifest
@@ -62,6 +64,13 @@ def test_costs_are_positive_and_grow_with_batch_and_sequence(setup, kind):
     assert m.server_step_s(4, 16, fused=2) >= m.server_step_s(4, 16) and m.server_step_s(4, 16, 2) == m.server_step_s(
         8, 16
     )
+    # a server that computes only the valid tokens (a BERT top): full rows cost as before, fewer tokens less
+    for b, s in itertools.product(range(1, 10), range(8, 40, 8)):
+        full = m.server_step_s(b, s)
+        assert m.server_step_s(b, s, tokens=b * s) == pytest.approx(full, rel=1e-12)
+        assert m.server_step_s(b, s, tokens=b * s + 7) == pytest.approx(full, rel=1e-12)  # never above full rows
+        costs = [m.server_step_s(b, s, tokens=n) for n in range(b, b * s + 1)]
+        assert all(0 < c <= full * (1 + 1e-12) for c in costs) and costs == sorted(costs)
     agg = [m.aggregate_s(n) for n in range(0, 60)]
     assert agg == sorted(agg) and agg[1] > 0
 
@@ -116,3 +125,18 @@ def test_plan_profiles_a_cut_with_the_same_timing_code():
     prof = profile_cut(parse_config(TINY), 1, reps=2)
     assert prof["cut"] == 1 and prof["t_edge_bwd"] > prof["t_edge_fwd"] > 0 and prof["t_server"] > 0
     assert prof["act_bytes"] > 0 and prof["grad_bytes"] > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    full=st.floats(1e-6, 1e3),
+    half=st.floats(0.0, 2e3),
+    shares=st.lists(st.floats(0.0, 2.0), min_size=2, max_size=6),
+)
+def test_valid_share_cost_is_bounded_and_monotone(full, half, shares):
+    """A step on valid tokens costs between a tenth of the full-row step and the full-row step, never less for
+    more valid tokens; full rows cost exactly the full-row time, half-valid rows the (capped) half time."""
+    costs = [C.valid_share_cost(full, half, x) for x in sorted(shares)]
+    assert all(0.1 * full <= c <= full for c in costs) and costs == sorted(costs)
+    assert C.valid_share_cost(full, half, 1.0) == full
+    assert C.valid_share_cost(full, half, 0.5) == pytest.approx(max(0.1 * full, min(half, full)), rel=1e-9)

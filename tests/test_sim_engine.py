@@ -58,8 +58,8 @@ class FixedCosts:
     def edge_optimizer_s(self):
         return self.opt
 
-    def server_step_s(self, batch, seq, fused=1):
-        return self.server * batch * seq
+    def server_step_s(self, batch, seq, fused=1, tokens=None):
+        return self.server * (batch * seq if tokens is None else tokens)
 
     def server_eval_s(self, batch, seq):
         return self.ev * batch * seq
@@ -181,10 +181,13 @@ def test_one_client_round_time_by_hand(tmp_path):
     by = r["bytes_by_method"]
     line = res.lines[0]
     b = 8
-    s = round(r["breakdown"]["server_compute"] / (costs.server * b))  # the batch's (trimmed) sequence length
+    # the batch's (trimmed) sequence length, from the edge's cost; the BERT server top costs its valid tokens
+    s = round((r["breakdown"]["edge_compute"] - costs.opt) / ((costs.fwd + costs.bwd) * b))
     assert 2 <= s <= 16
     fwd, bwd = costs.fwd * b * s, costs.bwd * b * s + costs.opt
-    server = costs.server * b * s
+    tokens = r["breakdown"]["server_compute"] / costs.server
+    assert tokens == pytest.approx(round(tokens)) and b <= round(tokens) < b * s  # padding is not computed
+    server = costs.server * round(tokens)
     us = 1e-6
     t = by["AwaitRound|up"] * us + 0.01  # the AwaitRound request reaches the server
     t += by["AwaitRound|down"] * us + 0.01  # the round's adapter reaches the client

@@ -102,3 +102,39 @@ def test_split_training_equals_centralized():
     ours = [*edge, *srv[1:]]
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_bert_top_on_valid_tokens_equals_padded(cut):
+    """The BERT server top computes only the valid tokens of a padded batch: the same logits, grad_h (0 on
+    padding) and adapter gradients as the padded forward, nonzero LoRA B so every factor has a gradient."""
+    split = make_split("bert", "seq-cls", cut)
+    g = torch.Generator().manual_seed(cut)
+    for p in split.server_factor_params().values():
+        p.data = 0.1 * torch.randn(p.shape, generator=g)
+    mask = torch.ones(5, 11, dtype=torch.long)
+    for r, n in enumerate([11, 3, 1, 7, 9]):
+        mask[r, n:] = 0
+    mask[3, 4] = 0  # a hole inside a row is masked as a key too
+    h0 = torch.randn(5, 11, split.server.trunk.blocks[0].attention.self.query.in_features, generator=g)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    assert split.server.unpads(mask) and split.server.unpads(mask.numpy())
+    assert not split.server.unpads(torch.ones_like(mask))  # nothing to drop: the padded path
+    assert not split.server.unpads(torch.cat([mask[:, 1:], mask[:, :1]], 1))  # a row without its [CLS]
+
+    def run(unpadded: bool):
+        split.peft_model.zero_grad(set_to_none=True)
+        h = h0.clone().requires_grad_(True)
+        logits = split.server(h, mask) if unpadded else split.server.forward_padded(h, mask)
+        split_loss(logits, labels, "seq-cls").backward()
+        grads = {k: p.grad.clone() for k, p in split.server_factor_params().items()}
+        return logits.detach(), h.grad, grads
+
+    out_u, gh_u, g_u = run(True)
+    out_p, gh_p, g_p = run(False)
+    assert torch.allclose(out_u, out_p, atol=1e-6, rtol=0), (out_u - out_p).abs().max()
+    assert torch.allclose(gh_u, gh_p, atol=1e-7, rtol=1e-5), (gh_u - gh_p).abs().max()
+    assert torch.all(gh_u[mask == 0] == 0) and torch.all(gh_p[mask == 0] == 0)
+    assert set(g_u) == set(g_p) and all(g_p[k].abs().sum() > 0 for k in g_p)
+    for k in g_p:
+        assert torch.allclose(g_u[k], g_p[k], atol=1e-6, rtol=1e-5), (k, (g_u[k] - g_p[k]).abs().max())

@@ -58,7 +58,7 @@ from splitwave.sim.devices import (
 
 log = logging.getLogger(__name__)
 
-COSTS_VERSION = 1
+COSTS_VERSION = 2  # 2: server_step_half (a top that computes valid tokens only)
 SEQ_BUCKET = 8
 REPS = 5
 WARMUP = 2
@@ -91,6 +91,14 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     i = bisect_right(xs, x) - 1
     x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
     return float(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def valid_share_cost(full: float, half: float, share: float) -> float:
+    """Seconds of a step of which `share` of the padded shape is valid tokens, for a server that computes only
+    those, from the same shape's times with full rows and with half of each row valid: affine in the share
+    (the attention scores and per-step overheads stay, the token-wise work goes), never below a tenth of full."""
+    gone = (full - min(half, full)) / 0.5  # seconds per unit of share the token-wise work takes
+    return max(0.1 * full, full - gone * (1.0 - min(max(share, 0.0), 1.0)))
 
 
 class Grid:
@@ -127,9 +135,11 @@ class CostModel:
     def edge_optimizer_s(self) -> float:
         raise NotImplementedError
 
-    def server_step_s(self, batch: int, seq: int, fused: int = 1) -> float:
+    def server_step_s(self, batch: int, seq: int, fused: int = 1, tokens: int | None = None) -> float:
         """One server step over `fused` client steps of `batch` rows each, padded to `seq` (members of
-        different sizes: pass their total rows as batch with fused=1)."""
+        different sizes: pass their total rows as batch with fused=1). `tokens`: the valid tokens, when the
+        server computes only those (a BERT top, ServerPart.unpads): the token-wise work scales with them, the
+        attention scores keep the padded shape."""
         raise NotImplementedError
 
     def server_eval_s(self, batch: int, seq: int) -> float:
@@ -152,6 +162,8 @@ class MeasuredCosts(CostModel):
         self.fwd = Grid.from_dict(table["edge_forward"])
         self.bwd = Grid.from_dict(table["edge_backward"])
         self.step = Grid.from_dict(table["server_step"])
+        # the same steps with each row's first half valid, for a server that computes valid tokens only
+        self.half = Grid.from_dict(table["server_step_half"]) if "server_step_half" in table else None
         self.eval = Grid.from_dict(table["server_eval"])
         self.opt = float(table["edge_optimizer"])
         agg = table["aggregate"]
@@ -167,8 +179,12 @@ class MeasuredCosts(CostModel):
     def edge_optimizer_s(self) -> float:
         return self.opt
 
-    def server_step_s(self, batch: int, seq: int, fused: int = 1) -> float:
-        return self.step.at(batch * fused, bucket(seq))
+    def server_step_s(self, batch: int, seq: int, fused: int = 1, tokens: int | None = None) -> float:
+        rows, width = batch * fused, bucket(seq)
+        full = self.step.at(rows, width)
+        if tokens is None or self.half is None:
+            return full
+        return valid_share_cost(full, self.half.at(rows, width), tokens / (rows * width))
 
     def server_eval_s(self, batch: int, seq: int) -> float:
         return self.eval.at(batch, bucket(seq))
@@ -200,9 +216,9 @@ class FlopCosts(CostModel):
         s = self.shape
         return F.edge_optimizer(s) / self.edge_fps + F.edge_optimizer_ops(s) * self.host["numpy_op_s"]
 
-    def server_step_s(self, batch: int, seq: int, fused: int = 1) -> float:
+    def server_step_s(self, batch: int, seq: int, fused: int = 1, tokens: int | None = None) -> float:
         t = self.torch
-        return F.server_step(self.shape, batch * fused, seq) / self.server_fps + t["step_ops"] * t["op_s"]
+        return F.server_step(self.shape, batch * fused, seq, tokens) / self.server_fps + t["step_ops"] * t["op_s"]
 
     def server_eval_s(self, batch: int, seq: int) -> float:
         t = self.torch
@@ -472,19 +488,24 @@ def measure_table(cfg: ExperimentConfig, bundle_dir: Path, spec: dict) -> dict:
         hidden = manifest.hidden_size
         trainer = TopTrainer(split, task, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps)
         b, k = cfg.training.batch_size, spec["server_batch"]
-        step = []
-        for rows in spec["server_rows"]:
-            line = []
-            for s in seqs:
-                fused = k if (k > 1 and rows == b * k) else 1
-                per = rows // fused
-                steps = []
-                for c in range(fused):
-                    ids, mask, labels = _inputs(per, s, task, seed=c)
-                    h = np.random.default_rng([c, per, s]).standard_normal((per, s, hidden)).astype(np.float32)
-                    steps.append(StepInput(f"c{c}", h, mask, labels))
-                line.append(time_server_step(trainer, steps))
-            step.append(line)
+        # a top that computes valid tokens only (ServerPart.unpads) is also timed with half of each row valid
+        halves = [False, True] if split.server.unpads(np.array([[1, 0]])) else [False]
+        step: dict[bool, list] = {half: [] for half in halves}
+        for half in halves:
+            for rows in spec["server_rows"]:
+                line = []
+                for s in seqs:
+                    fused = k if (k > 1 and rows == b * k) else 1
+                    per = rows // fused
+                    steps = []
+                    for c in range(fused):
+                        ids, mask, labels = _inputs(per, s, task, seed=c)
+                        if half:
+                            mask[:, max(1, s // 2) :] = 0
+                        h = np.random.default_rng([c, per, s]).standard_normal((per, s, hidden)).astype(np.float32)
+                        steps.append(StepInput(f"c{c}", h, mask, labels))
+                    line.append(time_server_step(trainer, steps))
+                step[half].append(line)
         eval_rows = sorted({1, batch_rows(split, seqs[-1], EVAL_ROWS)})
         ev = [[time_eval(split, *_inputs(rows, s, task)[:2]) for s in seqs] for rows in eval_rows]
         family = split.family
@@ -505,7 +526,8 @@ def measure_table(cfg: ExperimentConfig, bundle_dir: Path, spec: dict) -> dict:
         "edge_forward": Grid(spec["edge_rows"], seqs, fwd).to_dict(),
         "edge_backward": Grid(spec["edge_rows"], seqs, bwd).to_dict(),
         "edge_optimizer": float(np.median(opt_s)),
-        "server_step": Grid(spec["server_rows"], seqs, step).to_dict(),
+        "server_step": Grid(spec["server_rows"], seqs, step[False]).to_dict(),
+        **({"server_step_half": Grid(spec["server_rows"], seqs, step[True]).to_dict()} if True in step else {}),
         "server_eval": Grid(eval_rows, seqs, ev).to_dict(),
         "aggregate": {"clients": spec["aggregation"]["clients"], "seconds": agg},
     }

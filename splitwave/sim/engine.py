@@ -133,7 +133,7 @@ class CostModel(Protocol):
     def edge_forward_s(self, batch: int, seq: int) -> float: ...
     def edge_backward_s(self, batch: int, seq: int) -> float: ...
     def edge_optimizer_s(self) -> float: ...
-    def server_step_s(self, batch: int, seq: int, fused: int = 1) -> float: ...  # batch x fused rows
+    def server_step_s(self, batch: int, seq: int, fused: int = 1, tokens: int | None = None) -> float: ...
     def server_eval_s(self, batch: int, seq: int) -> float: ...
     def aggregate_s(self, num_clients: int) -> float: ...
 
@@ -591,7 +591,8 @@ class Engine:
         self.server_steps[len(done)] = self.server_steps.get(len(done), 0) + 1
         rows = sum(w.rows for w, _ in done)
         seq = max(self.flights[w.client].sent.seq for w, _ in done)
-        dur = self.costs.server_step_s(rows, seq) * self.server_factor  # the fused step's total rows
+        tokens = self._server_tokens([self.flights[w.client].batch[0] for w, _ in done], seq)
+        dur = self.costs.server_step_s(rows, seq, tokens=tokens) * self.server_factor  # the fused step's total rows
         self.busy_until[worker] = t + dur
         for w, (replies, _) in done:
             f = self.flights[w.client]
@@ -600,6 +601,12 @@ class Engine:
             grad_h, f.reply = step_reply(replies, f.sent)
             self._hand_over(w.client, grad_h)
         self.q.push(t + dur, self.n, SERVED, (worker, done))
+
+    def _server_tokens(self, masks: list[np.ndarray], seq: int) -> int | None:
+        """The valid tokens of a server step whose (padded, concatenated) mask the server computes only the
+        valid tokens of (ServerPart.unpads), else None: what its cost depends on."""
+        mask = np.concatenate([np.pad(m, ((0, 0), (0, seq - m.shape[1]))) for m in masks])
+        return int(np.count_nonzero(mask)) if self.app.split.server.unpads(mask) else None
 
     def _served(self, t: float, _actor: int, data) -> None:
         worker, done = data

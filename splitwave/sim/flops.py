@@ -121,9 +121,10 @@ def model_shape(cfg: ExperimentConfig, manifest: BundleManifest | None = None) -
     return ModelShape.from_hf(hf, m.task, m.cut, cfg.lora.r, targets, m.num_labels)
 
 
-def block_forward(s: ModelShape, b: int, t: int) -> float:
-    """One block's forward on b sequences of t tokens."""
-    tokens = b * t
+def block_forward(s: ModelShape, b: int, t: int, valid: float | None = None) -> float:
+    """One block's forward on b sequences of t tokens; `valid`: the tokens computed, for a block that runs
+    its token-wise work on the valid tokens only (the attention scores stay b x t x t)."""
+    tokens = b * t if valid is None else min(valid, b * t)
     lin = sum(2.0 * tokens * di * do for _, di, do in s.linears())
     attn = 4.0 * b * t * t * s.hidden  # QK^T and PV over all heads
     softmax = 5.0 * b * s.heads * t * t
@@ -133,9 +134,9 @@ def block_forward(s: ModelShape, b: int, t: int) -> float:
     return lin + attn + softmax + act + elem + lora
 
 
-def block_backward(s: ModelShape, b: int, t: int) -> float:
-    """One block's backward to its input and its LoRA factors (base weights frozen)."""
-    tokens = b * t
+def block_backward(s: ModelShape, b: int, t: int, valid: float | None = None) -> float:
+    """One block's backward to its input and its LoRA factors (base weights frozen); `valid` as forward's."""
+    tokens = b * t if valid is None else min(valid, b * t)
     lin = sum(2.0 * tokens * di * do for _, di, do in s.linears())  # input gradients only
     attn = 8.0 * b * t * t * s.hidden
     softmax = 8.0 * b * s.heads * t * t
@@ -185,11 +186,12 @@ def edge_optimizer(s: ModelShape) -> float:
     return ADAMW_FLOP_PER_PARAM * edge_params(s)
 
 
-def server_step(s: ModelShape, b: int, t: int) -> float:
-    """Forward, loss, backward down to grad_h, and the AdamW step of the top adapter."""
+def server_step(s: ModelShape, b: int, t: int, valid: float | None = None) -> float:
+    """Forward, loss, backward down to grad_h, and the AdamW step of the top adapter (`valid`: the tokens a
+    top that skips padding computes)."""
     top = s.layers - s.cut
-    fwd = top * block_forward(s, b, t) + head_forward(s, b, t)
-    bwd = top * block_backward(s, b, t) + head_backward(s, b, t)
+    fwd = top * block_forward(s, b, t, valid) + head_forward(s, b, t)
+    bwd = top * block_backward(s, b, t, valid) + head_backward(s, b, t)
     return fwd + bwd + ADAMW_FLOP_PER_PARAM * server_params(s)
 
 
