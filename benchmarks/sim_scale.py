@@ -15,6 +15,9 @@ figure has none); the evaluation's wall time is reported beside it.
 
     .venv/bin/python benchmarks/sim_scale.py [--sizes 10 32 100 1000] [--rounds 3] [--compare 10 32] [--no-flower]
         [--set k=v ...] [--results FILE]
+    # the Flower-equivalent round alone, int8 edges on two workers (docs/results.md has every variant's runs)
+    .venv/bin/python benchmarks/sim_scale.py --sizes --compare --set edge.quantize=int8 \
+        --set training.edge_mode=saved --set sim.workers=2 --results /tmp/flower-int8.json
 """
 
 from __future__ import annotations
