@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from splitwave.common.config import load_config
 from splitwave.server.reference import train_data
 from splitwave.server.setup import build_split
-from splitwave.sim.costs import valid_share_cost
+from splitwave.sim.costs import median_time, valid_share_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("server_unpadded")
@@ -46,13 +45,7 @@ def step(top, path, h0: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(fn, reps, warmup=1)  # the cost table's own timing
 
 
 def main() -> int:
