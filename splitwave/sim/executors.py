@@ -5,9 +5,9 @@ its arithmetic does not depend on where it runs) and the state of the clients in
 call it swaps that client's factors, AdamW moments and trainable set in. Recompute mode keeps only the step's
 inputs between a client's forward and its backward, saved mode its saved activations.
 
-A pool runs workers and returns handles: the engine submits edge work as soon as the event that starts it is
-scheduled and waits for the result only when the event that needs it is processed, so the edge work of
-different clients between two server events runs in parallel. Results never feed back into *when* anything
+A pool runs workers and returns handles: the engine submits edge work as soon as its inputs exist (a
+client's backward and next forward with its grad_h) and waits for the result only when the event that needs
+it is processed, so the edge work of different clients runs in parallel with each other and with the server. Results never feed back into *when* anything
 happens on the virtual clock, so the pool (and its size, and which worker ran what) cannot change a result.
 A worker process takes calls off its socket on a reader thread as they come, so the engine never waits to
 send (before, a 1 MB grad_h waited in the socket for the worker's previous call to end: 1.8 s of a 9.5 s round).
