@@ -103,13 +103,13 @@ def _bert_valid_tokens(blocks: nn.ModuleList, h: torch.Tensor, keep: torch.Tenso
     idx = keep.reshape(-1).nonzero().squeeze(1)
     x = h.reshape(b * s, hidden).index_select(0, idx)
     mask = additive_mask(keep, causal=False, dtype=h.dtype)
+    nh, d = blocks[0].attention.self.num_attention_heads, blocks[0].attention.self.attention_head_size
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # [T, nh*d] -> [B, nh, S, d], zeros on padding
+        return t.new_zeros(b * s, nh * d).index_copy(0, idx, t).view(b, s, nh, d).transpose(1, 2)
+
     for blk in blocks:
         att = blk.attention.self
-        nh, d = att.num_attention_heads, att.attention_head_size
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [T, nh*d] -> [B, nh, S, d], zeros on padding
-            return t.new_zeros(b * s, nh * d).index_copy(0, idx, t).view(b, s, nh, d).transpose(1, 2)
-
         q, k, v = heads(att.query(x)), heads(att.key(x)), heads(att.value(x))
         w = att.dropout(torch.softmax(torch.matmul(q, k.transpose(2, 3)) * att.scaling + mask, dim=-1))
         ctx = torch.matmul(w, v).transpose(1, 2).reshape(b * s, nh * d).index_select(0, idx)
@@ -162,12 +162,14 @@ class ServerPart(nn.Module):
     def unpads(self, attention_mask) -> bool:
         """Whether forward computes only the valid tokens (module docstring): a BERT top, a batch with padding,
         every row's [CLS] (position 0, what the pooler reads) valid."""
-        keep = attention_mask != 0
+        return self._unpads(attention_mask != 0)
+
+    def _unpads(self, keep) -> bool:
         return self.family == "bert" and bool(keep[:, 0].all()) and not bool(keep.all())
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.unpads(attention_mask):
-            keep = attention_mask != 0
+        keep = attention_mask != 0
+        if self._unpads(keep):
             x = _bert_valid_tokens(self.trunk.blocks, h, keep)
             starts = torch.cumsum(keep.sum(1), 0) - keep.sum(1)  # each row's [CLS] among the valid tokens
             return self.head(self.dropout(self.pooler(x.index_select(0, starts)[:, None, :])))
